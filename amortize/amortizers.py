@@ -1,0 +1,173 @@
+"""Amortizer networks: small models that predict ``log Z(u)`` from a (detached) embedding ``u``.
+
+By Proposition 1 of AmorLIP, for unit-norm features ``exp(s <x, y>)`` is a Gaussian kernel, so
+``Z(x) = E_y[exp(s <x, y>)]`` is linear in a random-Fourier feature map of ``x``. A light network
+on the embedding can therefore represent ``log Z``; all heads here output ``log lambda`` (B,).
+
+Every amortizer runs in float32, also under autocast, and takes ``(B, d)`` inputs of any float
+dtype. Build one by name with :func:`build_amortizer`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ResidualMLPAmortizer",
+    "LinearAmortizer",
+    "RandomFourierAmortizer",
+    "AMORTIZERS",
+    "register_amortizer",
+    "build_amortizer",
+]
+
+
+class _Float32Head(nn.Module):
+    """Base class: casts inputs to float32 and disables autocast around ``_forward``."""
+
+    def forward(self, u: Tensor) -> Tensor:
+        """Predict ``log lambda``.
+
+        Args:
+            u: (B, d) features (detached by the caller or not; any float dtype).
+
+        Returns:
+            (B,) float32 ``log lambda``.
+        """
+        if u.dim() != 2:
+            raise ValueError(f"amortizer input must have shape (B, d), got {tuple(u.shape)}")
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            return self._forward(u.float())
+
+    def _forward(self, u: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ResidualMLPAmortizer(_Float32Head):
+    """AmorLIP's residual MLP (spec section 4).
+
+    ``z = LN_h(ReLU(W1 u)); z = LN_d(ReLU(W2 z)); z = ReLU(z + u); log_lambda = w^T z + b``
+    with ``h = int(dim * width_factor)`` (0.5 in the medium recipe, 1.0 in the large one).
+
+    Args:
+        dim: embedding width ``d``.
+        width_factor: ``f_d``; the hidden width is ``int(dim * width_factor)``.
+        init_log_z: initial value of the output bias (a rough ``log Z``, e.g. ``log B``).
+    """
+
+    def __init__(self, dim: int, width_factor: float = 0.5, init_log_z: float = 0.0):
+        super().__init__()
+        hidden = max(1, int(dim * width_factor))
+        self.fc1 = nn.Linear(dim, hidden)
+        self.ln1 = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, 1)
+        with torch.no_grad():
+            self.out.bias.fill_(init_log_z)
+
+    def _forward(self, u: Tensor) -> Tensor:
+        z = self.ln1(torch.relu(self.fc1(u)))
+        z = self.ln2(torch.relu(self.fc2(z)))
+        z = torch.relu(z + u)
+        return self.out(z).squeeze(-1)
+
+
+class LinearAmortizer(_Float32Head):
+    """A linear head ``log_lambda = w^T u + b``: the simplest amortizer, a useful ablation.
+
+    Args:
+        dim: embedding width ``d``.
+        init_log_z: initial bias.
+    """
+
+    def __init__(self, dim: int, init_log_z: float = 0.0):
+        super().__init__()
+        self.out = nn.Linear(dim, 1)
+        with torch.no_grad():
+            self.out.weight.zero_()
+            self.out.bias.fill_(init_log_z)
+
+    def _forward(self, u: Tensor) -> Tensor:
+        return self.out(u).squeeze(-1)
+
+
+class RandomFourierAmortizer(_Float32Head):
+    """Proposition 1 made concrete: ``log lambda = log(softplus(w^T phi(u)) + eps) + b``.
+
+    ``phi(u) = sqrt(2 / D) cos(Omega u + beta)`` with ``Omega ~ N(0, sigma^2 I)``, ``beta ~ U[0, 2 pi]``
+    fixed (buffers), so that ``w^T phi(u)`` approximates a shift-invariant kernel average, as
+    ``Z(x)`` is for unit features. The frequencies are frozen; only ``w`` and ``b`` learn. The
+    partition sum is positive, so the linear readout passes through a softplus before the log.
+
+    Args:
+        dim: embedding width ``d``.
+        num_features: number of random features ``D``.
+        bandwidth: ``sigma``; for scores ``s <x, y>`` the kernel ``exp(-s |x - y|^2 / 2)`` has
+            ``sigma = sqrt(s)``.
+        init_log_z: initial bias (``b``).
+        seed: seed of the random frequencies, so that a rebuilt head is identical.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_features: int = 1024,
+        bandwidth: float = 1.0,
+        init_log_z: float = 0.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("omega", torch.randn(num_features, dim, generator=g) * bandwidth)
+        self.register_buffer("phase", torch.rand(num_features, generator=g) * 2 * math.pi)
+        self.readout = nn.Linear(num_features, 1)
+        self.log_offset = nn.Parameter(torch.tensor(float(init_log_z)))
+        with torch.no_grad():
+            self.readout.weight.zero_()
+            # softplus(b0) = 1 so that log lambda starts at init_log_z
+            self.readout.bias.fill_(math.log(math.e - 1.0))
+
+    def features(self, u: Tensor) -> Tensor:
+        """Random Fourier features ``phi(u)``: (B, d) -> (B, D)."""
+        D = self.omega.shape[0]
+        return math.sqrt(2.0 / D) * torch.cos(u.float() @ self.omega.T + self.phase)
+
+    def _forward(self, u: Tensor) -> Tensor:
+        lin = self.readout(self.features(u)).squeeze(-1)
+        return torch.log(nn.functional.softplus(lin) + 1e-6) + self.log_offset
+
+
+AMORTIZERS: dict[str, Callable[..., nn.Module]] = {
+    "residual_mlp": ResidualMLPAmortizer,
+    "linear": LinearAmortizer,
+    "random_fourier": RandomFourierAmortizer,
+}
+"""Registry of amortizer networks: name -> constructor taking ``dim`` and keyword options."""
+
+
+def register_amortizer(name: str, ctor: Callable[..., nn.Module]) -> None:
+    """Register an amortizer constructor ``ctor(dim, **options) -> nn.Module`` under ``name``."""
+    if name in AMORTIZERS:
+        raise ValueError(f"amortizer {name!r} is already registered")
+    AMORTIZERS[name] = ctor
+
+
+def build_amortizer(name: str, dim: int, **options) -> nn.Module:
+    """Build a registered amortizer.
+
+    Args:
+        name: a key of :data:`AMORTIZERS` (``residual_mlp``, ``linear``, ``random_fourier``).
+        dim: embedding width.
+        **options: passed to the constructor (e.g. ``width_factor``, ``init_log_z``).
+
+    Returns:
+        The network, mapping (B, d) features to (B,) ``log lambda``.
+    """
+    if name not in AMORTIZERS:
+        raise ValueError(f"unknown amortizer {name!r}; valid: {', '.join(sorted(AMORTIZERS))}")
+    return AMORTIZERS[name](dim, **options)
