@@ -1,0 +1,367 @@
+"""Webdataset pipeline for img2dataset-style shards (CC3M, CC12M): ``KEY.jpg`` + ``KEY.txt`` per sample.
+
+Pipeline: shard list (shuffled, or resampled with replacement for multi-node) -> split by node and
+worker -> tolerant tar reader -> sample shuffle buffer -> decode + open_clip transform + tokenise
+-> batches of ``{"image": (B, 3, S, S), "text": (B, L), "index": (B,)}``.
+
+``index`` is a dense sample index in ``[0, N)``: the shard's offset (from img2dataset's
+``*_stats.json``, a ``sizes.json``, or a scan of the tar) plus the sample's ordinal inside its
+shard. It is the key of the per-sample moving averages of SogCLR/FastCLIP.
+
+Bad input is skipped and counted in a [`SkipCounter`][amortize.data.webdataset.SkipCounter] that
+lives in shared memory, so the trainer reads the totals of all DataLoader workers; once the skipped
+fraction passes ``max_skip_fraction`` the pipeline raises
+[`TooManySkippedError`][amortize.data.webdataset.TooManySkippedError].
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SKIP_REASONS = ("missing_shard", "corrupt_shard", "missing_field", "undecodable_image", "empty_caption")
+
+
+class TooManySkippedError(RuntimeError):
+    """Raised when the fraction of skipped samples or shards exceeds the configured maximum."""
+
+
+class SkipCounter:
+    """Process-shared counts of good and skipped samples and shards.
+
+    Args:
+        max_skip_fraction: largest tolerated fraction of skipped samples (and of bad shards).
+        min_seen: no check before this many samples (or shards) were seen, so that one early bad
+            sample does not abort a run.
+
+    Counts live in a ``multiprocessing.Array``, so increments made in DataLoader workers are
+    visible from the trainer's process. Sample reasons: ``missing_field``, ``undecodable_image``,
+    ``empty_caption``; shard reasons: ``missing_shard``, ``corrupt_shard``.
+    """
+
+    def __init__(self, max_skip_fraction: float = 0.05, min_seen: int = 100):
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        self.max_skip_fraction = float(max_skip_fraction)
+        self.min_seen = int(min_seen)
+        # layout: [kept_samples, opened_shards, *reasons]
+        self._counts = mp.get_context("spawn").Array("q", 2 + len(SKIP_REASONS))
+
+    def _add(self, slot: int, n: int = 1) -> None:
+        with self._counts.get_lock():
+            self._counts[slot] += n
+
+    def record_sample(self) -> None:
+        """Count one good sample and check the threshold."""
+        self._add(0)
+        self.check()
+
+    def record_shard(self) -> None:
+        """Count one shard opened successfully."""
+        self._add(1)
+
+    def record_skip(self, reason: str) -> None:
+        """Count one skipped sample or shard (``reason`` in ``SKIP_REASONS``) and check the threshold."""
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
+        self._add(2 + SKIP_REASONS.index(reason))
+        self.check()
+
+    @property
+    def kept(self) -> int:
+        """Good samples yielded so far."""
+        return int(self._counts[0])
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skips by reason."""
+        return {r: int(self._counts[2 + i]) for i, r in enumerate(SKIP_REASONS)}
+
+    @property
+    def skipped_samples(self) -> int:
+        """Samples skipped (shard failures not included)."""
+        s = self.skipped
+        return s["missing_field"] + s["undecodable_image"] + s["empty_caption"]
+
+    @property
+    def bad_shards(self) -> int:
+        """Shards that were missing or corrupt."""
+        s = self.skipped
+        return s["missing_shard"] + s["corrupt_shard"]
+
+    def fractions(self) -> tuple[float, float]:
+        """(skipped sample fraction, bad shard fraction), 0 when nothing was seen."""
+        seen = self.kept + self.skipped_samples
+        shards = int(self._counts[1]) + self.bad_shards
+        return (self.skipped_samples / seen if seen else 0.0,
+                self.bad_shards / shards if shards else 0.0)
+
+    def check(self) -> None:
+        """Raise [`TooManySkippedError`][amortize.data.webdataset.TooManySkippedError] past the threshold."""
+        seen = self.kept + self.skipped_samples
+        shards = int(self._counts[1]) + self.bad_shards
+        f_samples, f_shards = self.fractions()
+        if seen >= self.min_seen and f_samples > self.max_skip_fraction:
+            raise TooManySkippedError(
+                f"skipped {self.skipped_samples} of {seen} samples ({f_samples:.1%} > "
+                f"{self.max_skip_fraction:.1%}): {self.summary()}")
+        if shards >= min(self.min_seen, 10) and f_shards > self.max_skip_fraction:
+            raise TooManySkippedError(
+                f"{self.bad_shards} of {shards} shards unreadable ({f_shards:.1%} > "
+                f"{self.max_skip_fraction:.1%}): {self.summary()}")
+
+    def summary(self) -> str:
+        """One line: kept count and skips by reason."""
+        parts = [f"{r}={n}" for r, n in self.skipped.items() if n]
+        return f"kept={self.kept} " + (" ".join(parts) if parts else "no skips")
+
+    def as_dict(self) -> dict[str, int]:
+        """Counts as a flat dict (``kept``, ``shards``, and one key per reason) for logging."""
+        return {"kept": self.kept, "shards": int(self._counts[1]), **self.skipped}
+
+
+# ----------------------------------------------------------------------------- shard indexing
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Expand a brace pattern (``"cc3m/{00000..00331}.tar"``), a ``::``-separated list or a list.
+
+    Returns:
+        The shard paths, in order.
+    """
+    import braceexpand
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for s in specs:
+        for part in s.split("::"):
+            out.extend(braceexpand.braceexpand(part))
+    if not out:
+        raise ValueError(f"no shards in {spec!r}")
+    return out
+
+
+def count_shard_samples(path: str) -> int:
+    """Number of samples (distinct keys) in one shard.
+
+    Uses img2dataset's ``<shard>_stats.json`` (``successes``) when present, else scans the tar.
+    A missing or unreadable shard counts as 0.
+    """
+    stats = Path(path).with_name(Path(path).stem + "_stats.json")
+    if stats.is_file():
+        try:
+            return int(json.loads(stats.read_text())["successes"])
+        except (KeyError, ValueError):
+            pass
+    n, last = 0, None
+    try:
+        with tarfile.open(path, "r") as tar:
+            for m in tar:
+                key = split_key(m.name)[0]
+                if m.isfile() and key is not None and key != last:
+                    n, last = n + 1, key
+    except (OSError, tarfile.TarError, EOFError):
+        pass
+    return n
+
+
+def shard_offsets(shards: Sequence[str]) -> dict[str, int]:
+    """Offset of each shard's first sample in the dense index.
+
+    Reads ``sizes.json`` (``{basename: count}``, open_clip's convention) next to the shards if
+    present, otherwise counts each shard with [`count_shard_samples`][amortize.data.webdataset.count_shard_samples].
+
+    Returns:
+        ``{shard_path: offset}``; offsets follow the order of ``shards``.
+    """
+    sizes_file = Path(shards[0]).with_name("sizes.json")
+    sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
+    out, total = {}, 0
+    for s in shards:
+        out[s] = total
+        total += int(sizes[os.path.basename(s)]) if os.path.basename(s) in sizes else count_shard_samples(s)
+    return out
+
+
+def split_key(name: str) -> tuple[str | None, str]:
+    """``"dir/000012.jpg"`` -> ``("dir/000012", "jpg")``; the extension is lower-cased."""
+    base = os.path.basename(name)
+    if "." not in base or base.startswith("."):
+        return None, ""
+    stem, ext = base.split(".", 1)
+    return os.path.join(os.path.dirname(name), stem), ext.lower()
+
+
+# ----------------------------------------------------------------------------- pipeline stages
+
+
+def read_tar_samples(shard: str, counter: SkipCounter | None = None) -> Iterator[dict]:
+    """Yield the raw samples of one shard, tolerating a missing file or a truncated/corrupt tar.
+
+    Args:
+        shard: path of a ``.tar`` file.
+        counter: where ``missing_shard`` / ``corrupt_shard`` are recorded.
+
+    Yields:
+        ``{"__key__", "__url__", "__pos__" (ordinal in the shard), ext: bytes, ...}``.
+    """
+    if not os.path.isfile(shard):
+        if counter is not None:
+            counter.record_skip("missing_shard")
+        return
+    sample: dict | None = None
+    pos = -1
+    try:
+        with tarfile.open(shard, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_key(member.name)
+                if key is None:
+                    continue
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"{shard}: {member.name} truncated")
+                if sample is None or key != sample["__key__"]:
+                    if sample is not None:
+                        yield sample
+                    pos += 1
+                    sample = {"__key__": key, "__url__": shard, "__pos__": pos}
+                sample[ext] = data
+            # a complete archive ends with two zero blocks; tarfile stops silently without them
+            if os.path.getsize(shard) < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"{shard}: archive truncated after {tar.offset} bytes")
+        if counter is not None:
+            counter.record_shard()
+    except (OSError, tarfile.TarError, EOFError):
+        if counter is not None:
+            counter.record_skip("corrupt_shard")
+        sample = None  # the last sample may be truncated: drop it
+    if sample is not None:
+        yield sample
+
+
+def decode_sample(sample: dict, transform: Callable, tokenizer: Callable, offset: int,
+                  counter: SkipCounter | None = None) -> dict | None:
+    """Decode one raw sample, or return None (and count why) when it is unusable.
+
+    Returns:
+        ``{"image": transform(PIL image), "text": long (L,), "index": long ()}`` or None.
+    """
+    from PIL import Image
+
+    img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if img_ext is None or "txt" not in sample:
+        if counter is not None:
+            counter.record_skip("missing_field")
+        return None
+    caption = sample["txt"].decode("utf-8", errors="replace").strip()
+    if not caption:
+        if counter is not None:
+            counter.record_skip("empty_caption")
+        return None
+    try:
+        with Image.open(io.BytesIO(sample[img_ext])) as im:
+            image = im.convert("RGB")
+    except Exception:  # PIL raises many types for bad bytes
+        if counter is not None:
+            counter.record_skip("undecodable_image")
+        return None
+    if counter is not None:
+        counter.record_sample()
+    return {"image": transform(image), "text": tokenizer([caption])[0].long(),
+            "index": torch.tensor(offset + sample["__pos__"], dtype=torch.long)}
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack a list of decoded samples into a batch dict of tensors."""
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+class ShardSamples:
+    """Pipeline stage: shard dicts ``{"url": path}`` -> decoded samples, using shared offsets/counter."""
+
+    def __init__(self, offsets: dict[str, int], transform: Callable, tokenizer: Callable,
+                 counter: SkipCounter):
+        self.offsets, self.transform, self.tokenizer, self.counter = offsets, transform, tokenizer, counter
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for shard in src:
+            url = shard["url"]
+            for raw in read_tar_samples(url, self.counter):
+                out = decode_sample(raw, self.transform, self.tokenizer, self.offsets.get(url, 0),
+                                    self.counter)
+                if out is not None:
+                    yield out
+
+
+def make_pipeline(
+    shards: str | Sequence[str],
+    *,
+    transform: Callable,
+    tokenizer: Callable,
+    batch_size: int,
+    resampled: bool = False,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    counter: SkipCounter | None = None,
+    offsets: dict[str, int] | None = None,
+    epoch_batches: int | None = None,
+    drop_last: bool = True,
+):
+    """Build the training pipeline as a ``webdataset.DataPipeline`` (an IterableDataset of batches).
+
+    Args:
+        shards: brace pattern or list of ``.tar`` paths (img2dataset output).
+        transform: PIL image -> float (3, S, S), e.g. open_clip's ``image_transform(S, is_train=True)``.
+        tokenizer: captions -> LongTensor (n, L).
+        batch_size: B per worker batch.
+        resampled: draw shards with replacement forever (multi-node training; set ``epoch_batches``).
+        shuffle_buffer: sample shuffle buffer size (0 disables shuffling).
+        seed: seed of shard and sample shuffling.
+        counter: a [`SkipCounter`][amortize.data.webdataset.SkipCounter]; one is created if None
+            and attached as ``pipeline.counter``.
+        offsets: ``{shard: offset}`` for the dense index (computed with ``shard_offsets`` if None).
+        epoch_batches: length of a nominal epoch in batches (required meaning for ``resampled``).
+        drop_last: drop a final incomplete batch.
+
+    Returns:
+        The pipeline; iterate it (or wrap it in ``DataLoader(pipeline, batch_size=None, num_workers=...)``)
+        to get ``{"image": (B, 3, S, S), "text": (B, L), "index": (B,)}``.
+    """
+    import webdataset as wds
+
+    urls = expand_shards(shards)
+    counter = counter if counter is not None else SkipCounter()
+    offsets = offsets if offsets is not None else shard_offsets(urls)
+    if resampled:
+        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(urls), wds.detshuffle(bufsize=len(urls), seed=seed) if shuffle_buffer else None,
+                  wds.split_by_node, wds.split_by_worker]
+    stages = [s for s in stages if s is not None]
+    stages.append(ShardSamples(offsets, transform, tokenizer, counter))
+    if shuffle_buffer:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
+    stages.append(wds.batched(batch_size, collation_fn=collate, partial=not drop_last))
+    pipeline = wds.DataPipeline(*stages)
+    if epoch_batches is not None:
+        pipeline = pipeline.with_epoch(epoch_batches)
+    pipeline.counter = counter
+    pipeline.offsets = offsets
+    return pipeline
+
+
+def open_clip_transform(image_size: int, is_train: bool = True):
+    """open_clip's image transform (random resized crop when training, resize + centre crop otherwise)."""
+    import open_clip
+
+    return open_clip.image_transform(image_size, is_train=is_train)
