@@ -18,7 +18,7 @@ from amortize.eval.datacomp import (
 )
 from amortize.eval.report import format_jsonl, format_markdown
 
-from fakes import TinyClip, pil_transform
+from tests.eval.fakes import TinyClip, pil_transform
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
 
