@@ -36,6 +36,8 @@ __all__ = [
     "checks",
     "scores",
     "log_partition",
+    "log_partition_from_scores",
+    "amortized_loss_terms_from_scores",
     "amortized_loss",
     "amortized_loss_terms",
     "infonce_loss",
@@ -196,15 +198,35 @@ def scores(x: Tensor, y: Tensor, scale: Scalar, bias: Scalar = 0.0) -> Tensor:
     return out
 
 
-def _masked_logsumexp_rows(S: Tensor, log_c: float, offset: int = 0) -> Tensor:
-    """Row-wise ``log(sum_j w_ij exp(S_ij))`` with ``w`` = c at (i, i + offset), else 1."""
-    B, M = S.shape
-    rows = torch.arange(B, device=S.device)
-    cols = rows + offset
-    W = torch.zeros_like(S)
-    valid = cols < M
-    W[rows[valid], cols[valid]] = log_c
-    return torch.logsumexp(S + W, dim=1)
+def _diagonal_log_weights(B: int, M: int, log_c: float, like: Tensor, offset: int = 0) -> Tensor:
+    """(B, M) matrix with ``log_c`` at (i, i + offset) and 0 elsewhere (a constant, not saved for backward)."""
+    W = torch.zeros(B, M, dtype=like.dtype, device=like.device)
+    if log_c != 0.0:
+        rows = torch.arange(B, device=like.device)
+        cols = rows + offset
+        valid = cols < M
+        W[rows[valid], cols[valid]] = log_c
+    return W
+
+
+def log_partition_from_scores(S: Tensor, pos_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Log partition sums from a precomputed (B, B) score matrix, without gradient.
+
+    Lets a caller that already holds ``S`` (for the encoder objective) skip a second matmul.
+
+    Args:
+        S: (B, B) scores ``s <x_i, y_j> + b``, positives on the diagonal.
+        pos_weight: ``c``, weight of the positive pair in each sum.
+
+    Returns:
+        ``(log_z_x, log_z_y)``, each (B,), detached.
+    """
+    if _CHECKS[0] != "off" and (S.dim() != 2 or S.shape[0] != S.shape[1]):
+        raise ValueError(f"S must be a square (B, B) score matrix, got shape {tuple(S.shape)}")
+    _check_pos_weight(pos_weight, S.shape[0])
+    with torch.no_grad():
+        Sw = S.detach() + _diagonal_log_weights(S.shape[0], S.shape[1], _log_pos_weight(pos_weight), S)
+        return torch.logsumexp(Sw, dim=1), torch.logsumexp(Sw, dim=0)
 
 
 def log_partition(
@@ -238,11 +260,7 @@ def log_partition(
         xf, yf = _as_float32(x.detach(), y.detach())
         scale_ = scale.detach() if isinstance(scale, Tensor) else scale
         bias_ = bias.detach() if isinstance(bias, Tensor) else bias
-        S = scores(xf, yf, scale_, bias_)
-        log_c = _log_pos_weight(pos_weight)
-        log_z_x = _masked_logsumexp_rows(S, log_c)
-        log_z_y = _masked_logsumexp_rows(S.T, log_c)
-    return log_z_x, log_z_y
+        return log_partition_from_scores(scores(xf, yf, scale_, bias_), pos_weight)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,18 +311,34 @@ def amortized_loss_terms(
     _check_vector("log_norm_x", log_norm_x, B)
     _check_vector("log_norm_y", log_norm_y, B)
     xf, yf = _as_float32(x, y)
-    s = _scalar_tensor(scale, xf)
-    lnx = log_norm_x.detach().to(xf.dtype)
-    lny = log_norm_y.detach().to(xf.dtype)
-    S = scores(xf, yf, s, bias)
-    log_c = _log_pos_weight(pos_weight)
-    diag = torch.arange(B, device=S.device)
-    log_w = torch.zeros_like(S)
-    log_w[diag, diag] = log_c
-    Sw = S + log_w
+    S = scores(xf, yf, _scalar_tensor(scale, xf), bias)
+    return amortized_loss_terms_from_scores(S, scale, log_norm_x, log_norm_y, bias, pos_weight)
+
+
+def amortized_loss_terms_from_scores(
+    S: Tensor,
+    scale: Scalar,
+    log_norm_x: Tensor,
+    log_norm_y: Tensor,
+    bias: Scalar = 0.0,
+    pos_weight: float = 1.0,
+) -> dict[str, Tensor]:
+    """:func:`amortized_loss_terms` from a precomputed (B, B) score matrix (gradients flow through ``S``).
+
+    The positive term is read off the diagonal: ``-2 * mean_i (S_ii - b)``.
+    """
+    B = S.shape[0]
+    if _CHECKS[0] != "off" and (S.dim() != 2 or S.shape[1] != B):
+        raise ValueError(f"S must be a square (B, B) score matrix, got shape {tuple(S.shape)}")
+    lnx = log_norm_x.detach().to(S.dtype)
+    lny = log_norm_y.detach().to(S.dtype)
+    Sw = S + _diagonal_log_weights(B, B, _log_pos_weight(pos_weight), S)
     image = torch.exp(Sw - lnx[:, None]).sum(dim=1).mean()
     text = torch.exp(Sw - lny[None, :]).sum(dim=0).mean()
-    positive = -2.0 * s * (xf * yf).sum(dim=1).mean()
+    diag = S.diagonal()
+    if isinstance(bias, Tensor) or bias != 0.0:
+        diag = diag - _scalar_tensor(bias, S)
+    positive = -2.0 * diag.mean()
     return {"positive": positive, "image": image, "text": text}
 
 
