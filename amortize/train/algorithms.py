@@ -1,0 +1,189 @@
+"""Composer algorithms and callbacks that drive the contrastive loss: one event, one small apply.
+
+* :class:`EpochSchedules` (EPOCH_START): advances rho, beta, gamma and AmorLIP's per-epoch
+  re-initialisation and previous-epoch networks, through ``loss_fn.start_epoch``.
+* :class:`ClampLogitScale` (BATCH_END, after the optimiser step): ``s <= max_scale``.
+* :class:`FullBatchGuard` (AFTER_DATALOADER): refuses microbatching, which shrinks the negatives.
+* :class:`LogLossTerms` (BATCH_END): logs every named loss term as ``loss/train/<term>``.
+* :class:`ExportWeights` (EPOCH_CHECKPOINT, FIT_END): writes a plain weights-only file
+  ``<folder>/model.pt`` with the recipe, the towers and the estimator state.
+
+The algorithms hold no state of their own: everything they change lives in the model's
+``state_dict``, so Composer's checkpoints restore it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import torch
+from composer.core import Algorithm, Callback, Event, State, TimeUnit
+from composer.loggers import Logger
+
+from amortize.train.model import unwrap
+
+__all__ = [
+    "EpochSchedules",
+    "ClampLogitScale",
+    "FullBatchGuard",
+    "LogLossTerms",
+    "ExportWeights",
+    "planned_epochs",
+    "EXPORT_FORMAT",
+]
+
+EXPORT_FORMAT = "amortize-weights/1"
+"""The ``format`` entry of files written by :class:`ExportWeights`."""
+
+
+def planned_epochs(state: State) -> int:
+    """The number of epochs the run will start, from ``max_duration`` and the epoch length.
+
+    ``30ep`` gives 30; ``20ba`` with 8 batches per epoch gives 3; an unknown epoch length gives 1.
+    """
+    md = state.max_duration
+    if md is None:
+        return 1
+    if md.unit == TimeUnit.EPOCH:
+        return max(1, int(md.value))
+    n = state.dataloader_len
+    per_epoch = int(n) if n is not None else 0
+    if per_epoch <= 0:
+        return 1
+    if md.unit == TimeUnit.BATCH:
+        return max(1, math.ceil(int(md.value) / per_epoch))
+    if md.unit == TimeUnit.SAMPLE:
+        batch = state.train_dataloader.batch_size if hasattr(state.train_dataloader, "batch_size") else None
+        if batch:
+            return max(1, math.ceil(int(md.value) / (per_epoch * batch)))
+    return 1
+
+
+class EpochSchedules(Algorithm):
+    """On EPOCH_START, call ``loss_fn.start_epoch(epoch, planned_epochs)``.
+
+    ``start_epoch`` is idempotent for a repeated epoch, so a run resumed inside an epoch neither
+    re-initialises the amortizer nor overwrites the previous-epoch networks.
+    """
+
+    def match(self, event: Event, state: State) -> bool:
+        """Run on EPOCH_START."""
+        return event == Event.EPOCH_START
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        """Advance the per-epoch schedules to the current epoch."""
+        unwrap(state.model).loss_fn.start_epoch(int(state.timestamp.epoch), planned_epochs(state))
+
+
+class ClampLogitScale(Algorithm):
+    """After every optimiser step (BATCH_END), clamp the logit scale to ``s <= max_scale``.
+
+    Args:
+        max_scale: the largest inverse temperature (100 as in CLIP).
+    """
+
+    def __init__(self, max_scale: float = 100.0):
+        if max_scale <= 0:
+            raise ValueError(f"max_scale must be > 0, got {max_scale}")
+        self.max_scale = float(max_scale)
+
+    def match(self, event: Event, state: State) -> bool:
+        """Run on BATCH_END."""
+        return event == Event.BATCH_END
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        """Clamp ``log s`` in place."""
+        with torch.no_grad():
+            unwrap(state.model).model.logit_scale.clamp_(max=math.log(self.max_scale))
+
+
+class FullBatchGuard(Algorithm):
+    """Refuse microbatching: contrastive objectives need the whole per-process batch as negatives.
+
+    Composer's ``device_train_microbatch_size`` splits each batch into microbatches and runs the
+    loss on each separately, so every sample would contrast only against its own microbatch.
+    There is no gradient-cache path yet, so any microbatch smaller than the batch is an error.
+    """
+
+    def match(self, event: Event, state: State) -> bool:
+        """Run on AFTER_DATALOADER."""
+        return event == Event.AFTER_DATALOADER
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        """Raise if the batch would be split."""
+        batch = state.batch.get("image") if isinstance(state.batch, dict) else None
+        n = int(batch.shape[0]) if batch is not None else None
+        mb = state.device_train_microbatch_size
+        if getattr(state, "auto_microbatching", False) or (n is not None and mb is not None and int(mb) < n):
+            raise ValueError(
+                f"device_train_microbatch_size={mb} is smaller than the batch ({n}): microbatching splits "
+                "the batch and so shrinks the negatives of the contrastive objective (each microbatch "
+                "would contrast only against itself). Leave device_train_microbatch_size unset and lower "
+                "the batch size instead."
+            )
+
+
+class LogLossTerms(Callback):
+    """Log the named loss terms of every training batch as ``loss/train/<term>``."""
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        """Composer hook (BATCH_END)."""
+        if event != Event.BATCH_END:
+            return
+        terms = unwrap(state.model).last_terms
+        metrics = {f"loss/train/{k}": float(v) for k, v in terms.items() if k != "loss" and v.numel() == 1}
+        if metrics:
+            logger.log_metrics(metrics)
+
+
+def export_state(state: State) -> dict:
+    """The plain weights-only export of a run: recipe, towers and loss-module state.
+
+    Returns:
+        ``{"format": EXPORT_FORMAT, "recipe": dict, "model": state_dict, "loss_fn": state_dict,
+        "timestamp": {"epoch": int, "batch": int}}`` (tensors and plain Python only).
+    """
+    m = unwrap(state.model)
+    loss_state = {k: v for k, v in m.loss_fn.state_dict().items() if isinstance(v, torch.Tensor)}
+    return {
+        "format": EXPORT_FORMAT,
+        "recipe": m.recipe,
+        "model": {k: v.detach().cpu() for k, v in m.model.state_dict().items()},
+        "loss_fn": {k: v.detach().cpu() for k, v in loss_state.items()},
+        "timestamp": {"epoch": int(state.timestamp.epoch), "batch": int(state.timestamp.batch)},
+    }
+
+
+class ExportWeights(Callback):
+    """Write ``<folder>/<filename>`` (rank 0) at the end of every epoch and at FIT_END.
+
+    The file loads with ``torch.load(path, weights_only=True)`` and is what ``amortize eval``
+    reads when given a run folder.
+
+    Args:
+        folder: where to write (usually the run's ``save_folder``).
+        filename: the file name.
+    """
+
+    def __init__(self, folder: str, filename: str = "model.pt"):
+        self.folder = folder
+        self.filename = filename
+
+    @property
+    def path(self) -> str:
+        """The export's path."""
+        return os.path.join(self.folder, self.filename)
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        """Composer hook."""
+        if event not in (Event.EPOCH_CHECKPOINT, Event.FIT_END):
+            return
+        from composer.utils import dist
+
+        if dist.get_global_rank() != 0:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        tmp = self.path + ".tmp"
+        torch.save(export_state(state), tmp)
+        os.replace(tmp, self.path)
+
