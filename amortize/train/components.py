@@ -120,7 +120,9 @@ def build_loss(recipe: Recipe, embed_dim: int, num_samples: Optional[int] = None
                                         init=c.moving_average.init)
         elif c.estimator == "amortized":
             a = c.amortizer
-            options = {"width_factor": a.width_factor} if a.network == "residual_mlp" else {}
+            options: dict[str, Any] = {"init_log_z": a.init_log_z}
+            if a.network == "residual_mlp":
+                options["width_factor"] = a.width_factor
             estimator = build_estimator(
                 "amortized", dim=embed_dim, amortizer=a.network, amortizer_options=options,
                 objective=a.objective, log_l2_weight=a.log_l2_weight, lr=a.lr, inner_steps=a.inner_steps,

@@ -104,6 +104,7 @@ class AmortizerConfig:
     Attributes:
         network: amortizer network name (``residual_mlp``, ``linear``, ``random_fourier``).
         width_factor: ``f_d`` of the residual MLP (0.5 medium, 1.0 large).
+        init_log_z: initial output bias of the networks (a rough ``log Z``, e.g. ``log B``).
         objective: Stage I objective: ``log_l2``, ``kl`` or ``js``.
         log_l2_weight: weight of the log-L2 regulariser (0.1 with ``kl``/``js``).
         lr: the amortizer's Adam learning rate.
@@ -120,6 +121,7 @@ class AmortizerConfig:
 
     network: str = "residual_mlp"
     width_factor: float = 0.5
+    init_log_z: float = 0.0
     objective: str = "log_l2"
     log_l2_weight: float = 0.0
     lr: float = 1e-3

@@ -121,6 +121,6 @@ class ContrastiveComposerModel(ComposerModel):
         return {"recipe": self.recipe}
 
     def set_extra_state(self, state: dict) -> None:
-        """Restore the stored recipe."""
-        if isinstance(state, dict) and state.get("recipe") is not None:
+        """Adopt the stored recipe, unless this model was built from one (a resumed run keeps its own)."""
+        if self.recipe is None and isinstance(state, dict) and state.get("recipe") is not None:
             self.recipe = state["recipe"]
