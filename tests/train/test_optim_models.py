@@ -1,0 +1,52 @@
+"""Parameter groups, optimisers by name, and models from open_clip configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amortize.models import build_model, model_config
+from amortize.train.config import OptimizerConfig
+from amortize.train.optim import OPTIMIZERS, build_optimizer, param_groups
+
+
+def test_groups_follow_open_clip_and_skip_frozen_parameters():
+    m = build_model("tiny")
+    frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+    holder = torch.nn.ModuleDict({"model": m, "frozen": frozen})
+    groups = {g["name"]: g for g in param_groups(holder, OptimizerConfig(lr=1e-3, weight_decay=0.2, logit_scale_lr=1e-4))}
+    ids = {n: {id(p) for p in g["params"]} for n, g in groups.items()}
+    assert ids["logit_scale"] == {id(m.logit_scale)} and groups["logit_scale"]["lr"] == 1e-4
+    assert groups["logit_scale"]["weight_decay"] == 0.0 and groups["no_decay"]["weight_decay"] == 0.0
+    assert groups["decay"]["weight_decay"] == 0.2
+    for name, p in m.named_parameters():
+        if p.ndim < 2 or "ln" in name or "bias" in name:
+            assert id(p) not in ids["decay"], name
+    assert not any(id(p) in s for p in frozen.parameters() for s in ids.values())
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_every_registered_optimizer_steps(name):
+    m = build_model("tiny")
+    opt = build_optimizer(m, OptimizerConfig(name=name, lr=1e-3))
+    x = m.encode_image(torch.randn(2, 3, 28, 28)).sum() + m.logit_scale
+    x.backward()
+    opt.step()
+
+
+def test_unknown_optimizer_lists_valid_ones():
+    with pytest.raises(ValueError, match="unknown optimizer 'adamx'; valid: .*adamw.*lamb"):
+        build_optimizer(build_model("tiny"), OptimizerConfig(name="adamx"))
+
+
+@pytest.mark.parametrize("name", ["RN50", "ViT-B-32"])
+def test_paper_towers_build_offline(name):
+    cfg = model_config(name)
+    assert cfg["embed_dim"] in (1024, 512)
+    m = build_model(name, image_size=64 if name == "RN50" else 32)
+    assert m.encode_text(torch.zeros(1, 77, dtype=torch.long)).shape == (1, cfg["embed_dim"])
+
+
+def test_unknown_model_is_named():
+    with pytest.raises(ValueError, match="unknown model 'ViT-Q'"):
+        model_config("ViT-Q")
