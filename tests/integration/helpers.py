@@ -46,3 +46,60 @@ class RecordLoss(Callback):
             if isinstance(loss, dict):
                 loss = loss["total"]
             self.losses.append(float(torch.as_tensor(loss).detach()))
+
+
+def global_batch(n: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A fixed global batch of synthetic pairs for the tiny model."""
+    from amortize.train.components import SyntheticPairs
+
+    ds = SyntheticPairs(n, 28, 16, num_classes=n, seed=seed)
+    return {"image": ds.images, "text": ds.tokens, "index": torch.arange(n)}
+
+
+def build_for_distributed(method: str, tmp_path):
+    """The Composer model of a method's recipe (tiny towers), identical on every process."""
+    from amortize.train.builders import build_composer_model
+
+    torch.manual_seed(0)
+    recipe = method_recipe(method, tmp_path, batch=8, num_samples=8, extra=["loss.distributed=gather"])
+    return build_composer_model(recipe, num_samples=8)
+
+
+def one_step(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gradients of the encoders (DDP-averaged when ``model`` is DDP-wrapped)."""
+    out = model(batch)
+    inner = model.module if hasattr(model, "module") else model
+    loss = inner.loss(out, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in inner.model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads
+
+
+def distributed_worker(rank: int, world: int, method: str, init_file: str, out_dir: str) -> None:
+    """One gloo process: DDP-wrapped model, its half of the global batch, one backward."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = build_for_distributed(method, out_dir)
+        ddp = DistributedDataParallel(model)  # reads model._ddp_params_and_buffers_to_ignore
+        batch = global_batch()
+        per = batch["image"].shape[0] // world
+        local = {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+        try:
+            loss, grads = one_step(ddp, local)
+        except NotImplementedError as e:
+            if rank == 0:
+                torch.save({"not_implemented": str(e)}, os.path.join(out_dir, f"{method}.pt"))
+            return
+        # each process's loss is its share: their mean is the global loss
+        total = torch.tensor(loss, dtype=torch.float64)
+        dist.all_reduce(total)
+        if rank == 0:
+            torch.save({"loss": float(total) / world, "grads": grads}, os.path.join(out_dir, f"{method}.pt"))
+    finally:
+        dist.destroy_process_group()
