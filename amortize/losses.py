@@ -71,6 +71,9 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"unknown distributed mode {distributed!r}; valid: {', '.join(DISTRIBUTED_MODES)}")
         if objective != "amortized" and estimator is not None:
             raise ValueError(f"objective {objective!r} computes its own partition function; do not pass an estimator")
+        if objective == "infonce" and distributed == "local":
+            raise ValueError("the infonce objective has no local mode (its normaliser is not a sum of pair terms); "
+                             "use distributed='gather' or 'ring'")
         if chunk_size is not None and int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
         self.objective = objective
@@ -147,14 +150,11 @@ class ContrastiveLoss(nn.Module):
             loss = F.sigmoid_loss(x, y, logit_scale, logit_bias, chunk_size=self.chunk_size)
             terms = {"logit_bias": logit_bias.detach()}
         else:
-            log_z_x, log_z_y = F.log_partition(x, y, logit_scale, bias, self.pos_weight)
-            est = self.estimator(x.detach(), y.detach(), log_z_x, log_z_y, index)
-            parts = _amortized_terms(
-                x, y, logit_scale, est.log_norm_x, est.log_norm_y, bias, self.pos_weight, self.chunk_size
-            )
-            loss = parts["positive"] + parts["image"] + parts["text"]
-            terms = {k: v.detach() for k, v in parts.items()}
-            terms.update(est.terms)
+            # the partition targets and the objective share one pass over the scores (dense: the
+            # scores are kept for the backward; chunked: recomputed), see amortize.distributed
+            from amortize.distributed import amortized_forward
+
+            loss, terms = amortized_forward(self, x, y, logit_scale, bias, index)
         return self._finish(loss, logit_scale, terms)
 
     def _finish(self, loss: Tensor, logit_scale: Tensor, terms: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -165,23 +165,4 @@ class ContrastiveLoss(nn.Module):
         terms["logit_scale"] = logit_scale.detach()
         terms["loss"] = loss
         return terms
-
-
-def _amortized_terms(
-    x: Tensor,
-    y: Tensor,
-    scale: Tensor,
-    log_norm_x: Tensor,
-    log_norm_y: Tensor,
-    bias,
-    pos_weight: float,
-    chunk_size: Optional[int],
-) -> dict[str, Tensor]:
-    if chunk_size is None:
-        return F.amortized_loss_terms(x, y, scale, log_norm_x, log_norm_y, bias, pos_weight)
-    from amortize.chunked import chunked_amortized_loss_terms
-
-    return chunked_amortized_loss_terms(
-        x, y, scale, log_norm_x, log_norm_y, bias=bias, pos_weight=pos_weight, chunk_size=chunk_size
-    )
 

@@ -1,0 +1,29 @@
+"""A gloo worker: ``python dist_worker.py CASES.pt OUT.pt`` with RANK/WORLD_SIZE/MASTER_* set."""
+
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import dist_harness  # noqa: E402
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        cases = torch.load(sys.argv[1], weights_only=False)
+        results = [dist_harness.run_case(case, rank, world) for case in cases]
+        torch.save(results, sys.argv[2])
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
