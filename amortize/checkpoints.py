@@ -40,6 +40,7 @@ __all__ = [
     "atomic_symlink",
     "is_complete",
     "recover_latest",
+    "filename_regex",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -264,3 +265,28 @@ def recover_latest(
     if current is None or not current.is_file() or current != newest.resolve():
         atomic_symlink(newest.name, link)
     return newest
+
+
+
+def filename_regex(template: str, rank: int = 0) -> str:
+    """A regular expression matching the file names a Composer name template produces for one rank.
+
+    >>> import re
+    >>> bool(re.fullmatch(filename_regex("ep{epoch}-ba{batch}-rank{rank}.pt"), "ep3-ba120-rank0.pt"))
+    True
+
+    Args:
+        template: e.g. ``ep{epoch}-ba{batch}-rank{rank}.pt`` (Composer's ``save_filename``).
+        rank: the global rank to match; every other ``{field}`` matches digits.
+
+    Returns:
+        The pattern, for ``re.fullmatch`` on bare file names.
+    """
+    parts = re.split(r"\{(\w+)\}", template)
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            out.append(re.escape(part))
+        else:
+            out.append(str(int(rank)) if part == "rank" else r"\d+")
+    return "".join(out)

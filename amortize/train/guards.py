@@ -1,0 +1,287 @@
+"""Run guards for long Composer runs: divergence, bad-data reports, atomic checkpoint files.
+
+* :class:`DivergenceGuard` (Algorithm): after the backward pass, checks that the loss and the
+  gradient norm are finite. On a non-finite step it either *skips* it (gradients dropped, so the
+  optimiser leaves parameters and its state alone; the estimator's state is rolled back to its
+  value before the step) or *stops* the run: it saves a checkpoint of the last good state and
+  raises :class:`DivergenceError` naming the batch and what was non-finite.
+* :class:`DataSkipReport` (Callback): logs the webdataset pipeline's skip counts
+  (``data/kept``, ``data/skipped/<reason>``) every epoch and at the end of the run.
+* :func:`install_atomic_checkpoint_writes`: makes Composer write each checkpoint to a temporary
+  file and rename it into place, so a process killed during a save never leaves a truncated
+  checkpoint under a real checkpoint name.
+
+>>> DivergenceGuard(policy="skip").policy
+'skip'
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+import os
+from typing import Any, Optional
+
+import torch
+from composer.core import Algorithm, Callback, Event, State
+from composer.loggers import Logger
+
+from amortize.train.model import unwrap
+
+__all__ = [
+    "DIVERGENCE_POLICIES",
+    "DivergenceError",
+    "DivergenceGuard",
+    "DataSkipReport",
+    "install_atomic_checkpoint_writes",
+]
+
+log = logging.getLogger(__name__)
+
+DIVERGENCE_POLICIES = ("skip", "stop", "off")
+"""What :class:`DivergenceGuard` does on a non-finite step: ``skip`` it, ``stop`` the run, or nothing (``off``)."""
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient; the message names the batch, what was
+    non-finite and the checkpoint of the last good state.
+
+    Attributes:
+        batch: the 1-based number of the batch that diverged.
+        checkpoint: path of the checkpoint written before stopping (None if none could be written).
+    """
+
+    def __init__(self, message: str, batch: int, checkpoint: Optional[str]):
+        super().__init__(message)
+        self.batch = batch
+        self.checkpoint = checkpoint
+
+
+def _params_with_grad(state: State) -> list[torch.nn.Parameter]:
+    out = []
+    for opt in state.optimizers:
+        for group in opt.param_groups:
+            out.extend(p for p in group["params"] if p.grad is not None)
+    return out
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    if not params:
+        return torch.zeros(())
+    norms = [p.grad.detach().float().norm() for p in params]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+class DivergenceGuard(Algorithm):
+    """Detect a non-finite loss or gradient and skip the step or stop the run.
+
+    Runs on BEFORE_FORWARD (snapshot of the state the step may corrupt) and AFTER_BACKWARD (the
+    check, before gradient clipping and the optimiser step). The check costs one device-to-host
+    copy of two numbers per step (the loss and the total gradient norm, stacked); under
+    ``torch.distributed`` the flags are max-reduced so every process takes the same decision.
+
+    ``skip``: every gradient is set to None, so the optimiser (AdamW included) moves neither the
+    parameters nor its moments, step counts or weight decay; the loss module's state (moving
+    averages, amortizer networks and their Adam) and the towers' buffers are restored from the
+    snapshot. The learning-rate schedule and the data still advance. After
+    ``max_consecutive_skips`` non-finite steps in a row the guard stops as with ``stop``.
+
+    ``stop``: same roll-back, then a Composer checkpoint ``diverged-ep{epoch}-ba{batch}-rank{rank}.pt``
+    of the last good state is written to ``save_folder`` and :class:`DivergenceError` is raised.
+
+    Args:
+        policy: one of :data:`DIVERGENCE_POLICIES`.
+        max_consecutive_skips: consecutive skipped steps after which the run stops (0: never).
+        restore_estimator: snapshot and restore the loss module's state and the towers' buffers
+            (costs one copy of that state per step: cheap for AmorLIP, a copy of the per-sample
+            tables for SogCLR/FastCLIP).
+        check_grads: also check the gradient norm (None: yes, except under ``amp_fp16``, where
+            Composer's gradient scaler already skips steps with inf gradients).
+        save_folder: where ``stop`` writes its checkpoint (None: no checkpoint).
+
+    Attributes:
+        skipped: batch numbers (1-based) of the skipped steps.
+    """
+
+    def __init__(
+        self,
+        policy: str = "skip",
+        max_consecutive_skips: int = 10,
+        restore_estimator: bool = True,
+        check_grads: Optional[bool] = None,
+        save_folder: Optional[str] = None,
+    ):
+        if policy not in DIVERGENCE_POLICIES:
+            raise ValueError(f"unknown divergence policy {policy!r}; valid: {', '.join(DIVERGENCE_POLICIES)}")
+        if max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips must be >= 0, got {max_consecutive_skips}")
+        self.policy = policy
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.restore_estimator = bool(restore_estimator)
+        self.check_grads = check_grads
+        self.save_folder = save_folder
+        self.skipped: list[int] = []
+        self._consecutive = 0
+        self._snapshot: Optional[dict[str, Any]] = None
+
+    def match(self, event: Event, state: State) -> bool:
+        """Run on BEFORE_FORWARD and AFTER_BACKWARD unless the policy is ``off``."""
+        return self.policy != "off" and event in (Event.BEFORE_FORWARD, Event.AFTER_BACKWARD)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        """Snapshot (BEFORE_FORWARD) or check and act (AFTER_BACKWARD)."""
+        if event == Event.BEFORE_FORWARD:
+            if self.restore_estimator:
+                self._snapshot = self._take_snapshot(state)
+            return
+        what = self._non_finite(state)
+        if not what:
+            self._consecutive = 0
+            return
+        batch = int(state.timestamp.batch) + 1
+        for p in _params_with_grad(state):
+            p.grad = None
+        if self._snapshot is not None:
+            self._restore(state, self._snapshot)
+        self._consecutive += 1
+        stop = self.policy == "stop" or (0 < self.max_consecutive_skips <= self._consecutive)
+        logger.log_metrics({"divergence/non_finite_steps": float(len(self.skipped) + 1)})
+        if not stop:
+            self.skipped.append(batch)
+            log.warning("divergence guard: batch %d has a non-finite %s; step skipped (%d in a row, %d in all)",
+                        batch, what, self._consecutive, len(self.skipped))
+            return
+        reason = what if self.policy == "stop" else f"{what} ({self._consecutive} non-finite steps in a row)"
+        checkpoint = self._save(state)
+        where = f"; the last good state is in {checkpoint}" if checkpoint else ""
+        message = (f"training diverged at batch {batch} (epoch {int(state.timestamp.epoch)}): non-finite {reason}; "
+                   f"policy {self.policy!r} stopped the run before the optimiser step{where}")
+        log.error("divergence guard: %s", message)
+        raise DivergenceError(message, batch, checkpoint)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _wants_grads(self, state: State) -> bool:
+        if self.check_grads is not None:
+            return self.check_grads
+        return "fp16" not in str(getattr(state.precision, "value", state.precision))
+
+    def _non_finite(self, state: State) -> str:
+        loss = state.loss
+        if isinstance(loss, dict):
+            loss = loss.get("total", next(iter(loss.values())))
+        if isinstance(loss, (tuple, list)):
+            loss = sum(loss)
+        loss_t = torch.as_tensor(loss).detach().float().sum().reshape(())
+        if self._wants_grads(state):
+            norm = _grad_norm(_params_with_grad(state)).to(loss_t.device)
+        else:
+            norm = torch.zeros((), device=loss_t.device)
+        vals = torch.stack([loss_t, norm])
+        flags = (~torch.isfinite(vals)).float()
+        from composer.utils import dist
+
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flags, reduce_operation="MAX")
+        bad_loss, bad_grad = (bool(v) for v in flags.tolist())  # the one host sync per step
+        parts = []
+        if bad_loss:
+            parts.append(f"loss ({float(loss_t)})" if not math.isfinite(float(loss_t)) else "loss (on another process)")
+        if bad_grad:
+            parts.append(f"gradient norm ({float(norm)})" if not math.isfinite(float(norm))
+                         else "gradient norm (on another process)")
+        return " and ".join(parts)
+
+    @staticmethod
+    def _take_snapshot(state: State) -> dict[str, Any]:
+        m = unwrap(state.model)
+        return {
+            "loss_fn": copy.deepcopy(m.loss_fn.state_dict()),
+            "buffers": {n: b.detach().clone() for n, b in m.model.named_buffers()},
+        }
+
+    @staticmethod
+    def _restore(state: State, snapshot: dict[str, Any]) -> None:
+        m = unwrap(state.model)
+        m.loss_fn.load_state_dict(snapshot["loss_fn"])
+        with torch.no_grad():
+            for n, b in m.model.named_buffers():
+                if n in snapshot["buffers"]:
+                    b.copy_(snapshot["buffers"][n])
+
+    def _save(self, state: State) -> Optional[str]:
+        if self.save_folder is None:
+            return None
+        from composer.utils.checkpoint import save_checkpoint
+
+        install_atomic_checkpoint_writes()
+        name = os.path.join(self.save_folder, "diverged-ep{epoch}-ba{batch}-rank{rank}.pt")
+        try:
+            return save_checkpoint(state, name)
+        except Exception as e:  # the run is stopping anyway: report, do not mask the divergence
+            log.error("divergence guard: could not save a checkpoint: %s", e)
+            return None
+
+
+class DataSkipReport(Callback):
+    """Log the data pipeline's skip counts at the end of every epoch and of the run.
+
+    Logs ``data/kept``, ``data/shards`` and ``data/skipped/<reason>`` (see
+    :data:`amortize.data.webdataset.SKIP_REASONS`) and a one-line summary when anything was skipped.
+
+    Args:
+        counter: the pipeline's :class:`~amortize.data.webdataset.SkipCounter`.
+    """
+
+    def __init__(self, counter: Any):
+        self.counter = counter
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        """Composer hook (EPOCH_END, FIT_END)."""
+        if event not in (Event.EPOCH_END, Event.FIT_END):
+            return
+        counts = self.counter.as_dict()
+        metrics = {f"data/{k}" if k in ("kept", "shards") else f"data/skipped/{k}": float(v) for k, v in counts.items()}
+        logger.log_metrics(metrics)
+        if self.counter.skipped_samples or self.counter.bad_shards:
+            f_samples, f_shards = self.counter.fractions()
+            log.warning("data: %s (%.2f%% of samples, %.2f%% of shards skipped; limit %.2f%%)",
+                        self.counter.summary(), 100 * f_samples, 100 * f_shards,
+                        100 * self.counter.max_skip_fraction)
+
+
+def install_atomic_checkpoint_writes() -> None:
+    """Make Composer's checkpoint writes atomic (idempotent; Composer 0.32).
+
+    Composer opens the final file name and writes into it, so a kill during a save leaves a
+    truncated file under a real checkpoint name. This wraps its file writer so that it writes
+    ``.<name>.tmp-<pid>`` in the same folder (same extension handling: the temporary name ends
+    like the real one) and renames it into place with ``os.replace`` after an ``fsync``.
+    The ``latest`` link is re-pointed by Composer only after the write returns, so it never
+    names a partial file; :func:`amortize.checkpoints.recover_latest` repairs the one moment
+    Composer leaves without a link (between removing the old one and creating the new one).
+    """
+    from composer.utils import checkpoint as ck
+
+    original = ck._write_checkpoint_file
+    if getattr(original, "_amortize_atomic", False):
+        return
+
+    @functools.wraps(original)
+    def write_atomic(state_dict: dict[str, Any], filename: str) -> None:
+        folder, name = os.path.split(filename)
+        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
+        try:
+            original(state_dict, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, filename)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    write_atomic._amortize_atomic = True  # type: ignore[attr-defined]
+    ck._write_checkpoint_file = write_atomic
