@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from amortize.train.algorithms import ClampLogitScale, EpochSchedules, ExportWeights, FullBatchGuard, LogLossTerms
 from amortize.train.components import build_dataset, build_loss, build_tokenizer, build_two_tower
 from amortize.train.config import Recipe, RecipeError, recipe_to_dict
+from amortize.train.guards import DataSkipReport, DivergenceGuard, install_atomic_checkpoint_writes
 from amortize.train.model import ContrastiveComposerModel
 from amortize.train.optim import build_optimizer, build_scheduler
 
@@ -56,7 +57,7 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
     if d.name == "webdataset":
         if not d.shards:
             raise RecipeError("data.shards must name the .tar shards for data.name 'webdataset'")
-        from amortize.data.webdataset import make_pipeline, open_clip_transform
+        from amortize.data.webdataset import SkipCounter, make_pipeline, open_clip_transform
 
         epoch_batches = None
         if d.num_samples:
@@ -64,7 +65,7 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
         pipeline = make_pipeline(
             d.shards, transform=open_clip_transform(image_size, is_train=True), tokenizer=tokenizer,
             batch_size=per, shuffle_buffer=d.shuffle_buffer, seed=recipe.seed, epoch_batches=epoch_batches,
-            drop_last=d.drop_last,
+            drop_last=d.drop_last, counter=SkipCounter(d.max_skip_fraction, min_seen=d.skip_min_seen),
         )
         loader = DataLoader(pipeline, batch_size=None, num_workers=d.num_workers,
                             persistent_workers=d.num_workers > 0)
@@ -118,7 +119,20 @@ def build_trainer(
     if recipe.grad_clip_norm is not None:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.grad_clip_norm))
     save_folder = recipe.resolved_save_folder()
+    dv = recipe.divergence
+    algorithms.append(DivergenceGuard(dv.policy, max_consecutive_skips=dv.max_consecutive_skips,
+                                      restore_estimator=dv.restore_estimator, save_folder=save_folder))
     cbs: list[Any] = [LogLossTerms(), ExportWeights(save_folder)]
+    counter = getattr(getattr(train_dataloader, "dataset", None), "counter", None)
+    if counter is not None:
+        cbs.append(DataSkipReport(counter))
+    # checkpoints are renamed into place; after a crash, point `latest` at the newest whole one
+    install_atomic_checkpoint_writes()
+    if recipe.autoresume and dist.get_global_rank() == 0:
+        from amortize.checkpoints import filename_regex, recover_latest
+
+        recover_latest(save_folder, recipe.save_latest_filename.format(rank=0),
+                       filename_regex(recipe.save_filename, rank=0))
     e = recipe.eval
     if e.tasks == "default" and (e.every_n_epochs > 0 or e.at_fit_end):
         from amortize.eval.callback import EvalCallback

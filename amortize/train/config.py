@@ -35,6 +35,7 @@ __all__ = [
     "OptimizerConfig",
     "SchedulerConfig",
     "EvalConfig",
+    "DivergenceConfig",
     "Recipe",
     "load_recipe",
     "load_recipe_dict",
@@ -55,6 +56,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.amortizer.normalizer": ("previous_blend", "ema_target"),
     "loss.amortizer.reinit": ("every_epoch", "never"),
     "precision": ("fp32", "amp_fp16", "amp_bf16"),
+    "divergence.policy": ("skip", "stop", "off"),
 }
 
 
@@ -176,6 +178,9 @@ class DataConfig:
         shuffle_buffer: webdataset sample shuffle buffer.
         tokenizer: open_clip tokenizer name, or ``simple`` (the bundled CLIP BPE).
         drop_last: drop an incomplete final batch (keep True: contrastive batches should be full).
+        max_skip_fraction: (``webdataset``) largest tolerated fraction of skipped samples, and of
+            unreadable shards; past it the run stops with ``TooManySkippedError``.
+        skip_min_seen: (``webdataset``) samples seen before the fraction is checked.
     """
 
     name: str = "shipped"
@@ -186,6 +191,24 @@ class DataConfig:
     shuffle_buffer: int = 1000
     tokenizer: str = "simple"
     drop_last: bool = True
+    max_skip_fraction: float = 0.05
+    skip_min_seen: int = 100
+
+
+@dataclass
+class DivergenceConfig:
+    """What happens on a non-finite loss or gradient (see :class:`amortize.train.guards.DivergenceGuard`).
+
+    Attributes:
+        policy: ``skip`` the step (no parameter, optimiser or estimator change), ``stop`` the run
+            with a message and a checkpoint of the last good state, or ``off``.
+        max_consecutive_skips: with ``skip``, stop after this many non-finite steps in a row (0: never).
+        restore_estimator: roll the estimator's state back on a non-finite step (one copy of it per step).
+    """
+
+    policy: str = "skip"
+    max_consecutive_skips: int = 10
+    restore_estimator: bool = True
 
 
 @dataclass
@@ -261,6 +284,7 @@ class Recipe:
         optimizer: encoder optimiser.
         scheduler: learning-rate schedule.
         eval: evaluation.
+        divergence: what a non-finite loss or gradient does.
         max_duration: Composer time string (``30ep``, ``20ba``).
         seed: global seed (weights, data order, amortizer re-initialisation).
         precision: ``fp32``, ``amp_bf16`` or ``amp_fp16`` (None: Composer's default for the device).
@@ -291,6 +315,7 @@ class Recipe:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     max_duration: str = "1ep"
     seed: int = 0
     precision: Optional[str] = None
