@@ -40,8 +40,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DIVERGENCE_POLICIES = ("skip", "stop", "off")
-"""What :class:`DivergenceGuard` does on a non-finite step: ``skip`` it, ``stop`` the run, or nothing (``off``)."""
+DIVERGENCE_POLICIES = ("skip", "stop", "none")
+"""What :class:`DivergenceGuard` does on a non-finite step: ``skip`` it, ``stop`` the run, or nothing (``none``)."""
 
 
 class DivergenceError(RuntimeError):
@@ -78,7 +78,9 @@ class DivergenceGuard(Algorithm):
     """Detect a non-finite loss or gradient and skip the step or stop the run.
 
     Runs on BEFORE_FORWARD (snapshot of the state the step may corrupt) and AFTER_BACKWARD (the
-    check, before gradient clipping and the optimiser step). The check costs one device-to-host
+    check, before gradient clipping and the optimiser step). Between BEFORE_LOSS and AFTER_LOSS it
+    lowers :mod:`amortize.functional`'s checks from ``full`` to ``shapes``, so a batch with NaN
+    or Inf features reaches the check as a non-finite loss instead of raising ``ValueError``. The check costs one device-to-host
     copy of two numbers per step (the loss and the total gradient norm, stacked); under
     ``torch.distributed`` the flags are max-reduced so every process takes the same decision.
 
@@ -125,13 +127,29 @@ class DivergenceGuard(Algorithm):
         self.skipped: list[int] = []
         self._consecutive = 0
         self._snapshot: Optional[dict[str, Any]] = None
+        self._checks: Optional[str] = None
 
     def match(self, event: Event, state: State) -> bool:
-        """Run on BEFORE_FORWARD and AFTER_BACKWARD unless the policy is ``off``."""
-        return self.policy != "off" and event in (Event.BEFORE_FORWARD, Event.AFTER_BACKWARD)
+        """Run on BEFORE_FORWARD, BEFORE_LOSS, AFTER_LOSS and AFTER_BACKWARD unless the policy is ``none``."""
+        return self.policy != "none" and event in (Event.BEFORE_FORWARD, Event.BEFORE_LOSS, Event.AFTER_LOSS,
+                                                  Event.AFTER_BACKWARD)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        """Snapshot (BEFORE_FORWARD) or check and act (AFTER_BACKWARD)."""
+        """Snapshot (BEFORE_FORWARD), relax value checks around the loss, check and act (AFTER_BACKWARD)."""
+        from amortize import functional as F
+
+        if event == Event.BEFORE_LOSS:
+            # the guard owns the non-finite case: the loss's value checks would raise on a NaN
+            # batch (and read values back from the device); keep the shape and dtype checks
+            self._checks = F.get_checks()
+            if self._checks == "full":
+                F.set_checks("shapes")
+            return
+        if event == Event.AFTER_LOSS:
+            if self._checks is not None:
+                F.set_checks(self._checks)
+                self._checks = None
+            return
         if event == Event.BEFORE_FORWARD:
             if self.restore_estimator:
                 self._snapshot = self._take_snapshot(state)
