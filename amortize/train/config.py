@@ -56,7 +56,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.amortizer.normalizer": ("previous_blend", "ema_target"),
     "loss.amortizer.reinit": ("every_epoch", "never"),
     "precision": ("fp32", "amp_fp16", "amp_bf16"),
-    "divergence.policy": ("skip", "stop", "off"),
+    "divergence.policy": ("skip", "stop", "none"),
 }
 
 
@@ -201,7 +201,7 @@ class DivergenceConfig:
 
     Attributes:
         policy: ``skip`` the step (no parameter, optimiser or estimator change), ``stop`` the run
-            with a message and a checkpoint of the last good state, or ``off``.
+            with a message and a checkpoint of the last good state, or ``none`` (no check).
         max_consecutive_skips: with ``skip``, stop after this many non-finite steps in a row (0: never).
         restore_estimator: roll the estimator's state back on a non-finite step (one copy of it per step).
     """
