@@ -143,7 +143,7 @@ def safe_load(path: PathLike, *, map_location: Any = "cpu", extra_globals: Itera
             "data types (tensors, plain Python, timedelta, numpy arrays). Loading it could run code; "
             "if you wrote this file yourself and trust it, convert it with a trusted script."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
         if is_complete(p):
             raise
         raise CorruptCheckpointError(f"{p} is truncated or not a torch checkpoint ({type(e).__name__}: {e})") from None
