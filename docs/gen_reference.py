@@ -17,6 +17,7 @@ on disk, run ``python docs/gen_reference.py OUTDIR``.
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from pathlib import Path
 from typing import Optional, Union
@@ -39,9 +40,14 @@ def discover_modules(root: Path = REPO_ROOT, package: str = PACKAGE) -> list[str
     A package comes before its submodules; siblings are sorted by name. The top-level package
     itself is included first.
     """
+    return list(_discover(Path(root), package))
+
+
+@functools.lru_cache(maxsize=None)
+def _discover(root: Path, package: str) -> tuple[str, ...]:
     top = root / package
     if not (top / "__init__.py").is_file():
-        return []
+        return ()
     found: list[str] = []
 
     def walk(directory: Path, dotted: str) -> None:
@@ -56,7 +62,7 @@ def discover_modules(root: Path = REPO_ROOT, package: str = PACKAGE) -> list[str
                 found.append(f"{dotted}.{path.stem}")
 
     walk(top, package)
-    return found
+    return tuple(found)
 
 
 def module_path(module: str, root: Path = REPO_ROOT) -> Path:
@@ -89,17 +95,25 @@ def page_uri(module: str, root: Path = REPO_ROOT) -> str:
 
 def summary(module: str, root: Path = REPO_ROOT) -> str:
     """The first line of a module's docstring ('' if it has none or does not parse)."""
-    try:
-        tree = ast.parse(module_path(module, root).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError):
+    tree = _tree(module, root)
+    if tree is None:
         return ""
     doc = ast.get_docstring(tree) or ""
     return doc.strip().splitlines()[0].strip() if doc.strip() else ""
 
 
 def _tree(module: str, root: Path) -> Optional[ast.Module]:
+    path = module_path(module, root)
     try:
-        return ast.parse(module_path(module, root).read_text(encoding="utf-8"))
+        return _parse(path, path.stat().st_mtime_ns)
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(path: Path, mtime_ns: int) -> Optional[ast.Module]:
+    try:
+        return ast.parse(path.read_text(encoding="utf-8"))
     except (OSError, SyntaxError):
         return None
 

@@ -60,6 +60,7 @@ def _complete_section(entries: list, directory: str, docs_dir: Path) -> list:
 def on_config(config, **kwargs):
     root = Path(config["config_file_path"]).resolve().parent
     docs_dir = Path(config["docs_dir"])
+    gen._discover.cache_clear()  # `mkdocs serve` reloads the config: see new modules
     nav = config.get("nav")
     if nav is None:
         return config
