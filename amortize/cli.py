@@ -61,15 +61,14 @@ def load_checkpoint(path: str | Path) -> dict:
         FileNotFoundError: if nothing is at ``path``.
         ValueError: if the file holds no recipe or no model weights.
     """
-    import torch
-
     p = Path(path)
     if p.is_dir():
         p = p / "model.pt"
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
-    with torch.serialization.safe_globals(_safe_globals()):
-        ck = torch.load(p, map_location="cpu", weights_only=True)
+    from amortize.checkpoints import safe_load  # weights_only; names a refused global or a truncated file
+
+    ck = safe_load(p, extra_globals=_safe_globals())
     if isinstance(ck, dict) and str(ck.get("format", "")).startswith("amortize-weights/"):
         recipe, weights, source = ck.get("recipe"), ck["model"], "export"
     elif isinstance(ck, dict) and "state" in ck and "model" in ck["state"]:
