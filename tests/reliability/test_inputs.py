@@ -1,0 +1,57 @@
+"""(1) Bad input through the loss module (the unit tests in tests/unit/test_validation.py and
+tests/properties/test_objectives.py cover the functional API): every estimator names the problem."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from amortize.estimators import AmortizedEstimator, MovingAverageEstimator
+from amortize.losses import ContrastiveLoss
+
+
+def _feats(b=4, d=8, dtype=torch.float32):
+    return torch.nn.functional.normalize(torch.randn(b, d), dim=-1).to(dtype)
+
+
+def _losses():
+    return {
+        "in_batch": ContrastiveLoss("amortized", pos_weight=1e-3),
+        "moving_average": ContrastiveLoss("amortized", estimator=MovingAverageEstimator(8), pos_weight=1e-3),
+        "amortized": ContrastiveLoss("amortized", estimator=AmortizedEstimator(dim=8), pos_weight=1e-3),
+    }
+
+
+@pytest.mark.parametrize("name", ["in_batch", "moving_average", "amortized"])
+def test_non_finite_and_mismatched_features_are_named(name):
+    loss_fn, idx = _losses()[name], torch.arange(4)
+    x = _feats().index_fill(0, torch.tensor([2]), math.nan)
+    with pytest.raises(ValueError, match="contains NaN"):
+        loss_fn(x, _feats(), torch.tensor(10.0), index=idx)
+    with pytest.raises(ValueError, match="contains Inf"):
+        loss_fn(_feats(), _feats().index_fill(0, torch.tensor([1]), math.inf), torch.tensor(10.0), index=idx)
+    with pytest.raises(ValueError, match="same shape"):
+        loss_fn(_feats(4), _feats(3), torch.tensor(10.0), index=idx)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        loss_fn(_feats(), _feats(), torch.tensor(0.0), index=idx)
+
+
+def test_moving_average_index_out_of_range_through_the_loss():
+    loss_fn = _losses()["moving_average"]
+    before = loss_fn.estimator.log_u_x.clone()
+    with pytest.raises(IndexError, match=r"values span \[0, 8\] but the estimator holds 8 samples"):
+        loss_fn(_feats(), _feats(), torch.tensor(10.0), index=torch.tensor([0, 1, 2, 8]))
+    assert torch.equal(before, loss_fn.estimator.log_u_x)  # the refused batch wrote nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b", [2, 8])
+def test_scale_at_the_clamp_in_half_precision_is_finite(dtype, b):
+    for name, loss_fn in _losses().items():
+        x, y = _feats(b, dtype=dtype).requires_grad_(), _feats(b, dtype=dtype).requires_grad_()
+        out = loss_fn(x, y, torch.tensor(100.0, dtype=dtype), index=torch.arange(b))
+        assert torch.isfinite(out["loss"]), name
+        out["loss"].float().backward()
+        assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all(), name
