@@ -28,7 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest tests/benchmarks -m benchmark -q --benchmark-json=benchmarks/results.json
 
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf site build dist .hypothesis .benchmarks

@@ -50,6 +50,7 @@ __all__ = [
 
 Scalar = Union[float, Tensor]
 Checks = Literal["full", "shapes", "off"]
+"""Validation levels accepted by :func:`set_checks`."""
 
 _CHECKS: list[str] = ["full"]
 _VALID_CHECKS = ("full", "shapes", "off")

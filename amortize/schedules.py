@@ -115,6 +115,7 @@ class Piecewise:
 
 
 Schedule = Union[Constant, CosineDecay, BetaWarmup, Piecewise]
+"""Any schedule object: callable as ``schedule(epoch, max_epochs) -> float``."""
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "constant": Constant,

@@ -27,8 +27,10 @@ from torch.utils.data import Dataset
 from amortize.data.transforms import CLIP_MEAN, CLIP_STD, ImageArray
 
 SHIPPED_DIR = Path(__file__).resolve().with_name("shipped")
+"""Folder holding the shipped arrays (``.npz``), their metadata (``.json``) and licence notes."""
 
 TokenizerFn = Callable[[Sequence[str]], torch.Tensor]
+"""A tokenizer: a list of N captions -> (N, L) int64 token ids."""
 
 
 def shipped_path(filename: str) -> Path:

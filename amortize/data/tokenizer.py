@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 DEFAULT_CONTEXT_LENGTH = 77
+"""CLIP's text context length (token positions), used when none is given."""
 
 
 class Tokenizer:

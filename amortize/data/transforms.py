@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 # open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD (copied so that this module needs no open_clip).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+"""Per-channel RGB mean of CLIP's image normalisation."""
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+"""Per-channel RGB standard deviation of CLIP's image normalisation."""
 
 
 def uint8_to_float(

@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+"""Sample keys read as the image of a webdataset sample, in order of preference."""
 SKIP_REASONS = ("missing_shard", "corrupt_shard", "missing_field", "undecodable_image", "empty_caption")
+"""Why a shard or sample can be skipped; the keys of :class:`SkipCounter`'s counts."""
 
 
 class TooManySkippedError(RuntimeError):

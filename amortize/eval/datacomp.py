@@ -45,6 +45,7 @@ from amortize.eval.retrieval import flatten_captions, retrieval_metrics
 from amortize.eval.zeroshot import build_classifier, mean_per_class_recall, topk_accuracy
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
+"""Sample keys read as the image of a DataComp webdataset sample, in order of preference."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ DATACOMP_TASKS: tuple[TaskSpec, ...] = (
     _t("fairness/dollar_street", "Dollar Street", "acc_top5_wg"),
     _t("fairness/geode", "GeoDE", "acc_wg"),
 )
+"""The 38 DataComp evaluation tasks: name, kind and main metric, in DataComp's order."""
 
 # Average name -> tag selecting its tasks (None: all 38).
 AVERAGES: dict[str, str | None] = {
@@ -113,6 +115,7 @@ AVERAGES: dict[str, str | None] = {
     "Retrieval": "retrieval",
     "Average (38)": None,
 }
+"""The averages reported over task groups: name -> group (None: all 38 tasks)."""
 
 # Metadata column used for worst-group metrics: (column, values to ignore).
 _GROUP_COLUMN = {
