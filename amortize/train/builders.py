@@ -168,7 +168,9 @@ def build_trainer(
             autoresume=recipe.autoresume,
             device=recipe.device,
             precision=recipe.precision,
-            device_train_microbatch_size=recipe.device_train_microbatch_size,
+            # one microbatch per batch: Composer cannot infer the batch size of an iterable
+            # (webdataset) loader, and a smaller microbatch would shrink the negatives
+            device_train_microbatch_size=recipe.device_train_microbatch_size or per_process_batch_size(recipe),
             seed=recipe.seed,
             deterministic_mode=recipe.deterministic_mode,
         )

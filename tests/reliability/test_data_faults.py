@@ -33,8 +33,6 @@ def _recipe(tmp_path, shards, fraction):
         "data.name=webdataset", f"data.shards={shards}/{{00000..00004}}.tar", "data.batch_size=4",
         "data.num_samples=16", "data.shuffle_buffer=8", f"data.max_skip_fraction={fraction}",
         "data.skip_min_seen=5", "loss.estimator=moving_average", "loss.moving_average.num_samples=50",
-        # Composer cannot infer it from an iterable loader (batch_size=None); see the report of issue 7
-        "device_train_microbatch_size=4",
     ], duration="4ba")
 
 
