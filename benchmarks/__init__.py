@@ -1,0 +1,1 @@
+"""Benchmarks of the amortize objectives (run with ``make bench``; see ``docs/benchmarks.md``)."""

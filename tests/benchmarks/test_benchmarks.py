@@ -1,0 +1,41 @@
+"""Benchmarks (``make bench``): pytest-benchmark timings plus the measurements behind docs/benchmarks.md.
+
+Each test records its numbers in ``benchmark.extra_info`` (so they land in
+``benchmarks/results.json``) and in the session collector of ``conftest.py``, which writes
+``benchmarks/<name>.json``, ``.md`` and ``.png`` at the end of the session.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import RESULTS  # noqa: E402
+
+from benchmarks import estimator_accuracy, loss_speed, step_overhead  # noqa: E402
+
+pytestmark = pytest.mark.benchmark
+
+
+@pytest.mark.parametrize("variant,B", loss_speed.all_cases(), ids=lambda v: str(v).replace(" ", "_"))
+def test_loss_forward_backward(benchmark, variant, B):
+    run = loss_speed.step_fn(variant, B)
+    benchmark.pedantic(run, rounds=loss_speed.rounds_for(B), iterations=1, warmup_rounds=1)
+    result = loss_speed.measure(variant, B, time_it=False)
+    result.update(min_s=benchmark.stats.stats.min, median_s=benchmark.stats.stats.median)
+    benchmark.extra_info.update(result)
+    RESULTS["loss_speed"].append(result)
+
+
+@pytest.mark.parametrize("B", estimator_accuracy.SIZES)
+def test_estimator_accuracy(benchmark, B):
+    result = benchmark.pedantic(estimator_accuracy.run, args=(B,), rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+    RESULTS["estimator_accuracy"].append(result)
+
+
+def test_step_overhead(benchmark):
+    result = benchmark.pedantic(step_overhead.run, rounds=1, iterations=1)
+    benchmark.extra_info.update({k: v for k, v in result.items() if k != "times_s"})
+    RESULTS["step_overhead"].append(result)

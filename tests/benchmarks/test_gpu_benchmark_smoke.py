@@ -1,0 +1,26 @@
+"""The GPU benchmark script runs end to end in its CPU smoke mode."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow  # ViT-B/32 on the CPU: ~40 s idle, minutes on a loaded 2-core machine
+def test_gpu_benchmark_cpu_smoke(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_benchmark.py"), "--device", "cpu", "--batch-size", "8",
+         "--steps", "2", "--warmup", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert [r["method"] for r in summary["results"]] == ["clip", "amorlip"]
+    for r in summary["results"]:
+        assert r["median_step_s"] > 0 and r["flops_per_step"] > 1e9 and r["peak_memory_bytes"] > 0
+    assert "AmorLIP step overhead" in proc.stdout
