@@ -8,7 +8,7 @@
 Several processes and nodes go through Composer's launcher, which runs this module once per
 process::
 
-    composer -n 2 -m amortize.cli train recipes/clip-medium.yaml data.shards=/data/cc3m/{00000..00331}.tar
+    composer -n 2 -m amortize.cli train recipes/clip-medium.yaml 'data.shards=/data/cc3m/{00000..00331}.tar'
 
 ``train --dry-run`` and ``eval`` do not need Composer; ``train`` imports it when training starts.
 """
@@ -108,8 +108,9 @@ def model_from_checkpoint(path: str | Path):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from amortize.train.config import load_recipe, recipe_to_yaml
+    from amortize.train.config import check_unique_overrides, load_recipe, recipe_to_yaml
 
+    check_unique_overrides(args.overrides)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
         sys.stdout.write(recipe_to_yaml(recipe))

@@ -61,10 +61,12 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
 
         epoch_batches = None
         if d.num_samples:
-            epoch_batches = d.num_samples // recipe.data.batch_size
+            # batches per process and epoch, split over its DataLoader workers (each counts its own)
+            epoch_batches = max(1, d.num_samples // recipe.data.batch_size // max(1, d.num_workers))
         pipeline = make_pipeline(
             d.shards, transform=open_clip_transform(image_size, is_train=True), tokenizer=tokenizer,
-            batch_size=per, shuffle_buffer=d.shuffle_buffer, seed=recipe.seed, epoch_batches=epoch_batches,
+            batch_size=per, resampled=d.sampling == "resampled",
+            shuffle_buffer=d.shuffle_buffer, seed=recipe.seed, epoch_batches=epoch_batches,
             drop_last=d.drop_last, counter=SkipCounter(d.max_skip_fraction, min_seen=d.skip_min_seen),
         )
         loader = DataLoader(pipeline, batch_size=None, num_workers=d.num_workers,
@@ -139,8 +141,8 @@ def build_trainer(
 
         cbs.append(EvalCallback(tokenizer, every_n_epochs=e.every_n_epochs, at_fit_end=e.at_fit_end,
                                 batch_size=e.batch_size, print_table=True))
-    elif e.tasks not in ("none", "default", "datacomp"):
-        raise RecipeError(f"eval.tasks: {e.tasks!r} is not one of default, none, datacomp")
+    elif e.tasks not in ("none", "default"):
+        raise RecipeError(f"eval.tasks: {e.tasks!r} is not one of default, none")
     cbs.extend(callbacks)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(deterministic|microbatch|No optimizer|step_schedulers).*")

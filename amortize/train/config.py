@@ -40,6 +40,7 @@ __all__ = [
     "load_recipe",
     "load_recipe_dict",
     "apply_overrides",
+    "check_unique_overrides",
     "recipe_to_dict",
     "recipe_to_yaml",
 ]
@@ -56,6 +57,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.amortizer.normalizer": ("previous_blend", "ema_target"),
     "loss.amortizer.reinit": ("every_epoch", "never"),
     "precision": ("fp32", "amp_fp16", "amp_bf16"),
+    "data.sampling": ("split", "resampled"),
+    "eval.tasks": ("default", "none"),
     "divergence.policy": ("skip", "stop", "none"),
 }
 
@@ -181,6 +184,9 @@ class DataConfig:
         max_skip_fraction: (``webdataset``) largest tolerated fraction of skipped samples, and of
             unreadable shards; past it the run stops with ``TooManySkippedError``.
         skip_min_seen: (``webdataset``) samples seen before the fraction is checked.
+        sampling: (``webdataset``) ``split``: each epoch reads every shard once, shards split over
+            nodes and workers; ``resampled``: every worker draws shards with replacement and an
+            epoch is ``num_samples / batch_size`` batches (multi-node runs, uneven shard counts).
     """
 
     name: str = "shipped"
@@ -193,6 +199,7 @@ class DataConfig:
     drop_last: bool = True
     max_skip_fraction: float = 0.05
     skip_min_seen: int = 100
+    sampling: str = "split"
 
 
 @dataclass
@@ -259,7 +266,8 @@ class EvalConfig:
     """Evaluation during training and by ``amortize eval``.
 
     Attributes:
-        tasks: ``default`` (Fashion-MNIST zero-shot and emoji retrieval), ``none``, or ``datacomp``.
+        tasks: ``default`` (Fashion-MNIST zero-shot and emoji retrieval) or ``none``. The DataComp
+            suite needs its data directory: run ``amortize eval CKPT --tasks datacomp --datacomp-root DIR``.
         every_n_epochs: evaluate at the end of every n-th epoch (0: never during training).
         at_fit_end: evaluate when training ends (``default`` tasks only).
         batch_size: images or texts per forward pass.
@@ -440,6 +448,19 @@ def _check_consistency(r: Recipe) -> None:
         raise RecipeError(f"device_train_microbatch_size must be >= 1 or null, got {mb}")
     if r.loss.chunk_size is not None and r.loss.chunk_size < 1:
         raise RecipeError(f"loss.chunk_size must be >= 1 or null, got {r.loss.chunk_size}")
+    if r.data.sampling == "resampled" and r.data.name == "webdataset" and not r.data.num_samples:
+        raise RecipeError("data.sampling 'resampled' needs data.num_samples (it sets the epoch length)")
+    from amortize.schedules import build_schedule
+
+    for key, spec in (
+        ("loss.rho", r.loss.rho),
+        ("loss.amortizer.beta", r.loss.amortizer.beta),
+        ("loss.moving_average.gamma", r.loss.moving_average.gamma),
+    ):
+        try:
+            build_schedule(spec)
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"{key}: {e}") from None
 
 
 def load_recipe_dict(data: Optional[dict]) -> Recipe:
@@ -475,6 +496,27 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as e:
         raise RecipeError(f"override {item!r}: cannot parse the value: {e}") from None
     return key.split("."), value
+
+
+def check_unique_overrides(overrides: list[str]) -> None:
+    """Refuse a key given twice on one command line.
+
+    A shell expands an unquoted brace pattern (``data.shards=/d/{00000..00331}.tar``) into one
+    override per shard, and the last would silently win. Programmatic callers may repeat keys
+    (later wins); the command line may not.
+
+    Raises:
+        RecipeError: naming the repeated key and how to quote the pattern.
+    """
+    seen: set[str] = set()
+    for item in overrides:
+        dotted = ".".join(_parse_override(item)[0])
+        if dotted in seen:
+            raise RecipeError(
+                f"override key {dotted!r} is given twice; if your shell expanded a brace pattern such as "
+                f"{{00000..00331}}, quote it: '{dotted}=/data/cc3m/{{00000..00331}}.tar'"
+            )
+        seen.add(dotted)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

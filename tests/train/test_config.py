@@ -93,3 +93,38 @@ def test_recipe_is_plain_python():
             stack.extend(v)
         else:
             assert v is None or isinstance(v, (str, int, float, bool))
+
+
+def test_repeated_override_key_is_refused_with_the_shell_hint(capsys):
+    """An unquoted brace pattern expands to many overrides of one key; the last would silently win."""
+    from amortize.train.config import check_unique_overrides
+
+    with pytest.raises(RecipeError, match=r"override key 'data.shards' is given twice.*quote it"):
+        check_unique_overrides(["data.shards=/d/00000.tar", "max_duration=2ba", "data.shards=/d/00001.tar"])
+    check_unique_overrides(["data.shards='/d/{00000..00002}.tar'", "max_duration=2ba"])
+    # the command line refuses it too, before anything is built
+    from amortize.cli import main
+
+    recipe = str(RECIPES[0].parent / "default.yaml")
+    assert main(["train", recipe, "data.shards=/d/0.tar", "data.shards=/d/1.tar", "--dry-run"]) == 2
+    assert "given twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.rho={kind: piecewize}", r"loss.rho: unknown schedule kind 'piecewize'"),
+        ("loss.amortizer.beta={kind: beta_warmup, final_value: 0.8}", r"loss.amortizer.beta: bad options"),
+        ("loss.moving_average.gamma=[1, 2]", r"loss.moving_average"),
+        ("eval.tasks=datacmop", r"eval.tasks: 'datacmop' is not one of default, none"),
+        ("data.sampling=random", r"data.sampling: 'random' is not one of split, resampled"),
+    ],
+)
+def test_values_inside_schedules_and_choices_are_checked_at_load(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe_dict(apply_overrides({}, [override]))
+
+
+def test_resampled_webdataset_needs_an_epoch_length():
+    with pytest.raises(RecipeError, match="needs data.num_samples"):
+        load_recipe_dict(apply_overrides({}, ["data.name=webdataset", "data.sampling=resampled"]))
