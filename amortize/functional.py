@@ -468,10 +468,17 @@ def _js(delta: Tensor) -> Tensor:
     return 0.5 * (t * delta - (t + 1.0) * (F.softplus(delta) - math.log(2.0)))
 
 
+def _reverse_kl(delta: Tensor) -> Tensor:
+    # f(t) = t - 1 - log t, t = exp(delta): KL(P || Q), whose minimiser over random batches is
+    # lambda = E[Z_batch] (unbiased in linear space), where log-L2 gives exp(E[log Z_batch])
+    return torch.expm1(delta) - delta
+
+
 AMORTIZATION_OBJECTIVES: dict[str, Callable[[Tensor], Tensor]] = {
     "log_l2": _log_l2,
     "kl": _kl,
     "js": _js,
+    "reverse_kl": _reverse_kl,
 }
 """Registry of Stage I objectives: name -> per-sample penalty of ``delta = log_target - log_lambda``.
 
@@ -506,6 +513,10 @@ def amortization_loss(
       ``Q / P = t = Z / lambda`` and, with the proper generator ``f(t) = t log t - t + 1``,
       ``D_f = mean_i f(t_i)``, minimised exactly at ``lambda = Z``.
     * ``js``: the same with Jensen-Shannon's ``f(t) = 1/2 [t log t - (t + 1) log((t + 1) / 2)]``.
+    * ``reverse_kl``: ``f(t) = t - 1 - log t``, i.e. ``KL(P || Q)``. Per sample it is minimised at
+      ``lambda = Z`` like the others; over random batches its minimiser is ``lambda = E[Z_batch]``,
+      unbiased in linear space, whereas log-L2 converges to the geometric mean
+      ``exp(E[log Z_batch])``, which is biased low when the batch is small (not in the paper).
 
     Args:
         log_lambda: (B,) the amortizer's predictions (gradients flow).

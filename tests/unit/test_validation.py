@@ -58,7 +58,7 @@ def test_pos_weight_and_objective_names():
         F.log_partition(x, y, 1.0, pos_weight=0.0)
     with pytest.raises(ValueError, match="pos_weight must be a finite float >= 0"):
         F.log_partition(x, y, 1.0, pos_weight=-1.0)
-    with pytest.raises(ValueError, match="unknown amortization objective 'kld'; valid: js, kl, log_l2"):
+    with pytest.raises(ValueError, match="unknown amortization objective 'kld'; valid: js, kl, log_l2, reverse_kl"):
         F.amortization_loss(torch.zeros(2), torch.zeros(2), "kld")
     with pytest.raises(ValueError, match="unknown objective 'clip'"):
         ContrastiveLoss("clip")
