@@ -16,35 +16,12 @@ process::
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "load_checkpoint", "model_from_checkpoint", "SAFE_CHECKPOINT_GLOBALS"]
-
-
-def _safe_globals() -> list:
-    import numpy as np
-    import torch
-
-    out: list = [datetime.timedelta, torch.torch_version.TorchVersion, np.ndarray, np.dtype]
-    try:  # numpy >= 2
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    out.append(_reconstruct)
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        out += [getattr(dtypes, n) for n in ("UInt32DType", "Int64DType", "Float64DType", "UInt8DType")
-                if hasattr(dtypes, n)]
-    return out
-
-
-SAFE_CHECKPOINT_GLOBALS = "datetime.timedelta, TorchVersion, numpy arrays and dtypes"
-"""What a Composer checkpoint holds beyond tensors and plain Python (its timestamp and RNG states);
-:func:`load_checkpoint` allows exactly these data types under ``torch.load(weights_only=True)``."""
+__all__ = ["main", "load_checkpoint", "model_from_checkpoint"]
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -68,7 +45,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint {p} does not exist")
     from amortize.checkpoints import safe_load  # weights_only; names a refused global or a truncated file
 
-    ck = safe_load(p, extra_globals=_safe_globals())
+    ck = safe_load(p)
     if isinstance(ck, dict) and str(ck.get("format", "")).startswith("amortize-weights/"):
         recipe, weights, source = ck.get("recipe"), ck["model"], "export"
     elif isinstance(ck, dict) and "state" in ck and "model" in ck["state"]:

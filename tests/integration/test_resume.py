@@ -8,24 +8,9 @@ import torch
 from amortize.train.builders import build_trainer
 from amortize.train.model import unwrap
 from tests.integration.helpers import method_recipe
+from tests.reliability.common import assert_same as _assert_same
 
 STEPS = 8  # 2N; 3 batches per epoch, so the checkpoint at N = 4 sits inside epoch 1
-
-
-def _assert_same(a, b, where="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype, where
-        assert torch.equal(a, b), f"{where} differs (max |diff| {(a.float() - b.float()).abs().max()})"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def _run(recipe):
