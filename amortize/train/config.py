@@ -513,8 +513,8 @@ def check_unique_overrides(overrides: list[str]) -> None:
         dotted = ".".join(_parse_override(item)[0])
         if dotted in seen:
             raise RecipeError(
-                f"override key {dotted!r} is given twice; if your shell expanded a brace pattern such as "
-                f"{{00000..00331}}, quote it: '{dotted}=/data/cc3m/{{00000..00331}}.tar'"
+                f"override key {dotted!r} is given twice; give each key once (if your shell expanded a brace "
+                "pattern, quote it: 'data.shards=/data/cc3m/{00000..00331}.tar')"
             )
         seen.add(dotted)
 
