@@ -268,7 +268,7 @@ def amortized_forward(loss_module, x: Tensor, y: Tensor, logit_scale: Tensor, bi
             xs, ys, idx = x.detach(), y.detach(), index
         else:
             lzx, lzy = _global_targets(row_lse, col_partial)
-            if _reads_features(loss_module.estimator):
+            if loss_module.estimator.reads_features:
                 xs = all_gather_no_grad(x)
                 ys = blocks[0][1].detach() if mode == "gather" else all_gather_no_grad(y)
             else:
@@ -288,12 +288,6 @@ def amortized_forward(loss_module, x: Tensor, y: Tensor, logit_scale: Tensor, bi
     terms = {k: v.detach() for k, v in parts.items()}
     terms.update(est.terms)
     return loss, terms
-
-
-def _reads_features(estimator) -> bool:
-    from amortize.estimators.in_batch import InBatchEstimator
-
-    return not isinstance(estimator, InBatchEstimator)
 
 
 def _placeholder(t: Tensor, n: int) -> Tensor:

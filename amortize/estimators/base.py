@@ -42,6 +42,8 @@ class PartitionEstimator(nn.Module):
 
     #: whether :meth:`forward` needs the ``index`` argument (dataset indices of the rows)
     needs_index: bool = False
+    #: whether :meth:`forward` reads the features ``x, y`` (if not, distributed modes skip gathering them)
+    reads_features: bool = True
 
     def forward(
         self,

@@ -18,6 +18,8 @@ class InBatchEstimator(PartitionEstimator):
     sum of the two InfoNCE cross-entropies, i.e. CLIP.
     """
 
+    reads_features = False
+
     def forward(
         self,
         x: Tensor,
