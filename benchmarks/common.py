@@ -93,3 +93,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+RESULTS: dict[str, list] = {"loss_speed": [], "estimator_accuracy": [], "step_overhead": []}
+"""Measurements collected by the pytest-benchmark wrappers (``make bench``) during one session;
+``tests/benchmarks/conftest.py`` turns them into each benchmark's JSON, table and plot at the end."""

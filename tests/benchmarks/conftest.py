@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-RESULTS: dict[str, list] = {"loss_speed": [], "estimator_accuracy": [], "step_overhead": []}
+from benchmarks.common import RESULTS
 
 
 @pytest.fixture(scope="session", autouse=True)

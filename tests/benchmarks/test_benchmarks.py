@@ -5,15 +5,10 @@ Each test records its numbers in ``benchmark.extra_info`` (so they land in
 ``benchmarks/<name>.json``, ``.md`` and ``.png`` at the end of the session.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import RESULTS  # noqa: E402
-
-from benchmarks import estimator_accuracy, loss_speed, step_overhead  # noqa: E402
+from benchmarks import estimator_accuracy, loss_speed, step_overhead
+from benchmarks.common import RESULTS
 
 pytestmark = pytest.mark.benchmark
 
