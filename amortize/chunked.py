@@ -169,6 +169,31 @@ def score_stats(
 # exp-sum kernel (amortized objective and InfoNCE)
 
 
+def _backprop_score_block(
+    G: Tensor, xf: Tensor, yf: Tensor, i0: int, i1: int, s: Tensor,
+    gx: Optional[Tensor], gy: Optional[Tensor], need_s: bool, need_b: bool,
+) -> tuple[Union[Tensor, float], Union[Tensor, float]]:
+    """Backpropagate ``dL/dS = G`` of the score block ``S = s * x[i0:i1] @ y.T + b``.
+
+    Writes ``gx[i0:i1]`` (rows of this block) and adds into ``gy`` (all columns) in place.
+
+    Returns:
+        This block's contributions to ``dL/ds`` and ``dL/db`` (0.0 when not needed).
+    """
+    d_s: Union[Tensor, float] = 0.0
+    d_b: Union[Tensor, float] = 0.0
+    if gx is not None:
+        gxy = G @ yf
+        if need_s:
+            d_s = (xf[i0:i1] * gxy).sum()
+        gx[i0:i1] = gxy.mul_(s)
+    if gy is not None:
+        gy.addmm_(G.T, xf[i0:i1], alpha=float(s))
+    if need_b:
+        d_b = G.sum()
+    return d_s, d_b
+
+
 class _ExpSums(torch.autograd.Function):
     """``row[i] = sum_j w_ij exp(S_ij - a_i)``, ``col[j] = sum_i w_ij exp(S_ij - b_j)``."""
 
@@ -208,15 +233,9 @@ class _ExpSums(torch.autograd.Function):
                 G = E if G is None else G.add_(E)
             if G is None:
                 continue
-            if gx is not None:
-                gxy = G @ yf
-                if need_s:
-                    gs += (xf[i0:i1] * gxy).sum()
-                gx[i0:i1] = gxy.mul_(s)
-            if gy is not None:
-                gy.addmm_(G.T, xf[i0:i1], alpha=float(s))
-            if need_b:
-                gb += G.sum()
+            d_s, d_b = _backprop_score_block(G, xf, yf, i0, i1, s, gx, gy, need_s, need_b)
+            gs += d_s
+            gb += d_b
         return (
             gx.to(x.dtype) if need_x and gx is not None else None,
             gy.to(y.dtype) if need_y else None,
@@ -342,15 +361,9 @@ class _SigmoidPairSum(torch.autograd.Function):
                 G.mul_(ctx.neg_weight)
             G[rows, cols] = torch.sigmoid(pos) - 1.0
             G.mul_(g)
-            if gx is not None:
-                gxy = G @ yf
-                if need_s:
-                    gs += (xf[i0:i1] * gxy).sum()
-                gx[i0:i1] = gxy.mul_(s)
-            if gy is not None:
-                gy.addmm_(G.T, xf[i0:i1], alpha=float(s))
-            if need_b:
-                gb += G.sum()
+            d_s, d_b = _backprop_score_block(G, xf, yf, i0, i1, s, gx, gy, need_s, need_b)
+            gs += d_s
+            gb += d_b
         return (
             gx.to(x.dtype) if need_x and gx is not None else None,
             gy.to(y.dtype) if need_y else None,
