@@ -161,7 +161,7 @@ class ContrastiveLoss(nn.Module):
         rho = self.rho
         if rho is not None:
             loss = F.rescale_temperature(loss, logit_scale, rho)
-            terms["rho"] = torch.tensor(rho)
+            terms["rho"] = torch.tensor(rho, device=logit_scale.device)
         terms["logit_scale"] = logit_scale.detach()
         terms["loss"] = loss
         return terms

@@ -130,10 +130,13 @@ class LogLossTerms(Callback):
         """Composer hook (BATCH_END)."""
         if event != Event.BATCH_END:
             return
-        terms = unwrap(state.model).last_terms
-        metrics = {f"loss/train/{k}": float(v) for k, v in terms.items() if k != "loss" and v.numel() == 1}
-        if metrics:
-            logger.log_metrics(metrics)
+        terms = {k: v for k, v in unwrap(state.model).last_terms.items() if k != "loss" and v.numel() == 1}
+        if not terms:
+            return
+        # one device-to-host copy for all terms, not one synchronising float() per term
+        device = next(iter(terms.values())).device
+        values = torch.stack([v.detach().reshape(()).to(device, torch.float32) for v in terms.values()]).tolist()
+        logger.log_metrics({f"loss/train/{k}": v for k, v in zip(terms, values)})
 
 
 def export_state(state: State) -> dict:

@@ -5,7 +5,6 @@ One build (a few seconds) is shared by the tests of this file.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -14,23 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.docs.reference_generator import load_generator
+
 pytest.importorskip("mkdocs")
 pytest.importorskip("mkdocstrings")
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_generator():
-    name = "amortize_docs_gen_reference"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / "gen_reference.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-gen = _load_generator()
+gen = load_generator()
 
 
 @pytest.fixture(scope="module")

@@ -7,28 +7,18 @@ neither torch nor the optional dependencies and runs in about a second.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.docs.reference_generator import load_generator
 
 griffe = pytest.importorskip("griffe")
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_generator():
-    name = "amortize_docs_gen_reference"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / "gen_reference.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-gen = _load_generator()
+gen = load_generator()
 MODULES = gen.discover_modules(ROOT)
 PACKAGE = griffe.load("amortize", search_paths=[str(ROOT)], resolve_aliases=False)
 
