@@ -232,19 +232,24 @@ class AmortizedEstimator(PartitionEstimator):
         index: Optional[Tensor] = None,
     ) -> PartitionEstimate:
         """Fit (in training mode) and return the normalisers; see the class docstring for the order."""
-        if int(self.epoch) < 0:
-            self.start_epoch(0, int(self.max_epochs))
+        # the counters are read to the host once per step (one synchronisation on a GPU)
+        epoch, max_epochs, step, has_previous = torch.stack(
+            [self.epoch, self.max_epochs, self.step, self.has_previous.long()]
+        ).tolist()
+        if epoch < 0:
+            self.start_epoch(0, max_epochs)
+            epoch, has_previous = 0, int(self.has_previous)
         u = {"image": x.detach().float(), "text": y.detach().float()}
         batch = {"image": log_z_x.detach().float(), "text": log_z_y.detach().float()}
         with torch.no_grad():
-            if bool(self.has_previous):
-                beta = self.beta
+            if has_previous:
+                beta = self.beta_schedule(epoch, max_epochs)
                 prev = self._predict(self.previous, u)
                 comb = {m: blend_log_targets(prev[m], batch[m], beta) for m in MODALITIES}
             else:
                 comb = batch
         terms: dict[str, Tensor] = {}
-        if self.training and int(self.step) % self.update_every == 0:
+        if self.training and step % self.update_every == 0:
             terms["amortizer_fit"] = self._fit(u, comb)
         with torch.no_grad():
             ema = self._predict(self.target, u)
@@ -254,6 +259,6 @@ class AmortizedEstimator(PartitionEstimator):
             )
         if self.training:
             self.step.add_(1)
-            if int(self.step) % self.ema_every == 0:
+            if (step + 1) % self.ema_every == 0:
                 self._ema_update()
         return PartitionEstimate(norm["image"].to(log_z_x.dtype), norm["text"].to(log_z_y.dtype), terms)
