@@ -68,7 +68,7 @@ def make_loss(variant: str, B: int) -> Callable:
         cs = None
         if "chunked" in variant:
             cs = int(variant.split("=")[1]) if "=" in variant else CHUNK
-        mod = ContrastiveLoss("amortized", pos_weight=1e-3, chunk_size=cs)  # in-batch estimator
+        mod = ContrastiveLoss("linearized", pos_weight=1e-3, chunk_size=cs)  # in-batch estimator
         return lambda x, y, s, b: mod(x, y, s)["loss"]
     raise ValueError(variant)
 

@@ -6,7 +6,7 @@
 
 The model is ``open_clip.create_model("ViT-B-32")``, untrained (nothing is downloaded), on random
 224 px images and random 77-token texts. One step: forward both towers under bf16 autocast, the
-loss in fp32 (CLIP: ``ContrastiveLoss("infonce")``; AmorLIP: ``ContrastiveLoss("amortized")``
+loss in fp32 (CLIP: ``ContrastiveLoss("infonce")``; AmorLIP: ``ContrastiveLoss("linearized")``
 with an :class:`~amortize.estimators.AmortizedEstimator`, the large recipe's settings: 3 inner
 Adam steps every step, EMA every 2 steps, pos_weight 1e-3, rho rescaling), backward, gradient
 clipping at 1.0 and an AdamW step. Reported per method: median step time over ``--steps`` after
@@ -42,9 +42,9 @@ def build(method: str, args, device: torch.device):
     if method == "clip":
         loss_fn = ContrastiveLoss("infonce", chunk_size=args.chunk_size)
     else:
-        est = AmortizedEstimator(dim=dim, amortizer_options={"width_factor": 1.0}, inner_steps=3, update_every=1,
+        est = AmortizedEstimator(dim=dim, amortizer={"name": "residual_mlp", "width_factor": 1.0}, inner_steps=3, update_every=1,
                                  ema_decay=0.92, ema_every=2)
-        loss_fn = ContrastiveLoss("amortized", estimator=est, pos_weight=1e-3, rho=8.5, chunk_size=args.chunk_size)
+        loss_fn = ContrastiveLoss("linearized", estimator=est, pos_weight=1e-3, rho=8.5, chunk_size=args.chunk_size)
         loss_fn.start_epoch(1, 33)  # past epoch 0: the previous-epoch network is blended in
     loss_fn = loss_fn.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=4e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)

@@ -27,7 +27,7 @@ def _cmd(folder: Path) -> list[str]:
         "train", str(DEFAULT_RECIPE), "model.name=tiny", "data.name=synthetic", "data.batch_size=8",
         "data.num_samples=24", "precision=fp32", "device=cpu", f"max_duration={STEPS}ba", "save_interval=2ba",
         f"save_folder={folder}", "autoresume=true", "deterministic_mode=true", "scheduler.t_warmup=2ba",
-        "log_to_console=false", "loss.amortizer.beta={kind: beta_warmup, final: 0.8, warmup_epochs: 2}",
+        "log_to_console=false", "loss.estimator.beta={name: beta_warmup, final: 0.8, warmup_epochs: 2}",
     ]
 
 
