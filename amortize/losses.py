@@ -24,9 +24,11 @@ from torch import Tensor, nn
 
 from amortize import checks as K
 from amortize.comm import LAYOUTS, Layout, build_layout
+from amortize.estimators import ESTIMATORS
 from amortize.estimators.base import PartitionEstimator
 from amortize.estimators.in_batch import InBatchEstimator
 from amortize.objectives import OBJECTIVES, Objective, Pairs, Partition, partition, rescale_temperature
+from amortize.registry import Section, SectionError
 from amortize.schedules import Schedule, build_schedule
 
 __all__ = ["ContrastiveLoss"]
@@ -96,6 +98,49 @@ class ContrastiveLoss(nn.Module):
         self.checks = None if checks is None else K.resolve(checks)
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
         self.register_buffer("max_epochs", torch.ones((), dtype=torch.long))
+
+    @classmethod
+    def from_sections(
+        cls,
+        objective: Section = "linearized",
+        estimator: Optional[Section] = None,
+        *,
+        layout: str = "gather",
+        rho: Union[None, float, dict] = None,
+        chunk_size: Optional[int] = None,
+        context: Optional[Mapping[str, Any]] = None,
+    ) -> "ContrastiveLoss":
+        """Build from recipe sections (``{name, **options}`` or names), as ``loss:`` in a recipe.
+
+        Args:
+            objective: the objective's section.
+            estimator: the estimator's section, or None (in-batch where the objective takes one).
+            layout: the layout's name.
+            rho: the rescaling schedule.
+            chunk_size: rows per chunk, or None.
+            context: values the caller knows (``dim``: the embedding width, ``num_samples``: the
+                dataset size); each is passed to an estimator constructor that takes it when the
+                section does not set it.
+
+        Raises:
+            SectionError: naming the ``loss.*`` key of an unknown component or option, a bad value,
+                or a required option that neither the section nor the context gives.
+        """
+        built = None
+        if estimator is not None:
+            name, options = ESTIMATORS.check_section(estimator, "loss.estimator")
+            given = {k: v for k, v in (context or {}).items()
+                     if v is not None and k not in options and ESTIMATORS.accepts(name, k)}
+            for param in ESTIMATORS.required(name):
+                if param not in options and param not in given:
+                    raise SectionError(f"loss.estimator: {name!r} needs {param!r}: set loss.estimator.{param}")
+            built = ESTIMATORS.build_section(estimator, key="loss.estimator", **given)
+        try:
+            return cls(objective, built, layout=layout, rho=rho, chunk_size=chunk_size)
+        except SectionError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise SectionError(f"loss: {e}") from None
 
     @property
     def needs_index(self) -> bool:

@@ -132,6 +132,23 @@ class Registry(Generic[T]):
         return [p.name for p in params
                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip]
 
+    def accepts(self, name: str, param: str) -> bool:
+        """Whether the constructor of ``name`` takes a keyword argument ``param``."""
+        try:
+            params = inspect.signature(self.get(name)).parameters
+        except (TypeError, ValueError):
+            return False
+        return param in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    def required(self, name: str) -> list[str]:
+        """Keyword parameters of the constructor of ``name`` that have no default."""
+        try:
+            params = inspect.signature(self.get(name)).parameters.values()
+        except (TypeError, ValueError):
+            return []
+        return [p.name for p in params
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty]
+
     def check_section(self, section: Section, key: str = "section", given: Iterable[str] = ()) -> tuple[str, dict]:
         """Check a section's name and option names against the constructor, without building.
 

@@ -6,18 +6,16 @@ from a recipe without it.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import Dataset
 
-from amortize.estimators import ESTIMATORS
 from amortize.losses import ContrastiveLoss
 from amortize.models import TwoTowerModel, build_model
 from amortize.train.config import DataConfig, Recipe, RecipeError
-from amortize.registry import Registry, SectionError, section_name
+from amortize.registry import Registry, SectionError
 
 __all__ = [
     "DATASETS",
@@ -93,51 +91,27 @@ def build_two_tower(recipe: Recipe) -> TwoTowerModel:
                        init_logit_scale=scale, init_logit_bias=m.init_logit_bias)
 
 
-def _accepts(ctor: Callable, name: str) -> bool:
-    try:
-        params = inspect.signature(ctor).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def build_loss(recipe: Recipe, embed_dim: int, num_samples: Optional[int] = None) -> ContrastiveLoss:
-    """The :class:`~amortize.losses.ContrastiveLoss` of a recipe.
-
-    The estimator section is built with ``dim=embed_dim`` and ``num_samples`` (the dataset size)
-    for constructors that take them and sections that do not set them.
+    """The :class:`~amortize.losses.ContrastiveLoss` of a recipe (:meth:`~amortize.losses.ContrastiveLoss.from_sections`).
 
     Args:
         recipe: the recipe.
-        embed_dim: the model's embedding width ``d`` (the amortizers' input).
-        num_samples: dataset size, for per-sample estimators.
+        embed_dim: the model's embedding width ``d`` (``dim`` of the estimator).
+        num_samples: dataset size (``num_samples`` of per-sample estimators).
 
     Raises:
         RecipeError: naming the key of a bad section or a missing dataset size.
     """
     c = recipe.loss
-    estimator = None
-    if c.estimator is not None:
-        name, options = section_name(c.estimator, "loss.estimator")
-        ctor = ESTIMATORS.get(name)
-        given: dict[str, Any] = {}
-        if "dim" not in options and _accepts(ctor, "dim"):
-            given["dim"] = embed_dim
-        if "num_samples" not in options and _accepts(ctor, "num_samples"):
-            if not num_samples:
-                raise RecipeError(
-                    f"loss.estimator: {name!r} needs the dataset size: set loss.estimator.num_samples "
-                    "or data.num_samples"
-                )
-            given["num_samples"] = int(num_samples)
-        try:
-            estimator = ESTIMATORS.build_section(c.estimator, key="loss.estimator", **given)
-        except SectionError as e:
-            raise RecipeError(str(e)) from None
     try:
-        return ContrastiveLoss(c.objective, estimator, layout=c.layout, rho=c.rho, chunk_size=c.chunk_size)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"loss: {e}") from None
+        return ContrastiveLoss.from_sections(c.objective, c.estimator, layout=c.layout, rho=c.rho,
+                                             chunk_size=c.chunk_size,
+                                             context={"dim": embed_dim, "num_samples": num_samples})
+    except (SectionError, ValueError) as e:
+        msg = str(e)
+        if "'num_samples'" in msg:
+            msg += " or data.num_samples (the dataset size)"
+        raise RecipeError(msg) from None
 
 
 def build_tokenizer(recipe: Recipe, context_length: int):

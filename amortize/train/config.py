@@ -448,14 +448,14 @@ def _trial_build(c: LossConfig) -> None:
     The estimator gets ``dim=8`` and ``num_samples=1`` where its constructor takes them and the
     section does not set them (the real values are known only when the model and data are built).
     """
-    from amortize.train.components import build_loss
+    from amortize.losses import ContrastiveLoss
 
     try:
-        build_loss(Recipe(loss=c), embed_dim=8, num_samples=1)
-    except RecipeError:
-        raise
+        ContrastiveLoss.from_sections(c.objective, c.estimator, layout=c.layout, rho=c.rho, chunk_size=c.chunk_size,
+                                      context={"dim": 8, "num_samples": 1})
     except (TypeError, ValueError) as e:
-        raise RecipeError(f"loss: {e}") from None
+        msg = str(e)
+        raise RecipeError(msg if msg.startswith("loss") else f"loss: {msg}") from None
 
 
 def _check_consistency(r: Recipe) -> None:
