@@ -205,8 +205,8 @@ def atomic_save(obj: Any, path: PathLike) -> None:
     """
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def atomic_symlink(target: PathLike, link: PathLike) -> None:

@@ -193,6 +193,8 @@ class AmortizedEstimator(PartitionEstimator):
         return {m: nets[m](u[m]) for m in MODALITIES}
 
     def _fit(self, u: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
+        # the inputs come from the loss module, which validated the features: no value checks
+        # (and no host synchronisation) here; a non-finite step is the divergence guard's to handle
         params = [p for p in self.online.parameters()]
         loss = torch.zeros(())
         self.online.requires_grad_(True)
@@ -200,7 +202,8 @@ class AmortizedEstimator(PartitionEstimator):
             with torch.enable_grad(), torch.autocast(device_type=u["image"].device.type, enabled=False):
                 for _ in range(self.inner_steps):
                     loss = sum(
-                        amortization_loss(self.online[m](u[m]), targets[m], self.objective, self.log_l2_weight)
+                        amortization_loss(self.online[m](u[m]), targets[m], self.objective, self.log_l2_weight,
+                                          checks="shapes")
                         for m in MODALITIES
                     )
                     grads = torch.autograd.grad(loss, params)
