@@ -47,9 +47,8 @@ each process slices its own rows' normalisers for the loss.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.distributed as dist

@@ -20,14 +20,12 @@ Kernels know no objective and no process: :mod:`amortize.comm` hands them column
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from amortize.checks import as_float32 as _f32
-from amortize.checks import log_weight as _log
 from amortize.checks import scalar_tensor as _as_tensor
 
 __all__ = [

@@ -22,7 +22,7 @@ import torch
 
 SIZES = (1024, 4096, 16384)
 DIM = 512
-CHUNK = 256  # amortize.chunked.DEFAULT_CHUNK_SIZE (the results on disk were measured with 1024)
+CHUNK = 256  # amortize.kernels.DEFAULT_CHUNK_SIZE (the results on disk were measured with 1024)
 VARIANTS = (
     "open_clip ClipLoss",
     "open_clip SigLipLoss",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
