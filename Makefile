@@ -19,10 +19,10 @@ demo: $(STAMP)
 	$(BIN)/amortize eval runs/default/latest-rank0.pt
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q --durations=15 -m "slow or not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest tests/benchmarks -m benchmark -q --benchmark-json=benchmarks/results.json
