@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench docs clean
+.PHONY: setup demo demo-table test test-all bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/amortize train recipes/default.yaml
 	$(BIN)/amortize eval runs/default/latest-rank0.pt
+
+# runs the demo again and rewrites its table in README.md and docs/index.md (with date, time, CPU, commit)
+demo-table: $(STAMP)
+	$(BIN)/python scripts/demo_table.py --run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
