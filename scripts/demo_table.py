@@ -147,8 +147,10 @@ def run_demo(root: Path = ROOT) -> tuple[str, float]:
     return out, time.perf_counter() - t0
 
 
-def rewrite_files(block: str, files=FILES, root: Path = ROOT) -> list[Path]:
-    """Rewrite the marked block of each file (all are checked before any is written); returns the paths."""
+def rewrite_files(block: str, files=FILES, root: Path | None = None) -> list[Path]:
+    """Rewrite the marked block of each file under ``root`` (default: the repository); all are checked
+    before any is written. Returns the paths."""
+    root = ROOT if root is None else root
     paths = [root / f for f in files]
     new = {p: replace_block(p.read_text(), block, where=str(p.relative_to(root))) for p in paths}
     for p, text in new.items():
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
         commit, text, wall_s = git_commit(), args.eval_json.read_text(), args.wall_s
     block = render_block(parse_eval_jsonl(text), wall_s=wall_s, date=_dt.datetime.now(_dt.timezone.utc).date().isoformat(),
                          cpu=cpu_model(), cores=core_count(), kernels=torch_kernels(), commit=commit)
-    for path in rewrite_files(block, args.files):
+    for path in rewrite_files(block, args.files, root=ROOT):
         print(f"rewrote the demo table in {path.relative_to(ROOT)}")
     sys.stdout.write(block)
     return 0
