@@ -66,7 +66,7 @@ def format_duration(seconds: float) -> str:
 
 
 def render_block(rows: list[dict], *, wall_s: float, date: str, cpu: str, cores: int, kernels: str,
-                 commit: str) -> str:
+                 commit: str, made_by: str = "`make demo-table`") -> str:
     """The text between the markers: the evaluation table and the line saying where it came from.
 
     Args:
@@ -77,6 +77,7 @@ def render_block(rows: list[dict], *, wall_s: float, date: str, cpu: str, cores:
         cores: CPU cores the run could use.
         kernels: PyTorch's CPU capability (``AVX512``, ``AVX2``, ``DEFAULT``).
         commit: short git hash the run was made on (with ``+ uncommitted changes`` when dirty).
+        made_by: the command that wrote the table (markdown).
 
     Returns:
         Markdown ending in a newline, without the markers.
@@ -84,7 +85,7 @@ def render_block(rows: list[dict], *, wall_s: float, date: str, cpu: str, cores:
     return (
         format_markdown(rows)
         + "\n"
-        + f"Made by `make demo-table` (`scripts/demo_table.py --run`) on {date} at commit `{commit}`: "
+        + f"Made by {made_by} on {date} at commit `{commit}`: "
         f"training and evaluation took {format_duration(wall_s)} on {cpu} ({cores} cores, PyTorch "
         f"{kernels} CPU kernels).\n"
     )
@@ -171,12 +172,15 @@ def main(argv=None) -> int:
             p.error("--wall-s goes with --eval-json; --run measures the time itself")
         commit = git_commit()  # before the run: the commit the run is made on
         text, wall_s = run_demo()
+        made_by = "`make demo-table`"
     else:
         if args.wall_s is None:
             p.error("--eval-json needs --wall-s (the seconds training and evaluation took)")
         commit, text, wall_s = git_commit(), args.eval_json.read_text(), args.wall_s
+        made_by = "`scripts/demo_table.py --eval-json` from a `make demo` run"
     block = render_block(parse_eval_jsonl(text), wall_s=wall_s, date=_dt.datetime.now(_dt.timezone.utc).date().isoformat(),
-                         cpu=cpu_model(), cores=core_count(), kernels=torch_kernels(), commit=commit)
+                         cpu=cpu_model(), cores=core_count(), kernels=torch_kernels(), commit=commit,
+                         made_by=made_by)
     for path in rewrite_files(block, args.files, root=ROOT):
         print(f"rewrote the demo table in {path.relative_to(ROOT)}")
     sys.stdout.write(block)

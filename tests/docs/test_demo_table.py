@@ -42,7 +42,7 @@ def test_block_has_the_table_and_where_it_came_from():
         "| emoji_heldout | mean_R@1 | 0.2514 |",
         "| emoji_heldout | image_to_text_R@1 | n/a |",
         "",
-        "Made by `make demo-table` (`scripts/demo_table.py --run`) on 2026-11-30 at commit `abc1234`: "
+        "Made by `make demo-table` on 2026-11-30 at commit `abc1234`: "
         "training and evaluation took 8 min 13 s on AMD EPYC (2 cores, PyTorch AVX512 CPU kernels).",
     ]
 
@@ -77,7 +77,8 @@ def test_main_rewrites_from_an_eval_json(tmp_path, monkeypatch, capsys):
     for name in ("README.md", "index.md"):
         text = (tmp_path / name).read_text()
         assert "| fashion_mnist_test | top1 | 0.8146 |" in text and "took 1 min 1 s on " in text
-        assert re.search(r"on \d{4}-\d{2}-\d{2} at commit `abc1234`", text)
+        assert re.search(r"Made by `scripts/demo_table.py --eval-json` from a `make demo` run "
+                         r"on \d{4}-\d{2}-\d{2} at commit `abc1234`", text)
         assert re.search(r" \(\d+ cores, PyTorch \w+ CPU kernels\)\.\n<!-- demo-table:end -->\n$", text)
     assert "rewrote the demo table in README.md" in capsys.readouterr().out
 
