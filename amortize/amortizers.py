@@ -145,10 +145,15 @@ class RandomFourierAmortizer(_Float32Head):
 
 
 AMORTIZERS: Registry[nn.Module] = Registry("amortizer")
+"""Registry of amortizer networks: name -> constructor taking ``dim`` and keyword options.
+
+Holds ``residual_mlp`` (:class:`ResidualMLPAmortizer`), ``linear`` (:class:`LinearAmortizer`) and
+``random_fourier`` (:class:`RandomFourierAmortizer`); add one with :func:`register_amortizer`. A recipe
+names it in ``loss.estimator.amortizer`` (a name, or a section ``{name: ..., <constructor options>}``).
+"""
 for _name, _cls in (("residual_mlp", ResidualMLPAmortizer), ("linear", LinearAmortizer),
                     ("random_fourier", RandomFourierAmortizer)):
     AMORTIZERS.register(_name, _cls)
-"""Registry of amortizer networks: name -> constructor taking ``dim`` and keyword options."""
 
 
 def register_amortizer(name: str, ctor: Callable[..., nn.Module]) -> None:

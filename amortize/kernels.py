@@ -42,7 +42,7 @@ Scalar = Union[float, Tensor]
 DEFAULT_CHUNK_SIZE = 256
 """Rows per chunk that recipes use when they turn chunking on (see ``docs/benchmarks.md``).
 
-Measured on the CPU benchmark (amortized objective, B = 16384, d = 512, fp32): chunks of 256 /
+Measured on the CPU benchmark (linearized objective, B = 16384, d = 512, fp32): chunks of 256 /
 1024 / 4096 rows took 7.1 / 8.6 / 8.2 s against 8.7 s dense, with peak memory 234 / 463 / 1435 MiB
 against 4202 MiB dense; 256 is the fastest and the only one under 0.1x of dense memory."""
 
@@ -139,7 +139,7 @@ def score_stats(
 
 
 # --------------------------------------------------------------------------------------------
-# exp-sum kernel (amortized objective and InfoNCE)
+# exp-sum kernel (linearized objective and InfoNCE)
 
 
 def _backprop_score_block(

@@ -1,11 +1,11 @@
 """One registry type for every kind of component, and the ``{name, kwargs}`` sections that build them.
 
-Objectives, estimators, amortizer networks, schedules, layouts, optimisers, models and datasets
-each have a :class:`Registry`. A recipe names a component with a *section*: either a plain string
-(shorthand for ``{"name": ...}``) or a mapping ``{"name": ..., <constructor keyword arguments>}``.
-:meth:`Registry.check` compares a section's keys with the constructor's signature (so a recipe is
-refused at load time, naming the unknown key with a did-you-mean hint), and :meth:`Registry.build`
-calls the constructor. Defaults live only in the constructors.
+Objectives, estimators, amortizer networks, schedules, Stage I objectives, layouts, optimisers,
+learning-rate schedulers and datasets each have a :class:`Registry`. A recipe names a component
+with a *section*: either a plain string (shorthand for ``{"name": ...}``) or a mapping
+``{"name": ..., <constructor keyword arguments>}``. :meth:`Registry.check_section` compares a
+section's keys with the constructor's signature (so a recipe is refused at load time, naming the
+unknown key with a did-you-mean hint), and :meth:`Registry.build_section` calls the constructor. Defaults live only in the constructors.
 
 >>> r = Registry("widget")
 >>> r.register("plain", dict)

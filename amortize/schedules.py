@@ -124,10 +124,11 @@ def _piecewise(values: Sequence[float]) -> Piecewise:
 
 
 SCHEDULES: Registry[Schedule] = Registry("schedule")
+"""Registry of schedules, built by :func:`build_schedule`: ``constant``, ``cosine_decay``,
+``beta_warmup`` and ``piecewise`` (a section ``{name: piecewise, values: [...]}``)."""
 for _name, _ctor in (("constant", Constant), ("cosine_decay", CosineDecay), ("beta_warmup", BetaWarmup),
                      ("piecewise", _piecewise)):
     SCHEDULES.register(_name, _ctor)
-"""Registry of schedule kinds, built by :func:`build_schedule`."""
 
 
 def build_schedule(spec: Union[float, int, dict, Schedule, None]) -> Schedule | None:

@@ -5,7 +5,8 @@
   in a directory-backed section (``tutorials/``, ``concepts/``) but not listed in the nav are
   appended to it, so a new tutorial is never left out of the nav.
 * ``on_files``: the reference pages are added as generated files (in memory; nothing is written
-  into ``docs/``). A hand-written file at the same path wins.
+  into ``docs/``), and so is ``changelog.md``, the repository's ``CHANGELOG.md`` (one file, shown
+  on GitHub and on the site). A hand-written file at the same path wins.
 """
 
 from __future__ import annotations
@@ -82,9 +83,17 @@ def on_config(config, **kwargs):
     return config
 
 
+#: pages of the site that are files at the repository root: site path -> root file
+ROOT_PAGES = {"changelog.md": "CHANGELOG.md"}
+
+
 def on_files(files: Files, config, **kwargs) -> Files:
     root = Path(config["config_file_path"]).resolve().parent
-    for uri, content in gen.reference_pages(root).items():
+    pages = dict(gen.reference_pages(root))
+    for uri, name in ROOT_PAGES.items():
+        if (root / name).is_file():
+            pages[uri] = (root / name).read_text(encoding="utf-8")
+    for uri, content in pages.items():
         if files.get_file_from_path(uri) is None:
             files.append(File.generated(config, uri, content=content))
     return files

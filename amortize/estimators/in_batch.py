@@ -14,7 +14,7 @@ __all__ = ["InBatchEstimator"]
 class InBatchEstimator(PartitionEstimator):
     """Returns the in-batch log partition sums unchanged (stateless).
 
-    Under the amortized objective with ``pos_weight=1`` this gives exactly the gradient of the
+    Under the linearized objective with ``pos_weight=1`` this gives exactly the gradient of the
     sum of the two InfoNCE cross-entropies, i.e. CLIP.
     """
 

@@ -588,7 +588,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
     Args:
         data: a parsed recipe mapping (not modified).
-        overrides: e.g. ``["max_duration=20ba", "loss.amortizer.lr=0.002"]``.
+        overrides: e.g. ``["max_duration=20ba", "loss.estimator.lr=0.002"]``.
 
     Returns:
         A new mapping; keys are checked later by :func:`load_recipe_dict`.
