@@ -54,8 +54,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.estimator": ("in_batch", "moving_average", "amortized"),
     "loss.distributed": ("gather", "ring", "local"),
     "loss.moving_average.init": ("first_batch", "zero"),
-    "loss.amortizer.normalizer": ("previous_blend", "ema_target"),
+    "loss.amortizer.normalizer": ("previous_blend", "ema_target", "ema_ramp"),
     "loss.amortizer.reinit": ("every_epoch", "never"),
+    "loss.amortizer.cadence": ("per_epoch", "global"),
+    "loss.amortizer.lr_scaling": ("none", "world_size"),
     "precision": ("fp32", "amp_fp16", "amp_bf16"),
     "data.sampling": ("split", "resampled"),
     "eval.tasks": ("default", "none"),
@@ -118,10 +120,15 @@ class AmortizerConfig:
         ema_decay: ``alpha``.
         ema_every: ``T_target``.
         beta: previous-epoch blending schedule (``{kind: beta_warmup, final: 0.8, warmup_epochs: 16}``).
-        normalizer: ``previous_blend`` (authors' code) or ``ema_target`` (paper Eq. 6).
+        normalizer: ``previous_blend`` (authors' released command), ``ema_target`` (the paper) or
+            ``ema_ramp`` (authors' EMA mode: no blending, EMA decay ramped by ``beta``).
         reinit: ``every_epoch`` or ``never``.
         clip_norm: gradient clip of the inner steps (None: none).
         seed: seed of the online networks' (re-)initialisation.
+        cadence: ``per_epoch`` (authors' code: ``T_online``/``T_target`` counted within the epoch)
+            or ``global`` (counted over the run).
+        lr_scaling: ``none`` (``lr`` on any process count) or ``world_size`` (authors' code:
+            ``lr`` times the number of processes; the paper recipes set it).
     """
 
     network: str = "residual_mlp"
@@ -139,6 +146,8 @@ class AmortizerConfig:
     reinit: str = "every_epoch"
     clip_norm: Optional[float] = 1.0
     seed: int = 0
+    cadence: str = "per_epoch"
+    lr_scaling: str = "none"
 
 
 @dataclass
