@@ -32,6 +32,7 @@ __all__ = [
     "REINIT_POLICIES",
     "CADENCES",
     "LR_SCALINGS",
+    "EPOCH0_PREVIOUS",
 ]
 
 MODALITIES = ("image", "text")
@@ -68,6 +69,11 @@ LR_SCALINGS = ("none", "world_size")
 """The inner Adam's learning rate: ``none``: ``lr`` on any number of processes; ``world_size``
 (the authors' code): ``lr * W`` with ``W`` the torch.distributed world size (1 when it is not
 initialised), read whenever the optimiser is created (every epoch start) or restored."""
+
+EPOCH0_PREVIOUS = ("none", "initial")
+"""The previous-epoch network in epoch 0: ``none``: there is none, epoch 0 is never blended;
+``initial`` (the authors' code): the untrained initial network, blended by ``beta(0)``. The two
+agree when ``beta(0) = 0``, as with ``beta_warmup``."""
 
 
 def blend_log_targets(log_prev: Tensor, log_batch: Tensor, beta: float) -> Tensor:
@@ -121,6 +127,8 @@ class AmortizedEstimator(PartitionEstimator):
         cadence: a name in :data:`CADENCES`: ``"per_epoch"`` (authors' code, default) or ``"global"``.
         lr_scaling: a name in :data:`LR_SCALINGS`: ``"none"`` (default, the same ``lr`` on any
             number of processes) or ``"world_size"`` (authors' code; the paper recipes use it).
+        epoch0_previous: a name in :data:`EPOCH0_PREVIOUS`: ``"none"`` (default) or ``"initial"``
+            (authors' code); it matters only for a ``beta`` schedule that starts above 0.
     """
 
     def __init__(
@@ -142,6 +150,7 @@ class AmortizedEstimator(PartitionEstimator):
         seed: int = 0,
         cadence: Literal["per_epoch", "global"] = "per_epoch",
         lr_scaling: Literal["none", "world_size"] = "none",
+        epoch0_previous: Literal["none", "initial"] = "none",
     ):
         super().__init__()
         for name, value, valid in (
@@ -149,6 +158,7 @@ class AmortizedEstimator(PartitionEstimator):
             ("reinit", reinit, REINIT_POLICIES),
             ("cadence", cadence, CADENCES),
             ("lr_scaling", lr_scaling, LR_SCALINGS),
+            ("epoch0_previous", epoch0_previous, EPOCH0_PREVIOUS),
         ):
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
@@ -180,6 +190,7 @@ class AmortizedEstimator(PartitionEstimator):
         self.seed = int(seed)
         self.cadence = cadence
         self.lr_scaling = lr_scaling
+        self.epoch0_previous = epoch0_previous
 
         self.online = self._fresh_nets(epoch=0)
         self.target = copy.deepcopy(self.online)
@@ -251,7 +262,8 @@ class AmortizedEstimator(PartitionEstimator):
             return
         self.max_epochs.fill_(max(1, max_epochs))
         with torch.no_grad():
-            if int(self.epoch) >= 0:
+            if int(self.epoch) >= 0 or self.epoch0_previous == "initial":
+                # before the first epoch the EMA network is still the untrained initial one
                 self.previous.load_state_dict(self.target.state_dict())
                 self.has_previous.fill_(True)
             if self.reinit == "every_epoch" or int(self.epoch) < 0:

@@ -128,7 +128,7 @@ def build_loss(recipe: Recipe, embed_dim: int, num_samples: Optional[int] = None
                 objective=a.objective, log_l2_weight=a.log_l2_weight, lr=a.lr, inner_steps=a.inner_steps,
                 update_every=a.update_every, ema_decay=a.ema_decay, ema_every=a.ema_every, beta=a.beta,
                 normalizer=a.normalizer, reinit=a.reinit, clip_norm=a.clip_norm, seed=a.seed,
-                cadence=a.cadence, lr_scaling=a.lr_scaling,
+                cadence=a.cadence, lr_scaling=a.lr_scaling, epoch0_previous=a.epoch0_previous,
             )
         else:
             estimator = build_estimator(c.estimator)

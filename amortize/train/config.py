@@ -58,6 +58,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.amortizer.reinit": ("every_epoch", "never"),
     "loss.amortizer.cadence": ("per_epoch", "global"),
     "loss.amortizer.lr_scaling": ("none", "world_size"),
+    "loss.amortizer.epoch0_previous": ("none", "initial"),
     "precision": ("fp32", "amp_fp16", "amp_bf16"),
     "data.sampling": ("split", "resampled"),
     "eval.tasks": ("default", "none"),
@@ -129,6 +130,8 @@ class AmortizerConfig:
             or ``global`` (counted over the run).
         lr_scaling: ``none`` (``lr`` on any process count) or ``world_size`` (authors' code:
             ``lr`` times the number of processes; the paper recipes set it).
+        epoch0_previous: ``none`` (epoch 0 is never blended) or ``initial`` (authors' code: epoch 0
+            is blended with the untrained network by ``beta(0)``; the same when ``beta(0) = 0``).
     """
 
     network: str = "residual_mlp"
@@ -148,6 +151,7 @@ class AmortizerConfig:
     seed: int = 0
     cadence: str = "per_epoch"
     lr_scaling: str = "none"
+    epoch0_previous: str = "none"
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 from amortize import distributed as D
 from amortize import functional as F
 from amortize.estimators import AmortizedEstimator
-from amortize.estimators.amortized import CADENCES, LR_SCALINGS, NORMALIZERS, REINIT_POLICIES
+from amortize.estimators.amortized import CADENCES, EPOCH0_PREVIOUS, LR_SCALINGS, NORMALIZERS, REINIT_POLICIES
 from amortize.losses import ContrastiveLoss
 from amortize.schedules import BetaWarmup, build_schedule, piecewise
 from amortize.train.components import build_loss
@@ -230,6 +230,21 @@ def test_epoch_zero_is_never_blended_even_when_beta_starts_above_zero():
     torch.testing.assert_close(out.log_norm_x, torch.log(0.5 * torch.exp(prev) + 0.5 * torch.exp(lz)))
 
 
+def test_epoch0_previous_initial_blends_epoch_zero_with_the_untrained_network():
+    # the untrained linear amortizer has w = 0 and b = init_log_z = 2: log lambda_prev = 2 everywhere
+    x, lz = unit(8, 4), torch.linspace(1.0, 3.0, 8)
+    est = AmortizedEstimator(dim=4, amortizer="linear", amortizer_options={"init_log_z": 2.0}, beta=0.5,
+                             epoch0_previous="initial")
+    est.start_epoch(0, 2)
+    assert bool(est.has_previous)
+    out = est(x, x, lz, lz)
+    torch.testing.assert_close(out.log_norm_x, torch.log(0.5 * math.exp(2.0) + 0.5 * torch.exp(lz)))
+    # with beta(0) = 0 (every recipe's beta_warmup) both choices give the batch sums in epoch 0
+    for choice in EPOCH0_PREVIOUS:
+        est = AmortizedEstimator(dim=4, beta=BetaWarmup(0.8, 16), epoch0_previous=choice)
+        assert torch.equal(est(x, x, lz, lz).log_norm_x, lz)
+
+
 # ------------------------------------------------------------------ 6. output bias
 
 
@@ -269,6 +284,7 @@ def test_recipe_choices_name_the_estimator_options():
     assert _CHOICES["loss.amortizer.reinit"] == REINIT_POLICIES
     assert _CHOICES["loss.amortizer.cadence"] == CADENCES
     assert _CHOICES["loss.amortizer.lr_scaling"] == LR_SCALINGS
+    assert _CHOICES["loss.amortizer.epoch0_previous"] == EPOCH0_PREVIOUS
 
 
 def test_every_paper_amorlip_recipe_selects_the_authors_behaviour():
