@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench docs clean
+.PHONY: setup demo demo-table test test-all bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,11 +18,15 @@ demo: $(STAMP)
 	$(BIN)/amortize train recipes/default.yaml
 	$(BIN)/amortize eval runs/default/latest-rank0.pt
 
+# runs the demo again and rewrites its table in README.md and docs/index.md (with date, time, CPU, commit)
+demo-table: $(STAMP)
+	$(BIN)/python scripts/demo_table.py --run
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q --durations=15 -m "slow or not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest tests/benchmarks -m benchmark -q --benchmark-json=benchmarks/results.json

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from amortize.registry import Registry, Section
+
 __all__ = [
     "ResidualMLPAmortizer",
     "LinearAmortizer",
@@ -142,32 +144,30 @@ class RandomFourierAmortizer(_Float32Head):
         return torch.log(nn.functional.softplus(lin) + 1e-6) + self.log_offset
 
 
-AMORTIZERS: dict[str, Callable[..., nn.Module]] = {
-    "residual_mlp": ResidualMLPAmortizer,
-    "linear": LinearAmortizer,
-    "random_fourier": RandomFourierAmortizer,
-}
+AMORTIZERS: Registry[nn.Module] = Registry("amortizer")
+for _name, _cls in (("residual_mlp", ResidualMLPAmortizer), ("linear", LinearAmortizer),
+                    ("random_fourier", RandomFourierAmortizer)):
+    AMORTIZERS.register(_name, _cls)
 """Registry of amortizer networks: name -> constructor taking ``dim`` and keyword options."""
 
 
 def register_amortizer(name: str, ctor: Callable[..., nn.Module]) -> None:
     """Register an amortizer constructor ``ctor(dim, **options) -> nn.Module`` under ``name``."""
-    if name in AMORTIZERS:
-        raise ValueError(f"amortizer {name!r} is already registered")
-    AMORTIZERS[name] = ctor
+    AMORTIZERS.register(name, ctor)
 
 
-def build_amortizer(name: str, dim: int, **options) -> nn.Module:
+def build_amortizer(name: Section, dim: int, **options) -> nn.Module:
     """Build a registered amortizer.
 
     Args:
-        name: a key of :data:`AMORTIZERS` (``residual_mlp``, ``linear``, ``random_fourier``).
+        name: a name in :data:`AMORTIZERS` (``residual_mlp``, ``linear``, ``random_fourier``), or a
+            section ``{"name": ..., **options}``.
         dim: embedding width.
         **options: passed to the constructor (e.g. ``width_factor``, ``init_log_z``).
 
     Returns:
         The network, mapping (B, d) features to (B,) ``log lambda``.
     """
-    if name not in AMORTIZERS:
-        raise ValueError(f"unknown amortizer {name!r}; valid: {', '.join(sorted(AMORTIZERS))}")
-    return AMORTIZERS[name](dim, **options)
+    if not isinstance(name, str):
+        return AMORTIZERS.build_section({**dict(name), **options}, key="amortizer", dim=dim)
+    return AMORTIZERS.build_section({"name": name, **options}, key="amortizer", dim=dim)

@@ -22,6 +22,7 @@ tensor([1., 1.])
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pickle
@@ -29,13 +30,14 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 __all__ = [
     "UnsafeCheckpointError",
     "CorruptCheckpointError",
     "checkpoint_safe_globals",
     "safe_load",
+    "atomic_path",
     "atomic_save",
     "atomic_symlink",
     "is_complete",
@@ -162,27 +164,27 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: PathLike) -> None:
-    """``torch.save(obj, path)`` that a kill cannot leave half-written.
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success it is ``fsync``-ed and renamed over ``path``.
 
-    The object goes to a temporary file in the same folder (same file system), which is flushed,
-    ``fsync``-ed and renamed over ``path`` with ``os.replace``; the folder is then ``fsync``-ed.
-    Readers see the old file or the new one. A killed writer leaves at most a ``.tmp-*`` file,
-    which :func:`recover_latest` moves aside.
+    The one atomic writer of the package: whatever is written to the yielded path (by
+    :func:`atomic_save`, by Composer's checkpoint writer, ...) replaces ``path`` with
+    ``os.replace`` only once complete, so readers see the old file or the new one. On an
+    exception the temporary file is removed; a killed writer leaves at most a ``.<name>.tmp-*``
+    file, which :func:`recover_latest` moves aside. The temporary name ends like ``path``, so
+    writers that choose a format by extension behave the same.
 
     Args:
-        obj: what to save (keep it to tensors and plain Python so :func:`safe_load` reads it).
         path: the destination.
     """
-    import torch
-
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", suffix=dest.suffix, dir=dest.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
     except BaseException:
@@ -192,6 +194,19 @@ def atomic_save(obj: Any, path: PathLike) -> None:
             pass
         raise
     _fsync_dir(dest.parent)
+
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """``torch.save(obj, path)`` that a kill cannot leave half-written (see :func:`atomic_path`).
+
+    Args:
+        obj: what to save (keep it to tensors and plain Python so :func:`safe_load` reads it).
+        path: the destination.
+    """
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def atomic_symlink(target: PathLike, link: PathLike) -> None:

@@ -1,89 +1,146 @@
-"""Loss modules: an objective joined with a partition-function estimator, returning named terms.
+"""The loss module: objective x estimator x layout, and the one place that orders a training step.
 
 >>> import torch
 >>> from amortize.losses import ContrastiveLoss
 >>> from amortize.estimators import AmortizedEstimator
->>> loss_fn = ContrastiveLoss("amortized", estimator=AmortizedEstimator(dim=8))
+>>> loss_fn = ContrastiveLoss("linearized", estimator=AmortizedEstimator(dim=8))
 >>> x = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
 >>> y = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
->>> out = loss_fn(x, y, logit_scale=torch.tensor(10.0))
+>>> out = loss_fn(x, y, scale=torch.tensor(10.0))
 >>> sorted(out)[:3]
 ['amortizer_fit', 'amortizer_rmse', 'image']
 
-Like open_clip's losses, ``forward`` takes ``(image_features, text_features, logit_scale)`` with
-``logit_scale`` already exponentiated, and returns a dict whose ``"loss"`` entry is what to
-backpropagate; the other entries are detached terms for logging.
+Like open_clip's losses, ``forward`` takes ``(image_features, text_features, scale)`` with the
+scale already exponentiated (``s``, not ``log s``), and returns a dict whose ``"loss"`` entry is
+what to backpropagate; the other entries are detached terms for logging.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from amortize import functional as F
+from amortize import checks as K
+from amortize.comm import LAYOUTS, Layout, build_layout
+from amortize.estimators import ESTIMATORS
 from amortize.estimators.base import PartitionEstimator
 from amortize.estimators.in_batch import InBatchEstimator
+from amortize.objectives import OBJECTIVES, Objective, Pairs, Partition, partition, rescale_temperature
+from amortize.registry import Section, SectionError
 from amortize.schedules import Schedule, build_schedule
 
-__all__ = ["ContrastiveLoss", "OBJECTIVES", "DISTRIBUTED_MODES"]
-
-OBJECTIVES = ("infonce", "sigmoid", "amortized")
-"""Encoder objectives: ``infonce`` (CLIP), ``sigmoid`` (SigLIP), ``amortized`` (the linearised
-spectral-EBM objective with an estimator: in-batch = CLIP's gradient, moving average = SogCLR /
-FastCLIP, amortized = AmorLIP)."""
-
-DISTRIBUTED_MODES = ("gather", "ring", "local")
-"""How negatives travel between processes (see :mod:`amortize.distributed`)."""
+__all__ = ["ContrastiveLoss"]
 
 
 class ContrastiveLoss(nn.Module):
-    """A contrastive objective with its partition-function estimator.
+    """A contrastive objective joined with its partition-function estimator and process layout.
+
+    One step (:meth:`forward`): validate and lay out the pairs; compute the in-batch partition sums
+    without gradient (objectives that read them); let the estimator turn them into normalisers
+    (objectives that accept normalisers; it may update its state); compute the objective's terms;
+    rescale the temperature.
 
     Args:
-        objective: one of :data:`OBJECTIVES`.
-        estimator: a :class:`~amortize.estimators.PartitionEstimator` for the ``amortized``
-            objective (default: in-batch); must be None for ``infonce`` and ``sigmoid``.
-        pos_weight: ``c``, weight of the positive inside partition sums (AmorLIP: 1e-3).
+        objective: an :class:`~amortize.objectives.Objective`, a registered name (``infonce``,
+            ``sigmoid``, ``linearized``) or a section ``{"name": ..., **options}``.
+        estimator: a :class:`~amortize.estimators.PartitionEstimator` for objectives that accept
+            normalisers (default: in-batch); must be None for the others.
+        layout: how the columns of the global batch reach each process when ``torch.distributed``
+            runs several: ``gather``, ``ring``, ``local`` (see :mod:`amortize.comm`) or a
+            :class:`~amortize.comm.Layout`.
         rho: temperature-rescaling schedule over epochs (FastCLIP / AmorLIP), a float, a schedule
-            dict such as ``{"kind": "piecewise", "values": [6.5, 6.5, 6.5, -8.0]}``, or None.
-        chunk_size: None for dense objectives, or rows per chunk for the exact chunked ones.
-        distributed: how negatives travel between processes when ``torch.distributed`` is
-            initialised with several processes: one of :data:`DISTRIBUTED_MODES`.
+            section such as ``{"name": "piecewise", "values": [6.5, 6.5, 6.5, -8.0]}``, or None.
+        chunk_size: None for one chunk (dense), or rows per chunk (exact, O(B * chunk) memory).
+        checks: validation level of this module's inputs (``full``, ``shapes``, ``off``; None: the
+            process default of :func:`amortize.functional.set_checks`).
+        **objective_options: options of a named objective, e.g. ``pos_weight=1e-3``.
 
     Buffers ``epoch`` and ``max_epochs`` follow :meth:`start_epoch`, so the rho schedule resumes.
     """
 
     def __init__(
         self,
-        objective: str = "amortized",
+        objective: Union[str, Mapping[str, Any], Objective] = "linearized",
         estimator: Optional[PartitionEstimator] = None,
-        pos_weight: float = 1.0,
+        *,
+        layout: Union[str, Layout] = "gather",
         rho: Union[None, float, dict, Schedule] = None,
         chunk_size: Optional[int] = None,
-        distributed: str = "gather",
+        checks: Optional[str] = None,
+        **objective_options: Any,
     ):
         super().__init__()
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-        if distributed not in DISTRIBUTED_MODES:
-            raise ValueError(f"unknown distributed mode {distributed!r}; valid: {', '.join(DISTRIBUTED_MODES)}")
-        if objective != "amortized" and estimator is not None:
-            raise ValueError(f"objective {objective!r} computes its own partition function; do not pass an estimator")
-        if objective == "infonce" and distributed == "local":
-            raise ValueError("the infonce objective has no local mode (its normaliser is not a sum of pair terms); "
-                             "use distributed='gather' or 'ring'")
-        if chunk_size is not None and int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-        self.objective = objective
-        self.estimator = estimator if estimator is not None or objective != "amortized" else InBatchEstimator()
-        self.pos_weight = float(pos_weight)
+        if isinstance(objective, Objective):
+            if objective_options:
+                raise ValueError(f"options {sorted(objective_options)} go to the objective's constructor, "
+                                 "not beside an objective object")
+            self.objective = objective
+        else:
+            section = {"name": objective} if isinstance(objective, str) else dict(objective)
+            self.objective = OBJECTIVES.build_section({**section, **objective_options}, key="objective")
+        self.layout = build_layout(layout)
+        if self.layout.name not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout.name!r}; valid: {', '.join(LAYOUTS.names())}")
+        if self.layout.name not in self.objective.layouts:
+            raise ValueError(f"the {self.objective.name} objective has no {self.layout.name!r} layout "
+                             f"(its loss is not a sum of pair terms); valid: {', '.join(self.objective.layouts)}")
+        if estimator is not None and not self.objective.accepts_normalizers:
+            raise ValueError(f"the {self.objective.name} objective computes its own partition function; "
+                             "do not pass an estimator")
+        if estimator is None and self.objective.accepts_normalizers:
+            estimator = InBatchEstimator()
+        K.chunk_size(chunk_size)
+        self.estimator = estimator
         self.rho_schedule = build_schedule(rho)
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
-        self.distributed = distributed
+        self.chunk_size = chunk_size
+        self.checks = None if checks is None else K.resolve(checks)
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
         self.register_buffer("max_epochs", torch.ones((), dtype=torch.long))
+
+    @classmethod
+    def from_sections(
+        cls,
+        objective: Section = "linearized",
+        estimator: Optional[Section] = None,
+        *,
+        layout: str = "gather",
+        rho: Union[None, float, dict] = None,
+        chunk_size: Optional[int] = None,
+        context: Optional[Mapping[str, Any]] = None,
+    ) -> "ContrastiveLoss":
+        """Build from recipe sections (``{name, **options}`` or names), as ``loss:`` in a recipe.
+
+        Args:
+            objective: the objective's section.
+            estimator: the estimator's section, or None (in-batch where the objective takes one).
+            layout: the layout's name.
+            rho: the rescaling schedule.
+            chunk_size: rows per chunk, or None.
+            context: values the caller knows (``dim``: the embedding width, ``num_samples``: the
+                dataset size); each is passed to an estimator constructor that takes it when the
+                section does not set it.
+
+        Raises:
+            SectionError: naming the ``loss.*`` key of an unknown component or option, a bad value,
+                or a required option that neither the section nor the context gives.
+        """
+        built = None
+        if estimator is not None:
+            name, options = ESTIMATORS.check_section(estimator, "loss.estimator")
+            given = {k: v for k, v in (context or {}).items()
+                     if v is not None and k not in options and ESTIMATORS.accepts(name, k)}
+            for param in ESTIMATORS.required(name):
+                if param not in options and param not in given:
+                    raise SectionError(f"loss.estimator: {name!r} needs {param!r}: set loss.estimator.{param}")
+            built = ESTIMATORS.build_section(estimator, key="loss.estimator", **given)
+        try:
+            return cls(objective, built, layout=layout, rho=rho, chunk_size=chunk_size)
+        except SectionError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise SectionError(f"loss: {e}") from None
 
     @property
     def needs_index(self) -> bool:
@@ -104,65 +161,64 @@ class ContrastiveLoss(nn.Module):
         if self.estimator is not None:
             self.estimator.start_epoch(epoch, max_epochs)
 
+    def _estimate(self, pairs: Pairs, part: Partition, index: Optional[Tensor]):
+        """The estimator's normalisers of this process's rows and of every column, and its terms."""
+        assert self.estimator is not None
+        lay, n = pairs.layout, part.log_z_x.shape[0]
+        if self.estimator.reads_features:
+            xs = lay.all_rows(pairs.x)
+            first = pairs.blocks[0].features
+            ys = first.detach() if first.shape[0] == n else lay.all_rows(pairs.y)
+        else:  # zero-stride stand-ins: no communication for features nobody reads
+            xs = pairs.x.detach()[:1].expand(n, pairs.x.shape[1])
+            ys = pairs.y.detach()[:1].expand(n, pairs.y.shape[1])
+        idx = None if index is None else lay.all_rows(index)
+        est = self.estimator(xs, ys, part.log_z_x, part.log_z_y, idx)
+        off = pairs.row_offset
+        return est.log_norm_x[off : off + pairs.rows], est.log_norm_y, est.terms
+
     def forward(
         self,
         image_features: Tensor,
         text_features: Tensor,
-        logit_scale: Tensor,
-        logit_bias: Optional[Tensor] = None,
+        scale: Tensor,
+        bias: Optional[Tensor] = None,
         index: Optional[Tensor] = None,
     ) -> dict[str, Tensor]:
-        """Compute the loss and its named terms.
+        """Compute the loss of this process's rows and its named terms.
 
         Args:
             image_features: (B, d) L2-normalised image features.
             text_features: (B, d) L2-normalised text features.
-            logit_scale: 0-d inverse temperature ``s`` (already exponentiated).
-            logit_bias: 0-d logit bias (SigLIP), or None.
+            scale: 0-d inverse temperature ``s`` (already exponentiated).
+            bias: 0-d logit bias (SigLIP), or None.
             index: (B,) dataset indices, required by per-sample estimators.
 
         Returns:
-            ``{"loss": ..., "logit_scale": ..., ...}``: ``loss`` carries gradients, the rest are
-            detached terms (``image``/``text`` sides, ``positive``, estimator diagnostics, ``rho``).
+            ``{"loss": ..., "scale": ..., ...}``: ``loss`` carries gradients (on several processes it
+            is this process's share: the mean over processes equals the global single-process
+            loss); the rest are detached: the objective's terms, the estimator's diagnostics,
+            ``scale``, ``bias`` and ``rho``.
         """
-        from amortize import distributed as D
-
-        if D.world_size() > 1:
-            return D.distributed_loss(self, image_features, text_features, logit_scale, logit_bias, index)
-        return self._local_forward(image_features, text_features, logit_scale, logit_bias, index)
-
-    def _local_forward(
-        self,
-        x: Tensor,
-        y: Tensor,
-        logit_scale: Tensor,
-        logit_bias: Optional[Tensor],
-        index: Optional[Tensor],
-    ) -> dict[str, Tensor]:
-        bias = 0.0 if logit_bias is None else logit_bias
-        terms: dict[str, Tensor]
-        if self.objective == "infonce":
-            loss = F.infonce_loss(x, y, logit_scale, chunk_size=self.chunk_size)
-            terms = {}
-        elif self.objective == "sigmoid":
-            if logit_bias is None:
-                raise ValueError("the sigmoid objective needs logit_bias")
-            loss = F.sigmoid_loss(x, y, logit_scale, logit_bias, chunk_size=self.chunk_size)
-            terms = {"logit_bias": logit_bias.detach()}
-        else:
-            # the partition targets and the objective share one pass over the scores (dense: the
-            # scores are kept for the backward; chunked: recomputed), see amortize.distributed
-            from amortize.distributed import amortized_forward
-
-            loss, terms = amortized_forward(self, x, y, logit_scale, bias, index)
-        return self._finish(loss, logit_scale, terms)
-
-    def _finish(self, loss: Tensor, logit_scale: Tensor, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        obj = self.objective
+        pairs = obj.pairs(image_features, text_features, scale, bias, layout=self.layout,
+                          chunk_size=self.chunk_size, checks=self.checks)
+        part = partition(pairs, obj.partition_weight()) if obj.needs_partition else None
+        lnx = lny = None
+        diagnostics: dict[str, Tensor] = {}
+        if self.estimator is not None:
+            assert part is not None
+            lnx, lny, diagnostics = self._estimate(pairs, part, index)
+        parts = obj.terms(pairs, part, lnx, lny)
+        loss = sum(parts.values())
+        terms = {k: v.detach() for k, v in parts.items()}
+        terms.update(diagnostics)
         rho = self.rho
         if rho is not None:
-            loss = F.rescale_temperature(loss, logit_scale, rho)
-            terms["rho"] = torch.tensor(rho, device=logit_scale.device)
-        terms["logit_scale"] = logit_scale.detach()
+            loss = rescale_temperature(loss, pairs.scale, rho)
+            terms["rho"] = torch.tensor(rho, device=pairs.scale.device)
+        terms["scale"] = pairs.scale.detach()
+        if bias is not None:
+            terms["bias"] = K.scalar_tensor(bias, pairs.x).detach()
         terms["loss"] = loss
         return terms
-

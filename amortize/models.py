@@ -25,9 +25,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MODEL_CONFIGS", "TwoTowerModel", "model_config", "build_model", "list_model_configs"]
+from amortize.registry import Registry
 
-MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+__all__ = ["MODELS", "register_model", "TwoTowerModel", "model_config", "build_model", "list_model_configs"]
+
+_OURS: dict[str, dict[str, Any]] = {
     "tiny": {
         "embed_dim": 32,
         "vision_cfg": {"image_size": 28, "patch_size": 7, "layers": 2, "width": 32, "head_width": 16},
@@ -39,21 +41,32 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
     },
 }
-"""Model configurations of our own (open_clip's JSON format): name -> config dict."""
+
+MODELS: Registry[dict] = Registry("model")
+"""Model configurations of our own: name -> a function returning an open_clip-format config dict.
+
+Names not registered here are looked up among open_clip's configs (``RN50``, ``ViT-B-32`` ...)."""
+for _name, _cfg in _OURS.items():
+    MODELS.register(_name, lambda _cfg=_cfg: copy.deepcopy(_cfg))
+
+
+def register_model(name: str, config: dict[str, Any]) -> None:
+    """Register an open_clip-format config (``embed_dim``, ``vision_cfg``, ``text_cfg``) under ``name``."""
+    MODELS.register(name, lambda: copy.deepcopy(config))
 
 
 def list_model_configs() -> list[str]:
     """Names accepted by :func:`build_model`: ours, then open_clip's."""
     import open_clip
 
-    return sorted(MODEL_CONFIGS) + sorted(open_clip.list_models())
+    return MODELS.names() + sorted(open_clip.list_models())
 
 
 def model_config(name: str, image_size: Optional[int] = None, context_length: Optional[int] = None) -> dict:
     """The open_clip-format config of a model name, with optional size overrides.
 
     Args:
-        name: a key of :data:`MODEL_CONFIGS` or an open_clip model name (``"RN50"``, ``"ViT-B-32"``).
+        name: a name in :data:`MODELS` or an open_clip model name (``"RN50"``, ``"ViT-B-32"``).
         image_size: override of the vision tower's input side.
         context_length: override of the text tower's token positions.
 
@@ -63,15 +76,15 @@ def model_config(name: str, image_size: Optional[int] = None, context_length: Op
     Raises:
         ValueError: for an unknown name, listing our names (open_clip's come from ``open_clip.list_models()``).
     """
-    if name in MODEL_CONFIGS:
-        cfg = copy.deepcopy(MODEL_CONFIGS[name])
+    if name in MODELS:
+        cfg = MODELS.build(name)
     else:
         import open_clip
 
         found = open_clip.get_model_config(name)
         if found is None:
             raise ValueError(
-                f"unknown model {name!r}; valid: {', '.join(sorted(MODEL_CONFIGS))} or an open_clip model "
+                f"unknown model {name!r}; valid: {', '.join(MODELS.names())} or an open_clip model "
                 f"name such as RN50, ViT-B-32 (see open_clip.list_models())"
             )
         cfg = copy.deepcopy(found)
@@ -182,7 +195,7 @@ def build_model(
     """Build an untrained two-tower model from a config name (offline).
 
     Args:
-        name: a key of :data:`MODEL_CONFIGS` or an open_clip model name.
+        name: a name in :data:`MODELS` or an open_clip model name.
         image_size: override of the input side (e.g. 28 for the shipped data).
         context_length: override of the text length.
         init_logit_scale: initial ``log s``.

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, Union
+from typing import Sequence, Union
+
+from amortize.registry import Registry
 
 __all__ = [
     "beta_cosine",
@@ -131,17 +133,21 @@ class Piecewise:
 Schedule = Union[Constant, CosineDecay, BetaWarmup, Piecewise]
 """Any schedule object: callable as ``schedule(epoch, max_epochs) -> float``."""
 
-SCHEDULES: dict[str, Callable[..., Schedule]] = {
-    "constant": Constant,
-    "cosine_decay": CosineDecay,
-    "beta_warmup": BetaWarmup,
-    "piecewise": lambda values: Piecewise(tuple(float(v) for v in values)),
-}
+def _piecewise(values: Sequence[float]) -> Piecewise:
+    return Piecewise(tuple(float(v) for v in values))
+
+
+SCHEDULES: Registry[Schedule] = Registry("schedule")
+for _name, _ctor in (("constant", Constant), ("cosine_decay", CosineDecay), ("beta_warmup", BetaWarmup),
+                     ("piecewise", _piecewise)):
+    SCHEDULES.register(_name, _ctor)
 """Registry of schedule kinds, built by :func:`build_schedule`."""
 
 
 def build_schedule(spec: Union[float, int, dict, Schedule, None]) -> Schedule | None:
-    """Build a schedule from a number (constant), a dict ``{"kind": name, **options}`` or an object.
+    """Build a schedule from a number (constant), a section ``{"name": name, **options}`` or an object.
+
+    ``kind`` is accepted in place of ``name`` (the key recipes used before 0.2).
 
     Raises:
         ValueError: for an unknown kind, naming the valid ones.
@@ -154,11 +160,7 @@ def build_schedule(spec: Union[float, int, dict, Schedule, None]) -> Schedule | 
         return spec
     if isinstance(spec, dict) or hasattr(spec, "items"):
         options = dict(spec)
-        kind = options.pop("kind", None)
-        if kind not in SCHEDULES:
-            raise ValueError(f"unknown schedule kind {kind!r}; valid: {', '.join(sorted(SCHEDULES))}")
-        try:
-            return SCHEDULES[kind](**options)
-        except TypeError as e:
-            raise ValueError(f"bad options for schedule {kind!r}: {e}") from None
+        if "kind" in options and "name" not in options:
+            options["name"] = options.pop("kind")
+        return SCHEDULES.build_section(options, key="schedule")
     raise TypeError(f"cannot build a schedule from {type(spec).__name__}")

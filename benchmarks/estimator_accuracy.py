@@ -64,7 +64,7 @@ def run(B: int, seed: int = 0) -> dict:
     ma = MovingAverageEstimator(POOL, gamma=0.9)
     ams = {
         kind: AmortizedEstimator(
-            dim=DIM, amortizer_options={"init_log_z": float(zx.mean())}, objective=kind, lr=5e-3, inner_steps=3,
+            dim=DIM, amortizer={"name": "residual_mlp", "init_log_z": float(zx.mean())}, objective=kind, lr=5e-3, inner_steps=3,
             update_every=1, ema_decay=0.9, ema_every=1, beta=0.0, normalizer="ema_target", reinit="never",
         )
         for kind in ("log_l2", "kl", "reverse_kl")

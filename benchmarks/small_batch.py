@@ -31,9 +31,9 @@ METHODS: dict[str, list[str]] = {
                "loss.pos_weight=1.0"],
     "sogclr": ["method=sogclr", "loss.estimator=moving_average", "loss.rho=null", "loss.moving_average.gamma=0.9"],
     "fastclip": ["method=fastclip", "loss.estimator=moving_average",
-                 "loss.moving_average.gamma={kind: cosine_decay, start: 1.0, end: 0.2, decay_epochs: 5}"],
+                 "loss.moving_average.gamma={name: cosine_decay, start: 1.0, end: 0.2, decay_epochs: 5}"],
     # the default recipe warms beta up over 3 epochs; a short benchmark run must reach the amortizer
-    "amorlip": ["method=amorlip-log-l2", "loss.amortizer.beta={kind: beta_warmup, final: 0.8, warmup_epochs: 1}"],
+    "amorlip": ["method=amorlip-log-l2", "loss.amortizer.beta={name: beta_warmup, final: 0.8, warmup_epochs: 1}"],
 }
 BATCHES = (32, 128)
 SEEDS = (0, 1, 2)

@@ -5,7 +5,7 @@
 Model: the default recipe's ``cpu-small`` two-tower model (about 8M parameters, 28 px images,
 32 tokens), batch 256 of random inputs, AdamW, gradient clipping at 1.0. One step is: forward,
 loss, backward, clip, optimiser step. CLIP uses ``ContrastiveLoss("infonce")``; AmorLIP uses
-``ContrastiveLoss("amortized")`` with an :class:`~amortize.estimators.AmortizedEstimator`
+``ContrastiveLoss("linearized")`` with an :class:`~amortize.estimators.AmortizedEstimator`
 (``pos_weight = 1e-3``, rho rescaling, 3 inner Adam steps every ``T_online`` steps; both the large
 recipe's ``T_online = 1`` and the medium recipe's 8 are measured). The variants are timed in
 interleaved rounds (A, B, C, A, B, C, ...) so that drifting machine load hits them alike; the
@@ -34,9 +34,9 @@ def make_loss(variant: str, dim: int) -> ContrastiveLoss:
     if variant == "clip":
         return ContrastiveLoss("infonce")
     every = int(variant.split("=")[1])
-    est = AmortizedEstimator(dim=dim, amortizer_options={"width_factor": 0.5}, inner_steps=3, update_every=every,
+    est = AmortizedEstimator(dim=dim, amortizer={"name": "residual_mlp", "width_factor": 0.5}, inner_steps=3, update_every=every,
                              ema_decay=0.92, ema_every=2)
-    loss = ContrastiveLoss("amortized", estimator=est, pos_weight=1e-3, rho=6.5)
+    loss = ContrastiveLoss("linearized", estimator=est, pos_weight=1e-3, rho=6.5)
     loss.start_epoch(1, 10)  # past epoch 0, so the previous-epoch network is blended in
     return loss
 

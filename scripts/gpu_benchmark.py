@@ -2,18 +2,25 @@
 """AmorLIP versus CLIP training-step time, memory and model FLOP utilisation on one GPU.
 
     python scripts/gpu_benchmark.py                      # ViT-B/32, batch 1024, bf16, cuda
-    python scripts/gpu_benchmark.py --device cpu --batch-size 8 --steps 2   # smoke mode
+    python scripts/gpu_benchmark.py --device cpu --model tiny --batch-size 8 --steps 2   # smoke mode
 
-The model is ``open_clip.create_model("ViT-B-32")``, untrained (nothing is downloaded), on random
-224 px images and random 77-token texts. One step: forward both towers under bf16 autocast, the
-loss in fp32 (CLIP: ``ContrastiveLoss("infonce")``; AmorLIP: ``ContrastiveLoss("amortized")``
-with an :class:`~amortize.estimators.AmortizedEstimator`, the large recipe's settings: 3 inner
-Adam steps every step, EMA every 2 steps, pos_weight 1e-3, rho rescaling), backward, gradient
-clipping at 1.0 and an AdamW step. Reported per method: median step time over ``--steps`` after
-``--warmup`` steps, peak allocated memory (``torch.cuda.max_memory_allocated``; RSS high-water mark
-on the CPU), and MFU = FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode``
-(matmuls and convolutions, forward and backward) / step time / ``--peak-tflops`` (H200 dense bf16:
-989). With the defaults it runs in about two minutes on an H200 (well under ten).
+The model is ``amortize.models.build_model(--model)`` (open_clip's ``ViT-B-32`` by default, or any
+name that function knows, such as our ``tiny``), untrained (nothing is downloaded), on random
+images of the model's side (or ``--image-size``) and random texts of its context length. One step:
+forward both towers (under bf16 autocast with ``--precision bf16``), the loss in fp32 (CLIP:
+``ContrastiveLoss("infonce")``; AmorLIP: ``ContrastiveLoss("linearized")`` with an
+:class:`~amortize.estimators.AmortizedEstimator`, the large recipe's settings: 3 inner Adam steps
+every step, EMA every 2 steps, pos_weight 1e-3, rho rescaling), backward, gradient clipping at 1.0
+and an AdamW step. Reported per method: median step time over ``--steps`` after ``--warmup`` steps,
+peak allocated memory (``torch.cuda.max_memory_allocated``; RSS high-water mark on the CPU), and
+MFU = FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
+convolutions, forward and backward) / step time / ``--peak-tflops`` (H200 dense bf16: 989). With the
+defaults it runs in about two minutes on an H200 (well under ten).
+
+``--precision`` is one of ``PRECISIONS``: ``auto`` (the default) is bf16 on CUDA and fp32 on any
+other device. ``--precision bf16 --device cpu`` is allowed but slow: CPUs without native bf16
+instructions (no AVX512_BF16 or AMX, e.g. many AMD EPYC and older Intel parts) emulate it, and a
+ViT-B/32 step then takes minutes instead of seconds.
 """
 
 from __future__ import annotations
@@ -31,28 +38,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amortize.estimators import AmortizedEstimator  # noqa: E402
 from amortize.losses import ContrastiveLoss  # noqa: E402
+from amortize.models import build_model  # noqa: E402
+
+PRECISIONS = ("auto", "bf16", "fp32")
+"""Values of ``--precision``: ``auto`` is bf16 on CUDA and fp32 elsewhere."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run uses: ``bf16`` or ``fp32`` (``auto``: bf16 on CUDA, fp32 on other devices).
+
+    Raises:
+        ValueError: for a precision not in :data:`PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def build(method: str, args, device: torch.device):
-    import open_clip
-
+    """One training step of ``method`` (``clip`` or ``amorlip``) as a closure over its model and data,
+    and a dict describing the inputs (``image_size``, ``context_length``, ``parameters``)."""
     torch.manual_seed(0)
-    model = open_clip.create_model(args.model, pretrained=None).to(device)
-    dim = model.text_projection.shape[1] if hasattr(model, "text_projection") else 512
+    model = build_model(args.model, image_size=args.image_size).to(device)
+    dim = model.embed_dim
     if method == "clip":
         loss_fn = ContrastiveLoss("infonce", chunk_size=args.chunk_size)
     else:
-        est = AmortizedEstimator(dim=dim, amortizer_options={"width_factor": 1.0}, inner_steps=3, update_every=1,
+        est = AmortizedEstimator(dim=dim, amortizer={"name": "residual_mlp", "width_factor": 1.0}, inner_steps=3, update_every=1,
                                  ema_decay=0.92, ema_every=2)
-        loss_fn = ContrastiveLoss("amortized", estimator=est, pos_weight=1e-3, rho=8.5, chunk_size=args.chunk_size)
+        loss_fn = ContrastiveLoss("linearized", estimator=est, pos_weight=1e-3, rho=8.5, chunk_size=args.chunk_size)
         loss_fn.start_epoch(1, 33)  # past epoch 0: the previous-epoch network is blended in
     loss_fn = loss_fn.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=4e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
+    size = model.image_size
     g = torch.Generator(device="cpu").manual_seed(1)
     images = torch.randn(args.batch_size, 3, size, size, generator=g).to(device)
-    tokens = torch.randint(1, 49000, (args.batch_size, 77), generator=g).to(device)
+    tokens = torch.randint(1, 49000, (args.batch_size, model.context_length), generator=g).to(device)
     amp = args.precision == "bf16"
 
     def step():
@@ -67,7 +90,9 @@ def build(method: str, args, device: torch.device):
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
 
-    return step
+    info = {"image_size": size, "context_length": model.context_length,
+            "parameters": sum(p.numel() for p in model.parameters())}
+    return step, info
 
 
 def _sync(device):
@@ -86,7 +111,7 @@ def _peak_bytes(device) -> int:
 def measure(method: str, args, device) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    step = build(method, args, device)
+    step, info = build(method, args, device)
     for _ in range(args.warmup):
         step()
     _sync(device)
@@ -105,6 +130,7 @@ def measure(method: str, args, device) -> dict:
     med = statistics.median(times)
     return {
         "method": method,
+        **info,
         "median_step_s": med,
         "times_s": times,
         "peak_memory_bytes": _peak_bytes(device),
@@ -116,16 +142,24 @@ def measure(method: str, args, device) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--model", default="ViT-B-32",
+                   help="a name amortize.models.build_model knows: ViT-B-32 (default), tiny, cpu-small, RN50 ...")
+    p.add_argument("--image-size", type=int, default=None, help="input side (default: the model's)")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): bf16 on cuda, fp32 elsewhere; bf16 on a CPU without native bf16 "
+                        "is emulated and very slow")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak (H200 dense bf16: 989)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    args.precision = resolve_precision(args.precision, device)
+    if args.precision == "bf16" and device.type != "cuda":
+        print(f"note: bf16 autocast on {device.type} is emulated on CPUs without native bf16 and can be very slow",
+              file=sys.stderr)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     t0 = time.perf_counter()
@@ -134,6 +168,7 @@ def main(argv=None) -> dict:
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": args.model,
+        "image_size": results[0]["image_size"],
         "batch_size": args.batch_size,
         "precision": args.precision,
         "results": results,

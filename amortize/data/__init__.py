@@ -5,7 +5,6 @@ Heavy optional dependencies (open_clip, webdataset) are imported only when used.
 
 from amortize.data.shipped import (
     ImageTextDataset,
-    default_eval_tasks,
     default_train_dataset,
     emoji_pairs,
     fashion_mnist_train,
@@ -15,7 +14,6 @@ from amortize.data.tokenizer import Tokenizer, get_tokenizer
 __all__ = [
     "ImageTextDataset",
     "Tokenizer",
-    "default_eval_tasks",
     "default_train_dataset",
     "emoji_pairs",
     "fashion_mnist_train",

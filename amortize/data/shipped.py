@@ -181,27 +181,3 @@ def default_train_dataset(tokenizer: TokenizerFn, image_size: int = 28) -> Image
     captions = fashion_mnist_train_captions() + [caps[i] for i in em_idx]
     return ImageTextDataset(np.concatenate([fm_rgb, em_pixels]), captions, tokenizer,
                             image_size=image_size)
-
-
-def default_eval_tasks(image_size: int = 28) -> list:
-    """Evaluation of the default recipe.
-
-    Returns:
-        ``[ZeroShotTask("fashion_mnist_test", 10000 images, 10 classes, 5 prompt templates),
-        RetrievalTask("emoji_heldout", 368 images and captions)]``.
-    """
-    from amortize.eval.retrieval import RetrievalTask
-    from amortize.eval.zeroshot import ZeroShotTask
-
-    meta = fashion_mnist_meta()
-    te = load_arrays("fashion_mnist_test.npz")
-    idx = emoji_indices("test")
-    caps = emoji_captions()
-    return [
-        ZeroShotTask(name="fashion_mnist_test", images=ImageArray(te["images"], image_size),
-                     labels=torch.as_tensor(te["labels"].astype(np.int64)),
-                     classnames=meta["phrases"], templates=meta["zeroshot_templates"]),
-        RetrievalTask(name="emoji_heldout",
-                      images=ImageArray(load_arrays("emoji.npz")["images"][idx], image_size),
-                      captions=[caps[i] for i in idx]),
-    ]

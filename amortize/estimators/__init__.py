@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from amortize.registry import Registry
+
 from amortize.estimators.amortized import AmortizedEstimator, blend_log_targets
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator
 from amortize.estimators.in_batch import InBatchEstimator
@@ -27,19 +29,16 @@ __all__ = [
     "build_estimator",
 ]
 
-ESTIMATORS: dict[str, Callable[..., PartitionEstimator]] = {
-    "in_batch": InBatchEstimator,
-    "moving_average": MovingAverageEstimator,
-    "amortized": AmortizedEstimator,
-}
+ESTIMATORS: Registry[PartitionEstimator] = Registry("estimator")
 """Registry of estimators: name -> constructor."""
+for _name, _cls in (("in_batch", InBatchEstimator), ("moving_average", MovingAverageEstimator),
+                    ("amortized", AmortizedEstimator)):
+    ESTIMATORS.register(_name, _cls)
 
 
 def register_estimator(name: str, ctor: Callable[..., PartitionEstimator]) -> None:
-    """Register an estimator constructor under ``name`` (recipes select it as ``estimator.name``)."""
-    if name in ESTIMATORS:
-        raise ValueError(f"estimator {name!r} is already registered")
-    ESTIMATORS[name] = ctor
+    """Register an estimator constructor under ``name`` (recipes select it as ``loss.estimator: {name: ...}``)."""
+    ESTIMATORS.register(name, ctor)
 
 
 def build_estimator(name: str, **options: Any) -> PartitionEstimator:
@@ -50,9 +49,8 @@ def build_estimator(name: str, **options: Any) -> PartitionEstimator:
         **options: constructor arguments (``num_samples`` for ``moving_average``, ``dim`` for
             ``amortized``, ...).
     """
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {name!r}; valid: {', '.join(sorted(ESTIMATORS))}")
+    ctor = ESTIMATORS.get(name)
     try:
-        return ESTIMATORS[name](**options)
+        return ctor(**options)
     except TypeError as e:
         raise ValueError(f"bad options for estimator {name!r}: {e}") from None

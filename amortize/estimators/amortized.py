@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from amortize import distributed as D
+from amortize import comm as D
 from amortize.amortizers import build_amortizer
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator
-from amortize.functional import AMORTIZATION_OBJECTIVES, amortization_loss
+from amortize.objectives.stage1 import AMORTIZATION_OBJECTIVES, amortization_loss
+from amortize.registry import Section
 from amortize.schedules import BetaWarmup, Schedule, build_schedule
 
 __all__ = [
@@ -108,8 +109,8 @@ class AmortizedEstimator(PartitionEstimator):
 
     Args:
         dim: embedding width ``d``.
-        amortizer: a name in :data:`amortize.amortizers.AMORTIZERS`.
-        amortizer_options: keyword options of the amortizer (e.g. ``{"width_factor": 0.5}``).
+        amortizer: the network, a name in :data:`amortize.amortizers.AMORTIZERS` or a section with
+            its options, e.g. ``{"name": "residual_mlp", "width_factor": 0.5}``.
         objective: Stage I objective, a name in :data:`amortize.functional.AMORTIZATION_OBJECTIVES`.
         log_l2_weight: weight of the log-L2 regulariser added to ``objective`` (paper: 0.1 for f-div).
         lr: the inner Adam's learning rate (constant, no weight decay).
@@ -134,8 +135,7 @@ class AmortizedEstimator(PartitionEstimator):
     def __init__(
         self,
         dim: int,
-        amortizer: str = "residual_mlp",
-        amortizer_options: Optional[dict[str, Any]] = None,
+        amortizer: Section = "residual_mlp",
         objective: str = "log_l2",
         log_l2_weight: float = 0.0,
         lr: float = 1e-3,
@@ -162,10 +162,7 @@ class AmortizedEstimator(PartitionEstimator):
         ):
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-        if objective not in AMORTIZATION_OBJECTIVES:
-            raise ValueError(
-                f"unknown amortization objective {objective!r}; valid: {', '.join(sorted(AMORTIZATION_OBJECTIVES))}"
-            )
+        AMORTIZATION_OBJECTIVES.get(objective)  # an unknown name fails here, with the valid ones
         for name, v in (("inner_steps", inner_steps), ("update_every", update_every), ("ema_every", ema_every)):
             if int(v) < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
@@ -174,8 +171,8 @@ class AmortizedEstimator(PartitionEstimator):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         self.dim = int(dim)
-        self.amortizer_name = amortizer
-        self.amortizer_options = dict(amortizer_options or {})
+        self.amortizer = amortizer if isinstance(amortizer, str) else dict(amortizer)
+        build_amortizer(self.amortizer, self.dim)  # an unknown network or option fails here, named
         self.objective = objective
         self.log_l2_weight = float(log_l2_weight)
         self.lr = float(lr)
@@ -210,7 +207,7 @@ class AmortizedEstimator(PartitionEstimator):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + epoch)
             return nn.ModuleDict(
-                {m: build_amortizer(self.amortizer_name, self.dim, **self.amortizer_options) for m in MODALITIES}
+                {m: build_amortizer(self.amortizer, self.dim) for m in MODALITIES}
             )
 
     @property
@@ -282,6 +279,8 @@ class AmortizedEstimator(PartitionEstimator):
         return {m: nets[m](u[m]) for m in MODALITIES}
 
     def _fit(self, u: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
+        # the inputs come from the loss module, which validated the features: no value checks
+        # (and no host synchronisation) here; a non-finite step is the divergence guard's to handle
         params = [p for p in self.online.parameters()]
         loss = torch.zeros(())
         self.online.requires_grad_(True)
@@ -289,7 +288,8 @@ class AmortizedEstimator(PartitionEstimator):
             with torch.enable_grad(), torch.autocast(device_type=u["image"].device.type, enabled=False):
                 for _ in range(self.inner_steps):
                     loss = sum(
-                        amortization_loss(self.online[m](u[m]), targets[m], self.objective, self.log_l2_weight)
+                        amortization_loss(self.online[m](u[m]), targets[m], self.objective, self.log_l2_weight,
+                                          checks="shapes")
                         for m in MODALITIES
                     )
                     grads = torch.autograd.grad(loss, params)

@@ -24,9 +24,23 @@ def default_tasks(image_size: int = 28) -> list:
     Returns:
         ``[ZeroShotTask("fashion_mnist_test", ...), RetrievalTask("emoji_heldout", ...)]``.
     """
-    from amortize.data.shipped import default_eval_tasks
+    import numpy as np
 
-    return default_eval_tasks(image_size=image_size)
+    from amortize.data.shipped import emoji_captions, emoji_indices, fashion_mnist_meta, load_arrays
+    from amortize.data.transforms import ImageArray
+
+    meta = fashion_mnist_meta()
+    te = load_arrays("fashion_mnist_test.npz")
+    idx = emoji_indices("test")
+    caps = emoji_captions()
+    return [
+        ZeroShotTask(name="fashion_mnist_test", images=ImageArray(te["images"], image_size),
+                     labels=torch.as_tensor(te["labels"].astype(np.int64)),
+                     classnames=meta["phrases"], templates=meta["zeroshot_templates"]),
+        RetrievalTask(name="emoji_heldout",
+                      images=ImageArray(load_arrays("emoji.npz")["images"][idx], image_size),
+                      captions=[caps[i] for i in idx]),
+    ]
 
 
 def evaluate(model, tokenizer: Callable[[Sequence[str]], torch.Tensor], tasks: Sequence, *,

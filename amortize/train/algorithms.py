@@ -20,6 +20,7 @@ import torch
 from composer.core import Algorithm, Callback, Event, State, TimeUnit
 from composer.loggers import Logger
 
+from amortize.checkpoints import atomic_save
 from amortize.train.model import unwrap
 
 __all__ = [
@@ -185,8 +186,5 @@ class ExportWeights(Callback):
 
         if dist.get_global_rank() != 0:
             return
-        os.makedirs(self.folder, exist_ok=True)
-        tmp = self.path + ".tmp"
-        torch.save(export_state(state), tmp)
-        os.replace(tmp, self.path)
+        atomic_save(export_state(state), self.path)
 

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from amortize.train.algorithms import ClampLogitScale, EpochSchedules, ExportWeights, FullBatchGuard, LogLossTerms
 from amortize.train.components import build_dataset, build_loss, build_tokenizer, build_two_tower
 from amortize.train.config import Recipe, RecipeError, recipe_to_dict
-from amortize.train.guards import DataSkipReport, DivergenceGuard, install_atomic_checkpoint_writes
+from amortize.train.compat import install_atomic_checkpoint_writes
+from amortize.train.guards import DataSkipReport, DivergenceGuard
 from amortize.train.model import ContrastiveComposerModel
 from amortize.train.optim import build_optimizer, build_scheduler
 
@@ -117,7 +118,7 @@ def build_trainer(
     loss_fn = build_loss(recipe, towers.embed_dim, num_samples=num_samples)
     model = ContrastiveComposerModel(towers, loss_fn, recipe=recipe_to_dict(recipe))
     optimizer = build_optimizer(model, recipe.optimizer)
-    algorithms: list[Any] = [FullBatchGuard(), EpochSchedules(), ClampLogitScale(recipe.max_logit_scale)]
+    algorithms: list[Any] = [FullBatchGuard(), EpochSchedules(), ClampLogitScale(recipe.max_scale)]
     if recipe.grad_clip_norm is not None:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.grad_clip_norm))
     save_folder = recipe.resolved_save_folder()

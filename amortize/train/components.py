@@ -12,11 +12,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
-from amortize.estimators import build_estimator
 from amortize.losses import ContrastiveLoss
 from amortize.models import TwoTowerModel, build_model
-from amortize.train.config import DataConfig, Recipe
-from amortize.train.registry import Registry
+from amortize.train.config import DataConfig, Recipe, RecipeError
+from amortize.registry import Registry, SectionError
 
 __all__ = [
     "DATASETS",
@@ -85,55 +84,34 @@ DATASETS.register("synthetic", _synthetic)
 
 
 def build_two_tower(recipe: Recipe) -> TwoTowerModel:
-    """The untrained two-tower model of a recipe (SigLIP defaults: ``s = 10``, ``b = -10``)."""
+    """The untrained two-tower model of a recipe (its initial ``log s`` and bias were resolved at load)."""
     m = recipe.model
-    sigmoid = recipe.loss.objective == "sigmoid"
-    scale = m.init_logit_scale if m.init_logit_scale is not None else (math.log(10.0) if sigmoid else math.log(1 / 0.07))
-    bias = m.init_logit_bias if m.init_logit_bias is not None else (-10.0 if sigmoid else None)
+    scale = m.init_logit_scale if m.init_logit_scale is not None else math.log(1 / 0.07)
     return build_model(m.name, image_size=m.image_size, context_length=m.context_length,
-                       init_logit_scale=scale, init_logit_bias=bias)
+                       init_logit_scale=scale, init_logit_bias=m.init_logit_bias)
 
 
 def build_loss(recipe: Recipe, embed_dim: int, num_samples: Optional[int] = None) -> ContrastiveLoss:
-    """The :class:`~amortize.losses.ContrastiveLoss` of a recipe.
+    """The :class:`~amortize.losses.ContrastiveLoss` of a recipe (:meth:`~amortize.losses.ContrastiveLoss.from_sections`).
 
     Args:
         recipe: the recipe.
-        embed_dim: the model's embedding width ``d`` (the amortizers' input).
-        num_samples: dataset size for the ``moving_average`` estimator (overridden by
-            ``loss.moving_average.num_samples``).
+        embed_dim: the model's embedding width ``d`` (``dim`` of the estimator).
+        num_samples: dataset size (``num_samples`` of per-sample estimators).
 
     Raises:
-        ValueError: if the moving-average estimator has no dataset size.
+        RecipeError: naming the key of a bad section or a missing dataset size.
     """
     c = recipe.loss
-    estimator = None
-    if c.objective == "amortized":
-        if c.estimator == "moving_average":
-            n = c.moving_average.num_samples or num_samples
-            if not n:
-                raise ValueError(
-                    "loss.estimator 'moving_average' needs the dataset size: set "
-                    "loss.moving_average.num_samples or data.num_samples"
-                )
-            estimator = build_estimator("moving_average", num_samples=int(n), gamma=c.moving_average.gamma,
-                                        init=c.moving_average.init)
-        elif c.estimator == "amortized":
-            a = c.amortizer
-            options: dict[str, Any] = {"init_log_z": a.init_log_z}
-            if a.network == "residual_mlp":
-                options["width_factor"] = a.width_factor
-            estimator = build_estimator(
-                "amortized", dim=embed_dim, amortizer=a.network, amortizer_options=options,
-                objective=a.objective, log_l2_weight=a.log_l2_weight, lr=a.lr, inner_steps=a.inner_steps,
-                update_every=a.update_every, ema_decay=a.ema_decay, ema_every=a.ema_every, beta=a.beta,
-                normalizer=a.normalizer, reinit=a.reinit, clip_norm=a.clip_norm, seed=a.seed,
-                cadence=a.cadence, lr_scaling=a.lr_scaling, epoch0_previous=a.epoch0_previous,
-            )
-        else:
-            estimator = build_estimator(c.estimator)
-    return ContrastiveLoss(c.objective, estimator=estimator, pos_weight=c.pos_weight, rho=c.rho,
-                           chunk_size=c.chunk_size, distributed=c.distributed)
+    try:
+        return ContrastiveLoss.from_sections(c.objective, c.estimator, layout=c.layout, rho=c.rho,
+                                             chunk_size=c.chunk_size,
+                                             context={"dim": embed_dim, "num_samples": num_samples})
+    except (SectionError, ValueError) as e:
+        msg = str(e)
+        if "'num_samples'" in msg:
+            msg += " or data.num_samples (the dataset size)"
+        raise RecipeError(msg) from None
 
 
 def build_tokenizer(recipe: Recipe, context_length: int):

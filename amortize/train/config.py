@@ -11,12 +11,20 @@ This module imports neither Composer nor open_clip.
 >>> r = load_recipe_dict({"max_duration": "20ba", "loss": {"objective": "infonce"}})
 >>> r.max_duration, r.loss.objective
 ('20ba', 'infonce')
+
+The loss section chooses components by name with their constructor options, as in llm-foundry:
+``loss.objective: {name: linearized, pos_weight: 0.001}``, ``loss.estimator: {name: amortized,
+lr: 0.001, amortizer: {name: residual_mlp, width_factor: 0.5}}``. Such a section is checked
+against the registered constructor's signature at load time; its defaults live only in the
+constructor. A recipe's top-level ``imports:`` lists Python files (relative to the recipe) or
+modules imported before the recipe is checked, so that their registrations are visible.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,8 +36,6 @@ import yaml
 __all__ = [
     "RecipeError",
     "ModelConfig",
-    "MovingAverageConfig",
-    "AmortizerConfig",
     "LossConfig",
     "DataConfig",
     "OptimizerConfig",
@@ -43,26 +49,32 @@ __all__ = [
     "check_unique_overrides",
     "recipe_to_dict",
     "recipe_to_yaml",
+    "run_imports",
 ]
 
 ScheduleSpec = Union[float, dict, None]
-"""A float (constant) or a schedule dict ``{"kind": ..., ...}`` (see :func:`amortize.schedules.build_schedule`)."""
+"""A float (constant) or a schedule section ``{"name": ..., ...}`` (see :func:`amortize.schedules.build_schedule`)."""
+
+SectionSpec = Union[str, dict]
+"""A component section: a registered name, or ``{"name": ..., <constructor options>}``."""
 
 # Values whose allowed set is known here; the registries check the others when building.
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "loss.objective": ("infonce", "sigmoid", "amortized"),
-    "loss.estimator": ("in_batch", "moving_average", "amortized"),
-    "loss.distributed": ("gather", "ring", "local"),
-    "loss.moving_average.init": ("first_batch", "zero"),
-    "loss.amortizer.normalizer": ("previous_blend", "ema_target", "ema_ramp"),
-    "loss.amortizer.reinit": ("every_epoch", "never"),
-    "loss.amortizer.cadence": ("per_epoch", "global"),
-    "loss.amortizer.lr_scaling": ("none", "world_size"),
-    "loss.amortizer.epoch0_previous": ("none", "initial"),
     "precision": ("fp32", "amp_fp16", "amp_bf16"),
     "data.sampling": ("split", "resampled"),
     "eval.tasks": ("default", "none"),
     "divergence.policy": ("skip", "stop", "none"),
+}
+
+
+# Keys of recipes written before 0.2, and where their values live now.
+_MOVED: dict[str, str] = {
+    "loss.amortizer": "loss.estimator (with name: amortized; 'network' and 'width_factor' go into its "
+                      "amortizer section, e.g. amortizer: {name: residual_mlp, width_factor: 0.5})",
+    "loss.moving_average": "loss.estimator (with name: moving_average)",
+    "loss.pos_weight": "loss.objective (e.g. objective: {name: linearized, pos_weight: 0.001})",
+    "loss.distributed": "loss.layout",
+    "max_logit_scale": "max_scale",
 }
 
 
@@ -78,8 +90,11 @@ class ModelConfig:
         name: a model config name: ``tiny``, ``cpu-small`` or an open_clip name (``RN50``, ``ViT-B-32``).
         image_size: override of the vision tower's input side (None: the config's).
         context_length: override of the text tower's token positions (None: the config's).
-        init_logit_scale: initial ``log s``; None: ``log(1/0.07)``, or ``log 10`` for ``sigmoid``.
-        init_logit_bias: initial bias; None: no bias, or -10 for ``sigmoid``.
+        init_logit_scale: initial ``log s`` (the model's parameter is ``log s``); None: the
+            objective's preference (``log 10`` for ``sigmoid``), else ``log(1/0.07)``. The loader
+            writes the resolved value into the recipe.
+        init_logit_bias: initial bias; None: the objective's preference (-10 for ``sigmoid``), else
+            no bias.
     """
 
     name: str = "tiny"
@@ -90,93 +105,28 @@ class ModelConfig:
 
 
 @dataclass
-class MovingAverageConfig:
-    """Options of the ``moving_average`` estimator (SogCLR / FastCLIP).
-
-    Attributes:
-        gamma: weight of the new batch estimate: a float or a schedule over epochs (FastCLIP:
-            ``{kind: cosine_decay, start: 1.0, end: 0.2, decay_epochs: ...}``).
-        init: how an unseen sample starts: ``first_batch`` or ``zero``.
-        num_samples: dataset size; None: taken from the training dataset.
-    """
-
-    gamma: ScheduleSpec = 0.9
-    init: str = "first_batch"
-    num_samples: Optional[int] = None
-
-
-@dataclass
-class AmortizerConfig:
-    """Options of the ``amortized`` estimator (AmorLIP); see :class:`amortize.estimators.AmortizedEstimator`.
-
-    Attributes:
-        network: amortizer network name (``residual_mlp``, ``linear``, ``random_fourier``).
-        width_factor: ``f_d`` of the residual MLP (0.5 medium, 1.0 large).
-        init_log_z: initial output bias of the networks (a rough ``log Z``, e.g. ``log B``).
-        objective: Stage I objective: ``log_l2``, ``kl`` or ``js``.
-        log_l2_weight: weight of the log-L2 regulariser (0.1 with ``kl``/``js``).
-        lr: the amortizer's Adam learning rate.
-        inner_steps: ``T_lambda``.
-        update_every: ``T_online``.
-        ema_decay: ``alpha``.
-        ema_every: ``T_target``.
-        beta: previous-epoch blending schedule (``{kind: beta_warmup, final: 0.8, warmup_epochs: 16}``).
-        normalizer: ``previous_blend`` (authors' released command), ``ema_target`` (the paper) or
-            ``ema_ramp`` (authors' EMA mode: no blending, EMA decay ramped by ``beta``).
-        reinit: ``every_epoch`` or ``never``.
-        clip_norm: gradient clip of the inner steps (None: none).
-        seed: seed of the online networks' (re-)initialisation.
-        cadence: ``per_epoch`` (authors' code: ``T_online``/``T_target`` counted within the epoch)
-            or ``global`` (counted over the run).
-        lr_scaling: ``none`` (``lr`` on any process count) or ``world_size`` (authors' code:
-            ``lr`` times the number of processes; the paper recipes set it).
-        epoch0_previous: ``none`` (epoch 0 is never blended) or ``initial`` (authors' code: epoch 0
-            is blended with the untrained network by ``beta(0)``; the same when ``beta(0) = 0``).
-    """
-
-    network: str = "residual_mlp"
-    width_factor: float = 0.5
-    init_log_z: float = 0.0
-    objective: str = "log_l2"
-    log_l2_weight: float = 0.0
-    lr: float = 1e-3
-    inner_steps: int = 3
-    update_every: int = 1
-    ema_decay: float = 0.92
-    ema_every: int = 2
-    beta: ScheduleSpec = field(default_factory=lambda: {"kind": "beta_warmup", "final": 0.8, "warmup_epochs": 16})
-    normalizer: str = "previous_blend"
-    reinit: str = "every_epoch"
-    clip_norm: Optional[float] = 1.0
-    seed: int = 0
-    cadence: str = "per_epoch"
-    lr_scaling: str = "none"
-    epoch0_previous: str = "none"
-
-
-@dataclass
 class LossConfig:
-    """The objective and its partition-function estimator (see :class:`amortize.losses.ContrastiveLoss`).
+    """The objective, its partition-function estimator and the process layout (see :class:`amortize.losses.ContrastiveLoss`).
 
     Attributes:
-        objective: ``infonce`` (CLIP), ``sigmoid`` (SigLIP) or ``amortized``.
-        estimator: for ``amortized``: ``in_batch``, ``moving_average`` (SogCLR/FastCLIP) or ``amortized`` (AmorLIP).
-        pos_weight: ``c``, weight of the positive inside partition sums.
+        objective: a section naming a registered objective (:data:`amortize.objectives.OBJECTIVES`:
+            ``infonce`` for CLIP, ``sigmoid`` for SigLIP, ``linearized``) with its options, e.g.
+            ``{name: linearized, pos_weight: 0.001}``.
+        estimator: for objectives that take normalisers (``linearized``), a section naming a
+            registered estimator (:data:`amortize.estimators.ESTIMATORS`: ``in_batch``,
+            ``moving_average`` for SogCLR/FastCLIP, ``amortized`` for AmorLIP) with its options;
+            None: in-batch. The builder passes ``dim`` (the embedding width) and ``num_samples``
+            (the dataset size) to constructors that take them, unless the section sets them.
+        layout: how negatives travel between processes: ``gather``, ``ring`` or ``local``.
         rho: temperature-rescaling schedule (FastCLIP/AmorLIP), or None.
-        chunk_size: rows per chunk for the exact chunked objectives, or None (dense).
-        distributed: how negatives travel between processes: ``gather``, ``ring`` or ``local``.
-        moving_average: options of the ``moving_average`` estimator.
-        amortizer: options of the ``amortized`` estimator.
+        chunk_size: rows per chunk (exact, ``O(B * chunk)`` memory), or None (one chunk).
     """
 
-    objective: str = "amortized"
-    estimator: str = "in_batch"
-    pos_weight: float = 1.0
+    objective: SectionSpec = "linearized"
+    estimator: Optional[SectionSpec] = None
+    layout: str = "gather"
     rho: ScheduleSpec = None
     chunk_size: Optional[int] = None
-    distributed: str = "gather"
-    moving_average: MovingAverageConfig = field(default_factory=MovingAverageConfig)
-    amortizer: AmortizerConfig = field(default_factory=AmortizerConfig)
 
 
 @dataclass
@@ -313,7 +263,9 @@ class Recipe:
         device_train_microbatch_size: must be None or the per-process batch size: contrastive
             objectives need the whole batch as negatives.
         grad_clip_norm: encoder gradient-norm clip (None: none).
-        max_logit_scale: clamp of ``s`` after every optimiser step.
+        imports: Python files (relative to the recipe file) or module names imported before the
+            recipe is checked, so that the components they register can be named (stored resolved).
+        max_scale: clamp of the inverse temperature ``s`` (not ``log s``) after every optimiser step.
         save_folder: checkpoint folder (None: ``runs/<run_name>``).
         save_interval: Composer time string between checkpoints.
         save_filename: Composer's checkpoint file name pattern.
@@ -330,6 +282,7 @@ class Recipe:
 
     run_name: str = "default"
     method: str = "custom"
+    imports: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -343,7 +296,7 @@ class Recipe:
     device: Optional[str] = None
     device_train_microbatch_size: Optional[int] = None
     grad_clip_norm: Optional[float] = 1.0
-    max_logit_scale: float = 100.0
+    max_scale: float = 100.0
     save_folder: Optional[str] = None
     save_interval: str = "1ep"
     save_filename: str = "ep{epoch}-ba{batch}-rank{rank}.pt"
@@ -437,6 +390,8 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        if key in _MOVED:
+            raise RecipeError(f"{key!r} moved in 0.2: use {_MOVED[key]}; see CHANGELOG.md")
         if k not in hints or k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -448,12 +403,63 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _check_loss(r: Recipe) -> None:
+    """Check the loss sections against the registries and resolve the model's initial logit parameters."""
+    from amortize.comm import LAYOUTS
+    from amortize.estimators import ESTIMATORS
+    from amortize.objectives import OBJECTIVES
+    from amortize.registry import SectionError
+    from amortize.schedules import build_schedule
+
+    c = r.loss
+    try:
+        name, _ = OBJECTIVES.check_section(c.objective, "loss.objective")
+        objective = OBJECTIVES.get(name)
+        if c.estimator is not None:
+            est_name, _ = ESTIMATORS.check_section(c.estimator, "loss.estimator")
+            if not getattr(objective, "accepts_normalizers", False):
+                raise RecipeError(
+                    f"loss.estimator: {est_name!r} needs an objective that takes normalisers (linearized); "
+                    f"objective {name!r} computes its own partition function"
+                )
+        LAYOUTS.get(c.layout)
+    except SectionError as e:
+        msg = str(e)
+        raise RecipeError(msg if msg.startswith("loss.") else f"loss.layout: {msg}") from None
+    layouts = getattr(objective, "layouts", ())
+    if layouts and c.layout not in layouts:
+        raise RecipeError(f"loss.layout: the {name} objective has no {c.layout!r} layout; valid: {', '.join(layouts)}")
+    try:
+        build_schedule(c.rho)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"loss.rho: {e}") from None
+    _trial_build(c)
+    m = r.model
+    if m.init_logit_scale is None:
+        pref = getattr(objective, "init_logit_scale", None)
+        m.init_logit_scale = float(pref) if pref is not None else math.log(1 / 0.07)
+    if m.init_logit_bias is None and getattr(objective, "init_logit_bias", None) is not None:
+        m.init_logit_bias = float(objective.init_logit_bias)
+
+
+def _trial_build(c: LossConfig) -> None:
+    """Build the objective and the estimator once, small, so that a bad value fails at load time.
+
+    The estimator gets ``dim=8`` and ``num_samples=1`` where its constructor takes them and the
+    section does not set them (the real values are known only when the model and data are built).
+    """
+    from amortize.losses import ContrastiveLoss
+
+    try:
+        ContrastiveLoss.from_sections(c.objective, c.estimator, layout=c.layout, rho=c.rho, chunk_size=c.chunk_size,
+                                      context={"dim": 8, "num_samples": 1})
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        raise RecipeError(msg if msg.startswith("loss") else f"loss: {msg}") from None
+
+
 def _check_consistency(r: Recipe) -> None:
-    if r.loss.objective != "amortized" and r.loss.estimator != "in_batch":
-        raise RecipeError(
-            f"loss.estimator: {r.loss.estimator!r} needs loss.objective 'amortized' "
-            f"(objective {r.loss.objective!r} computes its own partition function)"
-        )
+    _check_loss(r)
     if r.data.batch_size < 2:
         raise RecipeError(f"data.batch_size must be >= 2 for contrastive training, got {r.data.batch_size}")
     mb = r.device_train_microbatch_size
@@ -463,24 +469,64 @@ def _check_consistency(r: Recipe) -> None:
         raise RecipeError(f"loss.chunk_size must be >= 1 or null, got {r.loss.chunk_size}")
     if r.data.sampling == "resampled" and r.data.name == "webdataset" and not r.data.num_samples:
         raise RecipeError("data.sampling 'resampled' needs data.num_samples (it sets the epoch length)")
-    from amortize.schedules import build_schedule
-
-    for key, spec in (
-        ("loss.rho", r.loss.rho),
-        ("loss.amortizer.beta", r.loss.amortizer.beta),
-        ("loss.moving_average.gamma", r.loss.moving_average.gamma),
-    ):
-        try:
-            build_schedule(spec)
-        except (TypeError, ValueError) as e:
-            raise RecipeError(f"{key}: {e}") from None
 
 
-def load_recipe_dict(data: Optional[dict]) -> Recipe:
-    """Check a parsed recipe mapping against :class:`Recipe`.
+def run_imports(imports: list, base: Optional[Path] = None) -> list[str]:
+    """Import a recipe's ``imports:`` so that their registrations are visible; return them resolved.
+
+    Args:
+        imports: Python files (``.py``, relative to ``base``) or module names.
+        base: the recipe file's folder (None: the working directory).
+
+    Returns:
+        The entries with files made absolute (what the stored recipe keeps).
+
+    Raises:
+        RecipeError: naming an entry that is not a string, a missing file, or an import that failed.
+    """
+    import hashlib
+    import importlib
+    import importlib.util
+    import sys
+
+    resolved = []
+    for i, entry in enumerate(imports or []):
+        key = f"imports[{i}]"
+        if not isinstance(entry, str) or not entry:
+            raise RecipeError(f"{key}: expected a Python file or a module name, got {entry!r}")
+        if entry.endswith(".py") or "/" in entry or "\\" in entry:
+            path = Path(entry).expanduser()
+            if not path.is_absolute():
+                path = (base or Path.cwd()) / path
+            path = path.resolve()
+            if not path.is_file():
+                raise RecipeError(f"{key}: {entry!r} does not exist (looked for {path})")
+            name = f"amortize_user_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+            if name not in sys.modules:
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except Exception as e:
+                    del sys.modules[name]
+                    raise RecipeError(f"{key}: importing {path} failed: {type(e).__name__}: {e}") from None
+            resolved.append(str(path))
+        else:
+            try:
+                importlib.import_module(entry)
+            except Exception as e:
+                raise RecipeError(f"{key}: importing module {entry!r} failed: {type(e).__name__}: {e}") from None
+            resolved.append(entry)
+    return resolved
+
+
+def load_recipe_dict(data: Optional[dict], base: Optional[Path] = None) -> Recipe:
+    """Run a parsed recipe's ``imports`` and check the mapping against :class:`Recipe`.
 
     Args:
         data: the mapping (e.g. ``yaml.safe_load`` output); None is the all-defaults recipe.
+        base: the folder relative file ``imports`` are read from (None: the working directory).
 
     Returns:
         The typed :class:`Recipe`.
@@ -492,6 +538,11 @@ def load_recipe_dict(data: Optional[dict]) -> Recipe:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"a recipe must be a mapping at the top level, got {type(data).__name__}")
+    data = dict(data)
+    if "imports" in data:
+        if not isinstance(data["imports"], list):
+            raise RecipeError(f"imports: expected a list of files or modules, got {data['imports']!r}")
+        data["imports"] = run_imports(data["imports"], base)
     recipe = _build(Recipe, data)
     _check_consistency(recipe)
     return recipe
@@ -552,6 +603,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
+            elif isinstance(nxt, str):  # a section given by name: `loss.estimator.lr=...` adds an option
+                nxt = node[part] = {"name": nxt}
             if not isinstance(nxt, dict):
                 raise RecipeError(f"override {item!r}: {part!r} is not a mapping")
             node = nxt
@@ -581,7 +634,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: invalid YAML: {e}") from None
     try:
-        return load_recipe_dict(apply_overrides(data or {}, list(overrides or [])))
+        return load_recipe_dict(apply_overrides(data or {}, list(overrides or [])), base=path.parent)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
 

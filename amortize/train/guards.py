@@ -7,7 +7,7 @@
   raises :class:`DivergenceError` naming the batch and what was non-finite.
 * :class:`DataSkipReport` (Callback): logs the webdataset pipeline's skip counts
   (``data/kept``, ``data/skipped/<reason>``) every epoch and at the end of the run.
-* :func:`install_atomic_checkpoint_writes`: makes Composer write each checkpoint to a temporary
+* (moved to :mod:`amortize.train.compat`) :func:`~amortize.train.compat.install_atomic_checkpoint_writes`: makes Composer write each checkpoint to a temporary
   file and rename it into place, so a process killed during a save never leaves a truncated
   checkpoint under a real checkpoint name.
 
@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ import torch
 from composer.core import Algorithm, Callback, Event, State
 from composer.loggers import Logger
 
+from amortize import checks as K
 from amortize.train.model import unwrap
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
     "DivergenceError",
     "DivergenceGuard",
     "DataSkipReport",
-    "install_atomic_checkpoint_writes",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ class DivergenceGuard(Algorithm):
 
     Runs on BEFORE_FORWARD (snapshot of the state the step may corrupt) and AFTER_BACKWARD (the
     check, before gradient clipping and the optimiser step). Between BEFORE_LOSS and AFTER_LOSS it
-    lowers :mod:`amortize.functional`'s checks from ``full`` to ``shapes``, so a batch with NaN
+    lowers the loss module's own checks (``ContrastiveLoss.checks``) from ``full`` to ``shapes``, so a batch with NaN
     or Inf features reaches the check as a non-finite loss instead of raising ``ValueError``. The check costs one device-to-host
     copy of two numbers per step (the loss and the total gradient norm, stacked); under
     ``torch.distributed`` the flags are max-reduced so every process takes the same decision.
@@ -136,19 +135,17 @@ class DivergenceGuard(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         """Snapshot (BEFORE_FORWARD), relax value checks around the loss, check and act (AFTER_BACKWARD)."""
-        from amortize import functional as F
-
-        if event == Event.BEFORE_LOSS:
+        if event in (Event.BEFORE_LOSS, Event.AFTER_LOSS):
             # the guard owns the non-finite case: the loss's value checks would raise on a NaN
-            # batch (and read values back from the device); keep the shape and dtype checks
-            self._checks = F.get_checks()
-            if self._checks == "full":
-                F.set_checks("shapes")
-            return
-        if event == Event.AFTER_LOSS:
-            if self._checks is not None:
-                F.set_checks(self._checks)
-                self._checks = None
+            # batch (and read values back from the device); keep the shape and dtype checks of
+            # this run's loss module only (nothing process-wide changes)
+            loss_fn = unwrap(state.model).loss_fn
+            if event == Event.BEFORE_LOSS:
+                self._checks = loss_fn.checks
+                if K.resolve(loss_fn.checks) == "full":
+                    loss_fn.checks = "shapes"
+            else:
+                loss_fn.checks = self._checks
             return
         if event == Event.BEFORE_FORWARD:
             if self.restore_estimator:
@@ -234,6 +231,8 @@ class DivergenceGuard(Algorithm):
             return None
         from composer.utils.checkpoint import save_checkpoint
 
+        from amortize.train.compat import install_atomic_checkpoint_writes
+
         install_atomic_checkpoint_writes()
         name = os.path.join(self.save_folder, "diverged-ep{epoch}-ba{batch}-rank{rank}.pt")
         try:
@@ -268,38 +267,3 @@ class DataSkipReport(Callback):
             log.warning("data: %s (%.2f%% of samples, %.2f%% of shards skipped; limit %.2f%%)",
                         self.counter.summary(), 100 * f_samples, 100 * f_shards,
                         100 * self.counter.max_skip_fraction)
-
-
-def install_atomic_checkpoint_writes() -> None:
-    """Make Composer's checkpoint writes atomic (idempotent; Composer 0.32).
-
-    Composer opens the final file name and writes into it, so a kill during a save leaves a
-    truncated file under a real checkpoint name. This wraps its file writer so that it writes
-    ``.<name>.tmp-<pid>`` in the same folder (same extension handling: the temporary name ends
-    like the real one) and renames it into place with ``os.replace`` after an ``fsync``.
-    The ``latest`` link is re-pointed by Composer only after the write returns, so it never
-    names a partial file; :func:`amortize.checkpoints.recover_latest` repairs the one moment
-    Composer leaves without a link (between removing the old one and creating the new one).
-    """
-    from composer.utils import checkpoint as ck
-
-    original = ck._write_checkpoint_file
-    if getattr(original, "_amortize_atomic", False):
-        return
-
-    @functools.wraps(original)
-    def write_atomic(state_dict: dict[str, Any], filename: str) -> None:
-        folder, name = os.path.split(filename)
-        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
-        try:
-            original(state_dict, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, filename)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-
-    write_atomic._amortize_atomic = True  # type: ignore[attr-defined]
-    ck._write_checkpoint_file = write_atomic

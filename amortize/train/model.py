@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from amortize.losses import ContrastiveLoss
 from amortize.models import TwoTowerModel
+from amortize.train.compat import ddp_ignore
 
 __all__ = ["ContrastiveComposerModel", "unwrap"]
 
@@ -58,11 +59,10 @@ class ContrastiveComposerModel(ComposerModel):
         self.recipe = recipe
         self.last_terms: dict[str, Tensor] = {}
         # Every process applies identical global updates to the estimator's state (exact
-        # distributed modes), so DDP must not broadcast these (possibly dataset-sized) buffers
-        # from rank 0 at every step; torch's DDP reads this attribute when it wraps the model.
-        self._ddp_params_and_buffers_to_ignore = [
-            f"loss_fn.{n}" for n, _ in loss_fn.named_parameters()
-        ] + [f"loss_fn.{n}" for n, _ in loss_fn.named_buffers()]
+        # layouts), so DDP must not broadcast these (possibly dataset-sized) buffers from rank 0
+        # at every step (see amortize.train.compat).
+        ddp_ignore(self, [f"loss_fn.{n}" for n, _ in loss_fn.named_parameters()]
+                   + [f"loss_fn.{n}" for n, _ in loss_fn.named_buffers()])
 
     # ------------------------------------------------------------------ open_clip-style interface
 
@@ -83,11 +83,11 @@ class ContrastiveComposerModel(ComposerModel):
             batch: ``{"image": (B, 3, H, W), "text": (B, L), "index": (B,)}``.
 
         Returns:
-            ``{"image_features": (B, d), "text_features": (B, d), "logit_scale": 0-d s,
-            "logit_bias": 0-d b or None}`` with L2-normalised features.
+            ``{"image_features": (B, d), "text_features": (B, d), "scale": 0-d s (not log s),
+            "bias": 0-d b or None}`` with L2-normalised features.
         """
         x, y, scale, bias = self.model(batch["image"], batch["text"])
-        return {"image_features": x, "text_features": y, "logit_scale": scale, "logit_bias": bias}
+        return {"image_features": x, "text_features": y, "scale": scale, "bias": bias}
 
     def loss(self, outputs: dict[str, Any], batch: dict[str, Tensor], *args: Any, **kwargs: Any) -> Tensor:
         """The contrastive loss of a batch (updates the estimator's state in training mode).
@@ -97,8 +97,7 @@ class ContrastiveComposerModel(ComposerModel):
         """
         index = batch.get("index") if self.loss_fn.needs_index else None
         terms = self.loss_fn(
-            outputs["image_features"], outputs["text_features"], outputs["logit_scale"],
-            outputs["logit_bias"], index=index,
+            outputs["image_features"], outputs["text_features"], outputs["scale"], outputs["bias"], index=index,
         )
         self.last_terms = {k: v.detach() for k, v in terms.items()}
         return terms["loss"]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from amortize.train.config import OptimizerConfig, SchedulerConfig
-from amortize.train.registry import Registry
+from amortize.registry import Registry
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "is_no_decay", "param_groups", "build_optimizer", "build_scheduler"]
 

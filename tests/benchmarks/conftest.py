@@ -6,9 +6,22 @@ import torch
 from benchmarks.common import RESULTS
 
 
+@pytest.fixture(autouse=True)
+def _two_threads_for_benchmarks(request):
+    """Benchmarks run on 2 threads (the root conftest pins 1 for unit tests); the thread count is
+    process-wide, so it is set per benchmark and restored after, and the smoke test here (default
+    suite) leaves the rest of the suite on its single thread."""
+    if request.node.get_closest_marker("benchmark") is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _write_reports():
-    torch.set_num_threads(2)  # the root conftest pins one thread for unit tests; benchmarks use the machine
     yield
     from benchmarks import estimator_accuracy, loss_speed, step_overhead
 

@@ -7,7 +7,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amortize import chunked as C
 from amortize import functional as F
 from amortize.estimators import AmortizedEstimator, InBatchEstimator
 from amortize.losses import ContrastiveLoss
@@ -72,7 +71,7 @@ def test_amortized_terms_chunked_equal_dense_terms(p):
     lnx = torch.randn(B, generator=g, dtype=torch.float64) + 3
     lny = torch.randn(B, generator=g, dtype=torch.float64) + 3
     dense = F.amortized_loss_terms(x, y, scale, lnx, lny, bias, 1e-3)
-    chunked = C.chunked_amortized_loss_terms(x, y, scale, lnx, lny, bias=bias, pos_weight=1e-3, chunk_size=chunk)
+    chunked = F.amortized_loss_terms(x, y, scale, lnx, lny, bias=bias, pos_weight=1e-3, chunk_size=chunk)
     assert set(chunked) == {"positive", "image", "text"}
     for k in dense:
         torch.testing.assert_close(chunked[k], dense[k], rtol=1e-9, atol=1e-9)
@@ -104,7 +103,7 @@ def test_sigmoid_chunked_equals_dense(p):
 def test_log_partition_chunked_equals_dense(p, pos_weight):
     x, y, scale, bias, chunk, _ = p
     dense = F.log_partition(x, y, scale, bias, pos_weight)
-    chunked = C.chunked_log_partition(x, y, scale, bias, pos_weight, chunk_size=chunk)
+    chunked = F.log_partition(x, y, scale, bias, pos_weight, chunk_size=chunk)
     for a, b in zip(dense, chunked):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
@@ -118,7 +117,7 @@ def test_contrastive_loss_chunked_equals_dense(p, est_name):
     def make(cs):
         torch.manual_seed(0)
         est = InBatchEstimator() if est_name == "in_batch" else AmortizedEstimator(dim=d)
-        return ContrastiveLoss("amortized", estimator=est, pos_weight=1e-3, chunk_size=cs)
+        return ContrastiveLoss("linearized", estimator=est, pos_weight=1e-3, chunk_size=cs)
 
     a, b = _leaves(x, y, scale, bias), _leaves(x, y, scale, bias)
     oa = make(None)(a[0], a[1], a[2], a[3])
@@ -137,7 +136,7 @@ def test_contrastive_loss_matches_functional_dense():
     x = torch.nn.functional.normalize(torch.randn(33, 16, generator=g), dim=-1)
     y = torch.nn.functional.normalize(torch.randn(33, 16, generator=g), dim=-1)
     a, b = _leaves(x, y, 20.0, 0.0), _leaves(x, y, 20.0, 0.0)
-    out = ContrastiveLoss("amortized", pos_weight=1e-3)(a[0], a[1], a[2])
+    out = ContrastiveLoss("linearized", pos_weight=1e-3)(a[0], a[1], a[2])
     lz = F.log_partition(b[0], b[1], b[2], 0.0, 1e-3)
     ref = F.amortized_loss(b[0], b[1], b[2], lz[0], lz[1], 0.0, 1e-3)
     torch.testing.assert_close(out["loss"], ref, rtol=1e-5, atol=1e-5)
@@ -196,7 +195,7 @@ def test_chunked_never_holds_the_square_matrix():
     x = torch.nn.functional.normalize(torch.randn(B, d), dim=-1).requires_grad_()
     y = torch.nn.functional.normalize(torch.randn(B, d), dim=-1).requires_grad_()
     with Largest():
-        lz = C.chunked_log_partition(x, y, 10.0, 0.0, 1e-3, chunk_size=chunk)
+        lz = F.log_partition(x, y, 10.0, 0.0, 1e-3, chunk_size=chunk)
         F.amortized_loss(x, y, 10.0, lz[0], lz[1], 0.0, 1e-3, chunk_size=chunk).backward()
         F.infonce_loss(x, y, 10.0, chunk_size=chunk).backward()
         F.sigmoid_loss(x, y, 10.0, -10.0, chunk_size=chunk).backward()

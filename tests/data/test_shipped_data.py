@@ -3,7 +3,8 @@ import json
 import numpy as np
 import torch
 
-from amortize.data import default_eval_tasks, default_train_dataset, emoji_pairs, get_tokenizer
+from amortize.data import default_train_dataset, emoji_pairs, get_tokenizer
+from amortize.eval import default_tasks as default_eval_tasks
 from amortize.data.shipped import (
     emoji_captions,
     emoji_indices,

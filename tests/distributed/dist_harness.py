@@ -39,10 +39,10 @@ def make_loss(case: dict) -> ContrastiveLoss:
             estimator = AmortizedEstimator(dim=case["d"], normalizer="ema_target").eval()
         else:
             raise ValueError(est)
-    return ContrastiveLoss(
-        obj, estimator=estimator, pos_weight=case.get("pos_weight", 1.0), chunk_size=case.get("chunk"),
-        distributed=case["mode"],
-    )
+    if obj == "amortized":  # the linearized objective with an estimator
+        return ContrastiveLoss("linearized", estimator=estimator, pos_weight=case.get("pos_weight", 1.0),
+                               chunk_size=case.get("chunk"), layout=case["mode"])
+    return ContrastiveLoss(obj, chunk_size=case.get("chunk"), layout=case["mode"])
 
 
 def global_batch(case: dict, step: int):

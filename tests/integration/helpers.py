@@ -20,7 +20,7 @@ def tiny_overrides(batch: int, num_samples: int, tmp_path, duration: str) -> lis
     """Overrides that turn any recipe into a CPU run of the tiny model on synthetic pairs."""
     return [
         "model.name=tiny", "data.name=synthetic", f"data.batch_size={batch}", f"data.num_samples={num_samples}",
-        "data.num_workers=0", "loss.moving_average.num_samples=null", "precision=fp32", "device=cpu",
+        "data.num_workers=0", "precision=fp32", "device=cpu",
         f"max_duration={duration}", "scheduler.t_warmup=0ba", "scheduler.name=constant",
         f"save_folder={tmp_path}", "save_interval=1000ep", "log_to_console=false", "progress_bar=false",
         "eval.tasks=none",
@@ -61,7 +61,7 @@ def build_for_distributed(method: str, tmp_path):
     from amortize.train.builders import build_composer_model
 
     torch.manual_seed(0)
-    recipe = method_recipe(method, tmp_path, batch=8, num_samples=8, extra=["loss.distributed=gather"])
+    recipe = method_recipe(method, tmp_path, batch=8, num_samples=8, extra=["loss.layout=gather"])
     return build_composer_model(recipe, num_samples=8)
 
 

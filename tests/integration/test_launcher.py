@@ -41,7 +41,7 @@ def test_composer_launcher_trains_amorlip_on_two_processes(tmp_path):
     assert (run / "ep0-ba4-rank0.pt").exists(), sorted(os.listdir(run))
     assert "state" in safe_load(run / "latest-rank0.pt")  # a whole Composer checkpoint, weights_only
     export = safe_load(run / "model.pt")
-    assert export["recipe"]["loss"]["estimator"] == "amortized"
+    assert export["recipe"]["loss"]["estimator"]["name"] == "amortized"
     steps = [v for k, v in export["loss_fn"].items() if k.endswith("estimator.step")]
     assert steps and int(steps[0]) == 4  # the amortizer was fitted on every one of the 4 global batches
     assert all(torch.isfinite(v).all() for v in export["model"].values() if torch.is_tensor(v) and v.is_floating_point())

@@ -33,8 +33,9 @@ def _run(recipe):
 
 @pytest.mark.parametrize("method", ["amorlip-log-l2", "fastclip"])
 def test_resume_is_exact(method, tmp_path):
-    extra = ["loss.amortizer.update_every=1", "loss.amortizer.ema_every=1",
-             "loss.amortizer.beta={kind: beta_warmup, final: 0.8, warmup_epochs: 2}",
+    amortizer = ["loss.estimator.update_every=1", "loss.estimator.ema_every=1",
+                 "loss.estimator.beta={name: beta_warmup, final: 0.8, warmup_epochs: 2}"]
+    extra = (amortizer if method.startswith("amorlip") else []) + [
              "optimizer.lr=0.002", "scheduler.name=cosine_with_warmup", "scheduler.t_warmup=2ba",
              "deterministic_mode=true"]
     common = dict(batch=8, num_samples=24, duration=f"{STEPS}ba")

@@ -128,7 +128,7 @@ def test_amortized_estimator_predicts_unseen_pool_members():
         inner_steps=3,
         ema_decay=0.99,
         ema_every=1,
-        amortizer_options={"width_factor": 2.0, "init_log_z": float(exact[train].mean())},
+        amortizer={"name": "residual_mlp", "width_factor": 2.0, "init_log_z": float(exact[train].mean())},
     )
     for _ in range(2000):
         b = train[torch.randint(0, len(train), (512,), generator=g)]
@@ -146,7 +146,7 @@ def test_amortized_beats_in_batch_at_small_batch():
     images, texts, g = clustered_pool(n, d, seed=1)
     full = torch.logsumexp(scale * images @ texts.T, dim=1) + torch.log(torch.tensor(B / n))
     est = AmortizedEstimator(
-        dim=d, normalizer="ema_target", lr=2e-3, ema_decay=0.99, ema_every=1, amortizer_options={"width_factor": 2.0}
+        dim=d, normalizer="ema_target", lr=2e-3, ema_decay=0.99, ema_every=1, amortizer={"name": "residual_mlp", "width_factor": 2.0}
     )
     errs_batch = []
     for _ in range(1500):
@@ -171,10 +171,10 @@ def test_state_dict_round_trips_exactly(tmp_path):
 
     def make():
         return ContrastiveLoss(
-            "amortized",
-            AmortizedEstimator(dim=8, ema_every=1, beta={"kind": "beta_warmup", "final": 0.8, "warmup_epochs": 2}),
+            "linearized",
+            AmortizedEstimator(dim=8, ema_every=1, beta={"name": "beta_warmup", "final": 0.8, "warmup_epochs": 2}),
             pos_weight=1e-3,
-            rho={"kind": "piecewise", "values": [8.5, -8.5, -8.5]},
+            rho={"name": "piecewise", "values": [8.5, -8.5, -8.5]},
         )
 
     a = make()
@@ -195,7 +195,7 @@ def test_state_dict_round_trips_exactly(tmp_path):
     ob = b(x, y, torch.tensor(10.0), index=idx)
     for k in oa:
         torch.testing.assert_close(oa[k], ob[k], rtol=0, atol=0)
-    ma = MovingAverageEstimator(num_samples=16, gamma={"kind": "cosine_decay", "start": 1.0, "end": 0.2, "decay_epochs": 4})
+    ma = MovingAverageEstimator(num_samples=16, gamma={"name": "cosine_decay", "start": 1.0, "end": 0.2, "decay_epochs": 4})
     ma(x, y, torch.ones(16), torch.ones(16), idx)
     mb = MovingAverageEstimator(num_samples=16, gamma=0.5)
     mb.load_state_dict(ma.state_dict())

@@ -23,7 +23,7 @@ def tiny_overrides(folder, duration: str = "6ba", batch: int = 8, num_samples: i
         "data.num_workers=0", "precision=fp32", "device=cpu", f"max_duration={duration}",
         "scheduler.t_warmup=2ba", f"save_folder={folder}", "save_interval=1000ep", "log_to_console=false",
         "progress_bar=false", "eval.tasks=none", "deterministic_mode=true",
-        "loss.amortizer.beta={kind: beta_warmup, final: 0.8, warmup_epochs: 2}",
+        "loss.estimator.beta={name: beta_warmup, final: 0.8, warmup_epochs: 2}",
     ]
 
 

@@ -32,7 +32,7 @@ def _recipe(tmp_path, shards, fraction):
     return tiny_recipe(tmp_path / "run", [
         "data.name=webdataset", f"data.shards={shards}/{{00000..00004}}.tar", "data.batch_size=4",
         "data.num_samples=16", "data.shuffle_buffer=8", f"data.max_skip_fraction={fraction}",
-        "data.skip_min_seen=5", "loss.estimator=moving_average", "loss.moving_average.num_samples=50",
+        "data.skip_min_seen=5", "loss.estimator={name: moving_average, num_samples: 50}",
     ], duration="4ba")
 
 

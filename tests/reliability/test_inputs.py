@@ -18,9 +18,9 @@ def _feats(b=4, d=8, dtype=torch.float32):
 
 def _losses():
     return {
-        "in_batch": ContrastiveLoss("amortized", pos_weight=1e-3),
-        "moving_average": ContrastiveLoss("amortized", estimator=MovingAverageEstimator(8), pos_weight=1e-3),
-        "amortized": ContrastiveLoss("amortized", estimator=AmortizedEstimator(dim=8), pos_weight=1e-3),
+        "in_batch": ContrastiveLoss("linearized", pos_weight=1e-3),
+        "moving_average": ContrastiveLoss("linearized", estimator=MovingAverageEstimator(8), pos_weight=1e-3),
+        "amortized": ContrastiveLoss("linearized", estimator=AmortizedEstimator(dim=8), pos_weight=1e-3),
     }
 
 

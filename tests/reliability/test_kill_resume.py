@@ -27,7 +27,7 @@ def _cmd(folder: Path) -> list[str]:
         "train", str(DEFAULT_RECIPE), "model.name=tiny", "data.name=synthetic", "data.batch_size=8",
         "data.num_samples=24", "precision=fp32", "device=cpu", f"max_duration={STEPS}ba", "save_interval=2ba",
         f"save_folder={folder}", "autoresume=true", "deterministic_mode=true", "scheduler.t_warmup=2ba",
-        "log_to_console=false", "loss.amortizer.beta={kind: beta_warmup, final: 0.8, warmup_epochs: 2}",
+        "log_to_console=false", "loss.estimator.beta={name: beta_warmup, final: 0.8, warmup_epochs: 2}",
     ]
 
 
@@ -56,15 +56,16 @@ def _final(folder: Path) -> dict:
     return {"model": model, "optimizers": st["optimizers"], "export": safe_load(folder / "model.pt")}
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+def _wait_for(folder: Path, pattern: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    """Wait until a file matching ``pattern`` is in ``folder`` (checkpoints are renamed into place)."""
     t0 = time.monotonic()
-    while not path.exists():
+    while not any(folder.glob(pattern)):
         if proc.poll() is not None:
-            raise AssertionError(f"run ended before {path.name} appeared:\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"run ended before {pattern} appeared:\n{proc.stdout.read()[-3000:]}")
         if time.monotonic() - t0 > timeout:
             proc.kill()
-            raise AssertionError(f"{path} did not appear in {timeout} s")
-        time.sleep(0.02)
+            raise AssertionError(f"{folder / pattern} did not appear in {timeout} s")
+        time.sleep(0.01)
 
 
 def _compare(a: dict, b: dict) -> None:
@@ -95,19 +96,34 @@ def reference(tmp_path_factory):
         proc.kill()
 
 
+# Every backward sleeps 20 ms in the killed run (sleeping changes no number), so that the run cannot
+# reach its end within the kill's random delay on a fast CPU: the kill lands on the same steps
+# whatever the machine's speed.
+SLOW_STEPS = """
+import time, torch
+_real_backward = torch.Tensor.backward
+def _slow_backward(self, *a, **k):
+    time.sleep(0.02)
+    return _real_backward(self, *a, **k)
+torch.Tensor.backward = _slow_backward
+"""
+
+
 def test_sigkill_at_a_random_step_then_autoresume_is_exact(reference, tmp_path):
     seed = int(os.environ.get("AMORTIZE_KILL_SEED", random.randrange(1 << 30)))
-    delay = random.Random(seed).uniform(0.0, 1.0)
-    proc = _start(tmp_path)
-    _wait_for(tmp_path / "latest-rank0.pt", proc)  # the first checkpoint is there
+    rng = random.Random(seed)
+    after = rng.choice(range(2, STEPS - 5, 2))  # a checkpointed batch at least 6 steps before the end
+    delay = rng.uniform(0.0, 0.1)  # under 6 steps of at least 20 ms each: the kill lands mid-run
+    proc = _start(tmp_path, prelude=SLOW_STEPS)
+    _wait_for(tmp_path, f"ep*-ba{after}-rank0.pt", proc)
     time.sleep(delay)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == -signal.SIGKILL, f"the run finished before the kill (seed {seed}, delay {delay:.2f} s)"
+    assert proc.returncode == -signal.SIGKILL, f"the run finished before the kill (seed {seed})"
     killed_at = os.readlink(tmp_path / "latest-rank0.pt")
     assert is_complete(tmp_path / "latest-rank0.pt"), killed_at
     out = _finish(_start(tmp_path))  # same command: autoresume picks up latest-rank0.pt
-    print(f"seed {seed}: killed {delay:.2f} s after the first checkpoint; resumed from {killed_at}")
+    print(f"seed {seed}: killed {delay:.2f} s after the checkpoint of batch {after}; resumed from {killed_at}")
     assert "checkpoints in" in out
     _compare(reference(), _final(tmp_path))
 
@@ -130,7 +146,7 @@ torch.save = _slow_save
 
 def test_sigkill_during_a_checkpoint_write_leaves_latest_whole(reference, tmp_path):
     proc = _start(tmp_path, prelude=SLOW_SAVE)
-    _wait_for(tmp_path / "WRITING", proc)
+    _wait_for(tmp_path, "WRITING", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=TIMEOUT)
     (tmp_path / "WRITING").unlink()

@@ -21,7 +21,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"
 
 def test_defaults_and_round_trip():
     r = load_recipe_dict(None)
-    assert isinstance(r, Recipe) and r.loss.objective == "amortized"
+    assert isinstance(r, Recipe) and r.loss.objective == "linearized"
     import yaml
 
     assert load_recipe_dict(yaml.safe_load(recipe_to_yaml(r))) == r
@@ -42,8 +42,10 @@ def test_recipes_cover_every_method_at_both_scales():
 
 
 def test_unknown_key_names_itself_and_the_valid_ones():
-    with pytest.raises(RecipeError, match=r"unknown key 'loss.amortizer.lrr' \(did you mean 'lr'\?\); valid keys of loss.amortizer: .*inner_steps"):
-        load_recipe_dict({"loss": {"amortizer": {"lrr": 1}}})
+    with pytest.raises(RecipeError, match=r"loss.estimator.lrr: unknown option of estimator 'amortized' \(did you mean 'lr'\?\); valid: .*inner_steps"):
+        load_recipe_dict({"loss": {"estimator": {"name": "amortized", "lrr": 1}}})
+    with pytest.raises(RecipeError, match=r"'loss.amortizer' moved in 0.2: use loss.estimator"):
+        load_recipe_dict({"loss": {"amortizer": {"lr": 1}}})
     with pytest.raises(RecipeError, match="unknown key 'epochs'.*max_duration"):
         load_recipe_dict({"epochs": 3})
 
@@ -53,24 +55,24 @@ def test_mistyped_value_names_key_and_type():
         load_recipe_dict({"optimizer": {"lr": "fast"}})
     with pytest.raises(RecipeError, match=r"data.batch_size: expected int"):
         load_recipe_dict({"data": {"batch_size": 1.5}})
-    with pytest.raises(RecipeError, match=r"loss.objective: 'clip' is not one of infonce, sigmoid, amortized"):
+    with pytest.raises(RecipeError, match=r"loss.objective: unknown objective 'clip'; valid: infonce, linearized, sigmoid"):
         load_recipe_dict({"loss": {"objective": "clip"}})
     with pytest.raises(RecipeError, match=r"optimizer.betas\[1\]: expected float"):
         load_recipe_dict({"optimizer": {"betas": [0.9, "x"]}})
 
 
 def test_inconsistent_estimator_is_refused():
-    with pytest.raises(RecipeError, match="needs loss.objective 'amortized'"):
+    with pytest.raises(RecipeError, match="needs an objective that takes normalisers"):
         load_recipe_dict({"loss": {"objective": "infonce", "estimator": "amortized"}})
 
 
 def test_overrides_parse_values_as_yaml():
     data = apply_overrides({"optimizer": {"lr": 0.1}}, ["max_duration=20ba", "optimizer.lr=2e-3",
-                                                        "loss.rho={kind: piecewise, values: [1, -1]}",
+                                                        "loss.rho={name: piecewise, values: [1, -1]}",
                                                         "save_folder=null"])
     r = load_recipe_dict(data)
     assert r.max_duration == "20ba" and r.optimizer.lr == 0.002 and r.save_folder is None
-    assert r.loss.rho == {"kind": "piecewise", "values": [1, -1]}
+    assert r.loss.rho == {"name": "piecewise", "values": [1, -1]}
     with pytest.raises(RecipeError, match="key.sub=value"):
         apply_overrides({}, ["max_duration"])
 
@@ -113,9 +115,10 @@ def test_repeated_override_key_is_refused_with_the_shell_hint(capsys):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("loss.rho={kind: piecewize}", r"loss.rho: unknown schedule kind 'piecewize'"),
-        ("loss.amortizer.beta={kind: beta_warmup, final_value: 0.8}", r"loss.amortizer.beta: bad options"),
-        ("loss.moving_average.gamma=[1, 2]", r"loss.moving_average"),
+        ("loss.rho={name: piecewize}", r"loss.rho: .*unknown schedule 'piecewize'"),
+        ("loss.estimator={name: amortized, beta: {name: beta_warmup, final_value: 0.8}}",
+         r"loss.estimator: .*final_value"),
+        ("loss.estimator={name: moving_average, gamma: [1, 2]}", r"loss.estimator"),
         ("eval.tasks=datacmop", r"eval.tasks: 'datacmop' is not one of default, none"),
         ("data.sampling=random", r"data.sampling: 'random' is not one of split, resampled"),
     ],

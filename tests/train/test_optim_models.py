@@ -27,15 +27,28 @@ def test_groups_follow_open_clip_and_skip_frozen_parameters():
 
 @pytest.mark.parametrize("name", OPTIMIZERS.names())
 def test_every_registered_optimizer_steps(name):
+    """One step moves every parameter that got a non-zero gradient (the image tower and the logit
+    scale) and leaves alone the text tower, which took no part in the loss (its grads stay None)."""
+    torch.manual_seed(0)
     m = build_model("tiny")
     opt = build_optimizer(m, OptimizerConfig(name=name, lr=1e-3))
+    before = {k: v.detach().clone() for k, v in m.named_parameters()}
     x = m.encode_image(torch.randn(2, 3, 28, 28)).sum() + m.logit_scale
     x.backward()
     opt.step()
+    with_grad = {k for k, v in m.named_parameters() if v.grad is not None and bool(v.grad.abs().sum() > 0)}
+    without_grad = {k for k, v in m.named_parameters() if v.grad is None}
+    assert "clip.logit_scale" in with_grad and any(k.startswith("clip.visual.") for k in with_grad)
+    assert any(k.startswith("clip.transformer.") for k in without_grad)
+    params = dict(m.named_parameters())
+    unmoved = sorted(k for k in with_grad if torch.equal(params[k], before[k]))
+    assert not unmoved, f"{name} left parameters with gradients unchanged: {unmoved}"
+    moved = sorted(k for k in without_grad if not torch.equal(params[k], before[k]))
+    assert not moved, f"{name} changed parameters without gradients: {moved}"
 
 
 def test_unknown_optimizer_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown optimizer 'adamx'; valid: .*adamw.*lamb"):
+    with pytest.raises(ValueError, match="unknown optimizer 'adamx'.*valid: .*adamw.*lamb"):
         build_optimizer(build_model("tiny"), OptimizerConfig(name="adamx"))
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from amortize import distributed as D
+from amortize import comm as D
 from amortize import functional as F
 from amortize.estimators import AmortizedEstimator
 from amortize.estimators.amortized import CADENCES, EPOCH0_PREVIOUS, LR_SCALINGS, NORMALIZERS, REINIT_POLICIES
 from amortize.losses import ContrastiveLoss
 from amortize.schedules import BetaWarmup, build_schedule, piecewise
 from amortize.train.components import build_loss
-from amortize.train.config import _CHOICES, load_recipe
+from amortize.train.config import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 PAPER_AMORLIP_RECIPES = sorted(RECIPES.glob("amorlip-*-medium.yaml")) + sorted(RECIPES.glob("amorlip-*-large.yaml"))
@@ -35,10 +35,10 @@ def unit(n, d, seed=0):
 
 def test_piecewise_gives_each_part_e_div_n_epochs_and_the_last_part_the_rest():
     # 30 epochs, 4 values: parts of 30 // 4 = 7 epochs (0-6, 7-13, 14-20) and the rest, 21-29 (9 epochs)
-    medium = build_schedule({"kind": "piecewise", "values": [6.5, 6.5, 6.5, -8.0]})
+    medium = build_schedule({"name": "piecewise", "values": [6.5, 6.5, 6.5, -8.0]})
     assert [medium(e, 30) for e in range(30)] == [6.5] * 21 + [-8.0] * 9
     # 33 epochs, 3 values: 11 each; the authors' large list anneals from epoch 11 on
-    large = build_schedule({"kind": "piecewise", "values": [8.5, -8.5, -8.5]})
+    large = build_schedule({"name": "piecewise", "values": [8.5, -8.5, -8.5]})
     assert [large(e, 33) for e in range(33)] == [8.5] * 11 + [-8.5] * 22
     # 10 epochs, 3 values: 10 // 3 = 3, so 0-2, 3-5 and 6-9 (4 epochs)
     assert [piecewise(e, 10, [1.0, 2.0, 3.0]) for e in range(10)] == [1.0] * 3 + [2.0] * 3 + [3.0] * 4
@@ -233,7 +233,7 @@ def test_epoch_zero_is_never_blended_even_when_beta_starts_above_zero():
 def test_epoch0_previous_initial_blends_epoch_zero_with_the_untrained_network():
     # the untrained linear amortizer has w = 0 and b = init_log_z = 2: log lambda_prev = 2 everywhere
     x, lz = unit(8, 4), torch.linspace(1.0, 3.0, 8)
-    est = AmortizedEstimator(dim=4, amortizer="linear", amortizer_options={"init_log_z": 2.0}, beta=0.5,
+    est = AmortizedEstimator(dim=4, amortizer={"name": "linear", "init_log_z": 2.0}, beta=0.5,
                              epoch0_previous="initial")
     est.start_epoch(0, 2)
     assert bool(est.has_previous)
@@ -249,7 +249,7 @@ def test_epoch0_previous_initial_blends_epoch_zero_with_the_untrained_network():
 
 
 def test_output_bias_is_init_log_z_at_every_reinitialisation():
-    est = AmortizedEstimator(dim=4, amortizer_options={"init_log_z": 5.5})
+    est = AmortizedEstimator(dim=4, amortizer={"name": "residual_mlp", "init_log_z": 5.5})
     for epoch in range(2):
         est.start_epoch(epoch, 2)
         for net in (est.online, est.target):
@@ -271,7 +271,7 @@ def test_targets_stay_finite_at_s_100_where_a_float32_exp_sum_overflows():
     assert torch.isfinite(log_z_x).all() and torch.isfinite(log_z_y).all()
     torch.testing.assert_close(log_z_x, torch.full((4,), 100.0 + math.log(3.001)), rtol=0, atol=1e-3)
     # and so are the amortizer's normalisers and the encoder loss
-    loss = ContrastiveLoss("amortized", AmortizedEstimator(dim=8), pos_weight=1e-3)
+    loss = ContrastiveLoss("linearized", estimator=AmortizedEstimator(dim=8), pos_weight=1e-3)
     out = loss(x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(100.0))
     assert torch.isfinite(out["loss"])
 
@@ -279,12 +279,11 @@ def test_targets_stay_finite_at_s_100_where_a_float32_exp_sum_overflows():
 # ------------------------------------------------------------------ the paper recipes and the schema
 
 
-def test_recipe_choices_name_the_estimator_options():
-    assert _CHOICES["loss.amortizer.normalizer"] == NORMALIZERS
-    assert _CHOICES["loss.amortizer.reinit"] == REINIT_POLICIES
-    assert _CHOICES["loss.amortizer.cadence"] == CADENCES
-    assert _CHOICES["loss.amortizer.lr_scaling"] == LR_SCALINGS
-    assert _CHOICES["loss.amortizer.epoch0_previous"] == EPOCH0_PREVIOUS
+def test_unknown_choices_are_named_with_the_valid_ones():
+    for option, valid in (("normalizer", NORMALIZERS), ("reinit", REINIT_POLICIES), ("cadence", CADENCES),
+                          ("lr_scaling", LR_SCALINGS), ("epoch0_previous", EPOCH0_PREVIOUS)):
+        with pytest.raises(ValueError, match=f"unknown {option} 'nope'; valid: {', '.join(valid)}"):
+            AmortizedEstimator(dim=4, **{option: "nope"})
 
 
 def test_every_paper_amorlip_recipe_selects_the_authors_behaviour():
@@ -293,11 +292,13 @@ def test_every_paper_amorlip_recipe_selects_the_authors_behaviour():
     ]
     for path in PAPER_AMORLIP_RECIPES:
         r = load_recipe(path)
-        a = r.loss.amortizer
-        assert (a.cadence, a.lr_scaling, a.normalizer, a.reinit) == (
+        a = r.loss.estimator
+        assert a["name"] == "amortized", path.name
+        assert (a["cadence"], a["lr_scaling"], a["normalizer"], a["reinit"]) == (
             "per_epoch", "world_size", "previous_blend", "every_epoch"), path.name
         epochs = int(r.max_duration.removesuffix("ep"))
-        assert build_schedule(a.beta)(0, epochs) == 0.0, path.name  # no epoch-0 blend to differ on
-        assert r.loss.rho["kind"] == "piecewise", path.name
+        assert build_schedule(a["beta"])(0, epochs) == 0.0, path.name  # no epoch-0 blend to differ on
+        assert r.loss.rho["name"] == "piecewise", path.name
         est = build_loss(r, embed_dim=8).estimator
-        assert (est.cadence, est.lr_scaling, est.normalizer) == ("per_epoch", "world_size", "previous_blend")
+        assert (est.cadence, est.lr_scaling, est.normalizer, est.epoch0_previous) == (
+            "per_epoch", "world_size", "previous_blend", "none")

@@ -1,49 +1,40 @@
-"""Exact contrastive objectives computed in row chunks, with a backward that recomputes them.
+"""Score-block kernels with custom backwards: the math every objective is made of.
 
-The dense objectives of :mod:`amortize.functional` hold the (B, B) score matrix and, through
-autograd, several more (B, B) intermediates. The functions here compute the same values and the
-same gradients while holding at most a ``(chunk_size, M)`` block of scores at a time: a forward
-pass streams over row chunks (a logsumexp over each row, and a running logsumexp over each column
-combined with ``logaddexp``), and a custom :class:`torch.autograd.Function` recomputes each chunk
-in the backward pass. With ``chunk_size=None`` the same kernels run on one chunk and keep the
-score matrix from the forward pass, which makes them the fast dense path.
+A kernel works on a *rectangular* problem, rows ``x`` (R, d) against columns ``y`` (M, d), where
+the positive of row ``i`` is column ``i + offset`` (out of range: no positive in this block). It
+streams over row chunks, holding at most a ``(chunk_size, M)`` block of scores, and its backward
+recomputes each chunk; with ``chunk_size=None`` it runs on one chunk and keeps the score matrix
+between forward and backward, which makes dense the same code with one chunk.
 
-Everything is written for a *rectangular* problem, rows ``x`` (R, d) against columns ``y``
-(M, d), where the positive of row ``i`` is column ``i + offset``. The square single-process case
-is ``R = M`` and ``offset = 0``; a process under the exact distributed modes has its ``R`` local
-rows against all ``M = W * R`` gathered columns with ``offset = rank * R``
-(:mod:`amortize.distributed`).
+* :func:`score_stats`: row and column logsumexps of the weighted scores (no gradient); they are
+  the in-batch log partition sums, and InfoNCE's normalisers.
+* :func:`exp_sums`: row and column sums of ``w_ij exp(S_ij - a_i)`` and ``w_ij exp(S_ij - b_j)`` for
+  constant ``a``, ``b``, with exact gradients. Given normalisers the linearised objective is such
+  a sum (spec section 2), and InfoNCE's gradient is one with ``a`` its own logsumexp.
+* :func:`sigmoid_pair_sum`: SigLIP's pairwise sum.
+* :func:`positive_term`: ``-2 s mean_i <x_i, y_i>``.
 
-Shapes: ``x`` (R, d), ``y`` (M, d); ``scale`` and ``bias`` floats or 0-d tensors; per-row
-vectors (R,), per-column vectors (M,). Computation is in float32 (float64 inputs stay float64).
-
-The key observation (spec section 2) is that, given the normalisers, the amortized objective is a
-sum of per-pair terms ``w_ij exp(S_ij - a_i)`` and ``w_ij exp(S_ij - b_j)``. One kernel,
-:func:`exp_sums`, returns the row sums and column sums of those terms with exact gradients;
-InfoNCE reuses it (the gradient of a logsumexp is the gradient of such a sum with the constant
-``a = logsumexp`` itself), and the sigmoid loss has its own kernel, :func:`sigmoid_pair_sum`.
+Kernels know no objective and no process: :mod:`amortize.comm` hands them column blocks and
+:mod:`amortize.objectives` combines them. Computation is float32 (float64 inputs stay float64).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from amortize import functional as F
+from amortize.checks import as_float32 as _f32
+from amortize.checks import scalar_tensor as _as_tensor
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "bounds",
     "score_stats",
     "exp_sums",
     "sigmoid_pair_sum",
-    "chunked_log_partition",
-    "chunked_amortized_loss_terms",
-    "fused_amortized_loss_terms",
-    "chunked_infonce_loss",
-    "chunked_sigmoid_loss",
+    "positive_term",
 ]
 
 Scalar = Union[float, Tensor]
@@ -60,28 +51,10 @@ against 4202 MiB dense; 256 is the fastest and the only one under 0.1x of dense 
 # helpers
 
 
-def _f32(t: Tensor) -> Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def _as_tensor(v: Scalar, like: Tensor) -> Tensor:
-    if isinstance(v, Tensor):
-        return v.reshape(()).to(dtype=like.dtype, device=like.device)
-    return torch.tensor(float(v), dtype=like.dtype, device=like.device)
-
-
-def _check_chunk(chunk_size: Optional[int]) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-
-
-def _bounds(rows: int, chunk_size: Optional[int]) -> list[tuple[int, int]]:
+def bounds(rows: int, chunk_size: Optional[int]) -> list[tuple[int, int]]:
+    """Row ranges ``[(i0, i1), ...]`` of the chunks (one range for ``chunk_size=None``)."""
     step = rows if chunk_size is None else max(1, min(int(chunk_size), rows))
     return [(i, min(i + step, rows)) for i in range(0, rows, step)]
-
-
-def _log(v: float) -> float:
-    return math.log(v) if v > 0 else -math.inf
 
 
 def _add_on_positives(block: Tensor, i0: int, offset: int, value: float) -> None:
@@ -149,17 +122,17 @@ def score_stats(
     if isinstance(bias, Tensor) or bias != 0.0 or log_neg_weight != 0.0:
         b = _as_tensor(bias.detach() if isinstance(bias, Tensor) else bias, xf) + log_neg_weight
     pos_shift = log_pos_weight - log_neg_weight
-    bounds = _bounds(xf.shape[0], chunk_size)
+    ranges = bounds(xf.shape[0], chunk_size)
     row_lse = torch.empty(xf.shape[0], dtype=xf.dtype, device=xf.device)
     col_lse: Optional[Tensor] = None
     kept = None
-    for i0, i1 in bounds:
+    for i0, i1 in ranges:
         Sc = _block_scores(xf[i0:i1], yf, s, b)
         _add_on_positives(Sc, i0, offset, pos_shift)
         row_lse[i0:i1] = torch.logsumexp(Sc, dim=1)
         c = torch.logsumexp(Sc, dim=0)
         col_lse = c if col_lse is None else torch.logaddexp(col_lse, c)
-        if keep_scores and len(bounds) == 1:
+        if keep_scores and len(ranges) == 1:
             kept = Sc
     assert col_lse is not None
     return row_lse, col_lse, kept
@@ -217,7 +190,7 @@ class _ExpSums(torch.autograd.Function):
         gy = torch.zeros_like(yf) if need_y else None
         gs = torch.zeros((), dtype=xf.dtype, device=xf.device)
         gb = torch.zeros((), dtype=xf.dtype, device=xf.device)
-        for i0, i1 in _bounds(xf.shape[0], ctx.chunk_size):
+        for i0, i1 in bounds(xf.shape[0], ctx.chunk_size):
             if scores is not None:
                 Sc = scores[i0:i1]
             else:
@@ -280,7 +253,6 @@ def exp_sums(
     Returns:
         ``(row_sums (R,), col_sums (M,))`` in float32 (float64 for float64 inputs).
     """
-    _check_chunk(chunk_size)
     xf = _f32(x)
     if stats is None:
         stats = score_stats(
@@ -320,7 +292,7 @@ class _SigmoidPairSum(torch.autograd.Function):
         xf, yf = _f32(x), _f32(y)
         s, b = scale.to(xf.dtype), bias.to(xf.dtype)
         total = torch.zeros((), dtype=xf.dtype, device=xf.device)
-        for i0, i1 in _bounds(xf.shape[0], chunk_size):
+        for i0, i1 in bounds(xf.shape[0], chunk_size):
             Sc = _block_scores(xf[i0:i1], yf, s, b)
             rows = torch.arange(i1 - i0, device=xf.device)
             cols = rows + (i0 + offset)
@@ -348,7 +320,7 @@ class _SigmoidPairSum(torch.autograd.Function):
         gy = torch.zeros_like(yf) if need_y else None
         gs = torch.zeros((), dtype=xf.dtype, device=xf.device)
         gb = torch.zeros((), dtype=xf.dtype, device=xf.device)
-        for i0, i1 in _bounds(xf.shape[0], ctx.chunk_size):
+        for i0, i1 in bounds(xf.shape[0], ctx.chunk_size):
             G = _block_scores(xf[i0:i1], yf, s, b)
             rows = torch.arange(i1 - i0, device=xf.device)
             cols = rows + (i0 + ctx.offset)
@@ -402,213 +374,23 @@ def sigmoid_pair_sum(
     Returns:
         0-d sum (not divided by anything).
     """
-    _check_chunk(chunk_size)
     xf = _f32(x)
     s_t = scale if isinstance(scale, Tensor) else _as_tensor(scale, xf)
     b_t = bias if isinstance(bias, Tensor) else _as_tensor(bias, xf)
     return _SigmoidPairSum.apply(x, y, s_t.reshape(()), b_t.reshape(()), float(neg_weight), int(offset), chunk_size)
 
 
-# --------------------------------------------------------------------------------------------
-# the objectives
-
-
-def chunked_log_partition(
-    x: Tensor,
-    y: Tensor,
-    scale: Scalar,
-    bias: Scalar = 0.0,
-    pos_weight: float = 1.0,
-    chunk_size: Optional[int] = None,
-) -> tuple[Tensor, Tensor]:
-    """:func:`amortize.functional.log_partition` streamed over row chunks (no (B, B) matrix).
-
-    Args:
-        x: (B, d) image features.
-        y: (B, d) text features.
-        scale: inverse temperature.
-        bias: logit bias.
-        pos_weight: ``c``.
-        chunk_size: rows per chunk (None: one chunk).
-
-    Returns:
-        ``(log_z_x, log_z_y)``, each (B,), detached.
-    """
-    F._check_features(x, y)
-    F._check_scalar("scale", scale, positive=True)
-    F._check_scalar("bias", bias)
-    F._check_pos_weight(pos_weight, x.shape[0])
-    _check_chunk(chunk_size)
-    row, col, _ = score_stats(x, y, scale, bias, _log(pos_weight), 0.0, 0, chunk_size)
-    return row, col
-
-
-def _positive(x: Tensor, y: Tensor, scale: Scalar) -> Tensor:
-    """``-2 * scale * mean_i <x_i, y_i>`` with autograd (rows of ``x`` and ``y`` paired)."""
-    xf, yf = _f32(x), _f32(y)
-    s = scale if isinstance(scale, Tensor) else _as_tensor(scale, xf)
-    return -2.0 * s.reshape(()).to(xf.dtype) * (xf * yf).sum(dim=1).mean()
-
-
-def fused_amortized_loss_terms(
-    x: Tensor,
-    y: Tensor,
-    scale: Scalar,
-    log_norm_x: Tensor,
-    log_norm_y: Tensor,
-    bias: Scalar = 0.0,
-    pos_weight: float = 1.0,
-    chunk_size: Optional[int] = None,
-    stats: Optional[tuple[Tensor, Tensor, Optional[Tensor]]] = None,
-) -> dict[str, Tensor]:
-    """The amortized terms with the score statistics shared with the partition targets.
-
-    If ``stats = score_stats(x, y, scale, bias, log(pos_weight), keep_scores=True)`` was already
-    computed for the targets (``log_z_x, log_z_y = stats[0], stats[1]``), the forward value costs no
-    further pass over the scores (``image = mean_i exp(log_z_x[i] - log_norm_x[i])``), and the
-    dense backward reuses the kept scores: three (B, B, d) matmuls in all, the same as one
-    InfoNCE forward and backward.
-
-    Args:
-        x: (B, d) image features.
-        y: (B, d) text features.
-        scale: inverse temperature.
-        log_norm_x: (B,) image normalisers (constants).
-        log_norm_y: (B,) text normalisers (constants).
-        bias: logit bias.
-        pos_weight: ``c``.
-        chunk_size: rows per chunk or None.
-        stats: shared :func:`score_stats` output, or None to compute it here.
-
-    Returns:
-        dict of 0-d tensors ``positive``, ``image``, ``text`` (as
-        :func:`amortize.functional.amortized_loss_terms`).
-    """
-    B = x.shape[0]
-    rows, cols = exp_sums(
-        x, y, scale, bias, log_norm_x, log_norm_y, _log(pos_weight), 0.0, 0, chunk_size, stats
-    )
-    return {"positive": _positive(x, y, scale), "image": rows.sum() / B, "text": cols.sum() / B}
-
-
-def chunked_amortized_loss_terms(
-    x: Tensor,
-    y: Tensor,
-    scale: Scalar,
-    log_norm_x: Tensor,
-    log_norm_y: Tensor,
-    bias: Scalar = 0.0,
-    pos_weight: float = 1.0,
-    chunk_size: Optional[int] = None,
-) -> dict[str, Tensor]:
-    """Exact chunked :func:`amortize.functional.amortized_loss_terms`.
-
-    Args:
-        x: (B, d) image features.
-        y: (B, d) text features.
-        scale: inverse temperature ``s`` (> 0).
-        log_norm_x: (B,) log normaliser of each image row (constant).
-        log_norm_y: (B,) log normaliser of each text column (constant).
-        bias: logit bias.
-        pos_weight: ``c``.
-        chunk_size: rows per chunk (None: the fused dense kernel).
-
-    Returns:
-        dict of 0-d tensors ``positive``, ``image``, ``text``.
-    """
-    F._check_features(x, y)
-    B = x.shape[0]
-    F._check_scalar("scale", scale, positive=True)
-    F._check_scalar("bias", bias)
-    F._check_pos_weight(pos_weight, B)
-    F._check_vector("log_norm_x", log_norm_x, B)
-    F._check_vector("log_norm_y", log_norm_y, B)
-    _check_chunk(chunk_size)
-    return fused_amortized_loss_terms(x, y, scale, log_norm_x, log_norm_y, bias, pos_weight, chunk_size)
-
-
-def infonce_from_parts(
-    x: Tensor,
-    y: Tensor,
-    scale: Scalar,
-    row_lse: Tensor,
-    col_lse: Tensor,
-    stats: tuple[Tensor, Tensor, Optional[Tensor]],
-    offset: int = 0,
-    chunk_size: Optional[int] = None,
-    positives: Optional[Tensor] = None,
-) -> Tensor:
-    """Rows-against-columns InfoNCE given the (constant) logsumexps, with exact gradients.
-
-    Value: ``0.5 * (mean_i row_lse[i] + sum_{j in owned} col_lse[j] / R) - s * mean_i <x_i, y_(i+offset)>``
-    where ``owned`` are the columns ``offset .. offset + R - 1`` (the positives of these rows).
-    Gradient: that of the symmetric InfoNCE restricted to these rows (the column cross-entropies'
-    gradients with respect to these rows' scores); summed over the processes of the exact
-    distributed modes it is ``W`` times the gradient of the global loss.
+def positive_term(x: Tensor, y: Tensor, scale: Scalar) -> Tensor:
+    """``-2 * scale * mean_i <x_i, y_i>`` with autograd (rows of ``x`` and ``y`` paired).
 
     Args:
         x: (R, d) rows.
-        y: (M, d) columns.
+        y: (R, d) their positives.
         scale: inverse temperature.
-        row_lse: (R,) logsumexp of each row over all M columns.
-        col_lse: (M,) logsumexp of each column over ALL rows (global).
-        stats: :func:`score_stats` of these rows against these columns (its partial column
-            logsumexp, and kept scores when dense).
-        offset: column of row 0's positive.
-        chunk_size: rows per chunk.
-        positives: (R, d) the positive columns ``y[offset:offset + R]`` with gradient, if ``y`` is a
-            detached copy; defaults to that slice of ``y``.
 
     Returns:
-        0-d loss of this block of rows.
+        0-d tensor.
     """
-    R = x.shape[0]
-    rows, cols = exp_sums(x, y, scale, 0.0, row_lse, col_lse, 0.0, 0.0, offset, chunk_size, stats)
-    surrogate = 0.5 * (rows.sum() + cols.sum()) / R
-    value = 0.5 * (row_lse.sum() + col_lse[offset : offset + R].sum()) / R
-    yp = y[offset : offset + R] if positives is None else positives
-    return value + (surrogate - surrogate.detach()) + 0.5 * _positive(x, yp, scale)
-
-
-def chunked_infonce_loss(x: Tensor, y: Tensor, scale: Scalar, chunk_size: Optional[int] = None) -> Tensor:
-    """Exact :func:`amortize.functional.infonce_loss` with a two-pass streaming logsumexp.
-
-    Pass 1 streams over row chunks for the row logsumexps and a running column logsumexp; the
-    backward recomputes each chunk's softmax weights ``exp(S_ij - lse)``.
-
-    Args:
-        x: (B, d) image features.
-        y: (B, d) text features.
-        scale: inverse temperature ``s`` (> 0).
-        chunk_size: rows per chunk (None: one chunk, scores kept).
-
-    Returns:
-        0-d loss.
-    """
-    F._check_features(x, y)
-    F._check_scalar("scale", scale, positive=True)
-    _check_chunk(chunk_size)
-    stats = score_stats(x, y, scale, 0.0, 0.0, 0.0, 0, chunk_size, keep_scores=chunk_size is None)
-    return infonce_from_parts(x, y, scale, stats[0], stats[1], stats, 0, chunk_size)
-
-
-def chunked_sigmoid_loss(
-    x: Tensor, y: Tensor, scale: Scalar, bias: Scalar, chunk_size: Optional[int] = None
-) -> Tensor:
-    """Exact chunked :func:`amortize.functional.sigmoid_loss`: ``-sum_ij log sigmoid(z_ij S_ij) / B``.
-
-    Args:
-        x: (B, d) image features.
-        y: (B, d) text features.
-        scale: inverse temperature ``s`` (> 0).
-        bias: logit bias ``b``.
-        chunk_size: rows per chunk (None: one chunk).
-
-    Returns:
-        0-d loss.
-    """
-    F._check_features(x, y)
-    F._check_scalar("scale", scale, positive=True)
-    F._check_scalar("bias", bias)
-    _check_chunk(chunk_size)
-    return sigmoid_pair_sum(x, y, scale, bias, 0, chunk_size) / x.shape[0]
+    xf, yf = _f32(x), _f32(y)
+    s = scale if isinstance(scale, Tensor) else _as_tensor(scale, xf)
+    return -2.0 * s.reshape(()).to(xf.dtype) * (xf * yf).sum(dim=1).mean()

@@ -1,0 +1,257 @@
+"""The base objective: a template that validates, applies the dtype policy, lays out and chunks.
+
+An objective sees its batch as :class:`Pairs` (this process's rows, the column blocks a
+:class:`~amortize.comm.Layout` hands it, scale and bias in float32) and, when it declares a
+``needs_partition``, the :class:`Partition` sums of those pairs. A subclass writes only
+:meth:`Objective.terms`, its math over the blocks, returning named terms whose sum is the loss (in
+the manner of pytorch-metric-learning's ``compute_loss``). Dense is the same code with one chunk.
+
+:class:`~amortize.losses.ContrastiveLoss` orders a training step from these pieces
+(:meth:`Objective.pairs`, :func:`partition`, the estimator, :meth:`Objective.terms`); an
+objective's own ``forward`` runs the same pieces on this process's batch alone, which is what the
+functional face :mod:`amortize.functional` calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from amortize import checks as K
+from amortize import kernels
+from amortize.comm import Block, Layout, build_layout
+
+__all__ = ["Pairs", "Partition", "Objective", "partition", "rescale_temperature"]
+
+Scalar = Union[float, Tensor]
+
+
+@dataclass
+class Pairs:
+    """This process's pairs as an objective sees them.
+
+    Attributes:
+        x: (R, d) row (image) features, float32 (float64 stays), with gradient.
+        y: (R, d) this process's column (text) features, the rows' positives, with gradient.
+        scale: 0-d inverse temperature ``s``.
+        bias: 0-d logit bias, or None.
+        blocks: the column blocks of the layout (features cast like ``x``).
+        layout: the :class:`~amortize.comm.Layout`.
+        chunk_size: rows per chunk, or None for one chunk.
+        num_columns: how many columns the blocks hold in all (``N`` in exact layouts).
+        row_offset: where these rows sit among the estimator's rows.
+        negative_weight: weight of each negative in partition sums (``local`` layout: ``k``).
+        checks: the validation level.
+    """
+
+    x: Tensor
+    y: Tensor
+    scale: Tensor
+    bias: Optional[Tensor]
+    blocks: list[Block]
+    layout: Layout
+    chunk_size: Optional[int]
+    num_columns: int
+    row_offset: int
+    negative_weight: float
+    checks: str
+
+    @property
+    def rows(self) -> int:
+        """``R``, the number of local rows."""
+        return self.x.shape[0]
+
+    @property
+    def bias_value(self) -> Scalar:
+        """The bias as kernels take it (0.0 without bias)."""
+        return 0.0 if self.bias is None else self.bias
+
+
+@dataclass
+class Partition:
+    """In-batch log partition sums of a batch (no gradient).
+
+    Attributes:
+        stats: one :func:`~amortize.kernels.score_stats` result per block (reused by the objective).
+        row_lse: (R,) log sums of this process's rows over the columns it saw.
+        log_z_x: (rows the estimator sees,) log partition sums of the image rows.
+        log_z_y: (num_columns,) log partition sums of the text columns.
+        pos_weight: ``c``, the positive's weight inside the sums.
+    """
+
+    stats: list
+    row_lse: Tensor
+    log_z_x: Tensor
+    log_z_y: Tensor
+    pos_weight: float
+
+
+@torch.no_grad()
+def partition(pairs: Pairs, pos_weight: float) -> Partition:
+    """Log partition sums ``log(sum_{j != i} k exp(S_ij) + c exp(S_ii))`` of rows and columns (spec section 3).
+
+    Streams over row chunks of every block; in exact layouts the row and column sums are combined
+    across processes (identical on every process). With one chunk the weighted scores are kept
+    for the objective's backward.
+
+    Args:
+        pairs: the batch (see :meth:`Objective.pairs`).
+        pos_weight: ``c`` (>= 0).
+
+    Returns:
+        The :class:`Partition`.
+    """
+    K.pos_weight(pos_weight, pairs.num_columns, pairs.checks)
+    log_c = K.log_weight(pos_weight)
+    log_neg = K.log_weight(pairs.negative_weight)
+    x = pairs.x
+    col_partial = torch.full((pairs.num_columns,), -float("inf"), dtype=x.dtype, device=x.device)
+    stats, row_parts = [], []
+    for blk in pairs.blocks:
+        st = kernels.score_stats(x, blk.features, pairs.scale, pairs.bias_value, log_c, log_neg, blk.offset,
+                                 pairs.chunk_size, keep_scores=pairs.chunk_size is None)
+        stats.append(st)
+        row_parts.append(st[0])
+        col_partial[blk.slot] = st[1]
+    row_lse = row_parts[0] if len(row_parts) == 1 else torch.logsumexp(torch.stack(row_parts), dim=0)
+    log_z_x, log_z_y = pairs.layout.combine(row_lse, col_partial)
+    return Partition(stats, row_lse, log_z_x, log_z_y, float(pos_weight))
+
+
+def rescale_temperature(loss: Tensor, scale: Scalar, rho: Optional[float]) -> Tensor:
+    """FastCLIP's temperature rescaling: ``loss / sg(scale) + rho / scale`` (identity if rho is None).
+
+    Args:
+        loss: 0-d loss.
+        scale: inverse temperature ``s``; gradients reach it only through ``rho / scale``.
+        rho: the rescaling constant of the current epoch, or None for no rescaling.
+
+    Returns:
+        0-d rescaled loss.
+    """
+    if rho is None:
+        return loss
+    s = K.scalar_tensor(scale, loss)
+    return loss / s.detach() + rho / s
+
+
+class Objective(nn.Module):
+    """Base class of encoder objectives: subclasses set the class attributes and write :meth:`terms`.
+
+    Class attributes:
+        name: the registered name.
+        needs_partition: whether :meth:`terms` reads the in-batch partition sums (their weight ``c``
+            of the positive is :meth:`partition_weight`).
+        accepts_normalizers: whether :meth:`terms` takes estimated normalisers (the linearized
+            objective); if so ``ContrastiveLoss`` joins it with an estimator.
+        needs_bias: whether a logit bias is required (SigLIP).
+        uses_bias: whether a given logit bias enters the scores (InfoNCE is invariant to it and drops it).
+        layouts: the layouts the objective is exact or unbiased under.
+        init_logit_scale: the initial ``log s`` a model trained with it starts from (None: CLIP's).
+        init_logit_bias: the initial bias (None: no bias).
+    """
+
+    name: ClassVar[str] = "objective"
+    needs_partition: ClassVar[bool] = False
+    accepts_normalizers: ClassVar[bool] = False
+    needs_bias: ClassVar[bool] = False
+    uses_bias: ClassVar[bool] = True
+    layouts: ClassVar[tuple[str, ...]] = ("gather", "ring", "local")
+    init_logit_scale: ClassVar[Optional[float]] = None
+    init_logit_bias: ClassVar[Optional[float]] = None
+
+    def partition_weight(self) -> float:
+        """``c``, the positive's weight in this objective's partition sums."""
+        return 1.0
+
+    # ------------------------------------------------------------------ the template
+
+    def pairs(
+        self,
+        x: Tensor,
+        y: Tensor,
+        scale: Scalar,
+        bias: Optional[Scalar] = None,
+        *,
+        layout: Union[str, Layout, None] = None,
+        chunk_size: Optional[int] = None,
+        checks: Optional[str] = None,
+        names: tuple[str, str] = ("image_features", "text_features"),
+    ) -> Pairs:
+        """Validate the inputs, cast them to float32 and lay out the columns.
+
+        Args:
+            x: (B, d) image features.
+            y: (B, d) text features; row i of ``y`` is the positive of row i of ``x``.
+            scale: inverse temperature ``s`` (> 0), float or 0-d tensor (gradients flow).
+            bias: logit bias, or None.
+            layout: a layout or its name; None: this process's batch alone.
+            chunk_size: rows per chunk, or None for one chunk.
+            checks: validation level (None: the process default).
+            names: the names of ``x`` and ``y`` in error messages.
+        """
+        level = K.resolve(checks)
+        K.features(x, y, level, names)
+        K.scalar("scale", scale, level, positive=True)
+        if bias is not None:
+            K.scalar("bias", bias, level)
+        elif self.needs_bias:
+            raise ValueError(f"the {self.name} objective needs a logit bias")
+        K.chunk_size(chunk_size)
+        lay = build_layout(layout)
+        if lay.name not in self.layouts and lay.name != "this_process":
+            raise ValueError(f"the {self.name} objective has no {lay.name!r} layout; valid: {', '.join(self.layouts)}")
+        xf, yf = K.as_float32(x), K.as_float32(y)
+        s = K.scalar_tensor(scale, xf)
+        b = None if bias is None or not self.uses_bias else K.scalar_tensor(bias, xf)
+        B = xf.shape[0]
+        return Pairs(xf, yf, s, b, lay.columns(yf), lay, chunk_size, lay.num_columns(B), lay.row_offset(B),
+                     lay.negative_weight(B), level)
+
+    def terms(self, pairs: Pairs, part: Optional[Partition], log_norm_x: Optional[Tensor] = None,
+              log_norm_y: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """The objective's math: named 0-d terms whose sum is this process's loss.
+
+        Args:
+            pairs: the batch.
+            part: its partition sums (None unless ``needs_partition``).
+            log_norm_x: (R,) normalisers of this process's rows (``accepts_normalizers`` only).
+            log_norm_y: (num_columns,) normalisers of the columns.
+        """
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        scale: Scalar,
+        bias: Optional[Scalar] = None,
+        log_norm_x: Optional[Tensor] = None,
+        log_norm_y: Optional[Tensor] = None,
+        *,
+        chunk_size: Optional[int] = None,
+        checks: Optional[str] = None,
+    ) -> dict[str, Tensor]:
+        """The objective on this process's batch alone: its terms and their sum ``"loss"``.
+
+        Args:
+            x: (B, d) image features.
+            y: (B, d) text features.
+            scale: inverse temperature ``s``.
+            bias: logit bias or None.
+            log_norm_x: (B,) image normalisers (objectives that accept them; None: in-batch).
+            log_norm_y: (B,) text normalisers.
+            chunk_size: rows per chunk, or None.
+            checks: validation level (None: the process default).
+
+        Returns:
+            ``{term: 0-d tensor, ..., "loss": their sum}`` with gradients.
+        """
+        pairs = self.pairs(x, y, scale, bias, chunk_size=chunk_size, checks=checks, names=("x", "y"))
+        part = partition(pairs, self.partition_weight()) if self.needs_partition else None
+        out = self.terms(pairs, part, log_norm_x, log_norm_y)
+        out["loss"] = sum(out.values())
+        return out
