@@ -56,16 +56,30 @@ def cosine_decay(epoch: int, start: float, end: float, decay_epochs: int) -> flo
 
 
 def piecewise(epoch: int, max_epochs: int, values: Sequence[float]) -> float:
-    """Split training into ``len(values)`` equal parts and return the value of the current part.
+    """The value of the part of training that ``epoch`` falls in, with the authors' split.
 
-    ``[6.5, 6.5, 6.5, -8.0]`` gives 6.5 for the first three quarters and -8.0 for the last; the
-    authors' ``[8.5, -8.5, -8.5]`` anneals for the last two thirds.
+    ``max_epochs`` (``E``) epochs are cut into ``n = len(values)`` parts: each of the first
+    ``n - 1`` parts lasts ``E // n`` epochs and the last part takes the remainder, so the last
+    value can last longer than the others. ``[6.5, 6.5, 6.5, -8.0]`` over 30 epochs gives 6.5 for
+    epochs 0-20 and -8.0 for epochs 21-29 (9 epochs); the authors' large list
+    ``[8.5, -8.5, -8.5]`` over 33 epochs anneals from epoch 11 on (the last two thirds).
+
+    With ``E < n`` every part but the last is empty (``E // n = 0``), so the whole run takes the
+    last value, as in the authors' code. Epochs at or past ``E`` (and negative ones, taken as 0)
+    stay in the last (first) part.
+
+    Args:
+        epoch: 0-based epoch.
+        max_epochs: ``E``, the planned number of epochs (> 0).
+        values: the ``n >= 1`` values, one per part.
     """
     if not values:
         raise ValueError("piecewise schedule needs at least one value")
     if max_epochs <= 0:
         raise ValueError(f"max_epochs must be > 0, got {max_epochs}")
-    part = min(len(values) - 1, max(0, epoch) * len(values) // max_epochs)
+    n = len(values)
+    part_len = max_epochs // n
+    part = n - 1 if part_len == 0 else min(n - 1, max(0, epoch) // part_len)
     return float(values[part])
 
 
@@ -107,7 +121,7 @@ class BetaWarmup:
 
 @dataclass(frozen=True)
 class Piecewise:
-    """:func:`piecewise` as a schedule object."""
+    """:func:`piecewise` as a schedule object: ``n`` parts of ``E // n`` epochs, the last takes the rest."""
 
     values: tuple[float, ...] = field(default=(0.0,))
 

@@ -5,6 +5,9 @@ run ``inner_steps`` Adam steps of the Stage I objective every ``update_every`` s
 encoder normaliser (``normalizer``), and every ``ema_every`` steps move the EMA target network.
 At the start of every epoch the EMA network becomes the previous-epoch network and the online
 network, its optimiser and its EMA are re-initialised (``reinit="every_epoch"``, the authors' code).
+``cadence`` says whether ``update_every`` and ``ema_every`` count steps within the epoch (the
+authors' code) or over the whole run, and ``lr_scaling`` whether the inner learning rate is
+multiplied by the number of processes (the authors' code). ``docs/differences.md`` lists them.
 """
 
 from __future__ import annotations
@@ -16,22 +19,62 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from amortize import comm as D
 from amortize.amortizers import build_amortizer
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator
 from amortize.objectives.stage1 import AMORTIZATION_OBJECTIVES, amortization_loss
 from amortize.registry import Section
 from amortize.schedules import BetaWarmup, Schedule, build_schedule
 
-__all__ = ["AmortizedEstimator", "blend_log_targets", "NORMALIZERS", "REINIT_POLICIES"]
+__all__ = [
+    "AmortizedEstimator",
+    "blend_log_targets",
+    "NORMALIZERS",
+    "REINIT_POLICIES",
+    "CADENCES",
+    "LR_SCALINGS",
+    "EPOCH0_PREVIOUS",
+]
 
 MODALITIES = ("image", "text")
 
-NORMALIZERS = ("previous_blend", "ema_target")
-"""Encoder normaliser modes: ``previous_blend`` divides by ``Z_comb`` (the authors' released
-command, ``fit_w_prev``); ``ema_target`` divides by the EMA target network's ``lambda`` (paper Eq. 6)."""
+NORMALIZERS = ("previous_blend", "ema_target", "ema_ramp")
+"""Encoder normaliser modes, with how the Stage I targets and the EMA go with them:
+
+* ``previous_blend``: the authors' released command (``fit_w_prev``). The encoders are divided by
+  ``Z_comb``, the in-batch sums blended with the previous-epoch network by ``beta`` (Eq. 12),
+  which is also the Stage I target; the EMA decay is the constant ``ema_decay``.
+* ``ema_target``: the paper (Eq. 6 with Eq. 12). The encoders are divided by the EMA target
+  network's ``lambda``; the Stage I targets are blended by ``beta``; constant ``ema_decay``.
+* ``ema_ramp``: the authors' code without ``fit_w_prev``. The encoders are divided by the EMA
+  target network's ``lambda``; the Stage I targets are the in-batch sums, never blended; the EMA
+  decay of epoch ``t`` is ``beta(t)``, so it ramps with the beta schedule (0 at epoch 0, then up
+  to ``beta_T``) and ``ema_decay`` is unused.
+"""
 
 REINIT_POLICIES = ("every_epoch", "never")
 """When the online amortizer, its optimiser and its EMA are re-initialised."""
+
+CADENCES = ("per_epoch", "global")
+"""How ``update_every`` (``T_online``) and ``ema_every`` (``T_target``) count steps:
+
+* ``per_epoch`` (the authors' code): a counter that restarts at every epoch; the fit runs at the
+  within-epoch steps 0, ``T_online``, 2 ``T_online``, ... and the EMA update follows the
+  within-epoch steps 0, ``T_target``, 2 ``T_target``, ...
+* ``global``: the step counter of the whole run, never reset; the fit runs at the steps
+  0, ``T_online``, ... and the EMA update follows the steps ``T_target - 1``, ``2 T_target - 1``, ...
+  (the project's behaviour before ``cadence`` existed).
+"""
+
+LR_SCALINGS = ("none", "world_size")
+"""The inner Adam's learning rate: ``none``: ``lr`` on any number of processes; ``world_size``
+(the authors' code): ``lr * W`` with ``W`` the torch.distributed world size (1 when it is not
+initialised), read whenever the optimiser is created (every epoch start) or restored."""
+
+EPOCH0_PREVIOUS = ("none", "initial")
+"""The previous-epoch network in epoch 0: ``none``: there is none, epoch 0 is never blended;
+``initial`` (the authors' code): the untrained initial network, blended by ``beta(0)``. The two
+agree when ``beta(0) = 0``, as with ``beta_warmup``."""
 
 
 def blend_log_targets(log_prev: Tensor, log_batch: Tensor, beta: float) -> Tensor:
@@ -59,8 +102,8 @@ class AmortizedEstimator(PartitionEstimator):
 
     Submodules: ``online`` (trained by the inner optimiser), ``target`` (EMA of ``online``) and
     ``previous`` (the EMA network frozen at the start of the epoch), each a
-    ``ModuleDict(image=..., text=...)``. Buffers: ``step``, ``epoch``, ``max_epochs``,
-    ``has_previous``. The inner Adam optimiser's state is saved in the module's extra state.
+    ``ModuleDict(image=..., text=...)``. Buffers: ``step`` (training steps of the run),
+    ``epoch_step`` (training steps of the current epoch), ``epoch``, ``max_epochs``, ``has_previous``. The inner Adam optimiser's state is saved in the module's extra state.
     None of the amortizer parameters require grad outside the inner loop, so an outer optimiser,
     DDP and gradient clipping of the encoders never see them.
 
@@ -73,13 +116,20 @@ class AmortizedEstimator(PartitionEstimator):
         lr: the inner Adam's learning rate (constant, no weight decay).
         inner_steps: ``T_lambda``, Adam steps per fit.
         update_every: ``T_online``, encoder steps between fits.
-        ema_decay: ``alpha`` of the target network.
+        ema_decay: ``alpha`` of the target network (unused with ``normalizer="ema_ramp"``).
         ema_every: ``T_target``, encoder steps between EMA updates.
         beta: schedule (over epochs) of the previous-epoch blending weight; a float is constant.
-        normalizer: ``"previous_blend"`` (authors' code, default) or ``"ema_target"`` (paper Eq. 6).
+            With ``normalizer="ema_ramp"`` it is the EMA decay's schedule instead.
+        normalizer: a name in :data:`NORMALIZERS`: ``"previous_blend"`` (authors' released
+            command, default), ``"ema_target"`` (the paper) or ``"ema_ramp"`` (authors' EMA mode).
         reinit: ``"every_epoch"`` (authors' code) or ``"never"``.
         clip_norm: gradient-norm clip of the inner steps (None: no clipping).
         seed: seeds the (re-)initialisation of the online networks, so runs and resumes agree.
+        cadence: a name in :data:`CADENCES`: ``"per_epoch"`` (authors' code, default) or ``"global"``.
+        lr_scaling: a name in :data:`LR_SCALINGS`: ``"none"`` (default, the same ``lr`` on any
+            number of processes) or ``"world_size"`` (authors' code; the paper recipes use it).
+        epoch0_previous: a name in :data:`EPOCH0_PREVIOUS`: ``"none"`` (default) or ``"initial"``
+            (authors' code); it matters only for a ``beta`` schedule that starts above 0.
     """
 
     def __init__(
@@ -94,16 +144,24 @@ class AmortizedEstimator(PartitionEstimator):
         ema_decay: float = 0.92,
         ema_every: int = 2,
         beta: Union[float, dict, Schedule] = BetaWarmup(0.8, 16),
-        normalizer: Literal["previous_blend", "ema_target"] = "previous_blend",
+        normalizer: Literal["previous_blend", "ema_target", "ema_ramp"] = "previous_blend",
         reinit: Literal["every_epoch", "never"] = "every_epoch",
         clip_norm: Optional[float] = 1.0,
         seed: int = 0,
+        cadence: Literal["per_epoch", "global"] = "per_epoch",
+        lr_scaling: Literal["none", "world_size"] = "none",
+        epoch0_previous: Literal["none", "initial"] = "none",
     ):
         super().__init__()
-        if normalizer not in NORMALIZERS:
-            raise ValueError(f"unknown normalizer {normalizer!r}; valid: {', '.join(NORMALIZERS)}")
-        if reinit not in REINIT_POLICIES:
-            raise ValueError(f"unknown reinit {reinit!r}; valid: {', '.join(REINIT_POLICIES)}")
+        for name, value, valid in (
+            ("normalizer", normalizer, NORMALIZERS),
+            ("reinit", reinit, REINIT_POLICIES),
+            ("cadence", cadence, CADENCES),
+            ("lr_scaling", lr_scaling, LR_SCALINGS),
+            ("epoch0_previous", epoch0_previous, EPOCH0_PREVIOUS),
+        ):
+            if value not in valid:
+                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
         AMORTIZATION_OBJECTIVES.get(objective)  # an unknown name fails here, with the valid ones
         for name, v in (("inner_steps", inner_steps), ("update_every", update_every), ("ema_every", ema_every)):
             if int(v) < 1:
@@ -127,6 +185,9 @@ class AmortizedEstimator(PartitionEstimator):
         self.reinit = reinit
         self.clip_norm = clip_norm
         self.seed = int(seed)
+        self.cadence = cadence
+        self.lr_scaling = lr_scaling
+        self.epoch0_previous = epoch0_previous
 
         self.online = self._fresh_nets(epoch=0)
         self.target = copy.deepcopy(self.online)
@@ -134,6 +195,7 @@ class AmortizedEstimator(PartitionEstimator):
         for net in (self.online, self.target, self.previous):
             net.requires_grad_(False)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("epoch_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("epoch", torch.full((), -1, dtype=torch.long))
         self.register_buffer("max_epochs", torch.ones((), dtype=torch.long))
         self.register_buffer("has_previous", torch.zeros((), dtype=torch.bool))
@@ -148,8 +210,17 @@ class AmortizedEstimator(PartitionEstimator):
                 {m: build_amortizer(self.amortizer, self.dim) for m in MODALITIES}
             )
 
+    @property
+    def inner_lr(self) -> float:
+        """The inner Adam's learning rate now: ``lr``, times the world size under ``lr_scaling="world_size"``."""
+        return self.lr * (D.world_size() if self.lr_scaling == "world_size" else 1)
+
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.online.parameters(), lr=self.lr, weight_decay=0.0)
+        return torch.optim.Adam(self.online.parameters(), lr=self.inner_lr, weight_decay=0.0)
+
+    def _set_inner_lr(self) -> None:
+        for group in self._optimizer.param_groups:
+            group["lr"] = self.inner_lr
 
     def get_extra_state(self) -> dict:
         """The inner optimiser's state, saved with the module's ``state_dict``."""
@@ -159,6 +230,7 @@ class AmortizedEstimator(PartitionEstimator):
         """Restore the inner optimiser's state."""
         self._optimizer = self._new_optimizer()
         self._optimizer.load_state_dict(state["optimizer"])
+        self._set_inner_lr()  # the saved lr may come from another world size
 
     # ---------------------------------------------------------------- schedule
 
@@ -167,16 +239,28 @@ class AmortizedEstimator(PartitionEstimator):
         """The previous-epoch blending weight of the current epoch."""
         return self.beta_schedule(max(0, int(self.epoch)), int(self.max_epochs))
 
+    def ema_decay_at(self, epoch: int, max_epochs: int) -> float:
+        """The EMA decay used in ``epoch``: ``beta(epoch)`` with ``normalizer="ema_ramp"``, else ``ema_decay``."""
+        if self.normalizer != "ema_ramp":
+            return self.ema_decay
+        decay = self.beta_schedule(max(0, epoch), max_epochs)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"normalizer 'ema_ramp' uses beta as the EMA decay; it must be in [0, 1], got {decay}")
+        return decay
+
     def start_epoch(self, epoch: int, max_epochs: int) -> None:
         """Epoch start: the EMA network becomes ``previous``; re-initialise online, its Adam and EMA.
 
-        Idempotent: calling it again for the current epoch (as a resumed run does) changes nothing.
+        The within-epoch step counter restarts, and the inner Adam's learning rate is set from
+        the current world size (``lr_scaling``). Idempotent: calling it again for the current
+        epoch (as a resumed run does) changes nothing.
         """
         if epoch == int(self.epoch):
             return
         self.max_epochs.fill_(max(1, max_epochs))
         with torch.no_grad():
-            if int(self.epoch) >= 0:
+            if int(self.epoch) >= 0 or self.epoch0_previous == "initial":
+                # before the first epoch the EMA network is still the untrained initial one
                 self.previous.load_state_dict(self.target.state_dict())
                 self.has_previous.fill_(True)
             if self.reinit == "every_epoch" or int(self.epoch) < 0:
@@ -185,6 +269,8 @@ class AmortizedEstimator(PartitionEstimator):
                 self.online.load_state_dict(fresh.state_dict())
                 self.target.load_state_dict(fresh.state_dict())
                 self._optimizer = self._new_optimizer()
+        self._set_inner_lr()
+        self.epoch_step.zero_()
         self.epoch.fill_(epoch)
 
     # ---------------------------------------------------------------- per step
@@ -219,9 +305,9 @@ class AmortizedEstimator(PartitionEstimator):
         return loss.detach()
 
     @torch.no_grad()
-    def _ema_update(self) -> None:
+    def _ema_update(self, decay: float) -> None:
         for pt, po in zip(self.target.parameters(), self.online.parameters()):
-            pt.lerp_(po, 1.0 - self.ema_decay)
+            pt.lerp_(po, 1.0 - decay)
 
     def forward(
         self,
@@ -233,23 +319,27 @@ class AmortizedEstimator(PartitionEstimator):
     ) -> PartitionEstimate:
         """Fit (in training mode) and return the normalisers; see the class docstring for the order."""
         # the counters are read to the host once per step (one synchronisation on a GPU)
-        epoch, max_epochs, step, has_previous = torch.stack(
-            [self.epoch, self.max_epochs, self.step, self.has_previous.long()]
+        epoch, max_epochs, step, epoch_step, has_previous = torch.stack(
+            [self.epoch, self.max_epochs, self.step, self.epoch_step, self.has_previous.long()]
         ).tolist()
         if epoch < 0:
             self.start_epoch(0, max_epochs)
-            epoch, has_previous = 0, int(self.has_previous)
+            epoch, epoch_step, has_previous = 0, 0, int(self.has_previous)
+        if self.cadence == "per_epoch":
+            fit_now, ema_now = epoch_step % self.update_every == 0, epoch_step % self.ema_every == 0
+        else:
+            fit_now, ema_now = step % self.update_every == 0, (step + 1) % self.ema_every == 0
         u = {"image": x.detach().float(), "text": y.detach().float()}
         batch = {"image": log_z_x.detach().float(), "text": log_z_y.detach().float()}
         with torch.no_grad():
-            if has_previous:
+            if has_previous and self.normalizer != "ema_ramp":
                 beta = self.beta_schedule(epoch, max_epochs)
                 prev = self._predict(self.previous, u)
                 comb = {m: blend_log_targets(prev[m], batch[m], beta) for m in MODALITIES}
             else:
                 comb = batch
         terms: dict[str, Tensor] = {}
-        if self.training and step % self.update_every == 0:
+        if self.training and fit_now:
             terms["amortizer_fit"] = self._fit(u, comb)
         with torch.no_grad():
             ema = self._predict(self.target, u)
@@ -259,6 +349,7 @@ class AmortizedEstimator(PartitionEstimator):
             )
         if self.training:
             self.step.add_(1)
-            if (step + 1) % self.ema_every == 0:
-                self._ema_update()
+            self.epoch_step.add_(1)
+            if ema_now:
+                self._ema_update(self.ema_decay_at(epoch, max_epochs))
         return PartitionEstimate(norm["image"].to(log_z_x.dtype), norm["text"].to(log_z_y.dtype), terms)

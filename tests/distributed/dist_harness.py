@@ -1,6 +1,7 @@
 """Shared by the multi-process tests and their gloo workers: cases, losses and one training run.
 
-A *case* is a plain dict (objective, mode, estimator, sizes, seed, ...). ``run_case`` runs it on
+A *case* is a plain dict (objective, mode, estimator, sizes, seed, ``estimator_options`` of the
+amortized estimator, ...). ``run_case`` runs it on
 this process (single-process when torch.distributed is not initialised) and returns what the
 parent test compares: per-step losses, feature gradients scattered into global positions, scale
 and bias gradients, and the estimator's final state.
@@ -32,7 +33,8 @@ def make_loss(case: dict) -> ContrastiveLoss:
         elif est == "moving_average":
             estimator = MovingAverageEstimator(NUM_SAMPLES, gamma=0.5)
         elif est == "amortized":
-            estimator = AmortizedEstimator(dim=case["d"], inner_steps=2, update_every=1, ema_every=1, ema_decay=0.5)
+            estimator = AmortizedEstimator(dim=case["d"], inner_steps=2, update_every=1, ema_every=1, ema_decay=0.5,
+                                           **case.get("estimator_options", {}))
         elif est == "amortized_fixed":  # deterministic normalisers: lambda of the (untrained) target net
             estimator = AmortizedEstimator(dim=case["d"], normalizer="ema_target").eval()
         else:
@@ -88,7 +90,8 @@ def run_case(case: dict, rank: int = 0, world: int = 1) -> dict:
             X, Y, index = global_batch(case, step)
             records.append(_one_step(loss_fn, case, X, Y, index, torch.arange(rank * B, (rank + 1) * B)))
     state = {k: v.detach().clone() for k, v in loss_fn.state_dict().items() if isinstance(v, torch.Tensor)}
-    return {"records": records, "state": state}
+    inner_lr = getattr(getattr(loss_fn, "estimator", None), "inner_lr", None)  # amortized estimators only
+    return {"records": records, "state": state, "inner_lr": inner_lr}
 
 
 def free_port() -> int:
