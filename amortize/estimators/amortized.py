@@ -200,6 +200,9 @@ class AmortizedEstimator(PartitionEstimator):
         self.register_buffer("max_epochs", torch.ones((), dtype=torch.long))
         self.register_buffer("has_previous", torch.zeros((), dtype=torch.bool))
         self._optimizer = self._new_optimizer()
+        self._params = list(self.online.parameters())
+        self._host: Optional[list[int]] = None
+        self.register_load_state_dict_post_hook(self._invalidate_counters)
 
     # ---------------------------------------------------------------- construction helpers
 
@@ -216,7 +219,8 @@ class AmortizedEstimator(PartitionEstimator):
         return self.lr * (D.world_size() if self.lr_scaling == "world_size" else 1)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.online.parameters(), lr=self.inner_lr, weight_decay=0.0)
+        # foreach: one multi-tensor kernel per Adam step instead of one per parameter
+        return torch.optim.Adam(self.online.parameters(), lr=self.inner_lr, weight_decay=0.0, foreach=True)
 
     def _set_inner_lr(self) -> None:
         for group in self._optimizer.param_groups:
@@ -272,37 +276,56 @@ class AmortizedEstimator(PartitionEstimator):
         self._set_inner_lr()
         self.epoch_step.zero_()
         self.epoch.fill_(epoch)
+        self._host = None
 
     # ---------------------------------------------------------------- per step
+
+    def _counters(self) -> list[int]:
+        """``[epoch, max_epochs, step, epoch_step, has_previous]`` as Python ints.
+
+        The buffers are the state (checkpoints, resume); a host copy is read from them once, after
+        construction, a load or an epoch start, and then advanced beside them, so a training step
+        does not synchronise with the device to read its own counters.
+        """
+        if self._host is None:
+            self._host = torch.stack(
+                [self.epoch, self.max_epochs, self.step, self.epoch_step, self.has_previous.long()]
+            ).tolist()
+        return list(self._host)
+
+    def _invalidate_counters(self, *args, **kwargs) -> None:
+        self._host = None
 
     def _predict(self, nets: nn.ModuleDict, u: dict[str, Tensor]) -> dict[str, Tensor]:
         return {m: nets[m](u[m]) for m in MODALITIES}
 
-    def _fit(self, u: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
+    def _fit(self, u: dict[str, Tensor], targets: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``inner_steps`` Adam steps of the Stage I objective; returns the last fit loss and the
+        online networks' RMSE against the in-batch targets before the fit (read off the first forward)."""
         # the inputs come from the loss module, which validated the features: no value checks
         # (and no host synchronisation) here; a non-finite step is the divergence guard's to handle
-        params = [p for p in self.online.parameters()]
-        loss = torch.zeros(())
+        params = self._params
+        loss = rmse = torch.zeros(())
         self.online.requires_grad_(True)
         try:
             with torch.enable_grad(), torch.autocast(device_type=u["image"].device.type, enabled=False):
-                for _ in range(self.inner_steps):
-                    loss = sum(
-                        amortization_loss(self.online[m](u[m]), targets[m], self.objective, self.log_l2_weight,
-                                          checks="shapes")
-                        for m in MODALITIES
-                    )
+                for i in range(self.inner_steps):
+                    pred = self._predict(self.online, u)
+                    if i == 0:
+                        rmse = _rmse(pred, batch)
+                    loss = sum(amortization_loss(pred[m], targets[m], self.objective, self.log_l2_weight,
+                                                 checks="off") for m in MODALITIES)
                     grads = torch.autograd.grad(loss, params)
                     for p, g in zip(params, grads):
                         p.grad = g
                     if self.clip_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+                        torch.nn.utils.clip_grad_norm_(params, self.clip_norm, foreach=True)
                     self._optimizer.step()
                     for p in params:
                         p.grad = None
         finally:
             self.online.requires_grad_(False)
-        return loss.detach()
+        return loss.detach(), rmse
 
     @torch.no_grad()
     def _ema_update(self, decay: float) -> None:
@@ -317,14 +340,16 @@ class AmortizedEstimator(PartitionEstimator):
         log_z_y: Tensor,
         index: Optional[Tensor] = None,
     ) -> PartitionEstimate:
-        """Fit (in training mode) and return the normalisers; see the class docstring for the order."""
-        # the counters are read to the host once per step (one synchronisation on a GPU)
-        epoch, max_epochs, step, epoch_step, has_previous = torch.stack(
-            [self.epoch, self.max_epochs, self.step, self.epoch_step, self.has_previous.long()]
-        ).tolist()
+        """Fit (in training mode) and return the normalisers; see the class docstring for the order.
+
+        Terms: ``amortizer_fit`` (the last inner step's Stage I loss) and ``amortizer_rmse`` (the
+        online networks' RMSE against the in-batch log sums, before this step's fit) on the steps
+        that fit; ``target_rmse`` (the EMA networks' RMSE) when the encoders are normalised by them.
+        """
+        epoch, max_epochs, step, epoch_step, has_previous = self._counters()
         if epoch < 0:
             self.start_epoch(0, max_epochs)
-            epoch, epoch_step, has_previous = 0, 0, int(self.has_previous)
+            epoch, max_epochs, step, epoch_step, has_previous = self._counters()
         if self.cadence == "per_epoch":
             fit_now, ema_now = epoch_step % self.update_every == 0, epoch_step % self.ema_every == 0
         else:
@@ -340,16 +365,23 @@ class AmortizedEstimator(PartitionEstimator):
                 comb = batch
         terms: dict[str, Tensor] = {}
         if self.training and fit_now:
-            terms["amortizer_fit"] = self._fit(u, comb)
-        with torch.no_grad():
-            ema = self._predict(self.target, u)
-            norm = comb if self.normalizer == "previous_blend" else ema
-            terms["amortizer_rmse"] = torch.sqrt(
-                0.5 * sum((ema[m] - batch[m]).square().mean() for m in MODALITIES)
-            )
+            terms["amortizer_fit"], terms["amortizer_rmse"] = self._fit(u, comb, batch)
+        if self.normalizer == "previous_blend":
+            norm = comb  # the EMA networks are not read this step (they become `previous` next epoch)
+        else:
+            with torch.no_grad():
+                norm = self._predict(self.target, u)
+                terms["target_rmse"] = _rmse(norm, batch)
         if self.training:
             self.step.add_(1)
             self.epoch_step.add_(1)
+            self._host[2] += 1
+            self._host[3] += 1
             if ema_now:
                 self._ema_update(self.ema_decay_at(epoch, max_epochs))
         return PartitionEstimate(norm["image"].to(log_z_x.dtype), norm["text"].to(log_z_y.dtype), terms)
+
+
+def _rmse(pred: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
+    """RMSE over both modalities of log predictions against log targets (detached)."""
+    return torch.sqrt(0.5 * sum((pred[m].detach() - target[m]).square().mean() for m in MODALITIES))

@@ -30,4 +30,4 @@ def _write_reports():
     if RESULTS["estimator_accuracy"]:
         estimator_accuracy.report(sorted(RESULTS["estimator_accuracy"], key=lambda r: r["B"]))
     if RESULTS["step_overhead"]:
-        step_overhead.report(RESULTS["step_overhead"][0])
+        step_overhead.report(RESULTS["step_overhead"])

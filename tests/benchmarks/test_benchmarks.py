@@ -30,7 +30,8 @@ def test_estimator_accuracy(benchmark, B):
     RESULTS["estimator_accuracy"].append(result)
 
 
-def test_step_overhead(benchmark):
-    result = benchmark.pedantic(step_overhead.run, rounds=1, iterations=1)
+@pytest.mark.parametrize("batch", [32, 256])
+def test_step_overhead(benchmark, batch):
+    result = benchmark.pedantic(step_overhead.run, kwargs={"batch": batch}, rounds=1, iterations=1)
     benchmark.extra_info.update({k: v for k, v in result.items() if k != "times_s"})
     RESULTS["step_overhead"].append(result)

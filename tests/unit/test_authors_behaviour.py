@@ -175,7 +175,7 @@ def test_ema_ramp_moves_the_target_with_the_ramped_decay_and_does_not_blend():
     est = AmortizedEstimator(dim=4, normalizer="ema_ramp", update_every=1, ema_every=1, beta=BetaWarmup(0.8, 4))
     seen_targets = []
     original = est._fit
-    est._fit = lambda u, targets: (seen_targets.append(targets["image"].clone()), original(u, targets))[1]
+    est._fit = lambda u, targets, *rest: (seen_targets.append(targets["image"].clone()), original(u, targets, *rest))[1]
     x, y = unit(8, 4, seed=1), unit(8, 4, seed=2)
     lz = torch.linspace(1.0, 3.0, 8)
     # epoch 0: decay 0, so after the step's EMA update the target IS the fitted online net
@@ -203,7 +203,7 @@ def test_ema_target_blends_what_ema_ramp_does_not():
     est = AmortizedEstimator(dim=4, normalizer="ema_target", beta=BetaWarmup(0.8, 4))
     seen = []
     original = est._fit
-    est._fit = lambda u, targets: (seen.append(targets["image"].clone()), original(u, targets))[1]
+    est._fit = lambda u, targets, *rest: (seen.append(targets["image"].clone()), original(u, targets, *rest))[1]
     x, lz = unit(8, 4, seed=1), torch.linspace(1.0, 3.0, 8)
     for epoch in range(3):
         est.start_epoch(epoch, 6)
