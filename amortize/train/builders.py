@@ -117,6 +117,10 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
         loader = DataLoader(pipeline, batch_size=None, num_workers=d.num_workers,
                             persistent_workers=d.num_workers > 0)
         return loader, total
+    from amortize.train.components import DATASETS
+
+    if d.name not in DATASETS:
+        raise RecipeError(f"data.name: unknown dataset {d.name!r}; valid: {', '.join(sorted([*DATASETS, 'webdataset']))}")
     with _section("data"):
         dataset = build_dataset(recipe, tokenizer, image_size)
     if len(dataset) < recipe.data.batch_size:
