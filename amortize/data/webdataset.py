@@ -415,6 +415,49 @@ def make_pipeline(
     return pipeline
 
 
+def shards_from_folder(src: str | Path, dest: str | Path, samples_per_shard: int = 10000) -> str:
+    """Write img2dataset-style shards from a folder of images with one caption file each.
+
+    Every image ``NAME.jpg`` / ``.jpeg`` / ``.png`` / ``.webp`` under ``src`` (sorted, recursively)
+    whose ``NAME.txt`` exists becomes one sample: ``dest/00000.tar`` holds ``000000000.jpg`` (the
+    file's bytes, with its own extension) and ``000000000.txt``, and each shard gets an
+    img2dataset ``00000_stats.json`` (``successes``), so its size is known without a scan.
+    Images without a caption file are left out.
+
+    Args:
+        src: folder of images and captions.
+        dest: output folder (created).
+        samples_per_shard: samples per ``.tar``.
+
+    Returns:
+        The brace pattern of the written shards, for ``data.shards``.
+
+    Raises:
+        ValueError: if no image under ``src`` has a caption file.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    pairs = [(p, p.with_suffix(".txt")) for p in sorted(Path(src).rglob("*"))
+             if p.suffix.lower().lstrip(".") in IMAGE_EXTS and p.with_suffix(".txt").is_file()]
+    if not pairs:
+        raise ValueError(f"no image with a caption file (NAME.jpg + NAME.txt) under {src}")
+    out = Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+    n_shards = (len(pairs) + samples_per_shard - 1) // samples_per_shard
+    for s in range(n_shards):
+        chunk = pairs[s * samples_per_shard:(s + 1) * samples_per_shard]
+        with tarfile.open(out / f"{s:05d}.tar", "w") as tar:
+            for i, (image, caption) in enumerate(chunk):
+                key = f"{s * samples_per_shard + i:09d}"
+                for name, data in ((key + image.suffix.lower(), image.read_bytes()),
+                                   (key + ".txt", caption.read_bytes())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        (out / f"{s:05d}_stats.json").write_text(json.dumps({"successes": len(chunk)}))
+    return str(out / (f"{{00000..{n_shards - 1:05d}}}.tar" if n_shards > 1 else "00000.tar"))
+
+
 def open_clip_transform(image_size: int, is_train: bool = True):
     """open_clip's image transform (random resized crop when training, resize + centre crop otherwise)."""
     import open_clip
