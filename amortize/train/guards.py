@@ -289,6 +289,12 @@ class TrainingInterrupted(Exception):
         self.checkpoint, self.export, self.epoch, self.batch = checkpoint, export, epoch, batch
 
 
+def _single_process() -> bool:
+    from composer.utils import dist
+
+    return dist.get_world_size() == 1
+
+
 class SaveOnInterrupt(Callback):
     """Ctrl-C (SIGINT) finishes the current batch, saves a checkpoint and the export, then stops.
 
@@ -296,7 +302,9 @@ class SaveOnInterrupt(Callback):
     scheduler step: the state a periodic checkpoint holds) the callback writes
     ``save_folder/save_filename`` (atomically), points the ``latest`` link at it, writes the
     weights export and raises :class:`TrainingInterrupted`. A second Ctrl-C interrupts at once.
-    The handler is installed for the duration of ``fit`` in the main thread only.
+    The handler is installed for the duration of ``fit``, in the main thread of a single-process
+    run only: under Composer's launcher the processes would take the signal at different batches,
+    and the launcher stops them itself; there, periodic checkpoints and ``autoresume`` cover it.
 
     Args:
         save_folder: the run's folder.
@@ -323,7 +331,7 @@ class SaveOnInterrupt(Callback):
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         """Composer hook (FIT_START, BATCH_CHECKPOINT, FIT_END)."""
-        if event == Event.FIT_START and threading.current_thread() is threading.main_thread():
+        if event == Event.FIT_START and threading.current_thread() is threading.main_thread() and _single_process():
             self.requested = False
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
         elif event == Event.FIT_END:
