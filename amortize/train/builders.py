@@ -237,6 +237,12 @@ def build_trainer(
 
 def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optional[int] = None) -> tuple:
     """(model, tokenizer, loader, optimizer, scheduler) of a recipe, errors named by recipe section."""
+    import torch
+
+    device = recipe.device or ("gpu" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and (recipe.precision or "fp32") != "fp32":
+        raise RecipeError(f"precision: {recipe.precision} needs a GPU, and this run would use the CPU "
+                          f"(device={recipe.device}); set precision=fp32 (or null) for the CPU")
     with _section("model"):
         towers = build_two_tower(recipe)
     tokenizer = build_tokenizer(recipe, towers.context_length)

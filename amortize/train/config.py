@@ -59,6 +59,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.amortizer.normalizer": ("previous_blend", "ema_target"),
     "loss.amortizer.reinit": ("every_epoch", "never"),
     "precision": ("fp32", "amp_fp16", "amp_bf16"),
+    "device": ("cpu", "gpu", "mps"),
     "data.sampling": ("split", "resampled"),
     "eval.tasks": ("default", "none"),
     "divergence.policy": ("skip", "stop", "none"),

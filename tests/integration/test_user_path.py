@@ -72,6 +72,8 @@ def _snapshot(folder: Path) -> dict[str, tuple]:
     ("max_duration=-5ep", "max_duration: must be > 0"),
     ("optimizer.name=torch.optim.SGD", "optimizer: unknown optimizer 'torch.optim.SGD'"),
     ("data.max_skip_fraction=2", "data.max_skip_fraction: must be in [0, 1]"),
+    ("precision=amp_bf16", "precision: amp_bf16 needs a GPU"),
+    ("load_mode=everything", "load_mode: 'everything' is not one of full, weights"),
 ])
 def test_1_7_out_of_range_values_are_refused_by_dry_run(override, named, tmp_path, capsys):
     assert main(["train", *_synthetic(tmp_path, override), "--dry-run"]) == 2
