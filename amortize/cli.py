@@ -179,6 +179,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of ``e``; an error re-raised from a DataLoader worker carries the worker's
+    traceback in its text, of which only the last line (the original message) is kept."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    prefix = f"{type(e).__module__}.{type(e).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def _expected_errors() -> tuple[type, ...]:
     """Exception types that report a user's mistake or a data problem, not a bug."""
     from amortize.checkpoints import CorruptCheckpointError, UnsafeCheckpointError
@@ -233,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:
         if args.debug or not isinstance(e, _expected_errors()):
             raise
-        print(f"amortize {args.command}: error: {e}", file=sys.stderr)
+        print(f"amortize {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -209,11 +209,14 @@ def test_6_sogclr_estimator_is_sized_by_the_shards(shards, tmp_path, capsys):
 def test_7_unreadable_shards_over_the_threshold_end_in_one_message(tmp_path, capsys):
     for s in range(2):
         write_shard(tmp_path / f"{s:05d}.tar", s * 12, 12, bad={i: "image" for i in range(0, 12, 2)})
-    args = _on_shards("clip", str(tmp_path / "{00000..00001}.tar"), tmp_path / "run", "max_duration=1ep",
-                      "data.max_skip_fraction=0.1", "data.skip_min_seen=4", "data.batch_size=4")
-    assert main(["train", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("amortize train: error: skipped") and "undecodable_image" in err and "Traceback" not in err
+    for workers in (0, 1):  # in a DataLoader worker too: the worker's traceback is not printed
+        args = _on_shards("clip", str(tmp_path / "{00000..00001}.tar"), tmp_path / "run", "max_duration=1ep",
+                          "data.max_skip_fraction=0.1", "data.skip_min_seen=4", "data.batch_size=4",
+                          f"data.num_workers={workers}", "save_overwrite=true")
+        assert main(["train", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("amortize train: error: skipped") and "undecodable_image" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_7_eval_of_a_text_file_or_batch_size_0_is_a_message(tmp_path, capsys):
