@@ -160,6 +160,12 @@ def build_trainer(
     """
     per_process_batch_size(recipe)
     reproducibility.seed_all(recipe.seed)
+    if recipe.autoresume and dist.get_global_rank() == 0:
+        # checkpoints are renamed into place; after a crash, point `latest` at the newest whole one
+        from amortize.checkpoints import filename_regex, recover_latest
+
+        recover_latest(recipe.resolved_save_folder(), recipe.save_latest_filename.format(rank=0),
+                       filename_regex(recipe.save_filename, rank=0))
     plan = decide_start(recipe)
     model, tokenizer, train_dataloader, optimizer, scheduler = _components(recipe, train_dataloader, num_samples)
     if plan.replaced and dist.get_global_rank() == 0:
@@ -179,13 +185,7 @@ def build_trainer(
     counter = getattr(getattr(train_dataloader, "dataset", None), "counter", None)
     if counter is not None:
         cbs.append(DataSkipReport(counter))
-    # checkpoints are renamed into place; after a crash, point `latest` at the newest whole one
     install_atomic_checkpoint_writes()
-    if recipe.autoresume and dist.get_global_rank() == 0:
-        from amortize.checkpoints import filename_regex, recover_latest
-
-        recover_latest(save_folder, recipe.save_latest_filename.format(rank=0),
-                       filename_regex(recipe.save_filename, rank=0))
     e = recipe.eval
     if e.tasks == "default" and (e.every_n_epochs > 0 or e.at_fit_end):
         from amortize.eval.callback import EvalCallback

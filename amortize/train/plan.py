@@ -103,6 +103,10 @@ def _read(path: str) -> tuple[dict, dict]:
     from amortize.checkpoints import safe_load
 
     ck = safe_load(path)
+    if isinstance(ck, dict) and str(ck.get("format", "")).startswith("amortize-weights/"):
+        raise RecipeError(f"{path} is a weights export (model.pt), which cannot be resumed or loaded by the "
+                          "trainer; point load_path at a Composer checkpoint of the run (its latest-rank0.pt or "
+                          "an ep*-ba*-rank0.pt file)")
     if isinstance(ck, dict) and "state" in ck:
         model = ck["state"].get("model", {})
         extra = next((v for k, v in model.items() if k.endswith("_extra_state")), None)
@@ -111,8 +115,6 @@ def _read(path: str) -> tuple[dict, dict]:
         ts = ts.get("Timestamp", ts)  # Composer nests it under its class name
         return recipe or {}, {"epoch": int(ts.get("epoch", 0)), "batch": int(ts.get("batch", 0)),
                               "sample": int(ts.get("sample", 0))}
-    if isinstance(ck, dict) and "recipe" in ck:
-        return ck["recipe"] or {}, dict(ck.get("timestamp", {}))
     raise RecipeError(f"{path} is not a checkpoint written by `amortize train`")
 
 
@@ -126,10 +128,12 @@ def _finished(recipe: Recipe, ts: dict) -> bool:
 
 def _latest(recipe: Recipe) -> Optional[str]:
     folder = Path(recipe.resolved_save_folder())
-    link = folder / recipe.save_latest_filename.format(rank=0)
-    if link.is_file():
-        return str(link)
     from amortize.checkpoints import filename_regex, is_complete
+
+    link = folder / recipe.save_latest_filename.format(rank=0)
+    if link.is_file() and is_complete(link):
+        return str(link)
+    # a missing or partial latest: the newest complete checkpoint (what recover_latest re-points it to)
 
     rx = re.compile(filename_regex(recipe.save_filename, rank=0))
     found = [p for p in folder.glob("*") if rx.fullmatch(p.name) and is_complete(p)] if folder.is_dir() else []

@@ -73,6 +73,7 @@ def _snapshot(folder: Path) -> dict[str, tuple]:
     ("optimizer.name=torch.optim.SGD", "optimizer: unknown optimizer 'torch.optim.SGD'"),
     ("data.max_skip_fraction=2", "data.max_skip_fraction: must be in [0, 1]"),
     ("precision=amp_bf16", "precision: amp_bf16 needs a GPU"),
+    ("data.name=imagenet", "data.name: unknown dataset 'imagenet'; valid: shipped, synthetic, webdataset"),
     ("load_mode=everything", "load_mode: 'everything' is not one of full, weights"),
 ])
 def test_1_7_out_of_range_values_are_refused_by_dry_run(override, named, tmp_path, capsys):
@@ -154,6 +155,9 @@ def test_3_load_path_of_another_method_is_refused_unless_weights_only(tmp_path, 
     err = capsys.readouterr().err
     assert "loss.estimator: 'moving_average' -> 'amortized'" in err and "load_mode=weights" in err
     assert not (tmp_path / "amorlip").exists()
+    export = _synthetic(tmp_path / "amorlip", f"load_path={tmp_path / 'sogclr' / 'model.pt'}", "max_duration=1ba")
+    assert main(["train", *export, "load_mode=weights"]) == 2
+    assert "is a weights export (model.pt)" in capsys.readouterr().err
     assert main(["train", *amorlip, "load_mode=weights"]) == 0
     assert "encoder weights" in capsys.readouterr().out
     a, b = load_checkpoint(ckpt), load_checkpoint(tmp_path / "amorlip")
