@@ -62,7 +62,7 @@ def run_files(recipe: Recipe) -> list[Path]:
     rx = re.compile(filename_regex(recipe.save_filename, rank=0))
     latest = recipe.save_latest_filename.format(rank=0)
     return sorted(p for p in folder.iterdir()
-                  if p.name in (latest, "model.pt") or rx.fullmatch(p.name) or p.name.startswith("interrupted-"))
+                  if p.name in (latest, "model.pt") or rx.fullmatch(p.name))
 
 
 @dataclass
