@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/amortize train recipes/default.yaml
+	$(BIN)/amortize train recipes/default.yaml save_overwrite=true   # a rerun replaces runs/default and prints the same numbers
 	$(BIN)/amortize eval runs/default/latest-rank0.pt
 
 # runs the demo again and rewrites its table in README.md and docs/index.md (with date, time, CPU, commit)

@@ -28,6 +28,11 @@ __all__ = [
 ]
 
 
+def _check_dim(dim: int) -> None:
+    if int(dim) < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+
+
 class _Float32Head(nn.Module):
     """Base class: casts inputs to float32 and disables autocast around ``_forward``."""
 
@@ -63,6 +68,9 @@ class ResidualMLPAmortizer(_Float32Head):
 
     def __init__(self, dim: int, width_factor: float = 0.5, init_log_z: float = 0.0):
         super().__init__()
+        _check_dim(dim)
+        if not width_factor > 0:  # also refuses NaN
+            raise ValueError(f"width_factor must be > 0, got {width_factor}")
         hidden = max(1, int(dim * width_factor))
         self.fc1 = nn.Linear(dim, hidden)
         self.ln1 = nn.LayerNorm(hidden)
@@ -89,6 +97,7 @@ class LinearAmortizer(_Float32Head):
 
     def __init__(self, dim: int, init_log_z: float = 0.0):
         super().__init__()
+        _check_dim(dim)
         self.out = nn.Linear(dim, 1)
         with torch.no_grad():
             self.out.weight.zero_()
@@ -124,6 +133,11 @@ class RandomFourierAmortizer(_Float32Head):
         seed: int = 0,
     ):
         super().__init__()
+        _check_dim(dim)
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        if not bandwidth > 0:
+            raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("omega", torch.randn(num_features, dim, generator=g) * bandwidth)
         self.register_buffer("phase", torch.rand(num_features, generator=g) * 2 * math.pi)

@@ -139,13 +139,15 @@ def safe_load(path: PathLike, *, map_location: Any = "cpu", extra_globals: Itera
     except pickle.UnpicklingError as e:
         text = str(e)
         match = re.search(r"(?:GLOBAL|[Uu]nsupported global:?) ?(?:GLOBAL )?([\w.]+)", text)
+        if match is None and not is_complete(p):
+            raise CorruptCheckpointError(f"{p} is truncated or not a torch checkpoint ({e})") from None
         what = match.group(1) if match else "a global outside the allowed list"
         raise UnsafeCheckpointError(
             f"refusing to load {p}: it asks the unpickler for {what}, which is not one of the allowed "
             "data types (tensors, plain Python, timedelta, numpy arrays). Loading it could run code; "
             "if you wrote this file yourself and trust it, convert it with a trusted script."
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, KeyError, IndexError, ValueError) as e:
         if is_complete(p):
             raise
         raise CorruptCheckpointError(f"{p} is truncated or not a torch checkpoint ({type(e).__name__}: {e})") from None

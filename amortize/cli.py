@@ -2,15 +2,20 @@
 
 ::
 
-    amortize train RECIPE.yaml [key.sub=value ...] [--dry-run]
-    amortize eval CHECKPOINT [--json] [--tasks default | NAME ... | datacomp] [--datacomp-root DIR]
+    amortize train RECIPE.yaml [key.sub=value ...] [--dry-run] [--debug]
+    amortize eval CHECKPOINT [--json] [--tasks default | NAME ... | datacomp] [--datacomp-root DIR] [--debug]
+
+Every expected failure (a bad recipe value, missing data, a save folder that holds another run,
+an unreadable checkpoint ...) ends in ``amortize <command>: error: <what and how to fix it>`` and
+exit status 2; ``--debug`` shows the traceback instead. Ctrl-C during training saves a checkpoint
+and the weights export, says how to resume, and exits with status 130.
 
 Several processes and nodes go through Composer's launcher, which runs this module once per
 process::
 
     composer -n 2 -m amortize.cli train recipes/clip-medium.yaml 'data.shards=/data/cc3m/{00000..00331}.tar'
 
-``train --dry-run`` and ``eval`` do not need Composer; ``train`` imports it when training starts.
+``eval`` does not need Composer; ``train`` (``--dry-run`` included: it builds the scheduler) does.
 """
 
 from __future__ import annotations
@@ -36,14 +41,16 @@ def load_checkpoint(path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: if nothing is at ``path``.
-        ValueError: if the file holds no recipe or no model weights.
+        CorruptCheckpointError: (a ValueError) if the file is not a checkpoint, or holds no recipe or
+            no model weights.
     """
     p = Path(path)
     if p.is_dir():
-        p = p / "model.pt"
+        # the export; a run stopped before writing it still has Composer's latest checkpoint
+        p = p / "model.pt" if (p / "model.pt").is_file() or not (p / "latest-rank0.pt").is_file() else p / "latest-rank0.pt"
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
-    from amortize.checkpoints import safe_load  # weights_only; names a refused global or a truncated file
+    from amortize.checkpoints import CorruptCheckpointError, safe_load  # weights_only; names a refused global
 
     ck = safe_load(p)
     if isinstance(ck, dict) and str(ck.get("format", "")).startswith("amortize-weights/"):
@@ -57,11 +64,11 @@ def load_checkpoint(path: str | Path) -> dict:
         weights = {k[len(head):]: v for k, v in full.items() if k.startswith(head)}
         source = "composer"
     else:
-        raise ValueError(f"{p} is neither a Composer checkpoint nor an amortize weights export")
+        raise CorruptCheckpointError(f"{p} is neither a Composer checkpoint nor an amortize weights export")
     if recipe is None:
-        raise ValueError(f"{p} stores no recipe; it was not written by `amortize train`")
+        raise CorruptCheckpointError(f"{p} stores no recipe; it was not written by `amortize train`")
     if not weights:
-        raise ValueError(f"{p} holds no two-tower model weights")
+        raise CorruptCheckpointError(f"{p} holds no two-tower model weights")
     return {"recipe": recipe, "model": weights, "source": source}
 
 
@@ -84,19 +91,39 @@ def model_from_checkpoint(path: str | Path):
 # ------------------------------------------------------------------------------------ commands
 
 
+class CommandError(Exception):
+    """A command-line usage error; ``main`` prints it and exits with status 2."""
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from amortize.train.config import check_unique_overrides, load_recipe, recipe_to_yaml
 
     check_unique_overrides(args.overrides)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
+        from amortize.train.builders import dry_run
+
+        lines = dry_run(recipe)
         sys.stdout.write(recipe_to_yaml(recipe))
+        print("\n".join(f"# {line}" for line in lines), file=sys.stderr)
         return 0
     from amortize.train.builders import build_trainer
+    from amortize.train.guards import TrainingInterrupted
 
     trainer = build_trainer(recipe)
-    trainer.fit()
     from composer.utils import dist
+
+    if dist.get_global_rank() == 0:
+        print(f"amortize train: {trainer.amortize_plan.describe()}", flush=True)
+    try:
+        trainer.fit()
+    except TrainingInterrupted as e:
+        if dist.get_global_rank() == 0:
+            again = " ".join([args.recipe, *[o for o in args.overrides if not o.startswith("autoresume=")],
+                              "autoresume=true"])
+            print(f"amortize train: {e}\nresume with: amortize train {again}", file=sys.stderr, flush=True)
+        trainer.close()
+        return 130
 
     if dist.get_global_rank() == 0:
         folder = recipe.resolved_save_folder()
@@ -119,7 +146,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tasks = args.tasks or ["default"]
     if tasks == ["datacomp"]:
         if not args.datacomp_root:
-            raise SystemExit("--tasks datacomp needs --datacomp-root DIR (the wds_*_test folders)")
+            raise CommandError("--tasks datacomp needs --datacomp-root DIR (the wds_*_test folders)")
         import open_clip
 
         from amortize.eval.datacomp import run_datacomp
@@ -135,11 +162,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if tasks != ["default"]:
             unknown = [t for t in tasks if t not in names]
             if unknown:
-                raise SystemExit(f"unknown task(s) {', '.join(unknown)}; valid: default, datacomp, {', '.join(names)}")
+                raise CommandError(f"unknown task(s) {', '.join(unknown)}; valid: default, datacomp, {', '.join(names)}")
             available = [t for t in available if t.name in tasks]
         rows = evaluate(model, tokenizer, available, batch_size=args.batch_size, device=device)
     sys.stdout.write(format_jsonl(rows) if args.json else format_markdown(rows))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of ``e``; an error re-raised from a DataLoader worker carries the worker's
+    traceback in its text, of which only the last line (the original message) is kept."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    prefix = f"{type(e).__module__}.{type(e).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
+def _expected_errors() -> tuple[type, ...]:
+    """Exception types that report a user's mistake or a data problem, not a bug."""
+    from amortize.checkpoints import CorruptCheckpointError, UnsafeCheckpointError
+    from amortize.data.webdataset import TooManySkippedError
+    from amortize.train.config import RecipeError
+
+    out: list[type] = [RecipeError, CommandError, FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError,
+                       TooManySkippedError]
+    guards = sys.modules.get("amortize.train.guards")
+    if guards is not None:
+        out.append(guards.DivergenceError)
+    return tuple(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML recipe (Composer)")
     t.add_argument("recipe", help="path of the recipe YAML")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
-    t.add_argument("--dry-run", action="store_true", help="check the recipe, print it resolved, do not train")
+    t.add_argument("--dry-run", action="store_true",
+                   help="build everything the run would (model, data, optimizer, start decision), print the "
+                        "resolved recipe, do not train")
+    t.add_argument("--debug", action="store_true", help="show the traceback of an error")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (zero-shot, retrieval)")
@@ -159,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", nargs="+", default=None,
                    help="default (the shipped tasks), task names among them, or datacomp")
     e.add_argument("--datacomp-root", default=None, help="folder of DataComp's wds_*_test tasks")
-    e.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass")
+    e.add_argument("--batch-size", type=_positive_int, default=256, help="images or texts per forward pass")
+    e.add_argument("--debug", action="store_true", help="show the traceback of an error")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     e.set_defaults(func=_cmd_eval)
     return parser
@@ -169,15 +235,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``amortize`` console script.
 
     Returns:
-        The exit status (0 on success; errors in recipes exit with status 2 and their message).
+        The exit status: 0 on success; 2 for an expected failure (its message names the problem
+        and the fix; ``--debug`` raises it instead); 130 when Ctrl-C stopped training.
     """
-    from amortize.train.config import RecipeError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (RecipeError, FileNotFoundError) as e:
-        print(f"amortize {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if args.debug or not isinstance(e, _expected_errors()):
+            raise
+        print(f"amortize {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

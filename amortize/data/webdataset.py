@@ -178,18 +178,71 @@ def count_shard_samples(path: str) -> int:
 def shard_offsets(shards: Sequence[str]) -> dict[str, int]:
     """Offset of each shard's first sample in the dense index.
 
-    Reads ``sizes.json`` (``{basename: count}``, open_clip's convention) next to the shards if
-    present, otherwise counts each shard with [`count_shard_samples`][amortize.data.webdataset.count_shard_samples].
+    The counts come from [`shard_sizes`][amortize.data.webdataset.shard_sizes] (``sizes.json``,
+    img2dataset's stats files, a cached count, or a scan).
 
     Returns:
         ``{shard_path: offset}``; offsets follow the order of ``shards``.
     """
-    sizes_file = Path(shards[0]).with_name("sizes.json")
-    sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
     out, total = {}, 0
-    for s in shards:
+    for s, n in shard_sizes(shards).items():
         out[s] = total
-        total += int(sizes[os.path.basename(s)]) if os.path.basename(s) in sizes else count_shard_samples(s)
+        total += n
+    return out
+
+
+COUNT_CACHE = ".amortize-counts.json"
+"""File written beside the shards by :func:`shard_sizes`: ``{basename: [bytes, mtime_ns, samples]}``."""
+
+
+def shard_sizes(shards: Sequence[str], cache: bool = True) -> dict[str, int]:
+    """Samples per shard, read from img2dataset's or open_clip's files or counted once and cached.
+
+    Sources, in order: ``sizes.json`` beside the shards (``{basename: count}``), img2dataset's
+    ``<shard>_stats.json`` (``successes``), the cache file :data:`COUNT_CACHE` (entries whose
+    file size and modification time still match), and a scan of the tar. Scanned counts are
+    written to the cache (when the folder is writable), so only the first run pays for them.
+    A missing shard counts 0 and is never cached.
+
+    Returns:
+        ``{shard_path: samples}`` in the order of ``shards``.
+    """
+    folder = Path(shards[0]).parent
+    sizes_file = folder / "sizes.json"
+    sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
+    cache_file = folder / COUNT_CACHE
+    try:
+        cached = json.loads(cache_file.read_text()) if cache and cache_file.is_file() else {}
+    except ValueError:
+        cached = {}
+    out: dict[str, int] = {}
+    changed = False
+    for s in shards:
+        name = os.path.basename(s)
+        if name in sizes:
+            out[s] = int(sizes[name])
+            continue
+        try:
+            st = os.stat(s)
+        except OSError:
+            out[s] = 0  # missing: counted as skipped when read
+            continue
+        stamp = [st.st_size, st.st_mtime_ns]
+        entry = cached.get(name) if Path(s).parent == folder else None
+        if isinstance(entry, list) and entry[:2] == stamp:
+            out[s] = int(entry[2])
+            continue
+        out[s] = count_shard_samples(s)
+        if Path(s).parent == folder and not Path(s).with_name(Path(s).stem + "_stats.json").is_file():
+            cached[name] = stamp + [out[s]]
+            changed = True
+    if cache and changed:
+        try:
+            tmp = cache_file.with_name(f"{COUNT_CACHE}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(cached, sort_keys=True))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only data folder: count again next time
     return out
 
 
@@ -360,6 +413,49 @@ def make_pipeline(
     pipeline.counter = counter
     pipeline.offsets = offsets
     return pipeline
+
+
+def shards_from_folder(src: str | Path, dest: str | Path, samples_per_shard: int = 10000) -> str:
+    """Write img2dataset-style shards from a folder of images with one caption file each.
+
+    Every image ``NAME.jpg`` / ``.jpeg`` / ``.png`` / ``.webp`` under ``src`` (sorted, recursively)
+    whose ``NAME.txt`` exists becomes one sample: ``dest/00000.tar`` holds ``000000000.jpg`` (the
+    file's bytes, with its own extension) and ``000000000.txt``, and each shard gets an
+    img2dataset ``00000_stats.json`` (``successes``), so its size is known without a scan.
+    Images without a caption file are left out.
+
+    Args:
+        src: folder of images and captions.
+        dest: output folder (created).
+        samples_per_shard: samples per ``.tar``.
+
+    Returns:
+        The brace pattern of the written shards, for ``data.shards``.
+
+    Raises:
+        ValueError: if no image under ``src`` has a caption file.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    pairs = [(p, p.with_suffix(".txt")) for p in sorted(Path(src).rglob("*"))
+             if p.suffix.lower().lstrip(".") in IMAGE_EXTS and p.with_suffix(".txt").is_file()]
+    if not pairs:
+        raise ValueError(f"no image with a caption file (NAME.jpg + NAME.txt) under {src}")
+    out = Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+    n_shards = (len(pairs) + samples_per_shard - 1) // samples_per_shard
+    for s in range(n_shards):
+        chunk = pairs[s * samples_per_shard:(s + 1) * samples_per_shard]
+        with tarfile.open(out / f"{s:05d}.tar", "w") as tar:
+            for i, (image, caption) in enumerate(chunk):
+                key = f"{s * samples_per_shard + i:09d}"
+                for name, data in ((key + image.suffix.lower(), image.read_bytes()),
+                                   (key + ".txt", caption.read_bytes())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        (out / f"{s:05d}_stats.json").write_text(json.dumps({"successes": len(chunk)}))
+    return str(out / (f"{{00000..{n_shards - 1:05d}}}.tar" if n_shards > 1 else "00000.tar"))
 
 
 def open_clip_transform(image_size: int, is_train: bool = True):

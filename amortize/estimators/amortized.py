@@ -170,6 +170,8 @@ class AmortizedEstimator(PartitionEstimator):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
         self.dim = int(dim)
         self.amortizer = amortizer if isinstance(amortizer, str) else dict(amortizer)
         build_amortizer(self.amortizer, self.dim)  # an unknown network or option fails here, named

@@ -23,7 +23,22 @@ Main metrics follow DataComp's ``tasklist.yml``: ``acc1`` unless stated; ``mean_
 are not part of the 38. Averages as DataComp's ``aggregate_scores.py``: ImageNet, ImageNet dist.
 shifts, VTAB, Retrieval, and the average over all 38.
 
-This module needs no clip_benchmark: it reads the tars with ``tarfile`` and images with Pillow.
+Flickr30k, MSCOCO and WinoGAViL are Hugging Face datasets in current DataComp downloads
+(``nlphuji/flickr_1k_test_image_text_retrieval``, ``nlphuji/mscoco_2014_5k_test_image_text_retrieval``,
+``nlphuji/winogavil``). Their repository files are read too: a CSV and a zip of images, in one of::
+
+    ROOT/<repo name>/                                  e.g. ROOT/flickr_1k_test_image_text_retrieval/
+    ROOT/nlphuji/<repo name>/                          huggingface-cli download --local-dir
+    ROOT/hf_cache/datasets--nlphuji--<repo name>/snapshots/<rev>/    hf_hub_download(cache_dir=ROOT/hf_cache)
+
+Retrieval CSVs have one row per image: ``filename`` (a member of the zip) and ``raw`` (a JSON list
+of its captions; a ``caption`` or ``sentences`` column is read the same way). The WinoGAViL CSV has
+``cue``, ``candidates`` and ``associations`` (lists, as JSON or Python literals); each candidate's
+image is the zip member whose file name, without extension, is the candidate. When both layouts
+are present the webdataset one is used. (The ``datasets`` library's own Arrow cache is not read.)
+
+This module needs no clip_benchmark: it reads the tars with ``tarfile``, CSVs with ``csv``, zips
+with ``zipfile`` and images with Pillow.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ import io
 import math
 import os
 import tarfile
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,16 +161,109 @@ def task_dir_name(key: str) -> str:
     return f"wds_{key.replace('/', '-')}_test"
 
 
+HF_REPOS = {
+    "retrieval/flickr30k": "flickr_1k_test_image_text_retrieval",
+    "retrieval/mscoco_2014_5k_test_image_text_retrieval": "mscoco_2014_5k_test_image_text_retrieval",
+    "misc/winogavil": "winogavil",
+}
+"""Task key -> the ``nlphuji/<name>`` Hugging Face dataset DataComp downloads for it."""
+
+
+def find_hf_dir(root: str | Path, key: str) -> Path | None:
+    """The folder of a task's Hugging Face repository files (a CSV beside a zip), or None."""
+    name = HF_REPOS.get(key)
+    if name is None:
+        return None
+    root = Path(root)
+    candidates = [root / name, root / "nlphuji" / name]
+    for cache in (root / "hf_cache", root):
+        candidates += sorted((cache / f"datasets--nlphuji--{name}" / "snapshots").glob("*"))
+    for c in candidates:
+        if c.is_dir() and any(c.glob("*.csv")):
+            return c
+    return None
+
+
 def find_task_dir(root: str | Path, key: str) -> Path:
-    """The task's directory under ``root``.
+    """The task's directory under ``root`` (webdataset layout, or Hugging Face files for
+    Flickr30k, MSCOCO and WinoGAViL; see :func:`find_hf_dir`).
 
     Raises:
         FileNotFoundError: naming the task and the path that was expected.
     """
     path = Path(root) / task_dir_name(key)
-    if not (path / "test").is_dir():
-        raise FileNotFoundError(f"task {key}: no data at {path}/test (expected DataComp's layout)")
-    return path
+    if (path / "test").is_dir():
+        return path
+    hf = find_hf_dir(root, key)
+    if hf is not None:
+        return hf
+    also = f" or nlphuji/{HF_REPOS[key]}'s files under {root}" if key in HF_REPOS else ""
+    raise FileNotFoundError(f"task {key}: no data at {path}/test (expected DataComp's layout){also}")
+
+
+def _parse_list(text: str) -> list[str]:
+    """A CSV cell holding a list (JSON or a Python literal) -> list of str; a plain string -> [it]."""
+    import ast
+    import json
+
+    text = (text or "").strip()
+    if not text.startswith("["):
+        return [text] if text else []
+    try:
+        value = json.loads(text)
+    except ValueError:
+        try:
+            value = ast.literal_eval(text)  # literals only: no code runs
+        except (SyntaxError, ValueError):
+            raise ValueError(f"cannot read a list from {text[:60]!r}") from None
+    return [str(v) for v in value]
+
+
+def iter_hf_rows(folder: Path) -> Iterator[tuple[dict, Callable[[str], bytes]]]:
+    """Rows of a Hugging Face repository's CSV, each with a function name -> image bytes.
+
+    The CSV is the one whose name contains ``test`` (else the first); images are looked up among
+    the members of every zip in ``folder`` and the image files under it, by file name or by file
+    name without extension.
+
+    Raises:
+        FileNotFoundError: if an image named by a row is in none of them.
+    """
+    import csv
+
+    csvs = sorted(folder.glob("*.csv"))
+    table = next((c for c in csvs if "test" in c.name), csvs[0])
+    index: dict[str, Callable[[], bytes]] = {}
+    zips = [zipfile.ZipFile(z) for z in sorted(folder.glob("*.zip"))]
+    for z in zips:
+        for member in z.namelist():
+            base = os.path.basename(member)
+            if base and base.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+                read = (lambda z=z, m=member: z.read(m))
+                index.setdefault(base, read)
+                index.setdefault(base.rsplit(".", 1)[0], read)
+    for f in folder.rglob("*"):
+        if f.suffix.lower().lstrip(".") in IMAGE_EXTS and f.is_file():
+            index.setdefault(f.name, f.read_bytes)
+            index.setdefault(f.stem, f.read_bytes)
+
+    def image(name: str) -> bytes:
+        base = os.path.basename(name.strip())
+        if base not in index:
+            raise FileNotFoundError(f"image {name!r} named by {table} is in no zip or folder under {folder}")
+        return index[base]()
+
+    try:
+        with open(table, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                yield row, image
+    finally:
+        for z in zips:
+            z.close()
+
+
+def _is_hf(task_dir: Path) -> bool:
+    return not (task_dir / "test").is_dir() and any(task_dir.glob("*.csv"))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -293,11 +402,17 @@ def run_retrieval(spec: TaskSpec, task_dir: Path, model, tokenizer, transform, *
                   batch_size: int, device) -> dict[str, float]:
     """Image-text retrieval metrics; ``mean_recall@1`` is the average of the two R@1."""
     images, captions = [], []
-    for s in iter_wds_samples(task_dir):
-        images.append(decode_image(_image_of(s)))
-        captions.append([c for c in s["txt"].decode("utf-8").splitlines() if c.strip()])
+    if _is_hf(task_dir):
+        for row, image in iter_hf_rows(task_dir):
+            text = next((row[c] for c in ("raw", "caption", "captions", "sentences") if row.get(c)), "")
+            images.append(decode_image(image(row["filename"])))
+            captions.append([c for c in _parse_list(text) if c.strip()])
+    else:
+        for s in iter_wds_samples(task_dir):
+            images.append(decode_image(_image_of(s)))
+            captions.append([c for c in s["txt"].decode("utf-8").splitlines() if c.strip()])
     if not images:
-        raise ValueError(f"task {spec.key}: no samples in {task_dir}/test")
+        raise ValueError(f"task {spec.key}: no samples in {task_dir}")
     texts, owner = flatten_captions(captions)
     img = _encode_pil(model, transform, images, device, batch_size)
     txt = encode_texts(model, tokenizer, texts, batch_size=batch_size, device=device)
@@ -315,9 +430,28 @@ def winogavil_prompt(cue: str) -> str:
 def run_winogavil(spec: TaskSpec, task_dir: Path, model, tokenizer, transform, *,
                   batch_size: int, device) -> dict[str, float]:
     """Jaccard index of the top-k images (k = number of associations) against the associations."""
+    scores, sizes = [], []
+    for cue, truth, imgs in _winogavil_items(task_dir):
+        _score_winogavil(model, tokenizer, transform, cue, truth, imgs, scores, sizes, spec, batch_size, device)
+    if not scores:
+        raise ValueError(f"task {spec.key}: no samples in {task_dir}")
+    scores_a, sizes_a = np.array(scores), np.array(sizes)
+    big = scores_a[sizes_a >= 10]
+    return {"avg_jaccard_score": float(scores_a.mean()),
+            "jaccard_score_5-6": float(scores_a[sizes_a <= 6].mean()) if (sizes_a <= 6).any() else math.nan,
+            "jaccard_score_10-12": float(big.mean()) if big.size else math.nan}
+
+
+def _winogavil_items(task_dir: Path) -> Iterator[tuple[str, np.ndarray, list]]:
+    """(cue, boolean associations over the candidates, candidate PIL images) per instance."""
     import json
 
-    scores, sizes = [], []
+    if _is_hf(task_dir):
+        for row, image in iter_hf_rows(task_dir):
+            candidates = _parse_list(row["candidates"])
+            truth = np.isin(candidates, _parse_list(row["associations"]))
+            yield row["cue"], truth, [decode_image(image(c)) for c in candidates]
+        return
     for s in iter_wds_samples(task_dir):
         cand_exts = sorted({k.split(".")[0] for k in s if "." in k and k.split(".")[0].isdigit()}, key=int)
         if "json" in s:
@@ -328,25 +462,23 @@ def run_winogavil(spec: TaskSpec, task_dir: Path, model, tokenizer, transform, *
         else:
             cue = s["txt"].decode("utf-8")
             truth = np.load(io.BytesIO(s["npy"])).astype(bool)
-        imgs = [decode_image(_image_of(s, f"{c}.")) for c in cand_exts]
-        if len(imgs) != len(truth):
-            raise ValueError(f"task {spec.key}: sample {s['__key__']} has {len(imgs)} images "
-                             f"but {len(truth)} labels")
-        img = _encode_pil(model, transform, imgs, device, batch_size)
-        txt = encode_texts(model, tokenizer, [winogavil_prompt(cue)], device=device)
-        sim = (txt @ img.T)[0].numpy()
-        k = int(truth.sum())
-        pred = np.zeros(len(sim), dtype=bool)
-        pred[np.argsort(-sim, kind="stable")[:k]] = True
-        scores.append(jaccard(pred, truth))
-        sizes.append(len(sim))
-    if not scores:
-        raise ValueError(f"task {spec.key}: no samples in {task_dir}/test")
-    scores_a, sizes_a = np.array(scores), np.array(sizes)
-    big = scores_a[sizes_a >= 10]
-    return {"avg_jaccard_score": float(scores_a.mean()),
-            "jaccard_score_5-6": float(scores_a[sizes_a <= 6].mean()) if (sizes_a <= 6).any() else math.nan,
-            "jaccard_score_10-12": float(big.mean()) if big.size else math.nan}
+        if len(cand_exts) != len(truth):
+            raise ValueError(f"sample {s['__key__']} has {len(cand_exts)} images but {len(truth)} labels")
+        yield cue, truth, [decode_image(_image_of(s, f"{c}.")) for c in cand_exts]
+
+
+def _score_winogavil(model, tokenizer, transform, cue: str, truth: np.ndarray, imgs: list, scores: list,
+                     sizes: list, spec: TaskSpec, batch_size: int, device) -> None:
+    if len(imgs) != len(truth):
+        raise ValueError(f"task {spec.key}: an instance has {len(imgs)} images but {len(truth)} labels")
+    img = _encode_pil(model, transform, imgs, device, batch_size)
+    txt = encode_texts(model, tokenizer, [winogavil_prompt(cue)], device=device)
+    sim = (txt @ img.T)[0].numpy()
+    k = int(truth.sum())
+    pred = np.zeros(len(sim), dtype=bool)
+    pred[np.argsort(-sim, kind="stable")[:k]] = True
+    scores.append(jaccard(pred, truth))
+    sizes.append(len(sim))
 
 
 _RUNNERS = {"classification": run_classification, "retrieval": run_retrieval, "winogavil": run_winogavil}
@@ -409,7 +541,7 @@ def run_datacomp(model, tokenizer: Callable[[Sequence[str]], torch.Tensor], tran
                 if all_metrics:
                     extra += [{"task": spec.key, "metric": k, "value": v, "name": spec.name}
                               for k, v in metrics.items() if k != spec.main_metric]
-            except (OSError, ValueError, KeyError, tarfile.TarError) as exc:
+            except (OSError, ValueError, KeyError, tarfile.TarError, zipfile.BadZipFile) as exc:
                 main[spec.key] = None
                 rows.append({"task": spec.key, "metric": spec.main_metric, "value": None,
                              "name": spec.name, "error": f"{type(exc).__name__}: {exc}"})

@@ -7,23 +7,55 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
+from amortize.estimators import ESTIMATORS
+from amortize.registry import section_name
 from amortize.train.algorithms import ClampLogitScale, EpochSchedules, ExportWeights, FullBatchGuard, LogLossTerms
 from amortize.train.components import build_dataset, build_loss, build_tokenizer, build_two_tower
 from amortize.train.config import Recipe, RecipeError, recipe_to_dict
 from amortize.train.compat import install_atomic_checkpoint_writes
-from amortize.train.guards import DataSkipReport, DivergenceGuard
+from amortize.train.guards import DataSkipReport, DivergenceGuard, SaveOnInterrupt
 from amortize.train.model import ContrastiveComposerModel
 from amortize.train.optim import build_optimizer, build_scheduler
+from amortize.train.plan import StartPlan, decide_start
 
-__all__ = ["per_process_batch_size", "build_dataloader", "build_composer_model", "build_trainer"]
+__all__ = ["per_process_batch_size", "build_dataloader", "build_composer_model", "build_trainer", "dry_run"]
+
+
+@contextlib.contextmanager
+def _section(key: str) -> Iterator[None]:
+    """Turn a constructor's ``ValueError`` into a :class:`RecipeError` naming the recipe section."""
+    try:
+        yield
+    except RecipeError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{key}: {e}") from None
+
+
+def _check_estimator_size(recipe: Recipe, num_samples: Optional[int]) -> None:
+    """Per-sample tables must hold every index the data yields (checked before the first step)."""
+    c = recipe.loss
+    if c.estimator is None:
+        return
+    name, options = section_name(c.estimator, "loss.estimator")
+    if name not in ESTIMATORS or not ESTIMATORS.accepts(name, "num_samples"):
+        return
+    given = options.get("num_samples")
+    if given is None and not num_samples:
+        raise RecipeError("loss.estimator.num_samples: the dataset size is unknown; set it (or data.num_samples)")
+    if given is not None and num_samples and given < num_samples:
+        raise RecipeError(f"loss.estimator.num_samples={given} is smaller than the dataset ({num_samples} "
+                          "samples, indices 0..N-1); leave it out to size the estimator from the data")
 
 
 def per_process_batch_size(recipe: Recipe) -> int:
@@ -58,22 +90,45 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
     if d.name == "webdataset":
         if not d.shards:
             raise RecipeError("data.shards must name the .tar shards for data.name 'webdataset'")
-        from amortize.data.webdataset import SkipCounter, make_pipeline, open_clip_transform
+        from amortize.data.webdataset import SkipCounter, expand_shards, make_pipeline, open_clip_transform, shard_sizes
 
-        epoch_batches = None
-        if d.num_samples:
-            # batches per process and epoch, split over its DataLoader workers (each counts its own)
-            epoch_batches = max(1, d.num_samples // recipe.data.batch_size // max(1, d.num_workers))
+        try:
+            urls = expand_shards(d.shards)
+        except ValueError as e:
+            raise RecipeError(f"data.shards: {e}") from None
+        sizes = shard_sizes(urls)  # stats / sizes.json / a count cached beside the shards
+        total = sum(sizes.values())
+        if total == 0:
+            missing = [u for u in urls if not os.path.isfile(u)]
+            what = (f"{len(missing)} of the {len(urls)} shards do not exist (first: {missing[0]})" if missing
+                    else f"none of the {len(urls)} shards holds a readable sample")
+            raise RecipeError(f"data.shards: no training data: {what}; check the pattern {d.shards!r}")
+        offsets, start = {}, 0
+        for u, n in sizes.items():
+            offsets[u], start = start, start + n
+        epoch_samples = d.num_samples or total
+        if epoch_samples < recipe.data.batch_size:
+            raise RecipeError(f"data.batch_size={recipe.data.batch_size} exceeds the {epoch_samples} samples of an "
+                              "epoch (data.num_samples or the shards' count)")
+        # batches per process and epoch, split over its DataLoader workers (each counts its own);
+        # the loader's length lets Composer convert epochs (max_duration, warmup, save_interval)
+        workers = max(1, d.num_workers)
+        epoch_batches = max(1, epoch_samples // recipe.data.batch_size // workers)
         pipeline = make_pipeline(
-            d.shards, transform=open_clip_transform(image_size, is_train=True), tokenizer=tokenizer,
+            urls, transform=open_clip_transform(image_size, is_train=True), tokenizer=tokenizer,
             batch_size=per, resampled=d.sampling == "resampled",
-            shuffle_buffer=d.shuffle_buffer, seed=recipe.seed, epoch_batches=epoch_batches,
+            shuffle_buffer=d.shuffle_buffer, seed=recipe.seed, epoch_batches=epoch_batches, offsets=offsets,
             drop_last=d.drop_last, counter=SkipCounter(d.max_skip_fraction, min_seen=d.skip_min_seen),
-        )
+        ).with_length(epoch_batches * workers, silent=True)
         loader = DataLoader(pipeline, batch_size=None, num_workers=d.num_workers,
                             persistent_workers=d.num_workers > 0)
-        return loader, d.num_samples
-    dataset = build_dataset(recipe, tokenizer, image_size)
+        return loader, total
+    from amortize.train.components import DATASETS
+
+    if d.name not in DATASETS:
+        raise RecipeError(f"data.name: unknown dataset {d.name!r}; valid: {', '.join(sorted([*DATASETS, 'webdataset']))}")
+    with _section("data"):
+        dataset = build_dataset(recipe, tokenizer, image_size)
     if len(dataset) < recipe.data.batch_size:
         raise RecipeError(f"data.batch_size={recipe.data.batch_size} exceeds the dataset size {len(dataset)}")
     sampler = dist.get_sampler(dataset, shuffle=True, drop_last=d.drop_last, seed=recipe.seed)
@@ -111,13 +166,18 @@ def build_trainer(
     """
     per_process_batch_size(recipe)
     reproducibility.seed_all(recipe.seed)
-    towers = build_two_tower(recipe)
-    tokenizer = build_tokenizer(recipe, towers.context_length)
-    if train_dataloader is None:
-        train_dataloader, num_samples = build_dataloader(recipe, tokenizer, towers.image_size)
-    loss_fn = build_loss(recipe, towers.embed_dim, num_samples=num_samples)
-    model = ContrastiveComposerModel(towers, loss_fn, recipe=recipe_to_dict(recipe))
-    optimizer = build_optimizer(model, recipe.optimizer)
+    if recipe.autoresume and dist.get_global_rank() == 0:
+        # checkpoints are renamed into place; after a crash, point `latest` at the newest whole one
+        from amortize.checkpoints import filename_regex, recover_latest
+
+        recover_latest(recipe.resolved_save_folder(), recipe.save_latest_filename.format(rank=0),
+                       filename_regex(recipe.save_filename, rank=0))
+    plan = decide_start(recipe)
+    model, tokenizer, train_dataloader, optimizer, scheduler = _components(recipe, train_dataloader, num_samples)
+    if plan.replaced and dist.get_global_rank() == 0:
+        for path in plan.replaced:  # save_overwrite=true: the earlier run's files go, so autoresume cannot mix them
+            if os.path.lexists(path):
+                os.unlink(path)
     algorithms: list[Any] = [FullBatchGuard(), EpochSchedules(), ClampLogitScale(recipe.max_scale)]
     if recipe.grad_clip_norm is not None:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.grad_clip_norm))
@@ -125,17 +185,13 @@ def build_trainer(
     dv = recipe.divergence
     algorithms.append(DivergenceGuard(dv.policy, max_consecutive_skips=dv.max_consecutive_skips,
                                       restore_estimator=dv.restore_estimator, save_folder=save_folder))
-    cbs: list[Any] = [LogLossTerms(), ExportWeights(save_folder)]
+    export = ExportWeights(save_folder)
+    cbs: list[Any] = [LogLossTerms(), export,
+                      SaveOnInterrupt(save_folder, recipe.save_filename, recipe.save_latest_filename, export)]
     counter = getattr(getattr(train_dataloader, "dataset", None), "counter", None)
     if counter is not None:
         cbs.append(DataSkipReport(counter))
-    # checkpoints are renamed into place; after a crash, point `latest` at the newest whole one
     install_atomic_checkpoint_writes()
-    if recipe.autoresume and dist.get_global_rank() == 0:
-        from amortize.checkpoints import filename_regex, recover_latest
-
-        recover_latest(save_folder, recipe.save_latest_filename.format(rank=0),
-                       filename_regex(recipe.save_filename, rank=0))
     e = recipe.eval
     if e.tasks == "default" and (e.every_n_epochs > 0 or e.at_fit_end):
         from amortize.eval.callback import EvalCallback
@@ -152,7 +208,7 @@ def build_trainer(
             train_dataloader=train_dataloader,
             max_duration=recipe.max_duration,
             optimizers=optimizer,
-            schedulers=build_scheduler(recipe.scheduler),
+            schedulers=scheduler,
             step_schedulers_every_batch=True,
             algorithms=algorithms,
             callbacks=cbs,
@@ -165,9 +221,13 @@ def build_trainer(
             save_interval=recipe.save_interval,
             save_filename=recipe.save_filename,
             save_latest_filename=recipe.save_latest_filename,
-            save_overwrite=recipe.save_overwrite,
+            save_overwrite=recipe.save_overwrite,  # decide_start refused a folder holding another run
             save_num_checkpoints_to_keep=recipe.save_num_checkpoints_to_keep,
-            load_path=recipe.load_path,
+            load_path=plan.checkpoint if plan.mode in ("load", "weights") else None,
+            load_weights_only=plan.mode == "weights",
+            load_strict_model_weights=plan.mode != "weights",
+            # weights only: the encoders; the estimator starts fresh and the recipe stays this one
+            load_ignore_keys=["state/model/loss_fn.*", "state/model/_extra_state"] if plan.mode == "weights" else None,
             autoresume=recipe.autoresume,
             device=recipe.device,
             precision=recipe.precision,
@@ -177,5 +237,58 @@ def build_trainer(
             seed=recipe.seed,
             deterministic_mode=recipe.deterministic_mode,
         )
+    trainer.amortize_plan = plan  # type: ignore[attr-defined]
     return trainer
+
+
+def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optional[int] = None) -> tuple:
+    """(model, tokenizer, loader, optimizer, scheduler) of a recipe, errors named by recipe section."""
+    import torch
+
+    device = recipe.device or ("gpu" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and (recipe.precision or "fp32") != "fp32":
+        raise RecipeError(f"precision: {recipe.precision} needs a GPU, and this run would use the CPU "
+                          f"(device={recipe.device}); set precision=fp32 (or null) for the CPU")
+    with _section("model"):
+        towers = build_two_tower(recipe)
+    tokenizer = build_tokenizer(recipe, towers.context_length)
+    if train_dataloader is None:
+        train_dataloader, num_samples = build_dataloader(recipe, tokenizer, towers.image_size)
+    _check_estimator_size(recipe, num_samples)
+    with _section("loss"):
+        loss_fn = build_loss(recipe, towers.embed_dim, num_samples=num_samples)
+    model = ContrastiveComposerModel(towers, loss_fn, recipe=recipe_to_dict(recipe))
+    with _section("optimizer"):
+        optimizer = build_optimizer(model, recipe.optimizer)
+    with _section("scheduler"):
+        scheduler = build_scheduler(recipe.scheduler)
+    return model, tokenizer, train_dataloader, optimizer, scheduler
+
+
+def dry_run(recipe: Recipe) -> list[str]:
+    """Build everything the run would (model, loss and estimator, data loader, optimizer, scheduler,
+    the start decision) without training or writing a file.
+
+    Returns:
+        Lines describing what was built, for the console.
+
+    Raises:
+        RecipeError: naming the recipe key of anything that would fail when the run starts.
+    """
+    per = per_process_batch_size(recipe)
+    plan = decide_start(recipe)
+    model, _, loader, optimizer, scheduler = _components(recipe)
+    try:
+        batches = len(loader)
+    except TypeError:
+        batches = None
+    n_params = sum(p.numel() for p in model.model.parameters())
+    est = type(model.loss_fn.estimator).__name__ if getattr(model.loss_fn, "estimator", None) is not None else "none"
+    return [
+        f"model: {recipe.model.name}, {n_params:,} encoder parameters; loss: {recipe.loss.objective}, estimator {est}",
+        f"data: {recipe.data.name}, {batches if batches is not None else 'unknown'} batches of {per} per process "
+        f"and epoch",
+        f"optimizer: {type(optimizer).__name__}; scheduler: {type(scheduler).__name__ if scheduler else 'none'}",
+        f"start: {plan.describe()}; checkpoints in {recipe.resolved_save_folder()}/",
+    ]
 

@@ -35,6 +35,8 @@ import yaml
 
 __all__ = [
     "RecipeError",
+    "Range",
+    "TimeString",
     "ModelConfig",
     "LossConfig",
     "DataConfig",
@@ -61,9 +63,11 @@ SectionSpec = Union[str, dict]
 # Values whose allowed set is known here; the registries check the others when building.
 _CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "amp_fp16", "amp_bf16"),
+    "device": ("cpu", "gpu", "mps"),
     "data.sampling": ("split", "resampled"),
     "eval.tasks": ("default", "none"),
     "divergence.policy": ("skip", "stop", "none"),
+    "load_mode": ("full", "weights"),
 }
 
 
@@ -80,6 +84,98 @@ _MOVED: dict[str, str] = {
 
 class RecipeError(ValueError):
     """A recipe key or value is invalid; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed interval of a numeric recipe option, declared next to the option.
+
+    ``lo``/``hi`` are bounds (None: unbounded); ``open_lo``/``open_hi`` exclude them. A list value
+    (``optimizer.betas``) is checked element by element, and ``length`` fixes its length.
+
+    >>> Range(lo=0, open_lo=True).check(-1.0, "optimizer.lr")
+    Traceback (most recent call last):
+    ...
+    amortize.train.config.RecipeError: optimizer.lr: must be > 0, got -1.0
+    """
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    open_lo: bool = False
+    open_hi: bool = False
+    length: Optional[int] = None
+
+    def describe(self) -> str:
+        """``> 0``, ``>= 0``, ``in [0, 1)`` ..."""
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}{')' if self.open_hi else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.open_lo else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{'<' if self.open_hi else '<='} {self.hi:g}"
+        return "any number"
+
+    def _ok(self, v: float) -> bool:
+        if v != v:  # NaN
+            return False
+        if self.lo is not None and (v <= self.lo if self.open_lo else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.open_hi else v > self.hi))
+
+    def check(self, value: Any, key: str) -> None:
+        """Raise :class:`RecipeError` naming ``key`` when ``value`` (not None) is outside the range."""
+        if value is None:
+            return
+        if isinstance(value, list):
+            if self.length is not None and len(value) != self.length:
+                raise RecipeError(f"{key}: expected {self.length} values, got {len(value)}: {value!r}")
+            for i, v in enumerate(value):
+                self.check(v, f"{key}[{i}]")
+            return
+        if not self._ok(float(value)):
+            raise RecipeError(f"{key}: must be {self.describe()}, got {value!r}")
+
+
+_TIME_UNITS = {"ep": "epochs", "ba": "batches", "sp": "samples", "dur": "fraction of the run"}
+
+
+@dataclass(frozen=True)
+class TimeString:
+    """A Composer time string option (``30ep``, ``20ba``): its allowed units and whether 0 is allowed.
+
+    Checked here without importing Composer, so ``--dry-run`` refuses ``banana`` or ``-5ep``.
+    """
+
+    units: tuple[str, ...] = ("ep", "ba", "sp")
+    positive: bool = True
+
+    def check(self, value: Any, key: str) -> None:
+        """Raise :class:`RecipeError` naming ``key`` when ``value`` is not a valid time string."""
+        import re
+
+        m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*([a-z]+)\s*", str(value))
+        example = " or ".join(f"10{u}" for u in self.units)
+        if not m or m.group(2) not in self.units:
+            raise RecipeError(f"{key}: {value!r} is not a time string; write a number and a unit "
+                              f"({', '.join(f'{u} = {_TIME_UNITS[u]}' for u in self.units)}), e.g. {example}")
+        number, unit = float(m.group(1)), m.group(2)
+        if unit in ("ep", "ba", "sp") and number != int(number):
+            raise RecipeError(f"{key}: {value!r} must be a whole number of {_TIME_UNITS[unit]}")
+        if number < 0 or (self.positive and number == 0):
+            raise RecipeError(f"{key}: must be {'> 0' if self.positive else '>= 0'}, got {value!r}")
+
+
+def _opt(default: Any = dataclasses.MISSING, *, check: Any = None, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose allowed values (a :class:`Range` or :class:`TimeString`) sit beside it."""
+    meta = {"check": check} if check is not None else {}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_POS = Range(lo=0, open_lo=True)
+_NONNEG = Range(lo=0)
+_UNIT = Range(lo=0, hi=1)
 
 
 @dataclass
@@ -153,15 +249,15 @@ class DataConfig:
     """
 
     name: str = "shipped"
-    batch_size: int = 256
+    batch_size: int = _opt(256, check=Range(lo=2))
     shards: Optional[str] = None
-    num_samples: Optional[int] = None
-    num_workers: int = 0
-    shuffle_buffer: int = 1000
+    num_samples: Optional[int] = _opt(None, check=Range(lo=1))
+    num_workers: int = _opt(0, check=_NONNEG)
+    shuffle_buffer: int = _opt(1000, check=_NONNEG)
     tokenizer: str = "simple"
     drop_last: bool = True
-    max_skip_fraction: float = 0.05
-    skip_min_seen: int = 100
+    max_skip_fraction: float = _opt(0.05, check=_UNIT)
+    skip_min_seen: int = _opt(100, check=_NONNEG)
     sampling: str = "split"
 
 
@@ -177,7 +273,7 @@ class DivergenceConfig:
     """
 
     policy: str = "skip"
-    max_consecutive_skips: int = 10
+    max_consecutive_skips: int = _opt(10, check=_NONNEG)
     restore_estimator: bool = True
 
 
@@ -201,12 +297,12 @@ class OptimizerConfig:
     """
 
     name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.2
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    momentum: float = 0.9
-    logit_scale_lr: Optional[float] = None
+    lr: float = _opt(1e-3, check=_POS)
+    weight_decay: float = _opt(0.2, check=_NONNEG)
+    betas: list[float] = _opt(factory=lambda: [0.9, 0.999], check=Range(lo=0, hi=1, open_hi=True, length=2))
+    eps: float = _opt(1e-8, check=_POS)
+    momentum: float = _opt(0.9, check=Range(lo=0, hi=1, open_hi=True))
+    logit_scale_lr: Optional[float] = _opt(None, check=_NONNEG)
 
 
 @dataclass
@@ -220,8 +316,8 @@ class SchedulerConfig:
     """
 
     name: str = "cosine_with_warmup"
-    t_warmup: str = "0ba"
-    alpha_f: float = 0.0
+    t_warmup: str = _opt("0ba", check=TimeString(("ep", "ba", "sp", "dur"), positive=False))
+    alpha_f: float = _opt(0.0, check=_UNIT)
 
 
 @dataclass
@@ -237,9 +333,9 @@ class EvalConfig:
     """
 
     tasks: str = "none"
-    every_n_epochs: int = 0
+    every_n_epochs: int = _opt(0, check=_NONNEG)
     at_fit_end: bool = False
-    batch_size: int = 256
+    batch_size: int = _opt(256, check=Range(lo=1))
 
 
 @dataclass
@@ -270,9 +366,14 @@ class Recipe:
         save_interval: Composer time string between checkpoints.
         save_filename: Composer's checkpoint file name pattern.
         save_latest_filename: Composer's name of the latest-checkpoint link.
-        save_overwrite: overwrite existing checkpoints.
+        save_overwrite: replace the run already in ``save_folder`` (its checkpoints, ``latest`` and
+            ``model.pt`` are removed first). Without it, a folder that holds a run is refused unless
+            ``autoresume`` continues it.
         save_num_checkpoints_to_keep: Composer's retention (-1: all).
-        load_path: resume from this checkpoint.
+        load_path: start from this checkpoint (see ``load_mode``); refused when it was written by
+            another recipe (method, model, loss or optimizer differ) unless ``load_mode`` is ``weights``.
+        load_mode: ``full`` (weights, optimizer, schedules, step count: continue that run) or
+            ``weights`` (the encoder weights only; everything else starts fresh).
         autoresume: resume from the latest checkpoint in ``save_folder`` when there is one.
         deterministic_mode: Composer's deterministic mode (deterministic kernels).
         progress_bar: Composer's progress bar.
@@ -290,25 +391,26 @@ class Recipe:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
-    max_duration: str = "1ep"
-    seed: int = 0
+    max_duration: str = _opt("1ep", check=TimeString())
+    seed: int = _opt(0, check=_NONNEG)
     precision: Optional[str] = None
     device: Optional[str] = None
     device_train_microbatch_size: Optional[int] = None
-    grad_clip_norm: Optional[float] = 1.0
-    max_scale: float = 100.0
+    grad_clip_norm: Optional[float] = _opt(1.0, check=_POS)
+    max_scale: float = _opt(100.0, check=_POS)
     save_folder: Optional[str] = None
-    save_interval: str = "1ep"
+    save_interval: str = _opt("1ep", check=TimeString())
     save_filename: str = "ep{epoch}-ba{batch}-rank{rank}.pt"
     save_latest_filename: str = "latest-rank{rank}.pt"
-    save_overwrite: bool = True
-    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    save_num_checkpoints_to_keep: int = _opt(-1, check=Range(lo=-1))
     load_path: Optional[str] = None
+    load_mode: str = "full"
     autoresume: bool = False
     deterministic_mode: bool = False
     progress_bar: bool = False
     log_to_console: bool = True
-    console_log_interval: str = "10ba"
+    console_log_interval: str = _opt("10ba", check=TimeString())
 
     def resolved_save_folder(self) -> str:
         """``save_folder``, or ``runs/<run_name>`` when unset."""
@@ -386,7 +488,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
@@ -400,7 +503,12 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         if key in _CHOICES and value is not None and value not in _CHOICES[key]:
             raise RecipeError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
         kwargs[k] = value
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    for f in fields.values():  # defaults included: a range declared next to an option holds for every value
+        check = f.metadata.get("check")
+        if check is not None:
+            check.check(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    return obj
 
 
 def _check_loss(r: Recipe) -> None:
@@ -633,8 +741,11 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: invalid YAML: {e}") from None
+    if data is None or data == {}:
+        raise RecipeError(f"{path} is empty; a recipe names at least its run (start from a file in recipes/, "
+                          "e.g. recipes/default.yaml)")
     try:
-        return load_recipe_dict(apply_overrides(data or {}, list(overrides or [])), base=path.parent)
+        return load_recipe_dict(apply_overrides(data, list(overrides or [])), base=path.parent)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
 

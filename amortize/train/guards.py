@@ -21,6 +21,8 @@ import copy
 import logging
 import math
 import os
+import signal
+import threading
 from typing import Any, Optional
 
 import torch
@@ -35,6 +37,8 @@ __all__ = [
     "DivergenceError",
     "DivergenceGuard",
     "DataSkipReport",
+    "SaveOnInterrupt",
+    "TrainingInterrupted",
 ]
 
 log = logging.getLogger(__name__)
@@ -267,3 +271,88 @@ class DataSkipReport(Callback):
             log.warning("data: %s (%.2f%% of samples, %.2f%% of shards skipped; limit %.2f%%)",
                         self.counter.summary(), 100 * f_samples, 100 * f_shards,
                         100 * self.counter.max_skip_fraction)
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped training after a checkpoint and the weights export were written.
+
+    Attributes:
+        checkpoint: the checkpoint written at the interrupted batch.
+        export: the weights export (``model.pt``).
+        epoch: the epoch count of the checkpoint.
+        batch: the batch count of the checkpoint.
+    """
+
+    def __init__(self, checkpoint: str, export: str, epoch: int, batch: int):
+        super().__init__(f"interrupted at epoch {epoch}, batch {batch}; saved {checkpoint} and {export}")
+        self.checkpoint, self.export, self.epoch, self.batch = checkpoint, export, epoch, batch
+
+
+def _single_process() -> bool:
+    from composer.utils import dist
+
+    return dist.get_world_size() == 1
+
+
+class SaveOnInterrupt(Callback):
+    """Ctrl-C (SIGINT) finishes the current batch, saves a checkpoint and the export, then stops.
+
+    The first SIGINT only sets a flag; at the next BATCH_CHECKPOINT (after the optimiser and
+    scheduler step: the state a periodic checkpoint holds) the callback writes
+    ``save_folder/save_filename`` (atomically), points the ``latest`` link at it, writes the
+    weights export and raises :class:`TrainingInterrupted`. A second Ctrl-C interrupts at once.
+    The handler is installed for the duration of ``fit``, in the main thread of a single-process
+    run only: under Composer's launcher the processes would take the signal at different batches,
+    and the launcher stops them itself; there, periodic checkpoints and ``autoresume`` cover it.
+
+    Args:
+        save_folder: the run's folder.
+        save_filename: Composer's checkpoint name template.
+        latest_filename: Composer's latest-link name template.
+        export: the run's :class:`~amortize.train.algorithms.ExportWeights` callback.
+    """
+
+    def __init__(self, save_folder: str, save_filename: str, latest_filename: str, export: Any):
+        self.save_folder, self.save_filename, self.latest_filename = save_folder, save_filename, latest_filename
+        self.export = export
+        self.requested = False
+        self._previous: Any = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)  # a second Ctrl-C stops now
+        print("\nCtrl-C: finishing this batch, then saving a checkpoint (Ctrl-C again to stop at once)", flush=True)
+
+    def _restore(self) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        """Composer hook (FIT_START, BATCH_CHECKPOINT, FIT_END)."""
+        if event == Event.FIT_START and threading.current_thread() is threading.main_thread() and _single_process():
+            self.requested = False
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        elif event == Event.FIT_END:
+            self._restore()
+        elif event == Event.BATCH_CHECKPOINT and self.requested:
+            self._restore()
+            from composer.utils import dist
+            from composer.utils.checkpoint import save_checkpoint
+
+            from amortize.checkpoints import atomic_symlink
+            from amortize.train.compat import install_atomic_checkpoint_writes
+
+            install_atomic_checkpoint_writes()
+            path = save_checkpoint(state, os.path.join(self.save_folder, self.save_filename))
+            if dist.get_global_rank() == 0:
+                path = str(path or "")
+                atomic_symlink(os.path.basename(path), os.path.join(self.save_folder,
+                                                                    self.latest_filename.format(rank=0)))
+            self.export.run_event(Event.FIT_END, state, logger)
+            raise TrainingInterrupted(str(path), self.export.path, int(state.timestamp.epoch),
+                                      int(state.timestamp.batch))
+
+    def close(self, state: State, logger: Logger) -> None:
+        """Put the previous SIGINT handler back."""
+        self._restore()

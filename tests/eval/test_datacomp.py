@@ -129,3 +129,78 @@ def test_missing_task_is_reported_and_run_continues(datacomp_root, tmp_path):
     avg = {r["metric"]: r for r in rows if r["task"] == "average"}
     assert avg["Average (38)"]["n_tasks"] == 4 and avg["ImageNet"]["n_tasks"] == 1
     assert avg["VTAB"]["value"] is None
+
+
+# ------------------------------------------------------------------ Hugging Face repository files
+
+
+def _write_hf_files(folder: Path, key: str) -> None:
+    """What ``huggingface-cli download nlphuji/<name>`` leaves: a CSV and a zip of images."""
+    import json
+    import zipfile
+
+    folder.mkdir(parents=True)
+    names = ["red", "green", "blue"]
+    if key == "misc/winogavil":
+        rows = []
+        with zipfile.ZipFile(folder / "winogavil_images.zip", "w") as z:
+            for j in range(12):
+                z.writestr(f"winogavil_images/cand{j}.jpg", _png(COLORS[j % 3], j))
+        for i, n in enumerate([5, 10, 12]):
+            cands = [f"cand{j}" for j in range(n)]
+            # Python-literal lists in one row, JSON in the others: both occur in exported CSVs
+            fmt = repr if i == 0 else json.dumps
+            rows.append({"cue": "apple", "candidates": fmt(cands), "associations": fmt(cands[:2])})
+        header = ["cue", "candidates", "associations"]
+        table = "winogavil_dataset.csv"
+    else:
+        rows = []
+        with zipfile.ZipFile(folder / "images_test.zip", "w") as z:
+            for i in range(6):
+                z.writestr(f"images/{1000 + i}.jpg", _png(COLORS[i % 3], i))
+                rows.append({"filename": f"{1000 + i}.jpg",
+                             "raw": json.dumps([f"a {names[i % 3]} square", f"square number {i}"])})
+        header = ["filename", "raw"]
+        table = "test_1k.csv"
+    import csv
+
+    with open(folder / table, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(rows)
+
+
+@pytest.mark.parametrize("layout", ["local_dir", "hub_cache"])
+def test_hugging_face_formats_of_flickr_mscoco_winogavil(datacomp_root, tmp_path, layout):
+    from amortize.eval.datacomp import HF_REPOS, find_task_dir
+
+    hf_root, wds_root = tmp_path / "hf", tmp_path / "wds"
+    hf_root.mkdir()
+    wds_root.mkdir()
+    for key, name in HF_REPOS.items():
+        folder = (hf_root / "nlphuji" / name if layout == "local_dir"
+                  else hf_root / "hf_cache" / f"datasets--nlphuji--{name}" / "snapshots" / "c4a4cdc")
+        _write_hf_files(folder, key)
+        (wds_root / task_dir_name(key)).symlink_to(datacomp_root / task_dir_name(key))
+        assert find_task_dir(hf_root, key) == folder
+    keys = list(HF_REPOS)
+    hf = run_datacomp(TinyClip(), Tokenizer(16), pil_transform(8), hf_root, tasks=keys, batch_size=4, log=None)
+    wds = run_datacomp(TinyClip(), Tokenizer(16), pil_transform(8), wds_root, tasks=keys, batch_size=4, log=None)
+    hf_rows = {r["task"]: r for r in hf if r["task"] != "average"}
+    wds_rows = {r["task"]: r for r in wds if r["task"] != "average"}
+    assert all(r.get("error") is None for r in hf_rows.values()), hf_rows
+    # the same images and captions in the two formats give the same metrics
+    for key in keys:
+        assert hf_rows[key]["value"] == pytest.approx(wds_rows[key]["value"]), key
+
+
+def test_hugging_face_files_with_a_missing_image_are_reported(tmp_path):
+    from amortize.eval.datacomp import HF_REPOS
+
+    folder = tmp_path / HF_REPOS["retrieval/flickr30k"]
+    _write_hf_files(folder, "retrieval/flickr30k")
+    with open(folder / "test_1k.csv", "a") as f:
+        f.write('9999.jpg,"[""a lost square""]"\n')
+    rows = run_datacomp(TinyClip(), Tokenizer(16), pil_transform(8), tmp_path, tasks=["retrieval/flickr30k"],
+                        batch_size=4, log=None)
+    assert rows[0]["value"] is None and "9999.jpg" in rows[0]["error"]
