@@ -153,7 +153,7 @@ def test_3_load_path_of_another_method_is_refused_unless_weights_only(tmp_path, 
     capsys.readouterr()
     assert main(["train", *amorlip]) == 2
     err = capsys.readouterr().err
-    assert "loss.estimator: 'moving_average' -> 'amortized'" in err and "load_mode=weights" in err
+    assert "loss.estimator.name: 'moving_average' -> 'amortized'" in err and "load_mode=weights" in err
     assert not (tmp_path / "amorlip").exists()
     export = _synthetic(tmp_path / "amorlip", f"load_path={tmp_path / 'sogclr' / 'model.pt'}", "max_duration=1ba")
     assert main(["train", *export, "load_mode=weights"]) == 2
