@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from amortize.train.algorithms import ClampLogitScale, EpochSchedules, ExportWeights, FullBatchGuard, LogLossTerms
 from amortize.train.components import build_dataset, build_loss, build_tokenizer, build_two_tower
 from amortize.train.config import Recipe, RecipeError, recipe_to_dict
+from amortize.train.gradcache import microbatch_trainer_kwargs
 from amortize.train.guards import DataSkipReport, DivergenceGuard, install_atomic_checkpoint_writes
 from amortize.train.model import ContrastiveComposerModel
 from amortize.train.optim import build_optimizer, build_scheduler
@@ -28,22 +29,16 @@ __all__ = ["per_process_batch_size", "build_dataloader", "build_composer_model",
 def per_process_batch_size(recipe: Recipe) -> int:
     """``data.batch_size`` (global) divided by the number of processes.
 
+    A ``device_train_microbatch_size`` smaller than that turns on the exact gradient cache
+    (:mod:`amortize.train.gradcache`); it need not divide the per-process batch.
+
     Raises:
-        RecipeError: if it does not divide evenly, or microbatching would shrink the negatives.
+        RecipeError: if it does not divide evenly.
     """
     world = dist.get_world_size()
     if recipe.data.batch_size % world:
         raise RecipeError(f"data.batch_size={recipe.data.batch_size} is not divisible by the {world} processes")
-    per = recipe.data.batch_size // world
-    mb = recipe.device_train_microbatch_size
-    if mb is not None and mb < per:
-        raise RecipeError(
-            f"device_train_microbatch_size={mb} is smaller than the per-process batch ({per}): "
-            "microbatching splits the batch and so shrinks the negatives of every contrastive "
-            "objective (each microbatch would contrast only against itself). Leave it unset (null) "
-            "and lower data.batch_size instead."
-        )
-    return per
+    return recipe.data.batch_size // world
 
 
 def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[Any, Optional[int]]:
@@ -108,7 +103,7 @@ def build_trainer(
     Returns:
         The Trainer, with the model, optimiser, scheduler, algorithms and checkpointing set up.
     """
-    per_process_batch_size(recipe)
+    microbatching = microbatch_trainer_kwargs(recipe.device_train_microbatch_size, per_process_batch_size(recipe))
     reproducibility.seed_all(recipe.seed)
     towers = build_two_tower(recipe)
     tokenizer = build_tokenizer(recipe, towers.context_length)
@@ -117,7 +112,8 @@ def build_trainer(
     loss_fn = build_loss(recipe, towers.embed_dim, num_samples=num_samples)
     model = ContrastiveComposerModel(towers, loss_fn, recipe=recipe_to_dict(recipe))
     optimizer = build_optimizer(model, recipe.optimizer)
-    algorithms: list[Any] = [FullBatchGuard(), EpochSchedules(), ClampLogitScale(recipe.max_logit_scale)]
+    algorithms: list[Any] = [FullBatchGuard(), *microbatching.pop("algorithms"), EpochSchedules(),
+                             ClampLogitScale(recipe.max_logit_scale)]
     if recipe.grad_clip_norm is not None:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.grad_clip_norm))
     save_folder = recipe.resolved_save_folder()
@@ -170,9 +166,10 @@ def build_trainer(
             autoresume=recipe.autoresume,
             device=recipe.device,
             precision=recipe.precision,
-            # one microbatch per batch: Composer cannot infer the batch size of an iterable
-            # (webdataset) loader, and a smaller microbatch would shrink the negatives
-            device_train_microbatch_size=recipe.device_train_microbatch_size or per_process_batch_size(recipe),
+            # Composer sees one microbatch per batch (its own splitting would shrink the negatives;
+            # it cannot infer the batch size of a webdataset loader); a smaller recipe microbatch
+            # runs the gradient cache inside that step
+            **microbatching,
             seed=recipe.seed,
             deterministic_mode=recipe.deterministic_mode,
         )
