@@ -10,7 +10,7 @@ from benchmarks.common import RESULTS
 def _write_reports():
     torch.set_num_threads(2)  # the root conftest pins one thread for unit tests; benchmarks use the machine
     yield
-    from benchmarks import estimator_accuracy, loss_speed, step_overhead
+    from benchmarks import estimator_accuracy, loss_speed, microbatch, step_overhead
 
     if RESULTS["loss_speed"]:
         loss_speed.report(RESULTS["loss_speed"])
@@ -18,3 +18,5 @@ def _write_reports():
         estimator_accuracy.report(sorted(RESULTS["estimator_accuracy"], key=lambda r: r["B"]))
     if RESULTS["step_overhead"]:
         step_overhead.report(RESULTS["step_overhead"][0])
+    if RESULTS["microbatch"]:
+        microbatch.report(RESULTS["microbatch"][0])

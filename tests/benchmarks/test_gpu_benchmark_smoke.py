@@ -24,3 +24,17 @@ def test_gpu_benchmark_cpu_smoke(tmp_path):
     for r in summary["results"]:
         assert r["median_step_s"] > 0 and r["flops_per_step"] > 1e9 and r["peak_memory_bytes"] > 0
     assert "AmorLIP step overhead" in proc.stdout
+
+
+# the microbatch mode (ViT-B/32, gradient cache, one microbatch size) runs end to end
+def test_gpu_benchmark_microbatch_mode_cpu_smoke(tmp_path):
+    out = tmp_path / "mb.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_benchmark.py"), "--device", "cpu", "--batch-size", "4",
+         "--steps", "1", "--warmup", "0", "--precision", "fp32", "--microbatch-sizes", "3", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["microbatch"]
+    assert [r["microbatch"] for r in rows] == [3]
+    assert all(r["median_step_s"] > 0 and r["peak_memory_bytes"] > 0 for r in rows)
