@@ -97,19 +97,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cases: list, world: int, tmp: Path, timeout: float = 150.0, worker: str = "dist_worker.py") -> list[list[dict]]:
-    """Run ``cases`` on ``world`` gloo processes (localhost) of ``worker``; returns ``results[rank][case]``."""
+def launch(cases: list, world: int, tmp: Path, timeout: float = 150.0) -> list[list[dict]]:
+    """Run ``cases`` on ``world`` gloo processes (localhost); returns ``results[rank][case]``."""
     case_file = tmp / "cases.pt"
     torch.save(cases, case_file)
     port = free_port()
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
                OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    script = Path(__file__).with_name(worker)
+    worker = Path(__file__).with_name("dist_worker.py")
     procs = []
     for r in range(world):
         out = tmp / f"rank{r}.pt"
         procs.append(subprocess.Popen(
-            [sys.executable, str(script), str(case_file), str(out)],
+            [sys.executable, str(worker), str(case_file), str(out)],
             env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         ))
     logs = []

@@ -43,7 +43,8 @@ def test_two_processes_with_gradient_cache_equal_one_whole_batch(b_local, microb
     local = dict(objective="sigmoid", estimator=None, mode="local", N=WORLD * b_local, d=d, seed=seed, chunk=chunk,
                  dropout=0.0, microbatch=max(1, b_local - 1), steps=2)
     cases += [dict(local, method="gradcache"), dict(local, method="whole")]
-    results = H.launch(cases, WORLD, tmp_path_factory.mktemp("gradcache"), worker="gradcache_worker.py")
+    cases = [dict(c, harness="gradcache") for c in cases]
+    results = H.launch(cases, WORLD, tmp_path_factory.mktemp("gradcache"))
     for i, case in enumerate(cases[:-2]):
         ref = C.run(case, "whole")
         label = f"{case['objective']}/{case['estimator']}/{case['mode']} B={b_local} mb={case['microbatch']} chunk={chunk}"
