@@ -37,7 +37,7 @@ METHODS = [
 ]
 
 
-def assert_same(got: dict, ref: dict, label: str, tol: float = 1e-5) -> None:
+def assert_same(got: dict, ref: dict, label: str, tol: float = 1e-5, amortizer_tol: float = 5e-3) -> None:
     """Losses, gradients, parameters, AdamW state and the estimator's state agree."""
 
     def close(a, b, what, t=tol):
@@ -56,7 +56,7 @@ def assert_same(got: dict, ref: dict, label: str, tol: float = 1e-5) -> None:
         # amortizer networks take Adam steps on their own fit: an Adam step moves a weight whose
         # gradient is ~0 by ~lr whatever the sign, so rounding-level differences in the features
         # (a row encoded with other rows) may show up there at lr scale; every other state is tight
-        t = 5e-3 if (".online." in k or ".target." in k) else tol
+        t = amortizer_tol if (".online." in k or ".target." in k) else tol
         close(got["estimator"][k].float(), v.float(), f"estimator {k}", t)
 
 
@@ -77,7 +77,11 @@ def case_strategy(objective, estimator, dropout):
 def test_gradient_cache_equals_the_whole_batch(objective, estimator, data):
     case = data.draw(case_strategy(objective, estimator, dropout=0.0))
     label = f"{objective}/{estimator} N={case['N']} mb={case['microbatch']} chunk={case['chunk']}"
-    assert_same(C.run(case, "gradcache"), C.run(case, "whole"), label)
+    got = C.run(case, "gradcache")
+    assert_same(got, C.run(case, "whole"), label)
+    # on the same microbatch features (encoded with a graph) even the amortizer's Adam agrees tightly:
+    # the loss, its targets and the estimator's update are those of one pass over the whole batch
+    assert_same(got, C.run(case, "chunked_graph"), label + " (same features)", amortizer_tol=1e-5)
 
 
 @pytest.mark.parametrize("objective,estimator", [("sigmoid", None), ("amortized", "amortized")])
