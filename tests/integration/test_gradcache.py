@@ -53,7 +53,7 @@ def test_default_recipe_with_microbatches_equals_the_whole_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_recipe_command_from_the_issue(tmp_path):
+def test_default_recipe_command_with_microbatches(tmp_path):
     # amortize train recipes/default.yaml device_train_microbatch_size=64 max_duration=2ba
     ref = _train_default(tmp_path / "whole", [])
     got = _train_default(tmp_path / "micro", ["device_train_microbatch_size=64"])
