@@ -95,6 +95,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines) + "\n"
 
 
-RESULTS: dict[str, list] = {"loss_speed": [], "estimator_accuracy": [], "step_overhead": []}
+RESULTS: dict[str, list] = {"loss_speed": [], "estimator_accuracy": [], "step_overhead": [], "microbatch": []}
 """Measurements collected by the pytest-benchmark wrappers (``make bench``) during one session;
 ``tests/benchmarks/conftest.py`` turns them into each benchmark's JSON, table and plot at the end."""

@@ -21,6 +21,12 @@ defaults it runs in about two minutes on an H200 (well under ten).
 other device. ``--precision bf16 --device cpu`` is allowed but slow: CPUs without native bf16
 instructions (no AVX512_BF16 or AMX, e.g. many AMD EPYC and older Intel parts) emulate it, and a
 ViT-B/32 step then takes minutes instead of seconds.
+
+    python scripts/gpu_benchmark.py --microbatch-sizes 1024,256,64,16   # memory against microbatch size
+
+Microbatch mode (``--microbatch-sizes``): only AmorLIP, once per size, with the exact gradient cache
+of :mod:`amortize.gradcache` (a size of at least the batch is the step without it); reports the
+peak memory and median step time of each size.
 """
 
 from __future__ import annotations
@@ -139,6 +145,49 @@ def measure(method: str, args, device) -> dict:
     }
 
 
+def measure_microbatch(microbatch: int, args, device) -> dict:
+    """AmorLIP with gradient-cached microbatches of ``microbatch`` rows: peak memory and median step time."""
+    from amortize.gradcache import gradient_cached_backward
+
+    torch.manual_seed(0)
+    model = build_model(args.model, image_size=args.image_size).to(device)
+    est = AmortizedEstimator(dim=model.embed_dim, amortizer={"name": "residual_mlp", "width_factor": 1.0},
+                             inner_steps=3, update_every=1, ema_decay=0.92, ema_every=2)
+    loss_fn = ContrastiveLoss("linearized", estimator=est, pos_weight=1e-3, rho=8.5,
+                              chunk_size=args.chunk_size).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+    size = model.image_size
+    g = torch.Generator(device="cpu").manual_seed(1)
+    batch = {"image": torch.randn(args.batch_size, 3, size, size, generator=g).to(device),
+             "text": torch.randint(1, 49000, (args.batch_size, model.context_length), generator=g).to(device)}
+
+    def encode(b):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            x = model.encode_image(b["image"], normalize=True)
+            y = model.encode_text(b["text"], normalize=True)
+        return x.float(), y.float(), model.logit_scale.exp().float()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        gradient_cached_backward(encode, batch, microbatch, lambda x, y, s: loss_fn(x, y, s))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(max(1, args.steps)):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"microbatch": min(microbatch, args.batch_size), "median_step_s": statistics.median(times),
+            "times_s": times, "peak_memory_bytes": _peak_bytes(device)}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -154,6 +203,8 @@ def main(argv=None) -> dict:
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak (H200 dense bf16: 989)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--microbatch-sizes", default=None,
+                   help="comma-separated microbatch sizes: run only the gradient-cache memory sweep (AmorLIP)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.precision = resolve_precision(args.precision, device)
@@ -163,6 +214,17 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     t0 = time.perf_counter()
+    if args.microbatch_sizes:
+        rows = [measure_microbatch(int(mb), args, device) for mb in args.microbatch_sizes.split(",")]
+        for r in rows:
+            print(f"microbatch {r['microbatch']:6d}   step {1000 * r['median_step_s']:9.1f} ms"
+                  f"   peak {r['peak_memory_bytes'] / 2**30:6.2f} GiB")
+        summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "model": args.model, "batch_size": args.batch_size, "precision": args.precision,
+                   "microbatch": rows, "wall_s": time.perf_counter() - t0}
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
     results = [measure(m, args, device) for m in ("clip", "amorlip")]
     clip, amor = results
     summary = {

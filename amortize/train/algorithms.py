@@ -3,7 +3,8 @@
 * :class:`EpochSchedules` (EPOCH_START): advances rho, beta, gamma and AmorLIP's per-epoch
   re-initialisation and previous-epoch networks, through ``loss_fn.start_epoch``.
 * :class:`ClampLogitScale` (BATCH_END, after the optimiser step): ``s <= max_scale``.
-* :class:`FullBatchGuard` (AFTER_DATALOADER): refuses microbatching, which shrinks the negatives.
+* :class:`FullBatchGuard` (AFTER_DATALOADER): refuses Composer's own microbatching, which shrinks
+  the negatives (the exact alternative is the gradient cache of :mod:`amortize.train.gradcache`).
 * :class:`LogLossTerms` (BATCH_END): logs every named loss term as ``loss/train/<term>``.
 * :class:`ExportWeights` (EPOCH_CHECKPOINT, FIT_END): writes a plain weights-only file
   ``<folder>/model.pt`` with the recipe, the towers and the estimator state.
@@ -99,11 +100,15 @@ class ClampLogitScale(Algorithm):
 
 
 class FullBatchGuard(Algorithm):
-    """Refuse microbatching: contrastive objectives need the whole per-process batch as negatives.
+    """Refuse Composer's own microbatching: contrastive objectives need the whole per-process batch as negatives.
 
-    Composer's ``device_train_microbatch_size`` splits each batch into microbatches and runs the
-    loss on each separately, so every sample would contrast only against its own microbatch.
-    There is no gradient-cache path yet, so any microbatch smaller than the batch is an error.
+    A ``Trainer`` whose ``device_train_microbatch_size`` is below the batch splits each batch and
+    runs the loss on each microbatch separately, so every sample would contrast only against its
+    own microbatch: that cannot be made exact, and is an error. :func:`~amortize.train.builders.build_trainer`
+    never asks Composer to split; a recipe's ``device_train_microbatch_size`` runs the exact
+    gradient cache inside one Composer microbatch instead (:mod:`amortize.train.gradcache`).
+    Composer's automatic microbatching (``auto``) is refused too: after an out-of-memory error it
+    retries the batch, which would update the estimator's state twice.
     """
 
     def match(self, event: Event, state: State) -> bool:
@@ -117,10 +122,12 @@ class FullBatchGuard(Algorithm):
         mb = state.device_train_microbatch_size
         if getattr(state, "auto_microbatching", False) or (n is not None and mb is not None and int(mb) < n):
             raise ValueError(
-                f"device_train_microbatch_size={mb} is smaller than the batch ({n}): microbatching splits "
-                "the batch and so shrinks the negatives of the contrastive objective (each microbatch "
-                "would contrast only against itself). Leave device_train_microbatch_size unset and lower "
-                "the batch size instead."
+                f"Composer's device_train_microbatch_size={mb} is smaller than the batch ({n}): Composer's "
+                "microbatching splits the batch and so shrinks the negatives of the contrastive objective (each "
+                "microbatch would contrast only against itself; 'auto' would also retry a batch after running out "
+                "of memory and update the estimator twice). Pass the microbatch size to the recipe instead "
+                "(device_train_microbatch_size=N with build_trainer), which runs the exact gradient cache "
+                "(amortize.train.gradcache.GradientCache) inside one Composer microbatch."
             )
 
 

@@ -23,6 +23,7 @@ from amortize.train.algorithms import ClampLogitScale, EpochSchedules, ExportWei
 from amortize.train.components import build_dataset, build_loss, build_tokenizer, build_two_tower
 from amortize.train.config import Recipe, RecipeError, recipe_to_dict
 from amortize.train.compat import install_atomic_checkpoint_writes
+from amortize.train.gradcache import microbatch_trainer_kwargs
 from amortize.train.guards import DataSkipReport, DivergenceGuard, SaveOnInterrupt
 from amortize.train.model import ContrastiveComposerModel
 from amortize.train.optim import build_optimizer, build_scheduler
@@ -61,22 +62,16 @@ def _check_estimator_size(recipe: Recipe, num_samples: Optional[int]) -> None:
 def per_process_batch_size(recipe: Recipe) -> int:
     """``data.batch_size`` (global) divided by the number of processes.
 
+    A ``device_train_microbatch_size`` smaller than that turns on the exact gradient cache
+    (:mod:`amortize.train.gradcache`); it need not divide the per-process batch.
+
     Raises:
-        RecipeError: if it does not divide evenly, or microbatching would shrink the negatives.
+        RecipeError: if it does not divide evenly.
     """
     world = dist.get_world_size()
     if recipe.data.batch_size % world:
         raise RecipeError(f"data.batch_size={recipe.data.batch_size} is not divisible by the {world} processes")
-    per = recipe.data.batch_size // world
-    mb = recipe.device_train_microbatch_size
-    if mb is not None and mb < per:
-        raise RecipeError(
-            f"device_train_microbatch_size={mb} is smaller than the per-process batch ({per}): "
-            "microbatching splits the batch and so shrinks the negatives of every contrastive "
-            "objective (each microbatch would contrast only against itself). Leave it unset (null) "
-            "and lower data.batch_size instead."
-        )
-    return per
+    return recipe.data.batch_size // world
 
 
 def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[Any, Optional[int]]:
@@ -164,21 +159,11 @@ def build_trainer(
     Returns:
         The Trainer, with the model, optimiser, scheduler, algorithms and checkpointing set up.
     """
-    per_process_batch_size(recipe)
+    microbatching = microbatch_trainer_kwargs(recipe.device_train_microbatch_size, per_process_batch_size(recipe))
     reproducibility.seed_all(recipe.seed)
-    if recipe.autoresume and dist.get_global_rank() == 0:
-        # checkpoints are renamed into place; after a crash, point `latest` at the newest whole one
-        from amortize.checkpoints import filename_regex, recover_latest
-
-        recover_latest(recipe.resolved_save_folder(), recipe.save_latest_filename.format(rank=0),
-                       filename_regex(recipe.save_filename, rank=0))
-    plan = decide_start(recipe)
-    model, tokenizer, train_dataloader, optimizer, scheduler = _components(recipe, train_dataloader, num_samples)
-    if plan.replaced and dist.get_global_rank() == 0:
-        for path in plan.replaced:  # save_overwrite=true: the earlier run's files go, so autoresume cannot mix them
-            if os.path.lexists(path):
-                os.unlink(path)
-    algorithms: list[Any] = [FullBatchGuard(), EpochSchedules(), ClampLogitScale(recipe.max_scale)]
+from amortize.train.compat import install_atomic_checkpoint_writes
+from amortize.train.gradcache import microbatch_trainer_kwargs
+from amortize.train.guards import DataSkipReport, DivergenceGuard, SaveOnInterrupt
     if recipe.grad_clip_norm is not None:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.grad_clip_norm))
     save_folder = recipe.resolved_save_folder()
@@ -231,9 +216,10 @@ def build_trainer(
             autoresume=recipe.autoresume,
             device=recipe.device,
             precision=recipe.precision,
-            # one microbatch per batch: Composer cannot infer the batch size of an iterable
-            # (webdataset) loader, and a smaller microbatch would shrink the negatives
-            device_train_microbatch_size=recipe.device_train_microbatch_size or per_process_batch_size(recipe),
+            # Composer sees one microbatch per batch (its own splitting would shrink the negatives;
+            # it cannot infer the batch size of a webdataset loader); a smaller recipe microbatch
+            # runs the gradient cache inside that step
+            **microbatching,
             seed=recipe.seed,
             deterministic_mode=recipe.deterministic_mode,
         )

@@ -356,8 +356,10 @@ class Recipe:
         seed: global seed (weights, data order, amortizer re-initialisation).
         precision: ``fp32``, ``amp_bf16`` or ``amp_fp16`` (None: Composer's default for the device).
         device: ``cpu``, ``gpu`` or None (Composer picks).
-        device_train_microbatch_size: must be None or the per-process batch size: contrastive
-            objectives need the whole batch as negatives.
+        device_train_microbatch_size: rows per microbatch of the exact gradient cache (None: the
+            whole per-process batch at once). Smaller than the per-process batch, the encoders run
+            on microbatches of this size (peak memory of their activations falls with it) while the
+            loss still sees every negative; see :mod:`amortize.train.gradcache`.
         grad_clip_norm: encoder gradient-norm clip (None: none).
         imports: Python files (relative to the recipe file) or module names imported before the
             recipe is checked, so that the components they register can be named (stored resolved).

@@ -15,6 +15,7 @@ import torch
 from composer.models import ComposerModel
 from torch import Tensor, nn
 
+from amortize.gradcache import CachedEncoding, backward_through_encoder, encode_without_graph, split_batch
 from amortize.losses import ContrastiveLoss
 from amortize.models import TwoTowerModel
 from amortize.train.compat import ddp_ignore
@@ -46,18 +47,24 @@ class ContrastiveComposerModel(ComposerModel):
         model: the towers and logit parameters.
         loss_fn: the objective and its estimator.
         recipe: the resolved recipe as plain Python (saved in checkpoints), or None.
+        microbatch_size: rows per microbatch of the gradient cache (see :mod:`amortize.gradcache`),
+            or None to encode every batch at once.
 
     Attributes:
         last_terms: the detached named loss terms of the latest training batch (logged by
             :class:`~amortize.train.algorithms.LogLossTerms`).
+        microbatch_size: as the argument; :class:`~amortize.train.gradcache.GradientCache` sets it.
     """
 
-    def __init__(self, model: TwoTowerModel, loss_fn: ContrastiveLoss, recipe: Optional[dict] = None):
+    def __init__(self, model: TwoTowerModel, loss_fn: ContrastiveLoss, recipe: Optional[dict] = None,
+                 microbatch_size: Optional[int] = None):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.recipe = recipe
         self.last_terms: dict[str, Tensor] = {}
+        self.microbatch_size = microbatch_size
+        self._cached: Optional[CachedEncoding] = None
         # Every process applies identical global updates to the estimator's state (exact
         # layouts), so DDP must not broadcast these (possibly dataset-sized) buffers from rank 0
         # at every step (see amortize.train.compat).
@@ -76,8 +83,17 @@ class ContrastiveComposerModel(ComposerModel):
 
     # ------------------------------------------------------------------ Composer interface
 
+    def _encode(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        return self.model(batch["image"], batch["text"])
+
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         """Encode a batch.
+
+        With :attr:`microbatch_size` set and smaller than the batch, in training mode with
+        gradients enabled, this is the gradient cache's first pass: the microbatches are encoded
+        without a graph and the outputs are leaves requiring gradients; after the loss's backward,
+        :meth:`backward_cached` must run the second pass (Composer: the
+        :class:`~amortize.train.gradcache.GradientCache` algorithm does).
 
         Args:
             batch: ``{"image": (B, 3, H, W), "text": (B, L), "index": (B,)}``.
@@ -85,9 +101,37 @@ class ContrastiveComposerModel(ComposerModel):
         Returns:
             ``{"image_features": (B, d), "text_features": (B, d), "scale": 0-d s (not log s),
             "bias": 0-d b or None}`` with L2-normalised features.
+
+        Raises:
+            RuntimeError: if the previous batch's second pass never ran.
         """
-        x, y, scale, bias = self.model(batch["image"], batch["text"])
+        mb = self.microbatch_size
+        if mb is not None and self.training and torch.is_grad_enabled() and batch["image"].shape[0] > mb:
+            if self._cached is not None:
+                raise RuntimeError(
+                    "the gradient cache's second pass did not run after the previous batch's backward: call "
+                    "backward_cached() after loss().backward() (Composer: add the GradientCache algorithm)"
+                )
+            self._cached = encode_without_graph(self._encode, split_batch(batch, mb))
+            x, y, scale, bias = self._cached.outputs
+        else:
+            x, y, scale, bias = self._encode(batch)
         return {"image_features": x, "text_features": y, "scale": scale, "bias": bias}
+
+    def backward_cached(self) -> bool:
+        """The gradient cache's second pass for the latest :meth:`forward` (after the loss's backward).
+
+        Re-encodes each microbatch with its random state replayed and backpropagates the gradients
+        the loss left on the cached features into the towers.
+
+        Returns:
+            True if a second pass ran, False if the latest batch was encoded at once.
+        """
+        cached, self._cached = self._cached, None
+        if cached is None:
+            return False
+        backward_through_encoder(self._encode, cached)
+        return True
 
     def loss(self, outputs: dict[str, Any], batch: dict[str, Tensor], *args: Any, **kwargs: Any) -> Tensor:
         """The contrastive loss of a batch (updates the estimator's state in training mode).

@@ -23,7 +23,7 @@ def _two_threads_for_benchmarks(request):
 @pytest.fixture(scope="session", autouse=True)
 def _write_reports():
     yield
-    from benchmarks import estimator_accuracy, loss_speed, step_overhead
+    from benchmarks import estimator_accuracy, loss_speed, microbatch, step_overhead
 
     if RESULTS["loss_speed"]:
         loss_speed.report(RESULTS["loss_speed"])
@@ -31,3 +31,5 @@ def _write_reports():
         estimator_accuracy.report(sorted(RESULTS["estimator_accuracy"], key=lambda r: r["B"]))
     if RESULTS["step_overhead"]:
         step_overhead.report(RESULTS["step_overhead"])
+    if RESULTS["microbatch"]:
+        microbatch.report(RESULTS["microbatch"][0])

@@ -7,7 +7,7 @@ Each test records its numbers in ``benchmark.extra_info`` (so they land in
 
 import pytest
 
-from benchmarks import estimator_accuracy, loss_speed, step_overhead
+from benchmarks import estimator_accuracy, loss_speed, microbatch, step_overhead
 from benchmarks.common import RESULTS
 
 pytestmark = pytest.mark.benchmark
@@ -35,3 +35,13 @@ def test_step_overhead(benchmark, batch):
     result = benchmark.pedantic(step_overhead.run, kwargs={"batch": batch}, rounds=1, iterations=1)
     benchmark.extra_info.update({k: v for k, v in result.items() if k != "times_s"})
     RESULTS["step_overhead"].append(result)
+
+
+def test_microbatch_memory_and_time(benchmark):
+    result = benchmark.pedantic(microbatch.run, rounds=1, iterations=1)
+    rows = {r["microbatch"]: r for r in result["rows"]}
+    benchmark.extra_info.update({f"peak_bytes_mb{k}": r["peak_bytes"] for k, r in rows.items()})
+    benchmark.extra_info.update({f"median_s_mb{k}": r["median_s"] for k, r in rows.items()})
+    RESULTS["microbatch"].append(result)
+    # the activations shrink with the microbatch: the smallest microbatch needs less than the whole batch
+    assert rows[min(rows)]["peak_bytes"] < rows[max(rows)]["peak_bytes"]

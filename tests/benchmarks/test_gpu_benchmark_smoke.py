@@ -56,3 +56,17 @@ def test_gpu_benchmark_precision_depends_on_the_device():
     assert bench.resolve_precision("fp32", torch.device("cuda")) == "fp32"
     with pytest.raises(ValueError, match="valid: auto, bf16, fp32"):
         bench.resolve_precision("fp16", torch.device("cpu"))
+
+
+# the microbatch mode (gradient cache, one microbatch size) runs end to end, on the tiny towers
+def test_gpu_benchmark_microbatch_mode_cpu_smoke(tmp_path):
+    out = tmp_path / "mb.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_benchmark.py"), "--device", "cpu", "--model", "tiny",
+         "--batch-size", "4", "--steps", "1", "--warmup", "0", "--microbatch-sizes", "3", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["microbatch"]
+    assert [r["microbatch"] for r in rows] == [3]
+    assert all(r["median_step_s"] > 0 and r["peak_memory_bytes"] > 0 for r in rows)

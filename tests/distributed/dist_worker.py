@@ -13,13 +13,22 @@ import torch.distributed as dist  # noqa: E402
 import dist_harness  # noqa: E402
 
 
+def run_one(case: dict, rank: int, world: int):
+    """A loss case of ``dist_harness``, or a gradient-cache case (``case["harness"] == "gradcache"``)."""
+    if case.get("harness") == "gradcache":
+        import gradcache_cases
+
+        return gradcache_cases.run(case, case.get("method", "gradcache"), rank, world)
+    return dist_harness.run_case(case, rank, world)
+
+
 def main() -> None:
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         cases = torch.load(sys.argv[1], weights_only=False)
-        results = [dist_harness.run_case(case, rank, world) for case in cases]
+        results = [run_one(case, rank, world) for case in cases]
         torch.save(results, sys.argv[2])
     finally:
         dist.destroy_process_group()

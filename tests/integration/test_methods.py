@@ -51,16 +51,18 @@ def test_amortizer_parameters_are_not_in_the_encoder_optimizer(tmp_path):
     trainer.close()
 
 
-def test_microbatching_is_refused_with_the_reason(tmp_path):
-    from amortize.train.config import RecipeError
+def test_recipe_microbatching_turns_the_gradient_cache_on(tmp_path):
+    from amortize.train.gradcache import GradientCache
 
     recipe = method_recipe("clip", tmp_path, extra=["device_train_microbatch_size=4"])
-    with pytest.raises(RecipeError, match="shrinks the negatives"):
-        build_trainer(recipe)
+    trainer = build_trainer(recipe)
+    assert [a.microbatch_size for a in trainer.state.algorithms if isinstance(a, GradientCache)] == [4]
+    assert trainer.state.device_train_microbatch_size == 16  # Composer itself never splits the batch
+    trainer.close()
 
 
-def test_microbatching_is_refused_at_run_time_too(tmp_path):
-    # a Trainer assembled by hand with our algorithms: the guard stops the first batch
+def test_composer_microbatching_is_refused_at_run_time(tmp_path):
+    # a Trainer assembled by hand that lets Composer split the batch: the guard stops the first batch
     from composer import Trainer
 
     from amortize.train.algorithms import FullBatchGuard

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("amortize.kernels", "amortize.comm", "amortize.schedules", "amortize.amortizers"),  # 1 math and processes
     ("amortize.objectives",),                                                          # 2 objectives
     ("amortize.estimators",),                                                          # 3 estimators
-    ("amortize.losses", "amortize.functional"),                                        # 4 composition, faces
+    ("amortize.losses", "amortize.functional", "amortize.gradcache"),                  # 4 composition, faces
     ("amortize.models", "amortize.checkpoints", "amortize.data"),                      # 5 towers, files, data
     ("amortize.eval",),                                                                # 6 evaluation
     ("amortize.train",),                                                               # 7 Composer glue

@@ -1,0 +1,116 @@
+"""Gradient-cached microbatching in Composer: ``device_train_microbatch_size`` in a recipe turns it on.
+
+Composer's own microbatching runs the loss once per microbatch, which shrinks the negatives of a
+contrastive objective. Instead Composer is told that the batch is one microbatch, and the two
+passes of :mod:`amortize.gradcache` run inside that one step:
+
+* ``forward`` (:class:`~amortize.train.model.ContrastiveComposerModel`, with ``microbatch_size``
+  set by :class:`GradientCache` on BEFORE_FORWARD): encodes the microbatches without a graph;
+  its outputs are leaf tensors.
+* ``loss`` and Composer's backward: the loss of the whole per-process batch, once (all negatives,
+  one estimator update), backpropagated to those leaves (and scaled by Composer's gradient scaler
+  under ``amp_fp16``).
+* :class:`GradientCache` on AFTER_BACKWARD: re-encodes each microbatch under the run's precision
+  context with its random state replayed and backpropagates the cached gradients into the towers.
+  It runs before every other algorithm on that event (see :func:`gradient_cache_first`), so the
+  :class:`~amortize.train.guards.DivergenceGuard` checks the complete gradients.
+* Under several processes the trainer uses Composer's ``forced_sync`` DDP strategy: the whole step
+  runs under ``no_sync`` and Composer all-reduces every gradient after AFTER_BACKWARD, so the
+  encoder gradients of all microbatches are averaged once.
+
+What this relies on in Composer beyond its documented interface is listed in
+:data:`COMPOSER_CONTRACT` and checked against the installed Composer by
+``tests/integration/test_gradcache.py::test_composer_contract``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from composer.core import Algorithm, Event, State, get_precision_context
+from composer.loggers import Logger
+
+from amortize.gradcache import check_microbatchable
+from amortize.train.model import unwrap
+
+__all__ = ["GradientCache", "gradient_cache_first", "microbatch_trainer_kwargs", "COMPOSER_CONTRACT", "COMPOSER_VERSION"]
+
+COMPOSER_VERSION = "0.32.1"
+"""The Composer release whose training step :data:`COMPOSER_CONTRACT` was checked against."""
+
+COMPOSER_CONTRACT = (
+    "Trainer._train_microbatch runs, in order: the model's forward, loss(), the backward of the loss "
+    "scaled by microbatch_size / batch_size (1 with one microbatch per batch), then Event.AFTER_BACKWARD, "
+    "all inside ddp_sync_context; under DDPSyncStrategy.FORCED_SYNC that context is no_sync and it "
+    "all-reduces and averages every optimizer parameter's gradient when the final microbatch leaves it, "
+    "before Event.AFTER_TRAIN_BATCH and the optimizer step."
+)
+"""The order of Composer's training step the gradient cache relies on (Composer private code)."""
+
+
+class GradientCache(Algorithm):
+    """Run the gradient cache's second pass after Composer's backward (AFTER_BACKWARD).
+
+    On BEFORE_FORWARD it sets the model's ``microbatch_size`` (and refuses towers the cache cannot
+    make exact: BatchNorm in training mode). On AFTER_BACKWARD it calls the model's
+    ``backward_cached`` under the run's precision context.
+
+    Args:
+        microbatch_size: rows per microbatch (need not divide the per-process batch).
+    """
+
+    def __init__(self, microbatch_size: int):
+        if int(microbatch_size) < 1:
+            raise ValueError(f"microbatch_size must be >= 1, got {microbatch_size}")
+        self.microbatch_size = int(microbatch_size)
+        self._checked = False
+
+    def match(self, event: Event, state: State) -> bool:
+        """Run on BEFORE_FORWARD and AFTER_BACKWARD."""
+        return event in (Event.BEFORE_FORWARD, Event.AFTER_BACKWARD)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        """Switch the model's first pass on (BEFORE_FORWARD) or run the second pass (AFTER_BACKWARD)."""
+        model = unwrap(state.model)
+        if event == Event.BEFORE_FORWARD:
+            if not self._checked:
+                check_microbatchable(model.model)
+                self._checked = True
+            model.microbatch_size = self.microbatch_size
+            return
+        with get_precision_context(state.precision, state.precision_config):
+            model.backward_cached()
+
+
+def gradient_cache_first(algorithms: Sequence[Algorithm], event: Event) -> Sequence[Algorithm]:
+    """Composer algorithm pass: on AFTER_BACKWARD, :class:`GradientCache` runs before the others.
+
+    Composer runs AFTER_* events in reverse order of the algorithm list; whatever the order, the
+    towers' gradients must be complete before a guard reads them.
+    """
+    if event != Event.AFTER_BACKWARD:
+        return algorithms
+    first = [a for a in algorithms if isinstance(a, GradientCache)]
+    return first + [a for a in algorithms if not isinstance(a, GradientCache)]
+
+
+def microbatch_trainer_kwargs(microbatch_size: Optional[int], per_process_batch: int) -> dict[str, Any]:
+    """The Trainer arguments for a recipe's ``device_train_microbatch_size``.
+
+    Composer always sees one microbatch per batch. A smaller ``microbatch_size`` turns the
+    gradient cache on: the :class:`GradientCache` algorithm (under ``"algorithms"``: add these to
+    the trainer's algorithms), its algorithm pass and the ``forced_sync`` DDP strategy.
+
+    Args:
+        microbatch_size: the recipe's ``device_train_microbatch_size`` (None: no microbatching).
+        per_process_batch: rows per process and batch.
+
+    Returns:
+        ``{"algorithms": [...], "device_train_microbatch_size": per_process_batch}`` plus, with the
+        gradient cache, ``"ddp_sync_strategy"`` and ``"algorithm_passes"``.
+    """
+    out: dict[str, Any] = {"algorithms": [], "device_train_microbatch_size": per_process_batch}
+    if microbatch_size is not None and int(microbatch_size) < per_process_batch:
+        out.update(algorithms=[GradientCache(int(microbatch_size))], ddp_sync_strategy="forced_sync",
+                   algorithm_passes=[gradient_cache_first])
+    return out
