@@ -27,7 +27,7 @@ from amortize.train.gradcache import microbatch_trainer_kwargs
 from amortize.train.guards import DataSkipReport, DivergenceGuard, SaveOnInterrupt
 from amortize.train.model import ContrastiveComposerModel
 from amortize.train.optim import build_optimizer, build_scheduler
-from amortize.train.plan import StartPlan, decide_start
+from amortize.train.plan import decide_start
 
 __all__ = ["per_process_batch_size", "build_dataloader", "build_composer_model", "build_trainer", "dry_run"]
 
@@ -161,9 +161,20 @@ def build_trainer(
     """
     microbatching = microbatch_trainer_kwargs(recipe.device_train_microbatch_size, per_process_batch_size(recipe))
     reproducibility.seed_all(recipe.seed)
-from amortize.train.compat import install_atomic_checkpoint_writes
-from amortize.train.gradcache import microbatch_trainer_kwargs
-from amortize.train.guards import DataSkipReport, DivergenceGuard, SaveOnInterrupt
+    if recipe.autoresume and dist.get_global_rank() == 0:
+        # checkpoints are renamed into place; after a crash, point `latest` at the newest whole one
+        from amortize.checkpoints import filename_regex, recover_latest
+
+        recover_latest(recipe.resolved_save_folder(), recipe.save_latest_filename.format(rank=0),
+                       filename_regex(recipe.save_filename, rank=0))
+    plan = decide_start(recipe)
+    model, tokenizer, train_dataloader, optimizer, scheduler = _components(recipe, train_dataloader, num_samples)
+    if plan.replaced and dist.get_global_rank() == 0:
+        for path in plan.replaced:  # save_overwrite=true: the earlier run's files go, so autoresume cannot mix them
+            if os.path.lexists(path):
+                os.unlink(path)
+    algorithms: list[Any] = [FullBatchGuard(), *microbatching.pop("algorithms"), EpochSchedules(),
+                             ClampLogitScale(recipe.max_scale)]
     if recipe.grad_clip_norm is not None:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.grad_clip_norm))
     save_folder = recipe.resolved_save_folder()
