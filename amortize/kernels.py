@@ -167,6 +167,17 @@ def _backprop_score_block(
     return d_s, d_b
 
 
+def _input_grads(ctx, x, y, scale, bias, gx, gy, gs, gb) -> tuple:
+    """The gradients of a score kernel's ``(x, y, scale, bias)``, in their dtypes, None where not needed."""
+    need_x, need_y, need_s, need_b = ctx.needs_input_grad[:4]
+    return (
+        gx.to(x.dtype) if need_x and gx is not None else None,
+        gy.to(y.dtype) if need_y else None,
+        gs.to(scale.dtype) if need_s else None,
+        gb.to(bias.dtype) if need_b else None,
+    )
+
+
 class _ExpSums(torch.autograd.Function):
     """``row[i] = sum_j w_ij exp(S_ij - a_i)``, ``col[j] = sum_i w_ij exp(S_ij - b_j)``."""
 
@@ -209,12 +220,7 @@ class _ExpSums(torch.autograd.Function):
             d_s, d_b = _backprop_score_block(G, xf, yf, i0, i1, s, gx, gy, need_s, need_b)
             gs += d_s
             gb += d_b
-        return (
-            gx.to(x.dtype) if need_x and gx is not None else None,
-            gy.to(y.dtype) if need_y else None,
-            gs.to(scale.dtype) if need_s else None,
-            gb.to(bias.dtype) if need_b else None,
-        ) + (None,) * 9
+        return _input_grads(ctx, x, y, scale, bias, gx, gy, gs, gb) + (None,) * 9
 
 
 def exp_sums(
@@ -336,15 +342,7 @@ class _SigmoidPairSum(torch.autograd.Function):
             d_s, d_b = _backprop_score_block(G, xf, yf, i0, i1, s, gx, gy, need_s, need_b)
             gs += d_s
             gb += d_b
-        return (
-            gx.to(x.dtype) if need_x and gx is not None else None,
-            gy.to(y.dtype) if need_y else None,
-            gs.to(scale.dtype) if need_s else None,
-            gb.to(bias.dtype) if need_b else None,
-            None,
-            None,
-            None,
-        )
+        return _input_grads(ctx, x, y, scale, bias, gx, gy, gs, gb) + (None,) * 3
 
 
 def sigmoid_pair_sum(
