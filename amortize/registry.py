@@ -1,7 +1,7 @@
 """One registry type for every kind of component, and the ``{name, kwargs}`` sections that build them.
 
 Objectives, estimators, amortizer networks, schedules, Stage I objectives, layouts, optimisers,
-learning-rate schedulers and datasets each have a :class:`Registry`. A recipe names a component
+learning-rate schedulers, models and datasets each have a :class:`Registry`. A recipe names a component
 with a *section*: either a plain string (shorthand for ``{"name": ...}``) or a mapping
 ``{"name": ..., <constructor keyword arguments>}``. :meth:`Registry.check_section` compares a
 section's keys with the constructor's signature (so a recipe is refused at load time, naming the

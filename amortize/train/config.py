@@ -1,6 +1,7 @@
 """The recipe schema: typed dataclasses, a safe YAML loader, ``key.sub=value`` overrides.
 
-A recipe is YAML read with :func:`yaml.safe_load` (no Python objects can be named) and checked
+A recipe is YAML read with a safe loader (:func:`read_yaml`: no Python objects can be named, and
+``2e-3`` is a float as in YAML 1.2, not a string as in YAML 1.1) and checked
 against :class:`Recipe` at load time: an unknown key fails with its dotted name and the valid
 keys, a mistyped value with its name, the expected type and what it got. Keys that Composer's
 ``Trainer`` names keep its names (``max_duration``, ``seed``, ``save_folder``, ``save_interval``,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +54,7 @@ __all__ = [
     "recipe_to_dict",
     "recipe_to_yaml",
     "run_imports",
+    "read_yaml",
 ]
 
 ScheduleSpec = Union[float, dict, None]
@@ -80,6 +83,26 @@ _MOVED: dict[str, str] = {
     "loss.distributed": "loss.layout",
     "max_logit_scale": "max_scale",
 }
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads exponent floats without a dot (``2e-3``, ``1e5``) as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML safely (plain data only); ``2e-3`` is the float 0.002, as in YAML 1.2.
+
+    Raises:
+        yaml.YAMLError: for invalid YAML or a tag that names a Python object.
+    """
+    return yaml.load(text, Loader=_Loader)
 
 
 class RecipeError(ValueError):
@@ -666,7 +689,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise RecipeError(f"override {item!r}: cannot parse the value: {e}") from None
     return key.split("."), value
@@ -740,7 +763,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: invalid YAML: {e}") from None
     if data is None or data == {}:
