@@ -206,6 +206,16 @@ class Block:
     features: Tensor
     offset: int
 
+    def positive_mask(self, rows: int) -> Tensor:
+        """(rows, M) bool: True at ``(i, i + offset)``, the positive of local row ``i`` if it is in this block.
+
+        For objectives written in plain torch over the blocks: the positives to exclude from (or
+        pick out of) a ``(rows, M)`` score matrix of the local rows against this block.
+        """
+        dev = self.features.device
+        cols = torch.arange(self.features.shape[0], device=dev)
+        return cols[None, :] == torch.arange(rows, device=dev)[:, None] + self.offset
+
 
 class Layout:
     """How the columns of the global batch reach this process (subclasses: one per mode).
@@ -223,7 +233,11 @@ class Layout:
         return world_size()
 
     def columns(self, y: Tensor) -> list[Block]:
-        """The column blocks for local columns ``y`` (B, d), with gradient."""
+        """The column blocks for local columns ``y`` (B, d), with gradient.
+
+        Any per-pair local tensor can be laid out so: an objective whose text side needs every
+        image passes the image features (see the custom-components tutorial).
+        """
         return [Block(slice(0, y.shape[0]), y, 0)]
 
     def num_columns(self, batch: int) -> int:

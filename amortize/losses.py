@@ -135,6 +135,8 @@ class ContrastiveLoss(nn.Module):
                 if param not in options and param not in given:
                     raise SectionError(f"loss.estimator: {name!r} needs {param!r}: set loss.estimator.{param}")
             built = ESTIMATORS.build_section(estimator, key="loss.estimator", **given)
+        if not isinstance(objective, Objective):  # its constructor's errors name loss.objective
+            objective = OBJECTIVES.build_section(objective, key="loss.objective")
         try:
             return cls(objective, built, layout=layout, rho=rho, chunk_size=chunk_size)
         except SectionError:

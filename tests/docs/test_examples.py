@@ -7,10 +7,17 @@ ones above it, inside a fresh temporary working directory. Info strings:
 * ``python notest``: shown, never run (pseudo-code, commands that need data or a cluster);
 * ``python slow``: run, but the whole page is then marked ``slow`` (``make test`` skips it,
   ``make test-all`` runs it). Keep the examples of a page fast enough not to need it.
+
+The blocks run with two environment variables set, for pages that use files of the repository or
+start Python subprocesses: ``AMORTIZE_DOCS_ROOT`` is the repository root (a page reads
+``docs/examples/...`` from there and falls back to the working directory for a reader who runs it
+from a checkout), and ``PYTHONPATH`` starts with it, so that a subprocess imports the same
+``amortize`` as the test.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 from dataclasses import dataclass
@@ -90,6 +97,8 @@ def _params():
 @pytest.mark.parametrize("path", _params())
 def test_page_examples_run(path: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AMORTIZE_DOCS_ROOT", str(ROOT))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     rel = path.relative_to(ROOT).as_posix()
     namespace: dict = {"__name__": "__docs_example__"}
     for block in extract_blocks(path.read_text(encoding="utf-8")):
