@@ -1,2 +1,2 @@
 """amortize: contrastive language-image pretraining with amortized partition functions."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"
