@@ -4,7 +4,7 @@
     python scripts/demo_table.py --run                                # train + eval (as make demo), then rewrite
     python scripts/demo_table.py --eval-json eval.jsonl --wall-s 493  # rewrite from a finished run's output
 
-``--run`` (``make demo-table``) runs what ``make demo`` runs, ``amortize train recipes/default.yaml``
+``--run`` (``make demo-table``) runs what ``make demo`` runs, ``amortize train recipes/default.yaml save_overwrite=true``
 then ``amortize eval runs/default/latest-rank0.pt --json``, times the two together, and rewrites the
 block between ``<!-- demo-table:start -->`` and ``<!-- demo-table:end -->`` in each file with the
 evaluation table, the date, the wall time, the machine's CPU model, core count and the CPU kernels
@@ -142,7 +142,7 @@ def run_demo(root: Path = ROOT) -> tuple[str, float]:
     cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "amortize.cli"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
-    subprocess.run([*cli, "train", "recipes/default.yaml"], cwd=root, env=env, check=True)
+    subprocess.run([*cli, "train", "recipes/default.yaml", "save_overwrite=true"], cwd=root, env=env, check=True)
     out = subprocess.run([*cli, "eval", CHECKPOINT, "--json"], cwd=root, env=env, check=True, capture_output=True,
                          text=True).stdout
     return out, time.perf_counter() - t0
