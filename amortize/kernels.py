@@ -20,6 +20,7 @@ Kernels know no objective and no process: :mod:`amortize.comm` hands them column
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -303,14 +304,13 @@ class _SigmoidPairSum(torch.autograd.Function):
             rows = torch.arange(i1 - i0, device=xf.device)
             cols = rows + (i0 + offset)
             valid = (cols >= 0) & (cols < yf.shape[0])
-            pos = Sc[rows[valid], cols[valid]]
-            # -log sigmoid(-S) = softplus(S) on negatives; -log sigmoid(S) = softplus(S) - S on positives
-            sp = torch.nn.functional.softplus(Sc)
-            if neg_weight == 1.0:
-                total += sp.sum() - pos.sum()
-            else:
-                pos_sp = torch.nn.functional.softplus(pos)
-                total += neg_weight * (sp.sum() - pos_sp.sum()) + (pos_sp - pos).sum()
+            r, c = rows[valid], cols[valid]
+            pos = Sc[r, c].clone()
+            # -log sigmoid(-S) = softplus(S) on negatives, -log sigmoid(S) = softplus(-S) on positives:
+            # mask the positives out (softplus(-inf) = 0) rather than subtract them, which cancels
+            Sc[r, c] = -math.inf
+            neg = torch.nn.functional.softplus(Sc).sum()
+            total += (neg if neg_weight == 1.0 else neg_weight * neg) + torch.nn.functional.softplus(-pos).sum()
         ctx.save_for_backward(x, y, scale, bias)
         ctx.neg_weight, ctx.offset, ctx.chunk_size = neg_weight, offset, chunk_size
         return total
