@@ -114,3 +114,12 @@ def test_functional_face_runs_the_same_module(name):
         lz = F.log_partition(x, y, s, b, pos_weight=1e-3)
         got = F.amortized_loss(x, y, s, *lz, bias=b, pos_weight=1e-3, chunk_size=4)
     assert torch.equal(got, out["loss"].detach())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_float_scale_is_accepted_like_the_functional_face(name):
+    """``ContrastiveLoss`` takes ``scale`` (and ``bias``) as floats, as ``amortize.functional`` does."""
+    x, y = _batch(6, 4, 1)
+    out = _loss(name)(x, y, 7.0, -3.0)
+    ref, _ = _run(_loss(name), x, y, scale=7.0, bias=-3.0)
+    _close(out["loss"].detach(), ref["loss"].detach())
