@@ -79,9 +79,12 @@ def test_gradient_cache_equals_the_whole_batch(objective, estimator, data):
     label = f"{objective}/{estimator} N={case['N']} mb={case['microbatch']} chunk={case['chunk']}"
     got = C.run(case, "gradcache")
     assert_same(got, C.run(case, "whole"), label)
-    # on the same microbatch features (encoded with a graph) even the amortizer's Adam agrees tightly:
-    # the loss, its targets and the estimator's update are those of one pass over the whole batch
-    assert_same(got, C.run(case, "chunked_graph"), label + " (same features)", amortizer_tol=1e-5)
+    # on the same microbatch features (encoded with a graph) even the amortizer's Adam agrees tightly
+    # after one step: the loss, its targets and the estimator's update are those of one pass over the
+    # whole batch (a second step starts from encoders whose gradients were summed in another order,
+    # and Adam turns that rounding into lr-sized moves of near-zero-gradient amortizer weights)
+    one = dict(case, steps=1)
+    assert_same(C.run(one, "gradcache"), C.run(one, "chunked_graph"), label + " (same features)", amortizer_tol=1e-5)
 
 
 @pytest.mark.parametrize("objective,estimator", [("sigmoid", None), ("amortized", "amortized")])
