@@ -557,13 +557,16 @@ def _worker(cfg: RunConfig) -> dict:
     return train_run(cfg)
 
 
-def run_all(cfgs: Sequence[RunConfig], jobs: int = 1, log=print, jsonl: Optional[Path] = None) -> list[dict]:
+def run_all(cfgs: Sequence[RunConfig], jobs: int = 1, log=print, jsonl: Optional[Path] = None,
+            resume: bool = True) -> list[dict]:
     """Run configurations (``jobs`` processes, one thread each); rows in the order given.
 
-    ``jsonl``: append each finished row to this file, and skip configurations already in it
-    (so an interrupted study resumes).
+    ``jsonl``: append each finished row to this file; with ``resume``, skip the configurations
+    already in it (so an interrupted study resumes), else start the file afresh.
     """
     done: dict[str, dict] = {}
+    if jsonl is not None and jsonl.exists() and not resume:
+        jsonl.unlink()
     if jsonl is not None and jsonl.exists():
         for line in jsonl.read_text().splitlines():
             r = json.loads(line)
@@ -697,8 +700,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--amorlip", default=None, help="JSON overrides of the AmorLIP estimator options")
     p.add_argument("--out", default="small_batch", help="name of the benchmarks/<out>.{json,md} results")
-    p.add_argument("--plot", default="docs/assets/small_batch_gap.png")
+    p.add_argument("--plot", default=None,
+                   help="plot path (default docs/assets/small_batch_gap.png; none with --quick unless given)")
     p.add_argument("--quick", action="store_true", help="2 epochs, seed 0, B in {16, 64}")
+    p.add_argument("--fresh", action="store_true",
+                   help="rerun every configuration (default: reuse the finished runs in benchmarks/<out>.runs.jsonl)")
     p.add_argument("--dry-run", action="store_true", help="build the data and take one step of every method")
     a = p.parse_args(argv)
     if a.dry_run:
@@ -709,11 +715,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     if a.quick:
         a.epochs, a.seeds, a.batches = 2, [0], [16, 64]
+        a.out = a.out if a.out != "small_batch" else "small_batch_quick"
+    if a.plot is None:
+        a.plot = "" if a.quick else "docs/assets/small_batch_gap.png"
     amor = json.loads(a.amorlip) if a.amorlip else None
     cfgs = [RunConfig(m, b, s, epochs=a.epochs, split=a.split, amorlip=amor if m == "amorlip" else None)
             for m in a.methods for b in a.batches for s in a.seeds]
     jsonl = HERE / f"{a.out}.runs.jsonl"
-    rows = run_all(cfgs, jobs=a.jobs, jsonl=jsonl)
+    rows = run_all(cfgs, jobs=a.jobs, jsonl=jsonl, resume=not a.fresh)
     summary = summarise(rows)
     cmd = "python -m benchmarks.small_batch " + " ".join(argv if argv is not None else sys.argv[1:])
     from benchmarks.common import write_json

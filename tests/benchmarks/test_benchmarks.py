@@ -5,9 +5,11 @@ Each test records its numbers in ``benchmark.extra_info`` (so they land in
 ``benchmarks/<name>.json``, ``.md`` and ``.png`` at the end of the session.
 """
 
+import json
+
 import pytest
 
-from benchmarks import estimator_accuracy, loss_speed, step_overhead
+from benchmarks import estimator_accuracy, loss_speed, small_batch, step_overhead
 from benchmarks.common import RESULTS
 
 pytestmark = pytest.mark.benchmark
@@ -34,3 +36,12 @@ def test_step_overhead(benchmark):
     result = benchmark.pedantic(step_overhead.run, rounds=1, iterations=1)
     benchmark.extra_info.update({k: v for k, v in result.items() if k != "times_s"})
     RESULTS["step_overhead"].append(result)
+
+
+def test_small_batch_quick(benchmark):
+    """The short version of the small-batch regime: 2 epochs, seed 0, B in {16, 64}, five methods."""
+    benchmark.pedantic(small_batch.main, args=(["--quick", "--fresh", "--jobs", "1"],), rounds=1, iterations=1)
+    summary = json.loads((small_batch.HERE / "small_batch_quick.json").read_text())["summary"]
+    cells = {(c["tag"], c["batch"]) for c in summary["cells"]}
+    assert cells == {(m, b) for m in small_batch.METHODS for b in (16, 64)}
+    benchmark.extra_info.update({f"{c['tag']}_b{c['batch']}_R@1": c["mean"] for c in summary["cells"]})
