@@ -56,10 +56,11 @@ REFERENCES = ("clip",)
 
 def configs(variants, seeds, batch: int, epochs: int, references=REFERENCES, large: Optional[int] = 256):
     """The study's run configurations (validation split)."""
-    cfgs = [RunConfig(m, batch, s, epochs=epochs, split="val") for m in references for s in seeds]
-    if large:  # cheap: run beside the first small-batch runs
-        cfgs.insert(1, *[RunConfig("clip", large, s, epochs=epochs, split="val") for s in seeds][:1])
-        cfgs += [RunConfig("clip", large, s, epochs=epochs, split="val") for s in seeds][1:]
+    cfgs = []
+    for s in seeds:  # CLIP at the large batch is cheap: it runs beside the first small-batch run
+        cfgs += [RunConfig(m, batch, s, epochs=epochs, split="val") for m in references]
+        if large:
+            cfgs.insert(1, RunConfig("clip", large, s, epochs=epochs, split="val"))
     cfgs += [RunConfig("amorlip", batch, s, epochs=epochs, split="val", amorlip=VARIANTS[v] or None,
                        tag=f"amorlip[{v}]") for v in variants for s in seeds]
     return cfgs

@@ -34,10 +34,8 @@ against seed ``k`` of CLIP). Written to ``benchmarks/small_batch.{json,md}`` and
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -550,10 +548,6 @@ def train_run(cfg: RunConfig, data: Optional[BenchData] = None) -> dict:
 
 def _worker(cfg: RunConfig) -> dict:
     torch.set_num_threads(1)
-    try:
-        os.nice(5)
-    except OSError:
-        pass
     return train_run(cfg)
 
 
