@@ -47,6 +47,8 @@ VARIANTS: dict[str, dict] = {
     "beta_0.5": {"beta": {"name": "beta_warmup", "final": 0.5, "warmup_epochs": 5}},
     "beta_0.95": {"beta": {"name": "beta_warmup", "final": 0.95, "warmup_epochs": 5}},
     "inner_1": {"inner_steps": 1},
+    # control (not a setting to choose): the same objective, pos_weight and rho with in-batch sums
+    "in_batch_control": {"estimator": "in_batch"},
     "lr_1e-3": {"lr": 0.001},
     "width_0.25": {"width_factor": 0.25},
 }

@@ -337,7 +337,11 @@ def method_loss(method: str, batch: int, epochs: int, num_samples: int, amorlip:
         opts = amorlip_options(batch, epochs, amorlip)
         rho = opts.pop("rho")
         name = opts.pop("estimator")
-        if name == "variance_blend":
+        if name == "in_batch":  # control: AmorLIP's objective, pos_weight and rho, without the amortizer
+            from amortize.estimators import InBatchEstimator
+
+            est = InBatchEstimator()
+        elif name == "variance_blend":
             est = VarianceBlendEstimator(ESTIMATORS.build_section(
                 {"name": "amortized", **opts, "normalizer": "ema_target"}, key="estimator", dim=DIM))
         else:
@@ -614,7 +618,11 @@ def summarise(rows: list[dict], metric: str = "mean_R@1") -> dict:
     batches = sorted({b for _, b in by})
     small, large = batches[0], batches[-1]
     cells = []
-    for (tag, b), vals in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    def order(kv):
+        (tag, b), base = kv[0], kv[0][0].split("[")[0]
+        return (b, METHODS.index(base) if base in METHODS else len(METHODS), tag)
+
+    for (tag, b), vals in sorted(by.items(), key=order):
         m, sd = _mean_sd(list(vals.values()))
         cell = {"tag": tag, "batch": b, "mean": m, "sd": sd, "seeds": sorted(vals),
                 **{k: statistics.mean(v) for k, v in extra[(tag, b)].items()}}
@@ -659,9 +667,10 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = [c for c in summary["cells"] if c["batch"] == summary["small"] and "gap_recovered" in c]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
     ax.bar([c["tag"] for c in cells], [c["gap_recovered"] for c in cells],
            yerr=[c["gap_recovered_sd"] for c in cells], capsize=4, color="#4a7bb7")
+    ax.tick_params(axis="x", labelrotation=25)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.axhline(0.0, color="k", lw=0.8)
@@ -693,6 +702,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--amorlip", default=None, help="JSON overrides of the AmorLIP estimator options")
+    p.add_argument("--variants", nargs="*", default=[],
+                   help="AmorLIP variants of benchmarks.amorlip_study to add at the smallest batch, as amorlip[NAME]")
     p.add_argument("--out", default="small_batch", help="name of the benchmarks/<out>.{json,md} results")
     p.add_argument("--plot", default=None,
                    help="plot path (default docs/assets/small_batch_gap.png; none with --quick unless given)")
@@ -715,6 +726,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     amor = json.loads(a.amorlip) if a.amorlip else None
     cfgs = [RunConfig(m, b, s, epochs=a.epochs, split=a.split, amorlip=amor if m == "amorlip" else None)
             for m in a.methods for b in a.batches for s in a.seeds]
+    if a.variants:
+        from benchmarks.amorlip_study import VARIANTS
+
+        unknown = sorted(set(a.variants) - set(VARIANTS))
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
+        cfgs += [RunConfig("amorlip", min(a.batches), s, epochs=a.epochs, split=a.split,
+                           amorlip=VARIANTS[v] or None, tag=f"amorlip[{v}]") for v in a.variants for s in a.seeds]
     jsonl = HERE / f"{a.out}.runs.jsonl"
     rows = run_all(cfgs, jobs=a.jobs, jsonl=jsonl, resume=not a.fresh)
     summary = summarise(rows)
