@@ -3,10 +3,11 @@
     python -m benchmarks.small_batch --dry-run                 # build the data, one step of every method
     python -m benchmarks.small_batch --quick                   # 2 epochs, 1 seed, B in {16, 64} (make bench)
     python -m benchmarks.small_batch                           # 20 epochs, seeds 0 1 2, B in {16, 256}
-    python -m benchmarks.small_batch --seeds 3 4 5 --split test --jobs 2
+    python -m benchmarks.small_batch --variants no_rho in_batch_control   # + AmorLIP variants at B=16 (docs)
+    python -m benchmarks.small_batch --seeds 3 4 5 --split val --jobs 2
 
-**Data** (:func:`build_data`, deterministic from ``--data-seed``). Every pair has a caption that
-(almost) never repeats: the shipped emoji with their CLDR names, and *composites* of 2-4 shipped
+**Data** (:func:`build_data`, deterministic in its ``data_seed``, 0 for every run). No caption
+repeats: the shipped emoji with their CLDR names, and *composites* of 2-4 shipped
 tiles placed side by side (emoji, and Fashion-MNIST items with their class phrase), captioned by
 joining the tiles' names, e.g. ``"waving hand, a sneaker and cat face, side by side."``. Three
 disjoint splits: ``train`` (emoji of the shipped train split minus a validation set of base
