@@ -83,12 +83,7 @@ class ContrastiveLoss(nn.Module):
         self.layout = build_layout(layout)
         if self.layout.name not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout.name!r}; valid: {', '.join(LAYOUTS.names())}")
-        if self.layout.name not in self.objective.layouts:
-            raise ValueError(f"the {self.objective.name} objective has no {self.layout.name!r} layout "
-                             f"(its loss is not a sum of pair terms); valid: {', '.join(self.objective.layouts)}")
-        if estimator is not None and not self.objective.accepts_normalizers:
-            raise ValueError(f"the {self.objective.name} objective computes its own partition function; "
-                             "do not pass an estimator")
+        self.objective.check_parts(self.layout.name, estimator=estimator is not None)
         if estimator is None and self.objective.accepts_normalizers:
             estimator = InBatchEstimator()
         K.chunk_size(chunk_size)

@@ -167,6 +167,26 @@ class Objective(nn.Module):
         """``c``, the positive's weight in this objective's partition sums."""
         return 1.0
 
+    @classmethod
+    def check_parts(cls, layout: Optional[str] = None, estimator: bool = False) -> None:
+        """Refuse, by name, a layout or an estimator this objective cannot be joined with.
+
+        The one copy of these guards: the loss module, its template and the recipe loader call it.
+
+        Args:
+            layout: a layout's name (``this_process`` is always accepted), or None.
+            estimator: whether an estimator is to be joined with the objective.
+
+        Raises:
+            ValueError: naming the objective and the valid choices.
+        """
+        if layout is not None and layout != "this_process" and layout not in cls.layouts:
+            raise ValueError(f"the {cls.name} objective has no {layout!r} layout (its loss is not a sum of pair "
+                             f"terms); valid: {', '.join(cls.layouts)}")
+        if estimator and not cls.accepts_normalizers:
+            raise ValueError(f"the {cls.name} objective computes its own partition function and takes no "
+                             "estimator (an estimator needs an objective that takes normalisers: linearized)")
+
     # ------------------------------------------------------------------ the template
 
     def pairs(
@@ -202,8 +222,7 @@ class Objective(nn.Module):
             raise ValueError(f"the {self.name} objective needs a logit bias")
         K.chunk_size(chunk_size)
         lay = build_layout(layout)
-        if lay.name not in self.layouts and lay.name != "this_process":
-            raise ValueError(f"the {self.name} objective has no {lay.name!r} layout; valid: {', '.join(self.layouts)}")
+        self.check_parts(lay.name)
         xf, yf = K.as_float32(x), K.as_float32(y)
         s = K.scalar_tensor(scale, xf)
         b = None if bias is None or not self.uses_bias else K.scalar_tensor(bias, xf)

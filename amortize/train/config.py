@@ -549,19 +549,18 @@ def _check_loss(r: Recipe) -> None:
         name, _ = OBJECTIVES.check_section(c.objective, "loss.objective")
         objective = OBJECTIVES.get(name)
         if c.estimator is not None:
-            est_name, _ = ESTIMATORS.check_section(c.estimator, "loss.estimator")
-            if not getattr(objective, "accepts_normalizers", False):
-                raise RecipeError(
-                    f"loss.estimator: {est_name!r} needs an objective that takes normalisers (linearized); "
-                    f"objective {name!r} computes its own partition function"
-                )
+            ESTIMATORS.check_section(c.estimator, "loss.estimator")
         LAYOUTS.get(c.layout)
     except SectionError as e:
         msg = str(e)
         raise RecipeError(msg if msg.startswith("loss.") else f"loss.layout: {msg}") from None
-    layouts = getattr(objective, "layouts", ())
-    if layouts and c.layout not in layouts:
-        raise RecipeError(f"loss.layout: the {name} objective has no {c.layout!r} layout; valid: {', '.join(layouts)}")
+    check_parts = getattr(objective, "check_parts", None)  # a registered factory need not be an Objective
+    if check_parts is not None:
+        for key, kwargs in (("loss.layout", {"layout": c.layout}), ("loss.estimator", {"estimator": c.estimator is not None})):
+            try:
+                check_parts(**kwargs)
+            except ValueError as e:
+                raise RecipeError(f"{key}: {e}") from None
     try:
         build_schedule(c.rho)
     except (TypeError, ValueError) as e:
