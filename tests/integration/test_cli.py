@@ -17,8 +17,10 @@ def _tiny_default(tmp_path) -> list[str]:
             f"save_folder={tmp_path}", "log_to_console=false", "console_log_interval=1ba"]
 
 
-def test_dry_run_prints_the_resolved_recipe(capsys):
-    assert main(["train", str(RECIPES / "default.yaml"), "max_duration=20ba", "--dry-run"]) == 0
+def test_dry_run_prints_the_resolved_recipe(capsys, tmp_path):
+    # a fresh save folder: runs/default may hold a finished `make demo`, which a dry run rightly refuses
+    assert main(["train", str(RECIPES / "default.yaml"), "max_duration=20ba", f"save_folder={tmp_path}",
+                 "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "max_duration: 20ba" in out and "name: cpu-small" in out
 

@@ -12,6 +12,7 @@ into their global rows), the scale's gradient, and the loss module's final state
 buffers).
 """
 
+import faulthandler
 import os
 import sys
 from datetime import timedelta
@@ -59,6 +60,7 @@ def run(objective, estimator, layout: str, rank: int, world: int) -> dict:
 
 def main() -> None:
     torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(100, exit=True)  # a stalled process says where, then exits
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         init_method = sys.argv[2] if len(sys.argv) > 2 else "env://"
