@@ -11,7 +11,7 @@ dtype. Build one by name with :func:`build_amortizer`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -232,14 +232,27 @@ class PrototypeNetwork(nn.Module):
         else:
             self.prototypes[at] = rows.to(self.prototypes.dtype)
 
-    def forward(self, u: Tensor, pos: Tensor, scale: Tensor, bias: Tensor, num_negatives: float) -> Tensor:
-        """(B, d) anchors -> (B,) float32 ``log lambda`` (a log partition sum over ``num_negatives`` negatives)."""
+    def forward(self, u: Tensor, pos: Optional[Tensor] = None, scale: Union[float, Tensor] = 1.0,
+                bias: Union[float, Tensor] = 0.0, num_negatives: float = 1.0) -> Tensor:
+        """(B, d) anchors -> (B,) float32 ``log lambda``, a log partition sum over ``num_negatives`` negatives.
+
+        Args:
+            u: (B, d) anchor embeddings (any float dtype).
+            pos: (B,) positive scores ``S_ii`` (None: zeros; they cancel when ``eps = 0``).
+            scale: the inverse temperature ``s``.
+            bias: the logit bias.
+            num_negatives: ``N``, how many negatives the sums weigh (1: NeuCLIP's mean scale).
+        """
         if u.dim() != 2 or u.shape[1] != self.prototypes.shape[1]:
             raise ValueError(f"prototype network input must have shape (B, {self.prototypes.shape[1]}), "
                              f"got {tuple(u.shape)}")
         with torch.autocast(device_type=u.device.type, enabled=False):
-            alpha = prototype_log_normalizer(u, self.prototypes, pos.float(), scale.float(), bias.float(), self.eps)
-            return alpha + math.log(max(float(num_negatives), 1e-30)) + pos.float()
+            u = u.float()
+            pos = torch.zeros(u.shape[0], device=u.device) if pos is None else pos.float()
+            scale = torch.as_tensor(scale, dtype=torch.float32, device=u.device)
+            bias = torch.as_tensor(bias, dtype=torch.float32, device=u.device)
+            alpha = prototype_log_normalizer(u, self.prototypes, pos, scale, bias, self.eps)
+            return alpha + math.log(max(float(num_negatives), 1e-30)) + pos
 
 
 AMORTIZERS: Registry[nn.Module] = Registry("amortizer")

@@ -14,7 +14,7 @@ Each part is a small object whose methods the estimator calls; no part reads ano
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -22,8 +22,8 @@ from torch import Tensor
 from amortize.estimators.normalizer.fit import MODALITIES, rmse_over_modalities
 from amortize.registry import Registry
 
-if TYPE_CHECKING:  # pragma: no cover
-    from amortize.estimators.normalizer.estimator import NormalizerNetworkEstimator
+# the parts are called with the estimator (a NormalizerNetworkEstimator) as their first argument
+Estimator = Any
 
 __all__ = [
     "Normalizer",
@@ -54,11 +54,11 @@ class Normalizer:
     copies: tuple[str, ...] = ("target", "previous")
     blends_targets = True
 
-    def ema_decay(self, est: "NormalizerNetworkEstimator", epoch: int, max_epochs: int) -> float:
+    def ema_decay(self, est: Estimator, epoch: int, max_epochs: int) -> float:
         """The EMA decay of ``epoch``: the constant ``ema_decay``."""
         return est.ema_decay
 
-    def encoder(self, est: "NormalizerNetworkEstimator", comb: dict[str, Tensor], u: dict[str, Tensor],
+    def encoder(self, est: Estimator, comb: dict[str, Tensor], u: dict[str, Tensor],
                 batch: dict[str, Tensor], ctx: dict[str, Any], terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """The encoder normalisers ``{modality: (B,)}`` after this step's fit."""
         raise NotImplementedError
