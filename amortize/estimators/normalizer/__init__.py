@@ -157,7 +157,9 @@ def neuclip(
         inner_steps: ``T_u`` (preset: 10).
         restart_every: ``T_r`` (preset: 500).
         seed: seeds the initial prototypes and the restart draws.
-        network, fit, restart: whole sections, merged into the preset's.
+        network: the network's section, merged into the preset's.
+        fit: the fit's options, merged into the preset's.
+        restart: the restart's section, merged into the preset's.
     """
     over: dict[str, Any] = {"seed": seed}
     net = dict(network or {})

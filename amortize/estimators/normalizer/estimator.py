@@ -310,7 +310,11 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         """Fit (in training mode) and return the normalisers; see the module docstring for the order.
 
         Args:
-            x, y, log_z_x, log_z_y, index: as :meth:`PartitionEstimator.forward`.
+            x: (B, d) detached image features.
+            y: (B, d) detached text features.
+            log_z_x: (B,) in-batch log partition sums of the image rows.
+            log_z_y: (B,) in-batch log partition sums of the text columns.
+            index: unused (no per-sample state).
             **inputs: the extra inputs named by :attr:`extra_inputs` (``scale``, ``bias``,
                 ``num_negatives``: how many negatives each in-batch sum weighs, ``local_rows``:
                 whether the rows are this process's only), for networks that read them.

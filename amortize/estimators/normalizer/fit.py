@@ -21,6 +21,7 @@ from amortize.registry import Registry, Section, section_name
 __all__ = ["Fit", "INNER_OPTIMIZERS", "LR_SCALINGS", "MODALITIES", "rmse_over_modalities"]
 
 MODALITIES = ("image", "text")
+"""The two modalities a normaliser-network estimator keeps one network for, in this order."""
 
 
 def _adam(params, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
