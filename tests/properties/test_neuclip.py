@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import amortize.functional as F
@@ -49,20 +49,20 @@ def test_eps_is_the_positive_weight_over_the_negatives(batch, scale, eps):
     torch.testing.assert_close((alpha + math.log(N) + pos).double(), direct, rtol=1e-4, atol=1e-4)
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking
 @given(st.floats(-1.0, 3.0), st.floats(0.3, 1.2), st.integers(0, 1000))
 def test_the_fit_converges_to_log_mean_z_on_random_batches(mu, sigma, seed):
     """On batches whose log sums are random, the reverse-KL fit (NeuCLIP's exp(t - a) + a) goes to
     log E[exp t] = mu + sigma^2 / 2; log-L2 goes to E[t] = mu (the geometric mean, biased low)."""
     g = torch.Generator().manual_seed(seed)
-    x = unit(1, 4, seed=seed).expand(8, 4)  # one anchor: the network predicts one number
+    x = unit(1, 4, seed=seed).expand(64, 4)  # one anchor: the network predicts one number
     est = {k: NormalizerNetworkEstimator(4, network={"name": "linear"},
                                          fit={"objective": k, "optimizer": {"name": "adagrad", "lr": 0.5},
                                               "inner_steps": 1, "clip_norm": None},
                                          normalizer="online", reinit="never", cadence="global")
            for k in ("reverse_kl", "log_l2")}
-    for _ in range(1500):
-        t = mu + sigma * torch.randn(8, generator=g)
+    for _ in range(600):
+        t = mu + sigma * torch.randn(64, generator=g)
         for e in est.values():
             e(x, x, t, t)
     with torch.no_grad():
