@@ -133,12 +133,18 @@ class Registry(Generic[T]):
                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip]
 
     def accepts(self, name: str, param: str) -> bool:
-        """Whether the constructor of ``name`` takes a keyword argument ``param``."""
+        """Whether the constructor of ``name`` names a keyword parameter ``param`` in its signature.
+
+        A constructor that only takes ``**kwargs`` (``nn.Module.__init__`` of a class without its
+        own ``__init__``) does not accept ``param``: caller-known values such as ``dim`` are offered
+        only to constructors that ask for them by name.
+        """
         try:
             params = inspect.signature(self.get(name)).parameters
         except (TypeError, ValueError):
             return False
-        return param in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        p = params.get(param)
+        return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
     def required(self, name: str) -> list[str]:
         """Keyword parameters of the constructor of ``name`` that have no default."""
