@@ -82,7 +82,7 @@ def model_from_checkpoint(path: str | Path):
     from amortize.train.config import load_recipe_dict
 
     ck = load_checkpoint(path)
-    recipe = load_recipe_dict(ck["recipe"])
+    recipe = load_recipe_dict(ck["recipe"], bind=False)  # the towers only: no imports, no loss sections
     model = build_two_tower(recipe)
     model.load_state_dict(ck["model"])
     return model.eval(), recipe

@@ -28,7 +28,8 @@ from amortize.estimators import ESTIMATORS
 from amortize.estimators.base import PartitionEstimator
 from amortize.estimators.in_batch import InBatchEstimator
 from amortize.objectives import OBJECTIVES, Objective, Pairs, Partition, partition, rescale_temperature
-from amortize.registry import Section, SectionError
+from amortize.options import keyed
+from amortize.registry import Section
 from amortize.schedules import Schedule, build_schedule
 
 __all__ = ["ContrastiveLoss"]
@@ -114,30 +115,23 @@ class ContrastiveLoss(nn.Module):
             rho: the rescaling schedule.
             chunk_size: rows per chunk, or None.
             context: values the caller knows (``dim``: the embedding width, ``num_samples``: the
-                dataset size); each is passed to an estimator constructor that takes it when the
-                section does not set it.
+                dataset size); each is passed to an estimator constructor that names it in its
+                signature, when the section does not set it.
 
         Raises:
-            SectionError: naming the ``loss.*`` key of an unknown component or option, a bad value,
+            RecipeError: naming the ``loss.*`` key of an unknown component or option, a bad value,
                 or a required option that neither the section nor the context gives.
         """
+        known = dict(context or {})
         built = None
         if estimator is not None:
-            name, options = ESTIMATORS.check_section(estimator, "loss.estimator")
-            given = {k: v for k, v in (context or {}).items()
-                     if v is not None and k not in options and ESTIMATORS.accepts(name, k)}
-            for param in ESTIMATORS.required(name):
-                if param not in options and param not in given:
-                    raise SectionError(f"loss.estimator: {name!r} needs {param!r}: set loss.estimator.{param}")
-            built = ESTIMATORS.build_section(estimator, key="loss.estimator", **given)
-        if not isinstance(objective, Objective):  # its constructor's errors name loss.objective
-            objective = OBJECTIVES.build_section(objective, key="loss.objective")
+            built = ESTIMATORS.bind(estimator, "loss.estimator", known=tuple(known)).build(**known)
+        if not isinstance(objective, Objective):
+            objective = OBJECTIVES.bind(objective, "loss.objective").build()
         try:
             return cls(objective, built, layout=layout, rho=rho, chunk_size=chunk_size)
-        except SectionError:
-            raise
         except (TypeError, ValueError) as e:
-            raise SectionError(f"loss: {e}") from None
+            raise keyed("loss", e) from None
 
     @property
     def needs_index(self) -> bool:
