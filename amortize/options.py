@@ -110,8 +110,11 @@ class Range:
 
 
 POSITIVE = Range(lo=0, open_lo=True)
+"""``> 0`` (a learning rate, an epsilon)."""
 NONNEGATIVE = Range(lo=0)
+"""``>= 0`` (a weight decay, a count)."""
 UNIT = Range(lo=0, hi=1)
+"""``in [0, 1]`` (a fraction)."""
 
 _TIME_UNITS = {"ep": "epochs", "ba": "batches", "sp": "samples", "dur": "fraction of the run"}
 

@@ -187,12 +187,12 @@ def bind(ctor: Callable[..., T], options: Mapping[str, Any], key: str, *, name: 
         if p is not None:
             conform(v, p.annotation, f"{key}.{k}")
     takes = tuple(k for k in known if k in params)
-    needs = []
-    for n, p in params.items():
-        if p.default is p.empty and n not in options and n not in passed:
-            if n not in takes:
-                raise RecipeError(f"{what} needs {n!r}: set {key}.{n}", key=key)
-            needs.append(n)
+    unset = [n for n, p in params.items() if p.default is p.empty and n not in options and n not in passed]
+    missing = [n for n in unset if n not in takes]
+    if missing:
+        raise RecipeError(f"{what} needs {', '.join(map(repr, missing))}: set "
+                          f"{', '.join(f'{key}.{n}' for n in missing)}", key=key)
+    needs = [n for n in unset if n in takes]
     return Bound(key, name, what, ctor, options, tuple(passed), takes, tuple(needs), source=source)
 
 
