@@ -31,6 +31,7 @@ amortize.options.RecipeError: shape.depth: expected int, got str 'deep'
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Optional, TypeVar, Union
@@ -196,6 +197,32 @@ def bind(ctor: Callable[..., T], options: Mapping[str, Any], key: str, *, name: 
     return Bound(key, name, what, ctor, options, tuple(passed), takes, tuple(needs), source=source)
 
 
+@dataclass(frozen=True)
+class _Import:
+    """A constructor registered by where it lives, imported when first asked for."""
+
+    target: str
+    needs: Optional[str] = None
+    install: Optional[str] = None
+
+    def load(self, what: str) -> Callable:
+        """Import the constructor.
+
+        Raises:
+            RecipeError: naming ``what``, the missing package and the command that installs it.
+        """
+        module, _, attr = self.target.partition(":")
+        for package in (self.needs, module):
+            if package is None:
+                continue
+            try:
+                found = importlib.import_module(package)
+            except ImportError as e:
+                how = f": {self.install}" if self.install else ""
+                raise RecipeError(f"{what} needs the package {e.name or package!r}, which is not installed{how}") from None
+        return getattr(found, attr)
+
+
 class Registry(Generic[T]):
     """A mapping from names to constructors, with errors that name the valid choices.
 
@@ -218,6 +245,18 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._items[name] = ctor
 
+    def register_import(self, name: str, target: str, *, needs: Optional[str] = None,
+                        install: Optional[str] = None) -> None:
+        """Register a constructor imported when first asked for: ``target`` is ``"module:attribute"``.
+
+        Args:
+            name: the registered name.
+            target: where the constructor lives (``"composer.loggers:TensorboardLogger"``).
+            needs: a package it needs beyond its module (``"tensorboard"``), checked when it is asked for.
+            install: the command that installs what is missing, for the message.
+        """
+        self.register(name, _Import(target, needs, install))
+
     def renamed(self, old: str, new: str) -> None:
         """Record that ``old`` was renamed ``new``, so that the error for ``old`` says so."""
         self._renamed[old] = new
@@ -234,7 +273,10 @@ class Registry(Generic[T]):
             raise RecipeError(
                 f"unknown {self.kind} {name!r}{_did_you_mean(name, self._items)}; valid: {', '.join(self.names())}"
             )
-        return self._items[name]
+        ctor = self._items[name]
+        if isinstance(ctor, _Import):  # imported modules are cached by Python; a missing package shows each time
+            ctor = ctor.load(f"{self.kind} {name!r}")
+        return ctor
 
     __getitem__ = get
 

@@ -27,6 +27,7 @@ from amortize.train.guards import DataSkipReport, DivergenceGuard, SaveOnInterru
 from amortize.train.model import ContrastiveComposerModel
 from amortize.train.optim import build_optimizer, build_scheduler
 from amortize.train.plan import decide_start
+from amortize.train.sections import bindings
 
 __all__ = ["per_process_batch_size", "build_dataloader", "build_composer_model", "build_trainer", "dry_run"]
 
@@ -175,7 +176,9 @@ def build_trainer(
 
         cbs.append(EvalCallback(tokenizer, every_n_epochs=e.every_n_epochs, at_fit_end=e.at_fit_end,
                                 batch_size=e.batch_size, print_table=True))
-    cbs.extend(callbacks)
+    extra = _recipe_extras(recipe)
+    algorithms.extend(extra["algorithms"])
+    cbs.extend([*extra["callbacks"], *callbacks])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(deterministic|microbatch|No optimizer|step_schedulers).*")
         trainer = Trainer(
@@ -187,7 +190,7 @@ def build_trainer(
             step_schedulers_every_batch=True,
             algorithms=algorithms,
             callbacks=cbs,
-            loggers=list(loggers),
+            loggers=[*extra["loggers"], *loggers],
             run_name=recipe.run_name,
             progress_bar=recipe.progress_bar,
             log_to_console=recipe.log_to_console,
@@ -238,6 +241,12 @@ def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optio
     return model, tokenizer, train_dataloader, optimizer, scheduler
 
 
+def _recipe_extras(recipe: Recipe) -> dict[str, list[Any]]:
+    """The recipe's ``loggers``, ``callbacks`` and ``algorithms``, each built once from its bound section."""
+    b = bindings(recipe)
+    return {key: [bound.build() for bound in b.many(key)] for key in ("loggers", "callbacks", "algorithms")}
+
+
 def dry_run(recipe: Recipe) -> list[str]:
     """Build everything the run would (model, loss and estimator, data loader, optimizer, scheduler,
     the start decision) without training or writing a file.
@@ -251,6 +260,7 @@ def dry_run(recipe: Recipe) -> list[str]:
     per = per_process_batch_size(recipe)
     plan = decide_start(recipe)
     model, _, loader, optimizer, scheduler = _components(recipe)
+    extra = _recipe_extras(recipe)
     try:
         batches = len(loader)
     except TypeError:
@@ -262,6 +272,7 @@ def dry_run(recipe: Recipe) -> list[str]:
         f"data: {recipe.data.name}, {batches if batches is not None else 'unknown'} batches of {per} per process "
         f"and epoch",
         f"optimizer: {type(optimizer).__name__}; scheduler: {type(scheduler).__name__ if scheduler else 'none'}",
+        *(f"{key}: {', '.join(type(x).__name__ for x in built)}" for key, built in extra.items() if built),
         f"start: {plan.describe()}; checkpoints in {recipe.resolved_save_folder()}/",
     ]
 

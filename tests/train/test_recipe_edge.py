@@ -50,3 +50,19 @@ def test_a_misspelled_flag_is_refused_with_the_usage(capsys):
     assert e.value.code == 2 and "unrecognized arguments: --dryrun" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["eval", "ck.pt", "extra"])
+
+
+def test_eval_rebuilds_the_towers_without_the_users_imports(tmp_path, capsys):
+    """A run that named its estimator through ``imports:`` is evaluated after the file is gone."""
+    import shutil
+
+    src = ROOT / "docs" / "examples" / "custom_components"
+    for name in ("recipe.yaml", "my_objective.py", "my_estimator.py"):
+        shutil.copy(src / name, tmp_path / name)
+    out = tmp_path / "run"
+    assert main(["train", str(tmp_path / "recipe.yaml"), f"save_folder={out}", "max_duration=1ba"]) == 0
+    (tmp_path / "my_estimator.py").unlink()
+    (tmp_path / "my_objective.py").unlink()
+    capsys.readouterr()
+    assert main(["eval", str(out / "model.pt"), "--tasks", "emoji_heldout", "--device", "cpu", "--json"]) == 0
+    assert '"task": "emoji_heldout"' in capsys.readouterr().out
