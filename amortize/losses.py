@@ -32,7 +32,13 @@ from amortize.options import keyed
 from amortize.registry import Section
 from amortize.schedules import Schedule, build_schedule
 
-__all__ = ["ContrastiveLoss"]
+__all__ = ["ContrastiveLoss", "DEFAULT_OBJECTIVE", "DEFAULT_LAYOUT"]
+
+DEFAULT_OBJECTIVE = "linearized"
+"""The objective a loss (and a recipe's ``loss.objective``) has when none is named."""
+
+DEFAULT_LAYOUT = "gather"
+"""The process layout a loss (and a recipe's ``loss.layout``) has when none is named."""
 
 
 class ContrastiveLoss(nn.Module):
@@ -63,10 +69,10 @@ class ContrastiveLoss(nn.Module):
 
     def __init__(
         self,
-        objective: Union[str, Mapping[str, Any], Objective] = "linearized",
+        objective: Union[str, Mapping[str, Any], Objective] = DEFAULT_OBJECTIVE,
         estimator: Optional[PartitionEstimator] = None,
         *,
-        layout: Union[str, Layout] = "gather",
+        layout: Union[str, Layout] = DEFAULT_LAYOUT,
         rho: Union[None, float, dict, Schedule] = None,
         chunk_size: Optional[int] = None,
         checks: Optional[str] = None,
@@ -98,10 +104,10 @@ class ContrastiveLoss(nn.Module):
     @classmethod
     def from_sections(
         cls,
-        objective: Section = "linearized",
+        objective: Section = DEFAULT_OBJECTIVE,
         estimator: Optional[Section] = None,
         *,
-        layout: str = "gather",
+        layout: str = DEFAULT_LAYOUT,
         rho: Union[None, float, dict] = None,
         chunk_size: Optional[int] = None,
         context: Optional[Mapping[str, Any]] = None,

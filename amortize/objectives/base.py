@@ -14,6 +14,7 @@ functional face :mod:`amortize.functional` calls.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
@@ -138,6 +139,10 @@ def rescale_temperature(loss: Tensor, scale: Scalar, rho: Optional[float]) -> Te
     return loss / s.detach() + rho / s
 
 
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+"""CLIP's initial ``log s`` (temperature 0.07): the default of every objective and of the towers."""
+
+
 class Objective(nn.Module):
     """Base class of encoder objectives: subclasses set the class attributes and write :meth:`terms`.
 
@@ -150,7 +155,8 @@ class Objective(nn.Module):
         needs_bias: whether a logit bias is required (SigLIP).
         uses_bias: whether a given logit bias enters the scores (InfoNCE is invariant to it and drops it).
         layouts: the layouts the objective is exact or unbiased under.
-        init_logit_scale: the initial ``log s`` a model trained with it starts from (None: CLIP's).
+        init_logit_scale: the initial ``log s`` a model trained with it starts from (default: CLIP's,
+            :data:`CLIP_INIT_LOGIT_SCALE`).
         init_logit_bias: the initial bias (None: no bias).
     """
 
@@ -160,7 +166,7 @@ class Objective(nn.Module):
     needs_bias: ClassVar[bool] = False
     uses_bias: ClassVar[bool] = True
     layouts: ClassVar[tuple[str, ...]] = ("gather", "ring", "local")
-    init_logit_scale: ClassVar[Optional[float]] = None
+    init_logit_scale: ClassVar[float] = CLIP_INIT_LOGIT_SCALE
     init_logit_bias: ClassVar[Optional[float]] = None
 
     def partition_weight(self) -> float:

@@ -30,7 +30,6 @@ overrides), :mod:`~amortize.train.migration` (the 0.2 key moves); this module jo
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -72,22 +71,29 @@ __all__ = [
     "recipe_to_yaml",
     "run_imports",
     "read_yaml",
-    "CLIP_INIT_LOGIT_SCALE",
 ]
-
-CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
-"""CLIP's initial ``log s`` (temperature 0.07), for objectives that state no preference."""
-
 
 def _resolve_logit_params(recipe: Recipe, bound: Bindings) -> None:
     """Write the model's initial ``log s`` and bias into the recipe: the objective's preference, else CLIP's."""
-    objective = bound.get("loss.objective").ctor  # a registered factory need not be an Objective class
+    from amortize.objectives import Objective
+
+    # a registered factory need not be an Objective class: it then has the base class's preferences
+    objective = bound.get("loss.objective").ctor
     m = recipe.model
     if m.init_logit_scale is None:
-        pref = getattr(objective, "init_logit_scale", None)
-        m.init_logit_scale = float(pref) if pref is not None else CLIP_INIT_LOGIT_SCALE
-    if m.init_logit_bias is None and getattr(objective, "init_logit_bias", None) is not None:
-        m.init_logit_bias = float(objective.init_logit_bias)
+        m.init_logit_scale = float(getattr(objective, "init_logit_scale", Objective.init_logit_scale))
+    bias = getattr(objective, "init_logit_bias", Objective.init_logit_bias)
+    if m.init_logit_bias is None and bias is not None:
+        m.init_logit_bias = float(bias)
+
+
+def _resolve_loss_defaults(recipe: Recipe) -> None:
+    """Write the loss module's default objective and layout into a recipe that names none."""
+    from amortize.losses import DEFAULT_LAYOUT, DEFAULT_OBJECTIVE
+
+    c = recipe.loss
+    c.objective = DEFAULT_OBJECTIVE if c.objective is None else c.objective
+    c.layout = DEFAULT_LAYOUT if c.layout is None else c.layout
 
 
 def _check_consistency(r: Recipe) -> None:
@@ -123,6 +129,7 @@ def load_recipe_dict(data: Optional[dict], base: Optional[Path] = None, *, bind:
     recipe = build_schema(Recipe, data)
     _check_consistency(recipe)
     if bind:
+        _resolve_loss_defaults(recipe)
         bind_sections(recipe, resolve=_resolve_logit_params)
     return recipe
 

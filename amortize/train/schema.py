@@ -78,7 +78,7 @@ class ModelConfig:
         image_size: override of the vision tower's input side (None: the config's).
         context_length: override of the text tower's token positions (None: the config's).
         init_logit_scale: initial ``log s`` (the model's parameter is ``log s``); None: the
-            objective's preference (``log 10`` for ``sigmoid``), else ``log(1/0.07)``. The loader
+            objective's preference (``log 10`` for ``sigmoid``, CLIP's ``log(1/0.07)`` by default). The loader
             writes the resolved value into the recipe.
         init_logit_bias: initial bias; None: the objective's preference (-10 for ``sigmoid``), else
             no bias.
@@ -98,20 +98,22 @@ class LossConfig:
     Attributes:
         objective: a section naming a registered objective (:data:`amortize.objectives.OBJECTIVES`:
             ``infonce`` for CLIP, ``sigmoid`` for SigLIP, ``linearized``) with its options, e.g.
-            ``{name: linearized, pos_weight: 0.001}``.
+            ``{name: linearized, pos_weight: 0.001}``; None: the loss module's default
+            (:data:`amortize.losses.DEFAULT_OBJECTIVE`), written into the recipe when it loads.
         estimator: for objectives that take normalisers (``linearized``), a section naming a
             registered estimator (:data:`amortize.estimators.ESTIMATORS`: ``in_batch``,
             ``moving_average`` for SogCLR/FastCLIP, ``amortized`` for AmorLIP) with its options;
-            None: in-batch. The builder passes ``dim`` (the embedding width) and ``num_samples``
-            (the dataset size) to constructors that take them, unless the section sets them.
-        layout: how negatives travel between processes: ``gather``, ``ring`` or ``local``.
+            None: in-batch. The builder offers ``dim`` (the embedding width) and ``num_samples``
+            (the dataset size) to constructors that name them, unless the section sets them.
+        layout: how negatives travel between processes: ``gather``, ``ring`` or ``local``; None:
+            :data:`amortize.losses.DEFAULT_LAYOUT`, written into the recipe when it loads.
         rho: temperature-rescaling schedule (FastCLIP/AmorLIP), or None.
         chunk_size: rows per chunk (exact, ``O(B * chunk)`` memory), or None (one chunk).
     """
 
-    objective: SectionSpec = "linearized"
+    objective: Optional[SectionSpec] = None
     estimator: Optional[SectionSpec] = None
-    layout: str = "gather"
+    layout: Optional[str] = None
     rho: ScheduleSpec = None
     chunk_size: Optional[int] = _opt(None, check=Range(lo=1))
 

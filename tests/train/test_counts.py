@@ -23,11 +23,12 @@ from amortize.losses import ContrastiveLoss
 from amortize.models import TwoTowerModel
 from amortize.objectives import Objective
 from amortize.train import sections
+from composer.callbacks import LRMonitor, SpeedMonitor
 
 DEFAULT = str(Path(__file__).resolve().parents[2] / "recipes" / "default.yaml")
 
 # the default recipe's component sections, each checked once and built once
-SECTIONS = ("model", "loss.objective", "loss.estimator", "loss.layout", "loss.rho")
+SECTIONS = ("model", "loss.objective", "loss.estimator", "loss.layout", "loss.rho", "callbacks[0]", "callbacks[1]")
 
 
 @pytest.fixture()
@@ -49,7 +50,7 @@ def counts(monkeypatch):
     monkeypatch.setattr(registry, "bind", counting_bind)
     monkeypatch.setattr(sections, "bind", counting_bind)
     monkeypatch.setattr(registry.Bound, "build", counting_build)
-    for cls in (TwoTowerModel, ContrastiveLoss, AmortizedEstimator, Gather):
+    for cls in (TwoTowerModel, ContrastiveLoss, AmortizedEstimator, Gather, LRMonitor, SpeedMonitor):
         init = cls.__init__
 
         @functools.wraps(init)  # the binding step reads the constructor's signature through it
@@ -82,7 +83,8 @@ def test_default_recipe_sections_are_checked_once_and_built_once_in_a_short_run(
     # for both modalities at construction and at every epoch start (reinit: every_epoch)
     assert dict(checked) == {**{k: 1 for k in SECTIONS}, "amortizer": 1, "schedule": 1}
     assert dict(built) == {**{k: 1 for k in SECTIONS}, "amortizer": 2 * 3, "schedule": 1}
-    assert dict(constructed) == {"TwoTowerModel": 1, "ContrastiveLoss": 1, "AmortizedEstimator": 1, "Gather": 1}
+    assert dict(constructed) == {"TwoTowerModel": 1, "ContrastiveLoss": 1, "AmortizedEstimator": 1, "Gather": 1,
+                                 "LRMonitor": 1, "SpeedMonitor": 1}
     assert dict(guarded) == {"objective x layout x estimator": 1}  # when the loss is joined, not per step
 
 
