@@ -223,10 +223,15 @@ class Layout:
     Attributes:
         name: the registered name.
         exact: whether every process sees all ``N`` global columns (``gather``, ``ring``).
+        guarantee: what the loss of a sum of pair terms is under this layout: ``exact`` (equal to
+            the single-process loss on the global batch) or ``unbiased`` (its expectation is, for
+            fixed normalisers). An objective states which it needs (``Objective.needs``); a new
+            layout declares this and touches no objective.
     """
 
     name = "this_process"
     exact = True
+    guarantee = "exact"
 
     def world(self) -> int:
         """The number of processes the layout spans."""
@@ -314,6 +319,7 @@ class Local(Layout):
 
     name = "local"
     exact = False
+    guarantee = "unbiased"
 
     def negative_weight(self, batch: int) -> float:
         """:func:`local_negative_weight` of this process count."""

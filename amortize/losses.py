@@ -90,7 +90,7 @@ class ContrastiveLoss(nn.Module):
         self.layout = build_layout(layout)
         if self.layout.name not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout.name!r}; valid: {', '.join(LAYOUTS.names())}")
-        self.objective.check_parts(self.layout.name, estimator=estimator is not None)
+        self.objective.check_parts(self.layout, estimator=estimator is not None)
         if estimator is None and self.objective.accepts_normalizers:
             estimator = InBatchEstimator()
         K.chunk_size(chunk_size)
