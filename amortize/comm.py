@@ -261,6 +261,19 @@ class Layout:
         """The rows of every process, detached: (W * B, ...) in exact layouts, ``t`` otherwise."""
         return all_gather_no_grad(t) if self.exact and self.world() > 1 else t.detach()
 
+    def all_columns(self, blocks: list[Block], y: Tensor) -> Tensor:
+        """Every column's features as an estimator reads them: detached, in the estimator's row order.
+
+        Args:
+            blocks: what :meth:`columns` returned for ``y``.
+            y: (B, d) this process's column features.
+
+        Returns:
+            (W * B, d) in exact layouts, (B, d) otherwise. A layout whose blocks already hold every
+            column in order returns them (no second exchange); the others gather ``y``.
+        """
+        return self.all_rows(y)
+
     def combine(self, row_lse: Tensor, col_partial: Tensor) -> tuple[Tensor, Tensor]:
         """All rows' logsumexps and all columns' full logsumexps, identical on every process.
 
@@ -298,6 +311,10 @@ class Gather(Layout):
         if self.world() == 1:
             return [Block(slice(0, B), y, 0)]
         return [Block(slice(0, self.world() * B), all_gather_with_grad(y), rank() * B)]
+
+    def all_columns(self, blocks: list[Block], y: Tensor) -> Tensor:
+        """The one block already holds all ``N`` columns in order: detached, no second exchange."""
+        return blocks[0].features.detach()
 
 
 class Ring(Layout):

@@ -164,8 +164,7 @@ class ContrastiveLoss(nn.Module):
         lay, n = pairs.layout, part.log_z_x.shape[0]
         if self.estimator.reads_features:
             xs = lay.all_rows(pairs.x)
-            first = pairs.blocks[0].features
-            ys = first.detach() if first.shape[0] == n else lay.all_rows(pairs.y)
+            ys = lay.all_columns(pairs.blocks, pairs.y)  # declared by the layout, not guessed from shapes
         else:  # zero-stride stand-ins: no communication for features nobody reads
             xs = pairs.x.detach()[:1].expand(n, pairs.x.shape[1])
             ys = pairs.y.detach()[:1].expand(n, pairs.y.shape[1])
