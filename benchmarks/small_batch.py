@@ -725,7 +725,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="JSON overrides of the AmorLIP (or NeuCLIP, for --methods neuclip) estimator options")
     p.add_argument("--tag", default="", help="suffix of the amorlip/neuclip rows' tag (settings sweeps)")
     p.add_argument("--variants", nargs="*", default=[],
-                   help="AmorLIP variants of benchmarks.amorlip_study to add at the smallest batch, as amorlip[NAME]")
+                   help="AmorLIP variants of benchmarks.amorlip_variants to add at the smallest batch, as amorlip[NAME]")
     p.add_argument("--out", default="small_batch", help="name of the benchmarks/<out>.{json,md} results")
     p.add_argument("--plot", default=None,
                    help="plot path (default docs/assets/small_batch_gap.png; none with --quick unless given)")
@@ -750,7 +750,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                       tag=f"{m}{a.tag}" if a.tag and m in ("amorlip", "neuclip") else "")
             for m in a.methods for b in a.batches for s in a.seeds]
     if a.variants:
-        from benchmarks.amorlip_study import VARIANTS
+        from benchmarks.amorlip_variants import VARIANTS
 
         unknown = sorted(set(a.variants) - set(VARIANTS))
         if unknown:

@@ -59,6 +59,8 @@ class AmortizedEstimator(NormalizerNetworkEstimator):
             (authors' code); it matters only for a ``beta`` schedule that starts above 0.
     """
 
+    _network_key = "amortizer"
+
     def __init__(
         self,
         dim: int,

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from amortize import comm as D
-from amortize.amortizers import build_amortizer
+from amortize.amortizers import AMORTIZERS
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator
 from amortize.estimators.normalizer.fit import MODALITIES, Fit
 from amortize.estimators.normalizer.parts import (
@@ -99,6 +99,9 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         seed: seeds the (re-)initialisation of the networks and the restart draws.
     """
 
+    #: the recipe key that messages about the network name
+    _network_key = "network"
+
     def __init__(
         self,
         dim: int,
@@ -131,10 +134,12 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         self.fit = Fit(**(fit or {}))
         self.dim = int(dim)
         self.network = network if isinstance(network, str) else dict(network)
-        probe = build_amortizer(self.network, self.dim)  # an unknown network or option fails here, named
+        # checked once here (an unknown network or option fails, named), built at every re-initialisation
+        self._network = AMORTIZERS.bind(self.network, self._network_key, passed=("dim",))
+        ctor = self._network.ctor
         #: the extra inputs the loss module passes (see ContrastiveLoss._estimate)
-        self.extra_inputs = ("scale", "bias", "num_negatives", "local_rows") if getattr(probe, "reads", ()) else ()
-        if self._restart.every is not None and not hasattr(probe, "restart"):
+        self.extra_inputs = ("scale", "bias", "num_negatives", "local_rows") if getattr(ctor, "reads", ()) else ()
+        if self._restart.every is not None and not hasattr(ctor, "restart"):
             raise ValueError(f"restart {self.restart!r} needs a network with a restart(rows) method; "
                              f"{self.network if isinstance(self.network, str) else self.network.get('name')!r} has none")
         self.update_every = int(update_every)
@@ -172,7 +177,7 @@ class NormalizerNetworkEstimator(PartitionEstimator):
     def _fresh_nets(self, epoch: int) -> nn.ModuleDict:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + epoch)
-            return nn.ModuleDict({m: build_amortizer(self.network, self.dim) for m in MODALITIES})
+            return nn.ModuleDict({m: self._network.build(dim=self.dim) for m in MODALITIES})
 
     @property
     def inner_lr(self) -> float:

@@ -101,7 +101,7 @@ class Fit:
     ):
         AMORTIZATION_OBJECTIVES.get(objective)  # an unknown name fails here, with the valid ones
         name, options = section_name(optimizer, "fit.optimizer")
-        INNER_OPTIMIZERS.check_section({"name": name, **options}, "fit.optimizer", given=("params",))
+        INNER_OPTIMIZERS.bind({"name": name, **options}, "fit.optimizer", passed=("params",))  # names a bad option
         lr = float(options["lr"]) if "lr" in options else _default_lr(name)
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
