@@ -170,10 +170,11 @@ class ContrastiveLoss(nn.Module):
             ys = pairs.y.detach()[:1].expand(n, pairs.y.shape[1])
         idx = None if index is None else lay.all_rows(index)
         extra = {}
-        if self.estimator.extra_inputs:  # what the estimator declares it reads besides the features and sums
+        wants = getattr(self.estimator, "extra_inputs", ())  # duck-typed estimators may not declare it
+        if wants:  # what the estimator declares it reads besides the features and sums
             given = {"scale": pairs.scale.detach(), "bias": None if pairs.bias is None else pairs.bias.detach(),
                      "num_negatives": pairs.negative_weight * (n - 1), "local_rows": not lay.exact and lay.world() > 1}
-            extra = {k: given[k] for k in self.estimator.extra_inputs}
+            extra = {k: given[k] for k in wants}
         est = self.estimator(xs, ys, part.log_z_x, part.log_z_y, idx, **extra)
         off = pairs.row_offset
         return est.log_norm_x[off : off + pairs.rows], est.log_norm_y, est.terms

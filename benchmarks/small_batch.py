@@ -458,7 +458,7 @@ def estimator_error(model: SmallTwoTower, loss_fn, split: Split, batch: int, sca
             wb.diagonal().fill_(log_c)
             lzx, lzy = torch.logsumexp(s + wb, 1), torch.logsumexp(s + wb, 0)
             given = {"scale": torch.tensor(scale), "bias": None, "num_negatives": batch - 1, "local_rows": False}
-            out = est(x[idx], y[idx], lzx, lzy, idx, **{k: given[k] for k in est.extra_inputs})
+            out = est(x[idx], y[idx], lzx, lzy, idx, **{k: given[k] for k in getattr(est, "extra_inputs", ())})
             err_est.append(0.5 * ((out.log_norm_x - ref_x[idx]).square().mean()
                                   + (out.log_norm_y - ref_y[idx]).square().mean()))
             err_batch.append(0.5 * ((lzx - ref_x[idx]).square().mean() + (lzy - ref_y[idx]).square().mean()))
