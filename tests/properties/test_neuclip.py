@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
 import amortize.functional as F
@@ -50,19 +50,20 @@ def test_eps_is_the_positive_weight_over_the_negatives(batch, scale, eps):
 
 
 @settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking
+@example(mu=-0.8120851373700742, sigma=1.181229286476196, seed=300)  # the widest spread of the range
 @given(st.floats(-1.0, 3.0), st.floats(0.3, 1.2), st.integers(0, 1000))
 def test_the_fit_converges_to_log_mean_z_on_random_batches(mu, sigma, seed):
-    """On batches whose log sums are random, the reverse-KL fit (NeuCLIP's exp(t - a) + a) goes to
+    """On batches whose log sums are random, the reverse-KL fit (NeuCLIP's exp(t - a) + a, 256 rows a batch) goes to
     log E[exp t] = mu + sigma^2 / 2; log-L2 goes to E[t] = mu (the geometric mean, biased low)."""
     g = torch.Generator().manual_seed(seed)
-    x = unit(1, 4, seed=seed).expand(64, 4)  # one anchor: the network predicts one number
+    x = unit(1, 4, seed=seed).expand(256, 4)  # one anchor: the network predicts one number
     est = {k: NormalizerNetworkEstimator(4, network={"name": "linear"},
                                          fit={"objective": k, "optimizer": {"name": "adagrad", "lr": 0.5},
                                               "inner_steps": 1, "clip_norm": None},
                                          normalizer="online", reinit="never", cadence="global")
            for k in ("reverse_kl", "log_l2")}
     for _ in range(600):
-        t = mu + sigma * torch.randn(64, generator=g)
+        t = mu + sigma * torch.randn(256, generator=g)
         for e in est.values():
             e(x, x, t, t)
     with torch.no_grad():
