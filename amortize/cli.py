@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "load_checkpoint", "model_from_checkpoint"]
+__all__ = ["main", "load_checkpoint", "model_from_checkpoint", "resume_command"]
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -95,6 +95,26 @@ class CommandError(Exception):
     """A command-line usage error; ``main`` prints it and exits with status 2."""
 
 
+def resume_command(recipe: str, overrides: Sequence[str]) -> str:
+    """The shell command that continues a run: the same recipe and overrides plus ``autoresume=true``.
+
+    Every word the shell would change (braces, spaces, ``$``, globs) is quoted with
+    :func:`shlex.quote`, so the line pastes into bash as typed. Under Composer's launcher
+    (``WORLD_SIZE`` > 1) it is the launcher's command with this node's process count.
+
+    >>> resume_command("r.yaml", ["data.shards=s/{00000..00002}.tar", "autoresume=false"])
+    "amortize train r.yaml 'data.shards=s/{00000..00002}.tar' autoresume=true"
+    """
+    import shlex
+
+    words = [recipe, *[o for o in overrides if not o.startswith("autoresume=")], "autoresume=true"]
+    head = "amortize train"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        nproc = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+        head = f"composer -n {nproc} -m amortize.cli train"
+    return " ".join([head, *(shlex.quote(w) for w in words)])
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from amortize.train.config import check_unique_overrides, load_recipe, recipe_to_yaml
 
@@ -119,11 +139,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         trainer.fit()
     except TrainingInterrupted as e:
         if dist.get_global_rank() == 0:
-            again = " ".join([args.recipe, *[o for o in args.overrides if not o.startswith("autoresume=")],
-                              "autoresume=true"])
-            print(f"amortize train: {e}\nresume with: amortize train {again}", file=sys.stderr, flush=True)
+            print(f"amortize train: {e}\nresume with: {resume_command(args.recipe, args.overrides)}",
+                  file=sys.stderr, flush=True)
         trainer.close()
-        return 130
+        return e.exit_status
 
     if dist.get_global_rank() == 0:
         folder = recipe.resolved_save_folder()
@@ -236,11 +255,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Returns:
         The exit status: 0 on success; 2 for an expected failure (its message names the problem
-        and the fix; ``--debug`` raises it instead); 130 when Ctrl-C stopped training.
+        and the fix; ``--debug`` raises it instead); 130 when Ctrl-C, 143 when SIGTERM stopped
+        training (after saving).
     """
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C before training started (or a second one): nothing half-written
+        if args.debug:
+            raise
+        print(f"amortize {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
         if args.debug or not isinstance(e, _expected_errors()):
             raise
