@@ -41,8 +41,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: if nothing is at ``path``.
-        CorruptCheckpointError: (a ValueError) if the file is not a checkpoint, or holds no recipe or
-            no model weights.
+        CorruptCheckpointError: (a ValueError) if the file is not a checkpoint, or holds no recipe,
+            no model weights or weights with NaN or Inf.
     """
     p = Path(path)
     if p.is_dir():
@@ -69,6 +69,12 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CorruptCheckpointError(f"{p} stores no recipe; it was not written by `amortize train`")
     if not weights:
         raise CorruptCheckpointError(f"{p} holds no two-tower model weights")
+    from amortize.checks import non_finite_tensors
+
+    bad = non_finite_tensors(weights)
+    if bad:
+        raise CorruptCheckpointError(f"{p} holds weights that are not finite ({len(bad)} tensors with NaN or Inf, "
+                                     f"first: {', '.join(bad[:3])}); the run diverged")
     return {"recipe": recipe, "model": weights, "source": source}
 
 
@@ -81,11 +87,52 @@ def model_from_checkpoint(path: str | Path):
     from amortize.train.components import build_two_tower
     from amortize.train.config import load_recipe_dict
 
+    from amortize.checkpoints import CorruptCheckpointError
+
     ck = load_checkpoint(path)
     recipe = load_recipe_dict(ck["recipe"])
     model = build_two_tower(recipe)
-    model.load_state_dict(ck["model"])
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:  # size mismatch, missing or unexpected keys
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e).splitlines()[0])
+        raise CorruptCheckpointError(f"{path}: its weights do not fit the model its recipe names (model.name="
+                                     f"{recipe.model.name!r}, image_size={model.image_size}, context_length="
+                                     f"{model.context_length}): {first}") from None
     return model.eval(), recipe
+
+
+def eval_device(text: Optional[str]) -> str:
+    """The device ``amortize eval`` runs on: ``text`` checked, or ``cuda`` when a GPU is there, else ``cpu``.
+
+    Raises:
+        CommandError: ``--device: 'banana' is not a device ...``, or ``--device cuda: no GPU ...``.
+    """
+    import torch
+
+    if text is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise CommandError(f"--device: {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {text}: no GPU is available to PyTorch here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {text}: there are {torch.cuda.device_count()} GPUs (cuda:0 .. "
+                               f"cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu" and not _backend_available(dev.type):
+        raise CommandError(f"--device {text}: the {dev.type} backend is not available here; use --device cpu")
+    return text
+
+
+def _backend_available(kind: str) -> bool:
+    import torch
+
+    backend = getattr(torch, kind, None) or getattr(getattr(torch, "backends", None), kind, None)
+    is_available = getattr(backend, "is_available", None)
+    return bool(is_available and is_available())
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -153,13 +200,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from amortize.eval import evaluate, format_jsonl, format_markdown
     from amortize.train.components import build_tokenizer
 
+    device = eval_device(args.device)
     model, recipe = model_from_checkpoint(args.checkpoint)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     tokenizer = build_tokenizer(recipe, model.context_length)
     tasks = args.tasks or ["default"]
@@ -211,15 +256,15 @@ def _one_line(e: BaseException) -> str:
 
 def _expected_errors() -> tuple[type, ...]:
     """Exception types that report a user's mistake or a data problem, not a bug."""
-    from amortize.checkpoints import CorruptCheckpointError, UnsafeCheckpointError
+    from amortize.checkpoints import CheckpointWriteError, CorruptCheckpointError, UnsafeCheckpointError
     from amortize.data.webdataset import TooManySkippedError
     from amortize.train.config import RecipeError
 
     out: list[type] = [RecipeError, CommandError, FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError,
-                       TooManySkippedError]
+                       TooManySkippedError, CheckpointWriteError]
     guards = sys.modules.get("amortize.train.guards")
     if guards is not None:
-        out.append(guards.DivergenceError)
+        out.extend([guards.DivergenceError, guards.NonFiniteWeightsError])
     return tuple(out)
 
 

@@ -215,9 +215,11 @@ class Objective(nn.Module):
         """
         level = K.resolve(checks)
         K.features(x, y, level, names)
+        K.normalised(x, y, level, names)
         K.scalar("scale", scale, level, positive=True)
         if bias is not None:
             K.scalar("bias", bias, level)
+            K.unneeded_bias(self.name, self.needs_bias)
         elif self.needs_bias:
             raise ValueError(f"the {self.name} objective needs a logit bias")
         K.chunk_size(chunk_size)

@@ -28,6 +28,7 @@ from amortize.train.guards import DataSkipReport, DivergenceGuard, SaveOnInterru
 from amortize.train.model import ContrastiveComposerModel
 from amortize.train.optim import build_optimizer, build_scheduler
 from amortize.train.plan import decide_start
+from amortize.train.validate import check_microbatch_model, check_shards_exist
 
 __all__ = ["per_process_batch_size", "build_dataloader", "build_composer_model", "build_trainer", "dry_run"]
 
@@ -98,6 +99,7 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
             what = (f"{len(missing)} of the {len(urls)} shards do not exist (first: {missing[0]})" if missing
                     else f"none of the {len(urls)} shards holds a readable sample")
             raise RecipeError(f"data.shards: no training data: {what}; check the pattern {d.shards!r}")
+        check_shards_exist(urls, d.shards)  # amortize.train.validate: a named shard that is missing is refused
         offsets, start = {}, 0
         for u, n in sizes.items():
             offsets[u], start = start, start + n
@@ -248,6 +250,7 @@ def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optio
                           f"(device={recipe.device}); set precision=fp32 (or null) for the CPU")
     with _section("model"):
         towers = build_two_tower(recipe)
+    check_microbatch_model(recipe, towers)  # amortize.train.validate
     tokenizer = build_tokenizer(recipe, towers.context_length)
     if train_dataloader is None:
         train_dataloader, num_samples = build_dataloader(recipe, tokenizer, towers.image_size)

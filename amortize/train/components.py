@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from amortize.losses import ContrastiveLoss
 from amortize.models import TwoTowerModel, build_model
+from amortize.train.validate import check_estimator_dim
 from amortize.train.config import DataConfig, Recipe, RecipeError
 from amortize.registry import Registry, SectionError
 
@@ -103,6 +104,7 @@ def build_loss(recipe: Recipe, embed_dim: int, num_samples: Optional[int] = None
         RecipeError: naming the key of a bad section or a missing dataset size.
     """
     c = recipe.loss
+    check_estimator_dim(c.estimator, embed_dim)  # amortize.train.validate
     try:
         return ContrastiveLoss.from_sections(c.objective, c.estimator, layout=c.layout, rho=c.rho,
                                              chunk_size=c.chunk_size,

@@ -35,6 +35,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from amortize.train.errors import RecipeError
+from amortize.train.validate import UniqueKeyLoader, check_finite, check_top_level, check_values, read_recipe_text
+
 __all__ = [
     "RecipeError",
     "Range",
@@ -85,8 +88,8 @@ _MOVED: dict[str, str] = {
 }
 
 
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads exponent floats without a dot (``2e-3``, ``1e5``) as floats."""
+class _Loader(UniqueKeyLoader):
+    """``yaml.SafeLoader`` that refuses a repeated key (:class:`~amortize.train.validate.UniqueKeyLoader`) and reads exponent floats without a dot (``2e-3``, ``1e5``) as floats."""
 
 
 _Loader.add_implicit_resolver(
@@ -105,10 +108,6 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-class RecipeError(ValueError):
-    """A recipe key or value is invalid; the message names the dotted key."""
-
-
 @dataclass(frozen=True)
 class Range:
     """The allowed interval of a numeric recipe option, declared next to the option.
@@ -119,7 +118,7 @@ class Range:
     >>> Range(lo=0, open_lo=True).check(-1.0, "optimizer.lr")
     Traceback (most recent call last):
     ...
-    amortize.train.config.RecipeError: optimizer.lr: must be > 0, got -1.0
+    amortize.train.errors.RecipeError: optimizer.lr: must be > 0, got -1.0
     """
 
     lo: Optional[float] = None
@@ -675,8 +674,10 @@ def load_recipe_dict(data: Optional[dict], base: Optional[Path] = None) -> Recip
         if not isinstance(data["imports"], list):
             raise RecipeError(f"imports: expected a list of files or modules, got {data['imports']!r}")
         data["imports"] = run_imports(data["imports"], base)
+    check_finite(data)
     recipe = _build(Recipe, data)
     _check_consistency(recipe)
+    check_values(recipe)
     return recipe
 
 
@@ -762,12 +763,13 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
-        data = read_yaml(path.read_text(encoding="utf-8"))
+        data = read_yaml(read_recipe_text(path))
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: invalid YAML: {e}") from None
     if data is None or data == {}:
         raise RecipeError(f"{path} is empty; a recipe names at least its run (start from a file in recipes/, "
                           "e.g. recipes/default.yaml)")
+    check_top_level(data, path)
     try:
         return load_recipe_dict(apply_overrides(data, list(overrides or [])), base=path.parent)
     except RecipeError as e:

@@ -37,6 +37,8 @@ __all__ = [
     "DIVERGENCE_POLICIES",
     "DivergenceError",
     "DivergenceGuard",
+    "NonFiniteWeightsError",
+    "check_finite_weights",
     "DataSkipReport",
     "STOP_SIGNALS",
     "SaveOnInterrupt",
@@ -62,6 +64,26 @@ class DivergenceError(RuntimeError):
         super().__init__(message)
         self.batch = batch
         self.checkpoint = checkpoint
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The run's weights hold NaN or infinite values; nothing is exported. The message names how
+    many tensors and the first ones."""
+
+
+def check_finite_weights(state_dict: dict, where: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` when a floating tensor of ``state_dict`` is not finite.
+
+    Args:
+        state_dict: the towers' (and loss module's) state.
+        where: what is being written, for the message (``model.pt at epoch 2, batch 40``).
+    """
+    bad = K.non_finite_tensors(state_dict)
+    if bad:
+        raise NonFiniteWeightsError(
+            f"the weights are not finite ({len(bad)} of the tensors hold NaN or Inf, first: {', '.join(bad[:3])}); "
+            f"refusing to write {where}. Lower optimizer.lr, keep divergence.policy=skip or stop, and resume "
+            "from an earlier checkpoint")
 
 
 def _params_with_grad(state: State) -> list[torch.nn.Parameter]:
@@ -260,11 +282,22 @@ class DataSkipReport(Callback):
 
     def __init__(self, counter: Any):
         self.counter = counter
+        self._epoch_start_batch: Optional[int] = None
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        """Composer hook (EPOCH_END, FIT_END)."""
+        """Composer hook (EPOCH_START, EPOCH_END, FIT_END)."""
+        if event == Event.EPOCH_START:
+            self._epoch_start_batch = int(state.timestamp.batch)
+            return
         if event not in (Event.EPOCH_END, Event.FIT_END):
             return
+        if event == Event.EPOCH_END and self._epoch_start_batch == int(state.timestamp.batch):
+            # before EPOCH_CHECKPOINT: no untrained checkpoint or export is written
+            from amortize.data.webdataset import TooManySkippedError
+
+            raise TooManySkippedError(
+                f"data: epoch {int(state.timestamp.epoch) - 1} yielded no batch ({self.counter.summary()}); "
+                "every sample was skipped or the shards hold fewer samples than one batch")
         counts = self.counter.as_dict()
         metrics = {f"data/{k}" if k in ("kept", "shards") else f"data/skipped/{k}": float(v) for k, v in counts.items()}
         logger.log_metrics(metrics)
