@@ -408,6 +408,28 @@ class FirstBatches:
             yield item
 
 
+def epoch_batches(epoch_samples: int, batch_size: int, num_workers: int, num_shards: int, world_size: int = 1,
+                  resampled: bool = False) -> tuple[int, int]:
+    """Batches per DataLoader worker and per process in an epoch of ``epoch_samples`` samples.
+
+    ``batch_size`` is the global batch. With split sampling a worker reads only its own shards,
+    and a process's shards are shared by at most as many workers as it has shards: workers
+    beyond that yield nothing, so each producing worker yields its share of the epoch (rounded
+    up; the loader's length, which the trainer stops at, is the epoch's count).
+
+    Returns:
+        ``(per_worker, per_process)``: the cap of each worker's batches and the loader's length.
+
+    >>> epoch_batches(100, 10, num_workers=4, num_shards=2)  # two workers have shards
+    (5, 10)
+    """
+    total = max(1, int(epoch_samples) // int(batch_size))
+    workers = max(1, int(num_workers))
+    if not resampled:
+        workers = max(1, min(workers, int(num_shards) // max(1, int(world_size))))
+    return -(-total // workers), total
+
+
 def make_pipeline(
     shards: str | Sequence[str],
     *,
