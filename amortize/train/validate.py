@@ -1,7 +1,7 @@
 """Recipe checks that need more than one option's range: the file's text, its keys, and values
 whose valid set depends on another option (the model's patch size, the name template's fields).
 
-Each check raises :class:`~amortize.train.config.RecipeError` (or, for the YAML loader, a
+Each check raises :class:`~amortize.options.RecipeError` (or, for the YAML loader, a
 ``yaml.YAMLError`` that the recipe reader names its file in) with one line naming the key, so
 ``amortize train --dry-run`` refuses the recipe before anything is built or written:
 
@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
-from amortize.train.errors import RecipeError
+from amortize.options import RecipeError
 
 __all__ = ["MAX_SEED", "NAME_FIELDS", "UniqueKeyLoader", "check_finite", "check_top_level", "check_values",
            "read_recipe_text", "check_estimator_dim", "check_microbatch_model",
@@ -97,7 +97,7 @@ def check_finite(data: Any, prefix: str = "") -> None:
     >>> check_finite({"optimizer": {"lr": float("inf")}})
     Traceback (most recent call last):
     ...
-    amortize.train.errors.RecipeError: optimizer.lr: must be a finite number, got inf
+    amortize.options.RecipeError: optimizer.lr: must be a finite number, got inf
     """
     if isinstance(data, float) and not math.isfinite(data):
         raise RecipeError(f"{prefix or 'recipe'}: must be a finite number, got {data!r}")
