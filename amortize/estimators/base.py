@@ -7,6 +7,8 @@ from typing import Iterator, Optional
 
 from torch import Tensor, nn
 
+from amortize import checks as K
+
 __all__ = ["PartitionEstimate", "PartitionEstimator", "StateRule", "CROSS_PROCESS_RULES", "RESUME_RULES"]
 
 CROSS_PROCESS_RULES = ("identical", "per_process")
@@ -142,6 +144,7 @@ class PartitionEstimator(nn.Module):
             raise IndexError(
                 f"index out of range: values span [{lo}, {hi}] but the estimator holds {num_samples} samples"
             )
+        K.unique_index(index, type(self).__name__)
         return index.long()
 
 

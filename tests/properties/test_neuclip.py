@@ -169,9 +169,9 @@ def test_the_neuclip_estimator_names_what_it_is_missing():
     x = unit(4, 6)
     with pytest.raises(ValueError, match="reads the scale"):
         est(x, x, torch.zeros(4), torch.zeros(4))
-    with pytest.raises(ValueError, match=r"dim=6\) needs \(B, 6\) features"):
+    with pytest.raises(ValueError, match=r"built with dim=6 but x has shape \(4, 3\)"):
         est(unit(4, 3), unit(4, 3), torch.zeros(4), torch.zeros(4), scale=torch.tensor(1.0))
-    with pytest.raises(ValueError, match="epoch must be >= 0"):
+    with pytest.raises(ValueError, match="epoch must be a whole number >= 0"):
         est.start_epoch(-3, 4)
 
 

@@ -23,6 +23,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from amortize import checks as K
 from amortize import comm as D
 from amortize.amortizers import AMORTIZERS
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator
@@ -216,10 +217,9 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         (as a resumed run does) changes nothing.
 
         Raises:
-            ValueError: for a negative ``epoch``.
+            ValueError: for a negative or fractional ``epoch``, or ``max_epochs < 1``.
         """
-        if int(epoch) < 0:
-            raise ValueError(f"start_epoch: epoch must be >= 0, got {epoch}")
+        K.epoch_counts(epoch, max_epochs)
         if epoch == int(self.epoch):
             return
         self.max_epochs.fill_(max(1, max_epochs))
@@ -329,9 +329,7 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         that fit; ``target_rmse`` or ``online_rmse`` (the RMSE of what the encoders divide by) for
         the normalisers that read a network.
         """
-        if x.dim() != 2 or x.shape[1] != self.dim or y.shape != x.shape:
-            raise ValueError(f"{type(self).__name__}(dim={self.dim}) needs (B, {self.dim}) features x and y, "
-                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
+        K.feature_dim(("x", "y"), (x, y), self.dim, type(self).__name__)
         epoch, max_epochs, step, epoch_step, has_previous = self._counters()
         if epoch < 0:
             self.start_epoch(0, max_epochs)
