@@ -25,7 +25,7 @@ from amortize import checks as K
 from amortize import kernels
 from amortize.comm import Block, Layout, build_layout
 
-__all__ = ["Pairs", "Partition", "Objective", "partition", "rescale_temperature"]
+__all__ = ["Pairs", "Partition", "Objective", "partition", "rescale_temperature", "CLIP_INIT_LOGIT_SCALE"]
 
 Scalar = Union[float, Tensor]
 
