@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from amortize.registry import Registry
 
-__all__ = ["MODELS", "register_model", "TwoTowerModel", "model_config", "build_model", "list_model_configs"]
+__all__ = ["MODELS", "register_model", "TwoTowerModel", "model_config", "build_model", "list_model_configs",
+           "register_open_clip_configs"]
 
 _OURS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -60,6 +61,32 @@ def list_model_configs() -> list[str]:
     import open_clip
 
     return MODELS.names() + sorted(open_clip.list_models())
+
+
+def register_open_clip_configs(folder: Optional[str] = None) -> list[str]:
+    """Make our model names (``tiny``, ``cpu-small``, any :func:`register_model`) resolve in open_clip.
+
+    Writes each config as ``<name>.json`` into ``folder`` (default: a new temporary folder) and
+    adds the folder with ``open_clip.add_model_config``; afterwards
+    ``open_clip.create_model("tiny")`` builds the same towers as :func:`build_model`. (An
+    ``amortize export`` folder carries its own ``<name>.json`` for processes without ``amortize``.)
+
+    Returns:
+        The names registered.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import open_clip
+
+    out = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="amortize-open-clip-configs-"))
+    out.mkdir(parents=True, exist_ok=True)
+    names = MODELS.names()
+    for name in names:
+        (out / f"{name}.json").write_text(json.dumps(MODELS.build(name), indent=2), encoding="utf-8")
+    open_clip.add_model_config(out)
+    return names
 
 
 def model_config(name: str, image_size: Optional[int] = None, context_length: Optional[int] = None) -> dict:
@@ -101,7 +128,8 @@ class TwoTowerModel(nn.Module):
     """An image tower and a text tower with a learnable logit scale (and optional bias).
 
     Wraps :class:`open_clip.model.CLIP` (as ``self.clip``) so that parameter names follow
-    open_clip's and its weights load into open_clip directly (strip the ``clip.`` prefix).
+    open_clip's and its weights load into open_clip directly (strip the ``clip.`` prefix; ``amortize
+    export`` writes them as an open_clip model folder, see :mod:`amortize.interop.export`).
 
     Args:
         config: an open_clip-format config (see :func:`model_config`).

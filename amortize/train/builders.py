@@ -18,6 +18,7 @@ from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
 from amortize.estimators import ESTIMATORS
+from amortize.interop.pretrained import locked_summary
 from amortize.registry import section_name
 from amortize.train.algorithms import ClampLogitScale, EpochSchedules, ExportWeights, FullBatchGuard, LogLossTerms
 from amortize.train.components import build_dataset, build_loss, build_tokenizer, build_two_tower
@@ -26,6 +27,7 @@ from amortize.train.compat import install_atomic_checkpoint_writes
 from amortize.train.gradcache import microbatch_trainer_kwargs
 from amortize.train.guards import DataSkipReport, DivergenceGuard, SaveOnInterrupt
 from amortize.train.model import ContrastiveComposerModel
+from amortize.train.model import unwrap as _unwrap
 from amortize.train.optim import build_optimizer, build_scheduler
 from amortize.train.plan import decide_start
 
@@ -189,13 +191,17 @@ def build_trainer(
         cbs.append(DataSkipReport(counter))
     install_atomic_checkpoint_writes()
     e = recipe.eval
-    if e.tasks == "default" and (e.every_n_epochs > 0 or e.at_fit_end):
+    if e.tasks != "none" and (e.every_n_epochs > 0 or e.every_n_batches > 0 or e.at_fit_end):
         from amortize.eval.callback import EvalCallback
+        from amortize.eval.user import build_eval_tasks
+        from amortize.registry import SectionError
 
-        cbs.append(EvalCallback(tokenizer, every_n_epochs=e.every_n_epochs, at_fit_end=e.at_fit_end,
-                                batch_size=e.batch_size, print_table=True))
-    elif e.tasks not in ("none", "default"):
-        raise RecipeError(f"eval.tasks: {e.tasks!r} is not one of default, none")
+        try:
+            tasks = build_eval_tasks(e.tasks, image_size=_unwrap(model).model.image_size)
+        except SectionError as err:
+            raise RecipeError(str(err)) from None
+        cbs.append(EvalCallback(tokenizer, tasks, every_n_epochs=e.every_n_epochs, every_n_batches=e.every_n_batches,
+                                at_fit_end=e.at_fit_end, batch_size=e.batch_size, print_table=True))
     cbs.extend(callbacks)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(deterministic|microbatch|No optimizer|step_schedulers).*")
@@ -287,5 +293,7 @@ def dry_run(recipe: Recipe) -> list[str]:
         f"and epoch",
         f"optimizer: {type(optimizer).__name__}; scheduler: {type(scheduler).__name__ if scheduler else 'none'}",
         f"start: {plan.describe()}; checkpoints in {recipe.resolved_save_folder()}/",
+        f"towers: {'from ' + recipe.model.pretrained if recipe.model.pretrained else 'initialised'}; "
+        f"{locked_summary(model.model)}",
     ]
 

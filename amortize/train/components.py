@@ -83,12 +83,27 @@ DATASETS.register("shipped", _shipped)
 DATASETS.register("synthetic", _synthetic)
 
 
-def build_two_tower(recipe: Recipe) -> TwoTowerModel:
-    """The untrained two-tower model of a recipe (its initial ``log s`` and bias were resolved at load)."""
+def build_two_tower(recipe: Recipe, start: bool = True) -> TwoTowerModel:
+    """The two-tower model of a recipe (its initial ``log s`` and bias were resolved at load).
+
+    Args:
+        recipe: the recipe.
+        start: also load ``model.pretrained`` and apply ``model.lock_image`` / ``model.lock_text``
+            (what a run starts from); False builds the bare towers (``amortize eval`` then loads
+            the trained weights into them).
+    """
     m = recipe.model
     scale = m.init_logit_scale if m.init_logit_scale is not None else math.log(1 / 0.07)
-    return build_model(m.name, image_size=m.image_size, context_length=m.context_length,
-                       init_logit_scale=scale, init_logit_bias=m.init_logit_bias)
+    model = build_model(m.name, image_size=m.image_size, context_length=m.context_length,
+                        init_logit_scale=scale, init_logit_bias=m.init_logit_bias)
+    if start:
+        from amortize.interop.pretrained import PretrainedError, start_towers
+
+        try:
+            start_towers(model, m.pretrained, m.lock_image, m.lock_text, model_name=m.name)
+        except (PretrainedError, FileNotFoundError) as e:
+            raise RecipeError(str(e)) from None
+    return model
 
 
 def build_loss(recipe: Recipe, embed_dim: int, num_samples: Optional[int] = None) -> ContrastiveLoss:

@@ -39,6 +39,7 @@ __all__ = [
     "RecipeError",
     "Range",
     "TimeString",
+    "TowerLock",
     "ModelConfig",
     "LossConfig",
     "DataConfig",
@@ -68,7 +69,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "amp_fp16", "amp_bf16"),
     "device": ("cpu", "gpu", "mps"),
     "data.sampling": ("split", "resampled"),
-    "eval.tasks": ("default", "none"),
     "divergence.policy": ("skip", "stop", "none"),
     "load_mode": ("full", "weights"),
 }
@@ -202,6 +202,19 @@ _UNIT = Range(lo=0, hi=1)
 
 
 @dataclass
+class TowerLock:
+    """A locked tower, as open_clip's LiT options (see :mod:`amortize.interop.pretrained`).
+
+    Attributes:
+        unlocked_groups: groups left trainable, counted from the output end (0: the whole tower is locked).
+        freeze_norm: keep the tower's norm layers (and batch-norm statistics) frozen in unlocked groups too.
+    """
+
+    unlocked_groups: int = _opt(0, check=Range(lo=0))
+    freeze_norm: bool = False
+
+
+@dataclass
 class ModelConfig:
     """The two-tower model.
 
@@ -214,6 +227,10 @@ class ModelConfig:
             writes the resolved value into the recipe.
         init_logit_bias: initial bias; None: the objective's preference (-10 for ``sigmoid``), else
             no bias.
+        pretrained: start from these weights (an open_clip checkpoint or state dict, an ``amortize
+            export`` folder, a ``model.pt`` or run folder); they must fit the model key by key.
+        lock_image: lock the image tower (``{unlocked_groups: N, freeze_norm: bool}``; None: train it).
+        lock_text: lock the text tower the same way.
     """
 
     name: str = "tiny"
@@ -221,6 +238,9 @@ class ModelConfig:
     context_length: Optional[int] = None
     init_logit_scale: Optional[float] = None
     init_logit_bias: Optional[float] = None
+    pretrained: Optional[str] = None
+    lock_image: Optional[TowerLock] = None
+    lock_text: Optional[TowerLock] = None
 
 
 @dataclass
@@ -348,15 +368,19 @@ class EvalConfig:
     """Evaluation during training and by ``amortize eval``.
 
     Attributes:
-        tasks: ``default`` (Fashion-MNIST zero-shot and emoji retrieval) or ``none``. The DataComp
-            suite needs its data directory: run ``amortize eval CKPT --tasks datacomp --datacomp-root DIR``.
+        tasks: ``default`` (Fashion-MNIST zero-shot and emoji retrieval), ``none``, or a list of
+            sections of :data:`amortize.eval.user.EVAL_TASKS` (your files), e.g.
+            ``[{name: retrieval, path: pairs.csv}, {name: zeroshot, path: classes/}, default]``. The
+            DataComp suite needs its data directory: run ``amortize eval CKPT --tasks datacomp --datacomp-root DIR``.
         every_n_epochs: evaluate at the end of every n-th epoch (0: never during training).
+        every_n_batches: evaluate after every n-th batch (0: never).
         at_fit_end: evaluate when training ends (``default`` tasks only).
         batch_size: images or texts per forward pass.
     """
 
-    tasks: str = "none"
+    tasks: Union[str, list[Any]] = "none"
     every_n_epochs: int = _opt(0, check=_NONNEG)
+    every_n_batches: int = _opt(0, check=_NONNEG)
     at_fit_end: bool = False
     batch_size: int = _opt(256, check=Range(lo=1))
 
@@ -592,6 +616,13 @@ def _trial_build(c: LossConfig) -> None:
 
 def _check_consistency(r: Recipe) -> None:
     _check_loss(r)
+    from amortize.eval.user import check_task_sections  # eval.tasks sections (issue 20)
+    from amortize.registry import SectionError
+
+    try:
+        check_task_sections(r.eval.tasks)
+    except SectionError as e:
+        raise RecipeError(str(e)) from None
     if r.data.batch_size < 2:
         raise RecipeError(f"data.batch_size must be >= 2 for contrastive training, got {r.data.batch_size}")
     mb = r.device_train_microbatch_size
