@@ -78,7 +78,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"model.pretrained: {p} does not exist")
+        raise FileNotFoundError(f"{p} does not exist")
     if p.is_dir():
         p = _weights_file(p)
     if p.suffix == ".safetensors":

@@ -102,7 +102,8 @@ def build_two_tower(recipe: Recipe, start: bool = True) -> TwoTowerModel:
         try:
             start_towers(model, m.pretrained, m.lock_image, m.lock_text, model_name=m.name)
         except (PretrainedError, FileNotFoundError) as e:
-            raise RecipeError(str(e)) from None
+            msg = str(e)
+            raise RecipeError(msg if msg.startswith("model.") else f"model.pretrained: {msg}") from None
     return model
 
 

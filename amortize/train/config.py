@@ -496,6 +496,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if isinstance(value, dict) and any(dataclasses.is_dataclass(a) for a in args):  # Optional[section]: its own errors
+            return _convert(value, next(a for a in args if dataclasses.is_dataclass(a)), key)
         for arg in args:
             if arg is type(None):
                 continue
