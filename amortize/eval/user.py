@@ -188,7 +188,9 @@ def retrieval_task(path: str | Path, *, image_size: int, label: Optional[str] = 
         path: the CSV/TSV file or the folder.
         image_size: the model's input side.
         label: the task name in the tables (default: the file or folder name).
-        image_column, caption_column, separator: see :func:`read_caption_csv` (CSV only).
+        image_column: see :func:`read_caption_csv` (CSV only).
+        caption_column: see :func:`read_caption_csv` (CSV only).
+        separator: see :func:`read_caption_csv` (CSV only).
     """
     p = _existing(path, "retrieval data")
     images, captions = read_caption_folder(p) if p.is_dir() else read_caption_csv(

@@ -5,7 +5,6 @@ and the user's files are evaluated at an interval during training."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ pytest.importorskip("open_clip")
 
 from amortize.checkpoints import safe_load
 from amortize.train.config import load_recipe
+from tests.distributed.dist_harness import free_port
 from tests.integration.helpers import RECIPES, tiny_overrides
 from tests.interop.userdata import write_caption_csv, write_class_folder, write_weights_export
 
@@ -74,12 +74,6 @@ def test_finetune_recipe_keeps_locked_parameters_and_evaluates_user_files(tmp_pa
     trainer.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_finetune_recipe_on_two_processes_keeps_locked_parameters(tmp_path):
     composer = Path(sys.executable).with_name("composer")
@@ -89,7 +83,7 @@ def test_finetune_recipe_on_two_processes_keeps_locked_parameters(tmp_path):
     overrides = [o for o in _overrides(tmp_path, pretrained) if not o.startswith("log_to_console")]
     overrides += ["log_to_console=true", "model.lock_text={unlocked_groups: 1}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    cmd = [str(composer), "-n", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    cmd = [str(composer), "-n", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "--stdout", str(tmp_path / "rank{rank}.out"), "--stderr", str(tmp_path / "rank{rank}.err"),
            "-m", "amortize.cli", "train", str(RECIPE), *overrides]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
