@@ -17,6 +17,8 @@ and loads with open_clip alone, in either of its two ways::
     model, _, preprocess = open_clip.create_model_and_transforms(
         "tiny", pretrained="OUT_DIR/open_clip_model.safetensors")
 
+``<model name>.json`` is the exported config, size overrides included: registering it replaces any
+open_clip config of that name in that process (``local-dir:`` needs no registration).
 ``preprocess_cfg`` is what ``amortize eval`` uses on image files (open_clip's evaluation
 transform: resize the short side with bicubic interpolation, centre crop, CLIP's mean and
 standard deviation), so both compute the same features. Format ``hf`` is the same folder plus a

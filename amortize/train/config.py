@@ -228,7 +228,8 @@ class ModelConfig:
         init_logit_bias: initial bias; None: the objective's preference (-10 for ``sigmoid``), else
             no bias.
         pretrained: start from these weights (an open_clip checkpoint or state dict, an ``amortize
-            export`` folder, a ``model.pt`` or run folder); they must fit the model key by key.
+            export`` folder, a ``model.pt`` or run folder; a relative path is read from the working
+            directory, as ``save_folder``); they must fit the model key by key.
         lock_image: lock the image tower (``{unlocked_groups: N, freeze_norm: bool}``; None: train it).
         lock_text: lock the text tower the same way.
     """
