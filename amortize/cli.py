@@ -2,7 +2,7 @@
 
 ::
 
-    amortize train RECIPE.yaml [key.sub=value ...] [--dry-run] [--debug]
+    amortize train RECIPE.yaml [key.sub=value ...] [--dry-run] [--debug]   (flags anywhere)
     amortize eval CHECKPOINT [--json] [--tasks default | NAME ... | datacomp] [--datacomp-root DIR [--allow-partial]]
                   [--retrieval CSV_OR_FOLDER ...] [--zeroshot FOLDER ...] [--template T ...] [--debug]
     amortize export RUN_OR_CHECKPOINT OUT_DIR [--format open_clip|hf] [--overwrite] [--debug]
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "load_checkpoint", "model_from_checkpoint"]
+__all__ = ["main", "parse_args", "load_checkpoint", "model_from_checkpoint"]
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -87,7 +87,7 @@ def model_from_checkpoint(path: str | Path | dict):
     from amortize.train.config import load_recipe_dict
 
     ck = path if isinstance(path, dict) else load_checkpoint(path)
-    recipe = load_recipe_dict(ck["recipe"])
+    recipe = load_recipe_dict(ck["recipe"], bind=False)  # the towers only: no imports, no loss sections
     model = build_two_tower(recipe, start=False)  # the trained weights replace any pretrained start
     model.load_state_dict(ck["model"])
     return model.eval(), recipe
@@ -310,6 +310,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse a command line; ``train``'s flags may stand anywhere, before, between or after overrides.
+
+    argparse gives the ``overrides`` positional only the words before the first flag; the words
+    after it come back unrecognised and are overrides too. Anything else unrecognised (a
+    misspelled flag) is refused with argparse's usage message (exit 2).
+    """
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        flags = [w for w in rest if w.startswith("-")]
+        if args.command != "train" or flags:
+            parser.error(f"unrecognized arguments: {' '.join(flags or rest)}")
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``amortize`` console script.
 
@@ -317,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         The exit status: 0 on success; 2 for an expected failure (its message names the problem
         and the fix; ``--debug`` raises it instead); 130 when Ctrl-C stopped training.
     """
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except Exception as e:

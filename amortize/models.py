@@ -19,13 +19,13 @@ This module imports open_clip lazily (it is in the ``clip`` extra) and never imp
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from amortize.registry import Registry
+from amortize.objectives.base import CLIP_INIT_LOGIT_SCALE
 
 __all__ = ["MODELS", "register_model", "TwoTowerModel", "model_config", "build_model", "list_model_configs",
            "register_open_clip_configs"]
@@ -143,7 +143,7 @@ class TwoTowerModel(nn.Module):
         context_length: token positions ``L`` of the text tower.
     """
 
-    def __init__(self, config: dict, init_logit_scale: float = math.log(1 / 0.07),
+    def __init__(self, config: dict, init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
                  init_logit_bias: Optional[float] = None):
         super().__init__()
         from open_clip.model import CLIP
@@ -217,10 +217,13 @@ def build_model(
     *,
     image_size: Optional[int] = None,
     context_length: Optional[int] = None,
-    init_logit_scale: float = math.log(1 / 0.07),
+    init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
     init_logit_bias: Optional[float] = None,
+    pretrained: Optional[str] = None,
+    lock_image: Optional[dict] = None,
+    lock_text: Optional[dict] = None,
 ) -> TwoTowerModel:
-    """Build an untrained two-tower model from a config name (offline).
+    """Build a two-tower model from a config name (offline), untrained unless ``pretrained`` is given.
 
     Args:
         name: a name in :data:`MODELS` or an open_clip model name.
@@ -228,9 +231,22 @@ def build_model(
         context_length: override of the text length.
         init_logit_scale: initial ``log s``.
         init_logit_bias: initial bias, or None for none.
+        pretrained: weights to load (an open_clip checkpoint or state dict, an ``amortize export``
+            folder, a ``model.pt`` or run folder; see :mod:`amortize.interop.pretrained`).
+        lock_image: ``{unlocked_groups: N, freeze_norm: bool}`` to lock the image tower (open_clip's LiT).
+        lock_text: the same for the text tower.
 
     Returns:
         A :class:`TwoTowerModel` in training mode.
+
+    Raises:
+        PretrainedError: (a ``RecipeError`` under ``model.pretrained`` / ``model.lock_*``) for
+            weights that are missing, unreadable or of another architecture, or a bad lock.
     """
     cfg = model_config(name, image_size=image_size, context_length=context_length)
-    return TwoTowerModel(cfg, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias)
+    model = TwoTowerModel(cfg, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias)
+    if pretrained is not None or lock_image is not None or lock_text is not None:
+        from amortize.interop.pretrained import start_towers
+
+        start_towers(model, pretrained, lock_image, lock_text, model_name=name)
+    return model

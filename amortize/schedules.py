@@ -157,8 +157,8 @@ def build_schedule(spec: Union[float, int, dict, Schedule, None]) -> Schedule | 
         return None
     if isinstance(spec, (int, float)):
         return Constant(float(spec))
-    if isinstance(spec, (Constant, CosineDecay, BetaWarmup, Piecewise)):
-        return spec
+    if isinstance(spec, (Constant, CosineDecay, BetaWarmup, Piecewise)) or callable(spec):
+        return spec  # a schedule object (a registered one included)
     if isinstance(spec, dict) or hasattr(spec, "items"):
         options = dict(spec)
         if "kind" in options and "name" not in options:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from amortize import comm as D
-from amortize.amortizers import build_amortizer
+from amortize.amortizers import AMORTIZERS
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator
 from amortize.objectives.stage1 import AMORTIZATION_OBJECTIVES, amortization_loss
 from amortize.registry import Section
@@ -174,7 +174,8 @@ class AmortizedEstimator(PartitionEstimator):
             raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
         self.dim = int(dim)
         self.amortizer = amortizer if isinstance(amortizer, str) else dict(amortizer)
-        build_amortizer(self.amortizer, self.dim)  # an unknown network or option fails here, named
+        # checked once here (an unknown network or option fails, named), built at every re-initialisation
+        self._amortizer = AMORTIZERS.bind(self.amortizer, "amortizer", passed=("dim",))
         self.objective = objective
         self.log_l2_weight = float(log_l2_weight)
         self.lr = float(lr)
@@ -212,7 +213,7 @@ class AmortizedEstimator(PartitionEstimator):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + epoch)
             return nn.ModuleDict(
-                {m: build_amortizer(self.amortizer, self.dim) for m in MODALITIES}
+                {m: self._amortizer.build(dim=self.dim) for m in MODALITIES}
             )
 
     @property

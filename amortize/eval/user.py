@@ -35,11 +35,10 @@ import torch
 
 from amortize.eval.retrieval import RetrievalTask
 from amortize.eval.zeroshot import ZeroShotTask
-from amortize.registry import Registry, SectionError
+from amortize.registry import Registry
 
 __all__ = ["IMAGE_SUFFIXES", "UserDataError", "ImageFiles", "read_caption_csv", "read_caption_folder",
-           "read_class_folder", "retrieval_task", "zeroshot_task", "EVAL_TASKS", "check_task_sections",
-           "build_eval_tasks"]
+           "read_class_folder", "retrieval_task", "zeroshot_task", "EVAL_TASKS"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 """File suffixes read as images (case-insensitive)."""
@@ -232,46 +231,10 @@ def _default(*, image_size: int) -> list:
 EVAL_TASKS: Registry[Any] = Registry("evaluation task")
 """``eval.tasks`` sections: ``default`` (the shipped tasks), ``retrieval`` and ``zeroshot`` (your files).
 
-Each constructor takes ``image_size`` (given by the builder) and the section's options, e.g.
-``{name: retrieval, path: data/pairs.csv, caption_column: caption}``."""
+Each constructor takes ``image_size`` (passed by the builder) and the section's options, e.g.
+``{name: retrieval, path: data/pairs.csv, caption_column: caption}``; ``eval.tasks`` entries are
+bound when the recipe loads (:data:`amortize.train.sections.SECTIONS`) and built when the run
+starts (:func:`amortize.train.components.build_eval_tasks`)."""
 EVAL_TASKS.register("default", _default)
 EVAL_TASKS.register("retrieval", retrieval_task)
 EVAL_TASKS.register("zeroshot", zeroshot_task)
-
-
-def check_task_sections(tasks: Any, key: str = "eval.tasks") -> None:
-    """Check ``eval.tasks`` without reading files: ``default``, ``none`` or a list of sections.
-
-    Raises:
-        SectionError: naming the entry of an unknown task, an unknown option, or a missing ``path``.
-    """
-    if isinstance(tasks, str):
-        if tasks not in ("default", "none"):
-            raise SectionError(f"{key}: {tasks!r} is not one of default, none, or a list of task sections "
-                               f"({', '.join(EVAL_TASKS.names())})")
-        return
-    if not isinstance(tasks, list) or not tasks:
-        raise SectionError(f"{key}: expected default, none or a non-empty list of task sections, got {tasks!r}")
-    for i, section in enumerate(tasks):
-        name, options = EVAL_TASKS.check_section(section, f"{key}[{i}]", given=("image_size",))
-        if name != "default" and "path" not in options:
-            raise SectionError(f"{key}[{i}]: a {name} task needs 'path' (a CSV or folder of your images)")
-
-
-def build_eval_tasks(tasks: Any, *, image_size: int, key: str = "eval.tasks") -> Optional[list]:
-    """The evaluation tasks of ``eval.tasks`` (reading the folders and CSVs now, images later).
-
-    Returns:
-        None for ``none``; else the list of tasks (``default`` expands to the shipped ones).
-    """
-    check_task_sections(tasks, key)
-    if tasks == "none":
-        return None
-    out: list = []
-    for i, section in enumerate(["default"] if tasks == "default" else tasks):
-        try:
-            built = EVAL_TASKS.build_section(section, key=f"{key}[{i}]", image_size=image_size)
-        except FileNotFoundError as e:
-            raise SectionError(f"{key}[{i}]: {e}") from None
-        out.extend(built if isinstance(built, list) else [built])
-    return out

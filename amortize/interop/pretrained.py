@@ -28,22 +28,27 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from amortize.options import RecipeError
+
 __all__ = ["PretrainedError", "read_state_dict", "check_fits", "load_pretrained", "tower_groups", "apply_locks",
            "locked_summary", "start_towers"]
 
 _IGNORED = ("logit_bias",)
+_KEY = "model.pretrained"
 
 
-class PretrainedError(ValueError):
-    """Pretrained weights that cannot be read, or that do not fit the model (names the key)."""
+class PretrainedError(RecipeError):
+    """Pretrained weights that cannot be read or do not fit the model, or a bad lock (a
+    :class:`~amortize.options.RecipeError` under ``model.pretrained`` or ``model.lock_*``)."""
 
 
 def _tensors_only(sd: Any, where: str) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not sd:
-        raise PretrainedError(f"{where} holds no state dict (expected a mapping of parameter names to tensors)")
+        raise PretrainedError(f"{where} holds no state dict (expected a mapping of parameter names to tensors)",
+                              key=_KEY)
     bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None:
-        raise PretrainedError(f"{where}: entry {bad!r} is a {type(sd[bad]).__name__}, not a tensor")
+        raise PretrainedError(f"{where}: entry {bad!r} is a {type(sd[bad]).__name__}, not a tensor", key=_KEY)
     return dict(sd)
 
 
@@ -66,7 +71,8 @@ def _weights_file(folder: Path) -> Path:
     found = sorted(folder.glob("*.safetensors"))
     if found:
         return found[0]
-    raise PretrainedError(f"{folder} holds no weights (open_clip_model.safetensors, model.pt or latest-rank0.pt)")
+    raise PretrainedError(f"{folder} holds no weights (open_clip_model.safetensors, model.pt or latest-rank0.pt)",
+                          key=_KEY)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -88,13 +94,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return _strip(_tensors_only(load_file(str(p)), str(p)))
         except SafetensorError as e:
-            raise PretrainedError(f"{p} is not a readable safetensors file: {e}") from None
+            raise PretrainedError(f"{p} is not a readable safetensors file: {e}", key=_KEY) from None
     from amortize.checkpoints import safe_load
 
     try:
         ck = safe_load(p)
     except Exception as e:  # an unreadable or unsafe pickle: name the file
-        raise PretrainedError(f"{p} is not a readable checkpoint: {type(e).__name__}: {e}") from None
+        raise PretrainedError(f"{p} is not a readable checkpoint: {type(e).__name__}: {e}", key=_KEY) from None
     if isinstance(ck, dict):
         if str(ck.get("format", "")).startswith("amortize-weights/"):
             ck = ck.get("model")
@@ -119,18 +125,18 @@ def check_fits(model_sd: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], s
     Raises:
         PretrainedError: ``model.pretrained: <source> does not fit model <name>: <key> ...``.
     """
-    head = f"model.pretrained: {source} does not fit model {model_name!r}"
+    head = f"{source} does not fit model {model_name!r}"
     for k, v in model_sd.items():
         if k in _IGNORED:
             continue
         if k not in sd:
-            raise PretrainedError(f"{head}: key {k!r} is missing from the checkpoint")
+            raise PretrainedError(f"{head}: key {k!r} is missing from the checkpoint", key=_KEY)
         if tuple(sd[k].shape) != tuple(v.shape):
             raise PretrainedError(f"{head}: key {k!r} has shape {tuple(sd[k].shape)} in the checkpoint and "
-                                  f"{tuple(v.shape)} in the model")
+                                  f"{tuple(v.shape)} in the model", key=_KEY)
     extra = next((k for k in sd if k not in model_sd and k not in _IGNORED), None)
     if extra is not None:
-        raise PretrainedError(f"{head}: the checkpoint's key {extra!r} is not in the model")
+        raise PretrainedError(f"{head}: the checkpoint's key {extra!r} is not in the model", key=_KEY)
 
 
 @torch.no_grad()
@@ -157,7 +163,7 @@ def _lock_option(lock: Any, key: str) -> Optional[tuple[int, bool]]:
     get = lock.get if isinstance(lock, dict) else (lambda k, d=None: getattr(lock, k, d))
     groups, freeze = get("unlocked_groups", 0), get("freeze_norm", False)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 0:
-        raise PretrainedError(f"{key}.unlocked_groups: expected a whole number >= 0, got {groups!r}")
+        raise PretrainedError(f"expected a whole number >= 0, got {groups!r}", key=f"{key}.unlocked_groups")
     return groups, bool(freeze)
 
 
@@ -203,11 +209,12 @@ def apply_locks(model, lock_image: Any = None, lock_text: Any = None) -> int:
         groups, freeze = opt
         n = tower_groups(model, tower)
         if groups > n:
-            raise PretrainedError(f"{key}.unlocked_groups: {groups} is more than the {n} groups of the {tower} tower")
+            raise PretrainedError(f"{groups} is more than the {n} groups of the {tower} tower",
+                                  key=f"{key}.unlocked_groups")
         if tower == "image":
             if groups and not hasattr(getattr(clip.visual, "transformer", None), "resblocks"):
-                raise PretrainedError(f"{key}.unlocked_groups: open_clip locks a {type(clip.visual).__name__} "
-                                      "image tower only whole; use 0")
+                raise PretrainedError(f"open_clip locks a {type(clip.visual).__name__} image tower only whole; "
+                                      "use 0", key=f"{key}.unlocked_groups")
             clip.lock_image_tower(unlocked_groups=groups, freeze_bn_stats=freeze)
             norm_scope = [clip.visual]
         else:
@@ -238,7 +245,13 @@ def start_towers(model, pretrained: Optional[str], lock_image: Any = None, lock_
 
     Returns:
         The number of locked parameter elements.
+
+    Raises:
+        PretrainedError: under ``model.pretrained`` (a missing file too) or ``model.lock_*``.
     """
     if pretrained:
-        load_pretrained(model, pretrained, model_name)
+        try:
+            load_pretrained(model, pretrained, model_name)
+        except FileNotFoundError as e:
+            raise PretrainedError(str(e), key=_KEY) from None
     return apply_locks(model, lock_image, lock_text)

@@ -17,11 +17,10 @@ from composer.algorithms import GradientClipping
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
-from amortize.estimators import ESTIMATORS
 from amortize.interop.pretrained import locked_summary
-from amortize.registry import section_name
+from amortize.options import keyed
 from amortize.train.algorithms import ClampLogitScale, EpochSchedules, ExportWeights, FullBatchGuard, LogLossTerms
-from amortize.train.components import build_dataset, build_loss, build_tokenizer, build_two_tower
+from amortize.train.components import build_dataset, build_eval_tasks, build_loss, build_tokenizer, build_two_tower
 from amortize.train.config import Recipe, RecipeError, recipe_to_dict
 from amortize.train.compat import install_atomic_checkpoint_writes
 from amortize.train.gradcache import microbatch_trainer_kwargs
@@ -30,35 +29,18 @@ from amortize.train.model import ContrastiveComposerModel
 from amortize.train.model import unwrap as _unwrap
 from amortize.train.optim import build_optimizer, build_scheduler
 from amortize.train.plan import decide_start
+from amortize.train.sections import bindings
 
 __all__ = ["per_process_batch_size", "build_dataloader", "build_composer_model", "build_trainer", "dry_run"]
 
 
 @contextlib.contextmanager
 def _section(key: str) -> Iterator[None]:
-    """Turn a constructor's ``ValueError`` into a :class:`RecipeError` naming the recipe section."""
+    """Put a constructor's ``ValueError``/``TypeError`` under the recipe key of what it builds."""
     try:
         yield
-    except RecipeError:
-        raise
     except (ValueError, TypeError) as e:
-        raise RecipeError(f"{key}: {e}") from None
-
-
-def _check_estimator_size(recipe: Recipe, num_samples: Optional[int]) -> None:
-    """Per-sample tables must hold every index the data yields (checked before the first step)."""
-    c = recipe.loss
-    if c.estimator is None:
-        return
-    name, options = section_name(c.estimator, "loss.estimator")
-    if name not in ESTIMATORS or not ESTIMATORS.accepts(name, "num_samples"):
-        return
-    given = options.get("num_samples")
-    if given is None and not num_samples:
-        raise RecipeError("loss.estimator.num_samples: the dataset size is unknown; set it (or data.num_samples)")
-    if given is not None and num_samples and given < num_samples:
-        raise RecipeError(f"loss.estimator.num_samples={given} is smaller than the dataset ({num_samples} "
-                          "samples, indices 0..N-1); leave it out to size the estimator from the data")
+        raise keyed(key, e) from None
 
 
 def per_process_batch_size(recipe: Recipe) -> int:
@@ -193,16 +175,13 @@ def build_trainer(
     e = recipe.eval
     if e.tasks != "none" and (e.every_n_epochs > 0 or e.every_n_batches > 0 or e.at_fit_end):
         from amortize.eval.callback import EvalCallback
-        from amortize.eval.user import build_eval_tasks
-        from amortize.registry import SectionError
 
-        try:
-            tasks = build_eval_tasks(e.tasks, image_size=_unwrap(model).model.image_size)
-        except SectionError as err:
-            raise RecipeError(str(err)) from None
+        tasks = build_eval_tasks(recipe, image_size=_unwrap(model).model.image_size)
         cbs.append(EvalCallback(tokenizer, tasks, every_n_epochs=e.every_n_epochs, every_n_batches=e.every_n_batches,
                                 at_fit_end=e.at_fit_end, batch_size=e.batch_size, print_table=True))
-    cbs.extend(callbacks)
+    extra = _recipe_extras(recipe)
+    algorithms.extend(extra["algorithms"])
+    cbs.extend([*extra["callbacks"], *callbacks])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(deterministic|microbatch|No optimizer|step_schedulers).*")
         trainer = Trainer(
@@ -214,7 +193,7 @@ def build_trainer(
             step_schedulers_every_batch=True,
             algorithms=algorithms,
             callbacks=cbs,
-            loggers=list(loggers),
+            loggers=[*extra["loggers"], *loggers],
             run_name=recipe.run_name,
             progress_bar=recipe.progress_bar,
             log_to_console=recipe.log_to_console,
@@ -252,20 +231,23 @@ def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optio
     if device == "cpu" and (recipe.precision or "fp32") != "fp32":
         raise RecipeError(f"precision: {recipe.precision} needs a GPU, and this run would use the CPU "
                           f"(device={recipe.device}); set precision=fp32 (or null) for the CPU")
-    with _section("model"):
-        towers = build_two_tower(recipe)
+    towers = build_two_tower(recipe)
     tokenizer = build_tokenizer(recipe, towers.context_length)
     if train_dataloader is None:
         train_dataloader, num_samples = build_dataloader(recipe, tokenizer, towers.image_size)
-    _check_estimator_size(recipe, num_samples)
-    with _section("loss"):
-        loss_fn = build_loss(recipe, towers.embed_dim, num_samples=num_samples)
+    loss_fn = build_loss(recipe, towers.embed_dim, num_samples=num_samples)
     model = ContrastiveComposerModel(towers, loss_fn, recipe=recipe_to_dict(recipe))
     with _section("optimizer"):
         optimizer = build_optimizer(model, recipe.optimizer)
     with _section("scheduler"):
         scheduler = build_scheduler(recipe.scheduler)
     return model, tokenizer, train_dataloader, optimizer, scheduler
+
+
+def _recipe_extras(recipe: Recipe) -> dict[str, list[Any]]:
+    """The recipe's ``loggers``, ``callbacks`` and ``algorithms``, each built once from its bound section."""
+    b = bindings(recipe)
+    return {key: [bound.build() for bound in b.many(key)] for key in ("loggers", "callbacks", "algorithms")}
 
 
 def dry_run(recipe: Recipe) -> list[str]:
@@ -281,6 +263,7 @@ def dry_run(recipe: Recipe) -> list[str]:
     per = per_process_batch_size(recipe)
     plan = decide_start(recipe)
     model, _, loader, optimizer, scheduler = _components(recipe)
+    extra = _recipe_extras(recipe)
     try:
         batches = len(loader)
     except TypeError:
@@ -292,6 +275,7 @@ def dry_run(recipe: Recipe) -> list[str]:
         f"data: {recipe.data.name}, {batches if batches is not None else 'unknown'} batches of {per} per process "
         f"and epoch",
         f"optimizer: {type(optimizer).__name__}; scheduler: {type(scheduler).__name__ if scheduler else 'none'}",
+        *(f"{key}: {', '.join(type(x).__name__ for x in built)}" for key, built in extra.items() if built),
         f"start: {plan.describe()}; checkpoints in {recipe.resolved_save_folder()}/",
         f"towers: {'from ' + recipe.model.pretrained if recipe.model.pretrained else 'initialised'}; "
         f"{locked_summary(model.model)}",

@@ -13,7 +13,6 @@ from amortize.cli import main
 from amortize.eval.datacomp import DATACOMP_TASKS, task_dir_name
 from amortize.eval.user import (
     ImageFiles,
-    build_eval_tasks,
     read_caption_csv,
     read_caption_folder,
     read_class_folder,
@@ -114,20 +113,23 @@ def test_eval_bad_user_data_is_one_line_exit_2(tmp_path, ckpt, capsys, case):
 
 
 def test_eval_tasks_sections_are_checked_at_load_and_built_later(tmp_path):
+    from amortize.train.components import build_eval_tasks
+
     classes = write_class_folder(tmp_path / "classes", per_class=1)
-    r = load_recipe_dict({"eval": {"tasks": [{"name": "zeroshot", "path": str(classes), "templates": ["a {}"]},
-                                             {"name": "retrieval", "path": str(tmp_path / "later.csv")}, "default"]}})
+    sections = [{"name": "zeroshot", "path": str(classes), "templates": ["a {}"]},
+                {"name": "retrieval", "path": str(tmp_path / "later.csv")}, "default"]
+    r = load_recipe_dict({"eval": {"tasks": sections}})
     assert r.eval.tasks[2] == "default"  # a path need not exist when the recipe is read (eval rebuilds it)
-    with pytest.raises(Exception, match=r"eval.tasks\[1\]: retrieval data .*later.csv does not exist"):
-        build_eval_tasks(r.eval.tasks, image_size=28)
-    tasks = build_eval_tasks(r.eval.tasks[:1] + ["default"], image_size=28)
-    assert [t.name for t in tasks] == ["classes", "fashion_mnist_test", "emoji_heldout"]
+    with pytest.raises(RecipeError, match=r"eval.tasks\[1\]: retrieval data .*later.csv does not exist"):
+        build_eval_tasks(r, image_size=28)
+    r = load_recipe_dict({"eval": {"tasks": [sections[0], "default"]}})
+    assert [t.name for t in build_eval_tasks(r, image_size=28)] == ["classes", "fashion_mnist_test", "emoji_heldout"]
     for tasks, match in (
         ([{"name": "retreival", "path": "x"}], r"eval.tasks\[0\]: unknown evaluation task 'retreival' \(did you mean"),
-        ([{"name": "zeroshot"}], r"eval.tasks\[0\]: a zeroshot task needs 'path'"),
+        ([{"name": "zeroshot"}], r"eval.tasks\[0\].*path"),
         ([{"name": "zeroshot", "path": "x", "template": "a {}"}], r"eval.tasks\[0\].template: unknown option"),
         ("everything", r"eval.tasks: 'everything' is not one of default, none"),
-        ([], r"eval.tasks: expected default, none or a non-empty list"),
+        ([], r"eval.tasks: \[\] is not one of default, none"),
     ):
         with pytest.raises(RecipeError, match=match):
             load_recipe_dict({"eval": {"tasks": tasks}})
