@@ -153,6 +153,7 @@ class ContrastiveLoss(nn.Module):
 
     def start_epoch(self, epoch: int, max_epochs: int) -> None:
         """Advance per-epoch schedules (rho here, the estimator's own) to ``epoch`` (0-based)."""
+        K.epoch_counts(epoch, max_epochs)
         self.epoch.fill_(epoch)
         self.max_epochs.fill_(max(1, max_epochs))
         if self.estimator is not None:

@@ -125,6 +125,10 @@ class Piecewise:
 
     values: tuple[float, ...] = field(default=(0.0,))
 
+    def __post_init__(self):
+        if not self.values:
+            raise ValueError("values: a piecewise schedule needs at least one value, got []")
+
     def __call__(self, epoch: int, max_epochs: int = 1) -> float:
         """Return the value of the part of training that ``epoch`` falls in."""
         return piecewise(epoch, max_epochs, self.values)

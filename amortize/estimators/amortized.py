@@ -19,6 +19,8 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from amortize import checks as K
+
 from amortize import comm as D
 from amortize.amortizers import AMORTIZERS
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator
@@ -262,6 +264,7 @@ class AmortizedEstimator(PartitionEstimator):
         the current world size (``lr_scaling``). Idempotent: calling it again for the current
         epoch (as a resumed run does) changes nothing.
         """
+        K.epoch_counts(epoch, max_epochs)
         if epoch == int(self.epoch):
             return
         self.max_epochs.fill_(max(1, max_epochs))
@@ -349,6 +352,7 @@ class AmortizedEstimator(PartitionEstimator):
         online networks' RMSE against the in-batch log sums, before this step's fit) on the steps
         that fit; ``target_rmse`` (the EMA networks' RMSE) when the encoders are normalised by them.
         """
+        K.feature_dim(("x", "y"), (x, y), self.dim, type(self).__name__)
         epoch, max_epochs, step, epoch_step, has_previous = self._counters()
         if epoch < 0:
             self.start_epoch(0, max_epochs)

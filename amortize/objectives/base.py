@@ -25,7 +25,7 @@ from amortize import checks as K
 from amortize import kernels
 from amortize.comm import Block, Layout, build_layout
 
-__all__ = ["Pairs", "Partition", "Objective", "partition", "rescale_temperature"]
+__all__ = ["CLIP_INIT_LOGIT_SCALE", "Pairs", "Partition", "Objective", "partition", "rescale_temperature"]
 
 Scalar = Union[float, Tensor]
 
@@ -224,9 +224,11 @@ class Objective(nn.Module):
         """
         level = K.resolve(checks)
         K.features(x, y, level, names)
+        K.normalised(x, y, level, names)
         K.scalar("scale", scale, level, positive=True)
         if bias is not None:
             K.scalar("bias", bias, level)
+            K.unneeded_bias(self.name, self.needs_bias)
         elif self.needs_bias:
             raise ValueError(f"the {self.name} objective needs a logit bias")
         K.chunk_size(chunk_size)

@@ -30,6 +30,7 @@ from amortize.train.model import unwrap as _unwrap
 from amortize.train.optim import build_optimizer, build_scheduler
 from amortize.train.plan import decide_start
 from amortize.train.sections import bindings
+from amortize.train.validate import check_microbatch_model, check_shards_exist
 
 __all__ = ["per_process_batch_size", "build_dataloader", "build_composer_model", "build_trainer", "dry_run"]
 
@@ -69,7 +70,8 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
     if d.name == "webdataset":
         if not d.shards:
             raise RecipeError("data.shards must name the .tar shards for data.name 'webdataset'")
-        from amortize.data.webdataset import SkipCounter, expand_shards, make_pipeline, open_clip_transform, shard_sizes
+        from amortize.data.webdataset import (SkipCounter, epoch_batches, expand_shards, make_pipeline,
+                                              open_clip_transform, shard_sizes)
 
         try:
             urls = expand_shards(d.shards)
@@ -82,6 +84,7 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
             what = (f"{len(missing)} of the {len(urls)} shards do not exist (first: {missing[0]})" if missing
                     else f"none of the {len(urls)} shards holds a readable sample")
             raise RecipeError(f"data.shards: no training data: {what}; check the pattern {d.shards!r}")
+        check_shards_exist(urls, d.shards)  # amortize.train.validate: a named shard that is missing is refused
         offsets, start = {}, 0
         for u, n in sizes.items():
             offsets[u], start = start, start + n
@@ -91,14 +94,15 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
                               "epoch (data.num_samples or the shards' count)")
         # batches per process and epoch, split over its DataLoader workers (each counts its own);
         # the loader's length lets Composer convert epochs (max_duration, warmup, save_interval)
-        workers = max(1, d.num_workers)
-        epoch_batches = max(1, epoch_samples // recipe.data.batch_size // workers)
+        # (amortize.data.webdataset.epoch_batches: split sampling shares a process's shards among its workers)
+        per_worker, epoch_len = epoch_batches(epoch_samples, recipe.data.batch_size, d.num_workers, len(urls),
+                                              dist.get_world_size(), d.sampling == "resampled")
         pipeline = make_pipeline(
             urls, transform=open_clip_transform(image_size, is_train=True), tokenizer=tokenizer,
             batch_size=per, resampled=d.sampling == "resampled",
-            shuffle_buffer=d.shuffle_buffer, seed=recipe.seed, epoch_batches=epoch_batches, offsets=offsets,
+            shuffle_buffer=d.shuffle_buffer, seed=recipe.seed, epoch_batches=per_worker, offsets=offsets,
             drop_last=d.drop_last, counter=SkipCounter(d.max_skip_fraction, min_seen=d.skip_min_seen),
-        ).with_length(epoch_batches * workers, silent=True)
+        ).with_length(epoch_len, silent=True)
         loader = DataLoader(pipeline, batch_size=None, num_workers=d.num_workers,
                             persistent_workers=d.num_workers > 0)
         return loader, total
@@ -232,6 +236,7 @@ def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optio
         raise RecipeError(f"precision: {recipe.precision} needs a GPU, and this run would use the CPU "
                           f"(device={recipe.device}); set precision=fp32 (or null) for the CPU")
     towers = build_two_tower(recipe)
+    check_microbatch_model(recipe, towers)  # amortize.train.validate
     tokenizer = build_tokenizer(recipe, towers.context_length)
     if train_dataloader is None:
         train_dataloader, num_samples = build_dataloader(recipe, tokenizer, towers.image_size)

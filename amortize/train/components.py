@@ -18,6 +18,7 @@ from amortize.options import RecipeError, keyed
 from amortize.registry import Bound, Registry
 from amortize.train.schema import DataConfig, Recipe
 from amortize.train.sections import bindings
+from amortize.train.validate import check_estimator_dim
 
 __all__ = [
     "DATASETS",
@@ -118,6 +119,7 @@ def build_loss(recipe: Recipe, embed_dim: int, num_samples: Optional[int] = None
             is unknown or smaller than the dataset.
     """
     b, c = bindings(recipe), recipe.loss
+    check_estimator_dim(c.estimator, embed_dim)  # amortize.train.validate
     est = b.get("loss.estimator")
     estimator = None
     if est is not None:

@@ -49,6 +49,7 @@ from amortize.train.schema import (
     build_schema,
 )
 from amortize.train.sections import Bindings, bind_sections
+from amortize.train.validate import check_finite, check_top_level, check_values, read_recipe_text
 from amortize.train.yaml_input import apply_overrides, check_unique_overrides, read_yaml
 
 __all__ = [
@@ -130,8 +131,10 @@ def load_recipe_dict(data: Optional[dict], base: Optional[Path] = None, *, bind:
         if not isinstance(data["imports"], list):
             raise RecipeError(f"expected a list of files or modules, got {data['imports']!r}", key="imports")
         data["imports"] = run_imports(data["imports"], base)
+    check_finite(data)  # amortize.train.validate
     recipe = build_schema(Recipe, data)
     _check_consistency(recipe)
+    check_values(recipe)  # amortize.train.validate
     if bind:
         _resolve_loss_defaults(recipe)
         bind_sections(recipe, resolve=_resolve_logit_params)
@@ -156,12 +159,13 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
-        data = read_yaml(path.read_text(encoding="utf-8"))
+        data = read_yaml(read_recipe_text(path))
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: invalid YAML: {e}") from None
     if data is None or data == {}:
         raise RecipeError(f"{path} is empty; a recipe names at least its run (start from a file in recipes/, "
                           "e.g. recipes/default.yaml)")
+    check_top_level(data, path)
     try:
         return load_recipe_dict(apply_overrides(data, list(overrides or [])), base=path.parent)
     except RecipeError as e:

@@ -14,13 +14,16 @@ from typing import Any
 
 import yaml
 
+from amortize.train.validate import UniqueKeyLoader
+
 from amortize.options import RecipeError
 
 __all__ = ["read_yaml", "apply_overrides", "check_unique_overrides"]
 
 
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads exponent floats without a dot (``2e-3``, ``1e5``) as floats."""
+class _Loader(UniqueKeyLoader):
+    """``yaml.SafeLoader`` that refuses a repeated key (:class:`~amortize.train.validate.UniqueKeyLoader`)
+    and reads exponent floats without a dot (``2e-3``, ``1e5``) as floats."""
 
 
 _Loader.add_implicit_resolver(
