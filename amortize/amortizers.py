@@ -11,7 +11,7 @@ dtype. Build one by name with :func:`build_amortizer`.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,8 @@ __all__ = [
     "ResidualMLPAmortizer",
     "LinearAmortizer",
     "RandomFourierAmortizer",
+    "PrototypeNetwork",
+    "prototype_log_normalizer",
     "AMORTIZERS",
     "register_amortizer",
     "build_amortizer",
@@ -158,15 +160,110 @@ class RandomFourierAmortizer(_Float32Head):
         return torch.log(nn.functional.softplus(lin) + 1e-6) + self.log_offset
 
 
+def prototype_log_normalizer(u: Tensor, prototypes: Tensor, pos: Tensor, scale: Tensor, bias: Tensor,
+                             eps: float = 0.0) -> Tensor:
+    """NeuCLIP's normaliser on its shifted, mean scale: ``alpha_i = log(eps + mean_k exp(S_ik - S_ii))``.
+
+    ``S_ik = s cos(u_i, w_k) + b`` scores row ``i`` against prototype ``k`` (the prototype rows
+    are L2-normalised; ``u`` is unit-norm by contract) and ``S_ii`` is the row's positive score.
+
+    Args:
+        u: (B, d) anchor embeddings.
+        prototypes: (m, d) prototypes of the other modality.
+        pos: (B,) positive scores ``S_ii``.
+        scale: 0-d inverse temperature ``s``.
+        bias: 0-d logit bias ``b``.
+        eps: NeuCLIP's ``eps`` (>= 0) inside the log.
+
+    Returns:
+        (B,) ``alpha`` (float32).
+    """
+    w = nn.functional.normalize(prototypes.float(), dim=-1)
+    z = scale * (u.float() @ w.T) + bias - pos[:, None]
+    lme = torch.logsumexp(z, dim=-1) - math.log(w.shape[0])
+    if eps > 0:
+        return torch.logaddexp(lme, torch.full_like(lme, math.log(eps)))
+    return lme
+
+
+class PrototypeNetwork(nn.Module):
+    """NeuCLIP's normaliser network: ``m`` prototypes of the other modality, in our log-sum convention.
+
+    NeuCLIP predicts ``alpha_i = log(eps + mean_k exp(S_ik - S_ii))`` (:func:`prototype_log_normalizer`);
+    the toolkit's normalisers are log partition SUMS over the ``N`` negatives, ``log sum_{j != i}
+    exp(S_ij)`` (plus ``c exp(S_ii)``), so this network returns ``alpha_i + log N + S_ii``
+    (NeuCLIP spec section 7). Its ``eps`` then plays the role of the objective's ``pos_weight``
+    divided by ``N``: ``eps = 0`` with ``pos_weight: 0`` excludes the positive exactly on both sides.
+
+    It reads, besides the anchor embedding, the positive score, the scale, the bias and ``N``
+    (:attr:`reads`): the loss module passes them. :meth:`restart` sets the prototypes to embeddings.
+
+    Args:
+        dim: embedding width ``d``.
+        num_prototypes: ``m`` (NeuCLIP: 4096).
+        eps: NeuCLIP's ``eps`` (>= 0).
+    """
+
+    reads = ("pos", "scale", "bias", "num_negatives")
+
+    def __init__(self, dim: int, num_prototypes: int = 4096, eps: float = 0.0):
+        super().__init__()
+        _check_dim(dim)
+        if int(num_prototypes) < 1:
+            raise ValueError(f"num_prototypes must be >= 1, got {num_prototypes}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.eps = float(eps)
+        self.prototypes = nn.Parameter(nn.functional.normalize(torch.randn(int(num_prototypes), dim), dim=-1))
+
+    @property
+    def restart_size(self) -> int:
+        """``m``, how many embeddings a restart takes."""
+        return self.prototypes.shape[0]
+
+    @torch.no_grad()
+    def restart(self, rows: Tensor, at: Optional[Tensor] = None) -> None:
+        """Set prototypes ``at`` (k,) (all: None) to ``rows`` (k, d), embeddings of the other modality."""
+        k = self.prototypes.shape[0] if at is None else at.shape[0]
+        if rows.shape != (k, self.prototypes.shape[1]):
+            raise ValueError(f"restart needs ({k}, {self.prototypes.shape[1]}) rows, got {tuple(rows.shape)}")
+        if at is None:
+            self.prototypes.copy_(rows)
+        else:
+            self.prototypes[at] = rows.to(self.prototypes.dtype)
+
+    def forward(self, u: Tensor, pos: Optional[Tensor] = None, scale: Union[float, Tensor] = 1.0,
+                bias: Union[float, Tensor] = 0.0, num_negatives: float = 1.0) -> Tensor:
+        """(B, d) anchors -> (B,) float32 ``log lambda``, a log partition sum over ``num_negatives`` negatives.
+
+        Args:
+            u: (B, d) anchor embeddings (any float dtype).
+            pos: (B,) positive scores ``S_ii`` (None: zeros; they cancel when ``eps = 0``).
+            scale: the inverse temperature ``s``.
+            bias: the logit bias.
+            num_negatives: ``N``, how many negatives the sums weigh (1: NeuCLIP's mean scale).
+        """
+        if u.dim() != 2 or u.shape[1] != self.prototypes.shape[1]:
+            raise ValueError(f"prototype network input must have shape (B, {self.prototypes.shape[1]}), "
+                             f"got {tuple(u.shape)}")
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            u = u.float()
+            pos = torch.zeros(u.shape[0], device=u.device) if pos is None else pos.float()
+            scale = torch.as_tensor(scale, dtype=torch.float32, device=u.device)
+            bias = torch.as_tensor(bias, dtype=torch.float32, device=u.device)
+            alpha = prototype_log_normalizer(u, self.prototypes, pos, scale, bias, self.eps)
+            return alpha + math.log(max(float(num_negatives), 1e-30)) + pos
+
+
 AMORTIZERS: Registry[nn.Module] = Registry("amortizer")
 """Registry of amortizer networks: name -> constructor taking ``dim`` and keyword options.
 
-Holds ``residual_mlp`` (:class:`ResidualMLPAmortizer`), ``linear`` (:class:`LinearAmortizer`) and
-``random_fourier`` (:class:`RandomFourierAmortizer`); add one with :func:`register_amortizer`. A recipe
+Holds ``residual_mlp`` (:class:`ResidualMLPAmortizer`), ``linear`` (:class:`LinearAmortizer`),
+``random_fourier`` (:class:`RandomFourierAmortizer`) and ``prototypes`` (:class:`PrototypeNetwork`, NeuCLIP); add one with :func:`register_amortizer`. A recipe
 names it in ``loss.estimator.amortizer`` (a name, or a section ``{name: ..., <constructor options>}``).
 """
 for _name, _cls in (("residual_mlp", ResidualMLPAmortizer), ("linear", LinearAmortizer),
-                    ("random_fourier", RandomFourierAmortizer)):
+                    ("random_fourier", RandomFourierAmortizer), ("prototypes", PrototypeNetwork)):
     AMORTIZERS.register(_name, _cls)
 
 

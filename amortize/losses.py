@@ -170,7 +170,13 @@ class ContrastiveLoss(nn.Module):
             xs = pairs.x.detach()[:1].expand(n, pairs.x.shape[1])
             ys = pairs.y.detach()[:1].expand(n, pairs.y.shape[1])
         idx = None if index is None else lay.all_rows(index)
-        est = self.estimator(xs, ys, part.log_z_x, part.log_z_y, idx)
+        extra = {}
+        wants = getattr(self.estimator, "extra_inputs", ())  # duck-typed estimators may not declare it
+        if wants:  # what the estimator declares it reads besides the features and sums
+            given = {"scale": pairs.scale.detach(), "bias": None if pairs.bias is None else pairs.bias.detach(),
+                     "num_negatives": pairs.negative_weight * (n - 1), "local_rows": not lay.exact and lay.world() > 1}
+            extra = {k: given[k] for k in wants}
+        est = self.estimator(xs, ys, part.log_z_x, part.log_z_y, idx, **extra)
         off = pairs.row_offset
         return est.log_norm_x[off : off + pairs.rows], est.log_norm_y, est.terms
 

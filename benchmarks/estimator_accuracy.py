@@ -14,7 +14,11 @@ is exact and computable here. Each estimator sees the same stream of random batc
 * amortized (AmorLIP): :class:`~amortize.estimators.AmortizedEstimator` fitted online to the
   in-batch targets (3 Adam steps per batch, lr 5e-3, EMA 0.9), then its EMA network's prediction;
   with the log-L2 Stage I objective (default), the KL f-divergence and the reverse KL
-  (``f(t) = t - 1 - log t``, whose minimiser over random batches is the mean partition sum).
+  (``f(t) = t - 1 - log t``, whose minimiser over random batches is the mean partition sum);
+* NeuCLIP: the ``neuclip`` preset with m = 1024 prototypes (restarted from the batch's embeddings
+  at step 0, ``short_batch = partial`` when m > B), 10 AdaGrad steps (lr 0.05) per batch on
+  ``exp(t - alpha) + alpha``, then its online network's prediction. Its network reads the scale
+  and the positive score; ``num_negatives = 1`` puts its output on this benchmark's mean scale.
 
 RMSE over all pool samples (both modalities), in nats.
 """
@@ -29,10 +33,13 @@ from typing import Optional
 import torch
 
 from amortize import functional as F
-from amortize.estimators import AmortizedEstimator, MovingAverageEstimator
+from amortize.estimators import AmortizedEstimator, MovingAverageEstimator, build_estimator
 
 SIZES = (32, 128, 512, 2048)
 POOL, DIM, SCALE, CLUSTERS = 4096, 64, 20.0, 32
+PROTOTYPES = 1024
+# the NeuCLIP network reads the scale and the positive score; one "negative" puts it on the mean scale
+NEUCLIP_INPUTS = {"scale": torch.tensor(SCALE), "bias": None, "num_negatives": 1.0, "local_rows": False}
 
 
 def pool(seed: int = 0):
@@ -71,6 +78,7 @@ def run(B: int, seed: int = 0) -> dict:
     }
     for am in ams.values():
         am.start_epoch(0, 1)
+    neu = build_estimator("neuclip", dim=DIM, num_prototypes=PROTOTYPES, seed=seed)
     sq_in_batch, n_in_batch = 0.0, 0
     order = torch.randperm(POOL, generator=g)
     pos = 0
@@ -85,6 +93,7 @@ def run(B: int, seed: int = 0) -> dict:
         ma(x[idx], y[idx], tx, ty, idx)
         for am in ams.values():
             am(x[idx], y[idx], tx, ty, idx)
+        neu(x[idx], y[idx], tx, ty, idx, **NEUCLIP_INPUTS)
     seen = ~torch.isneginf(ma.log_u_x)
     ma_sq = (ma.log_u_x[seen] - zx[seen]).square().sum() + (ma.log_u_y[seen] - zy[seen]).square().sum()
     am_rmse = {}
@@ -94,6 +103,10 @@ def run(B: int, seed: int = 0) -> dict:
             est = am(x, y, zx, zy, None)
         am_sq = (est.log_norm_x - zx).square().sum() + (est.log_norm_y - zy).square().sum()
         am_rmse[kind] = math.sqrt(float(am_sq) / (2 * POOL))
+    neu.eval()
+    with torch.no_grad():
+        est = neu(x, y, zx, zy, None, **NEUCLIP_INPUTS)
+    neu_rmse = math.sqrt(float((est.log_norm_x - zx).square().sum() + (est.log_norm_y - zy).square().sum()) / (2 * POOL))
     return {
         "B": B,
         "steps": steps,
@@ -103,6 +116,7 @@ def run(B: int, seed: int = 0) -> dict:
             "amortized": am_rmse["log_l2"],
             "amortized_kl": am_rmse["kl"],
             "amortized_reverse_kl": am_rmse["reverse_kl"],
+            "neuclip": neu_rmse,
         },
         "log_z_std": float(torch.cat([zx, zy]).std()),
     }
@@ -121,9 +135,9 @@ def report(results: list[dict]) -> dict:
         targets["amortized_reverse_kl_vs_in_batch_rmse_B32"] = {"value": ratio, "target": "<= 0.5",
                                                                  "met": ratio <= 0.5}
     rows = [[r["B"], r["steps"], r["rmse"]["in_batch"], r["rmse"]["moving_average"], r["rmse"]["amortized"],
-             r["rmse"]["amortized_kl"], r["rmse"]["amortized_reverse_kl"]] for r in results]
+             r["rmse"]["amortized_kl"], r["rmse"]["amortized_reverse_kl"], r["rmse"]["neuclip"]] for r in results]
     table = markdown_table(["B", "steps", "in-batch RMSE", "moving-average RMSE", "amortized (log-L2) RMSE",
-                            "amortized (KL) RMSE", "amortized (reverse KL) RMSE"], rows)
+                            "amortized (KL) RMSE", "amortized (reverse KL) RMSE", "NeuCLIP RMSE"], rows)
     write_json("estimator_accuracy", {"pool": POOL, "dim": DIM, "scale": SCALE, "results": results,
                                       "targets": targets})
     (HERE / "estimator_accuracy.md").write_text(table)
@@ -135,7 +149,7 @@ def report(results: list[dict]) -> dict:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for k, label in (("in_batch", "in-batch (CLIP)"), ("moving_average", "moving average (SogCLR)"),
                      ("amortized", "amortized log-L2 (AmorLIP)"), ("amortized_kl", "amortized KL"),
-                     ("amortized_reverse_kl", "amortized reverse KL")):
+                     ("amortized_reverse_kl", "amortized reverse KL"), ("neuclip", "NeuCLIP (prototypes)")):
         ax.plot([r["B"] for r in results], [r["rmse"][k] for r in results], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
 
-METHODS = ("clip", "siglip", "sogclr", "fastclip", "amorlip")
+METHODS = ("clip", "siglip", "sogclr", "fastclip", "amorlip", "neuclip")
 BATCHES = (16, 256)
 SEEDS = (0, 1, 2)
 EPOCHS = 20
@@ -348,7 +348,24 @@ def method_loss(method: str, batch: int, epochs: int, num_samples: int, amorlip:
         else:
             est = ESTIMATORS.build_section({"name": name, **opts}, key="estimator", dim=DIM)
         return ContrastiveLoss(estimator=est, rho=rho, **lin), clip_scale, None
+    if method == "neuclip":
+        opts = neuclip_options(amorlip)
+        rho, pos_weight = opts.pop("rho"), opts.pop("pos_weight")
+        est = ESTIMATORS.build_section({"name": "neuclip", **opts}, key="estimator", dim=DIM)
+        return ContrastiveLoss(estimator=est, rho=rho, **dict(lin, pos_weight=pos_weight)), clip_scale, None
     raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+
+
+def neuclip_options(overrides: Optional[dict] = None) -> dict:
+    """NeuCLIP's estimator options in this regime (``recipes/neuclip-small-batch.yaml``), with overrides.
+
+    ``lr`` chosen on the validation split (0.2 against 0.05, B = 16, seed 100; docs/benchmarks.md);
+    ``rho`` as FastCLIP's here; ``pos_weight`` 0: the positive left out of the negatives' sum.
+    """
+    opts: dict[str, Any] = {"num_prototypes": 256, "inner_steps": 10, "restart_every": 500, "lr": 0.2,
+                            "rho": 6.5, "pos_weight": 0.0}
+    opts.update(overrides or {})
+    return opts
 
 
 def amorlip_options(batch: int, epochs: int, overrides: Optional[dict] = None) -> dict:
@@ -426,7 +443,8 @@ def estimator_error(model: SmallTwoTower, loss_fn, split: Split, batch: int, sca
     n = x.shape[0]
     S = scale * (x @ y.T)
     w = torch.full_like(S, math.log((batch - 1) / (n - 1)))
-    w.diagonal().fill_(math.log(c))
+    log_c = math.log(c) if c > 0 else -math.inf
+    w.diagonal().fill_(log_c)
     ref_x = torch.logsumexp(S + w, dim=1)
     ref_y = torch.logsumexp(S + w, dim=0)
     was = est.training
@@ -437,9 +455,10 @@ def estimator_error(model: SmallTwoTower, loss_fn, split: Split, batch: int, sca
             idx = torch.randperm(n, generator=gen)[:batch]
             s = S[idx][:, idx]
             wb = torch.zeros_like(s)
-            wb.diagonal().fill_(math.log(c))
+            wb.diagonal().fill_(log_c)
             lzx, lzy = torch.logsumexp(s + wb, 1), torch.logsumexp(s + wb, 0)
-            out = est(x[idx], y[idx], lzx, lzy, idx)
+            given = {"scale": torch.tensor(scale), "bias": None, "num_negatives": batch - 1, "local_rows": False}
+            out = est(x[idx], y[idx], lzx, lzy, idx, **{k: given[k] for k in getattr(est, "extra_inputs", ())})
             err_est.append(0.5 * ((out.log_norm_x - ref_x[idx]).square().mean()
                                   + (out.log_norm_y - ref_y[idx]).square().mean()))
             err_batch.append(0.5 * ((lzx - ref_x[idx]).square().mean() + (lzy - ref_y[idx]).square().mean()))
@@ -702,7 +721,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
-    p.add_argument("--amorlip", default=None, help="JSON overrides of the AmorLIP estimator options")
+    p.add_argument("--amorlip", default=None,
+                   help="JSON overrides of the AmorLIP (or NeuCLIP, for --methods neuclip) estimator options")
+    p.add_argument("--tag", default="", help="suffix of the amorlip/neuclip rows' tag (settings sweeps)")
     p.add_argument("--variants", nargs="*", default=[],
                    help="AmorLIP variants of benchmarks.amorlip_variants to add at the smallest batch, as amorlip[NAME]")
     p.add_argument("--out", default="small_batch", help="name of the benchmarks/<out>.{json,md} results")
@@ -725,7 +746,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if a.plot is None:
         a.plot = "" if a.quick else "docs/assets/small_batch_gap.png"
     amor = json.loads(a.amorlip) if a.amorlip else None
-    cfgs = [RunConfig(m, b, s, epochs=a.epochs, split=a.split, amorlip=amor if m == "amorlip" else None)
+    cfgs = [RunConfig(m, b, s, epochs=a.epochs, split=a.split, amorlip=amor if m in ("amorlip", "neuclip") else None,
+                      tag=f"{m}{a.tag}" if a.tag and m in ("amorlip", "neuclip") else "")
             for m in a.methods for b in a.batches for s in a.seeds]
     if a.variants:
         from benchmarks.amorlip_variants import VARIANTS

@@ -2,7 +2,11 @@
 
 * ``in_batch``: CLIP's in-batch sums (:class:`InBatchEstimator`).
 * ``moving_average``: SogCLR / FastCLIP per-sample moving averages (:class:`MovingAverageEstimator`).
-* ``amortized``: AmorLIP's amortizer networks (:class:`AmortizedEstimator`).
+* ``amortized``: AmorLIP's amortizer networks with today's flat keys (:class:`AmortizedEstimator`).
+* ``normalizer_network``: a normaliser-network estimator spelled out part by part
+  (:class:`~amortize.estimators.normalizer.NormalizerNetworkEstimator`).
+* ``neuclip``, ``amorlip_code``, ``amorlip_paper``: the presets of
+  :data:`amortize.estimators.normalizer.PRESETS`, with overrides.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from typing import Any, Callable
 from amortize.registry import Registry
 
 from amortize.estimators.amortized import AmortizedEstimator, blend_log_targets
-from amortize.estimators.base import PartitionEstimate, PartitionEstimator
+from amortize.estimators.base import PartitionEstimate, PartitionEstimator, StateRule
+from amortize.estimators.normalizer import PRESETS, NormalizerNetworkEstimator, from_preset, neuclip
 from amortize.estimators.in_batch import InBatchEstimator
 from amortize.estimators.moving_average import MovingAverageEstimator, moving_average_update
 
@@ -22,6 +27,10 @@ __all__ = [
     "InBatchEstimator",
     "MovingAverageEstimator",
     "AmortizedEstimator",
+    "NormalizerNetworkEstimator",
+    "StateRule",
+    "PRESETS",
+    "from_preset",
     "blend_log_targets",
     "moving_average_update",
     "ESTIMATORS",
@@ -34,6 +43,23 @@ ESTIMATORS: Registry[PartitionEstimator] = Registry("estimator")
 for _name, _cls in (("in_batch", InBatchEstimator), ("moving_average", MovingAverageEstimator),
                     ("amortized", AmortizedEstimator)):
     ESTIMATORS.register(_name, _cls)
+ESTIMATORS.register("normalizer_network", NormalizerNetworkEstimator)
+ESTIMATORS.register("neuclip", neuclip)
+
+
+def _preset_ctor(preset: str):
+    def build(dim: int, network=None, fit=None, normalizer=None, cadence=None, reinit=None, epoch0_previous=None,
+              restart=None, update_every=None, ema_decay=None, ema_every=None, beta=None, seed: int = 0):
+        given = {k: v for k, v in locals().items() if k not in ("dim", "preset") and v is not None}
+        return from_preset(preset, dim, **given)
+
+    build.__name__ = preset
+    build.__doc__ = f"The ``{preset}`` preset of :data:`amortize.estimators.normalizer.PRESETS`, parts overridable."
+    return build
+
+
+for _preset in ("amorlip_code", "amorlip_paper"):
+    ESTIMATORS.register(_preset, _preset_ctor(_preset))
 
 
 def register_estimator(name: str, ctor: Callable[..., PartitionEstimator]) -> None:

@@ -3,13 +3,41 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 from torch import Tensor, nn
 
 from amortize import checks as K
 
-__all__ = ["PartitionEstimate", "PartitionEstimator"]
+__all__ = ["PartitionEstimate", "PartitionEstimator", "StateRule", "CROSS_PROCESS_RULES", "RESUME_RULES"]
+
+CROSS_PROCESS_RULES = ("identical", "per_process")
+"""How a piece of estimator state relates across processes: ``identical`` (every process applies
+the same update to the same gathered rows, so DDP must neither broadcast nor reduce it) or
+``per_process`` (each process owns its own copy; DDP leaves it alone as well)."""
+
+RESUME_RULES = ("restore", "reset")
+"""What a resumed run or the divergence guard's rollback does with it: ``restore`` (saved with the
+checkpoint and rolled back on a skipped step) or ``reset`` (rebuilt, never saved)."""
+
+
+@dataclass(frozen=True)
+class StateRule:
+    """The declared rules of one piece of estimator state (torchmetrics' ``add_state`` habit).
+
+    Attributes:
+        cross_process: a name in :data:`CROSS_PROCESS_RULES`.
+        resume: a name in :data:`RESUME_RULES`.
+    """
+
+    cross_process: str = "identical"
+    resume: str = "restore"
+
+    def __post_init__(self):
+        if self.cross_process not in CROSS_PROCESS_RULES:
+            raise ValueError(f"unknown cross_process rule {self.cross_process!r}; valid: {', '.join(CROSS_PROCESS_RULES)}")
+        if self.resume not in RESUME_RULES:
+            raise ValueError(f"unknown resume rule {self.resume!r}; valid: {', '.join(RESUME_RULES)}")
 
 
 @dataclass
@@ -46,6 +74,38 @@ class PartitionEstimator(nn.Module):
     needs_index: bool = False
     #: whether :meth:`forward` reads the features ``x, y`` (if not, distributed modes skip gathering them)
     reads_features: bool = True
+
+    #: extra keyword inputs :meth:`forward` reads, passed by the loss module (``scale``, ``bias``,
+    #: ``num_negatives``, ``local_rows``); none by default
+    extra_inputs: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ declared state
+
+    def add_state(self, name: str, default: Tensor, cross_process: str = "identical", resume: str = "restore") -> None:
+        """Register a buffer ``name`` and declare its rules (see :class:`StateRule`)."""
+        self.register_buffer(name, default)
+        self.declare_state(name, cross_process, resume)
+
+    def declare_state(self, name: str, cross_process: str = "identical", resume: str = "restore") -> None:
+        """Declare the rules of existing state: a buffer, a submodule (all its tensors) or ``_extra_state``."""
+        rules = self.__dict__.setdefault("_state_rules", {})
+        rules[name] = StateRule(cross_process, resume)
+
+    def state_rules(self) -> dict[str, StateRule]:
+        """The declared state: name (a buffer, a submodule or ``_extra_state``) -> its rules."""
+        return dict(self.__dict__.get("_state_rules", {}))
+
+    def declared_tensors(self, prefix: str = "") -> Iterator[tuple[str, StateRule]]:
+        """Every declared parameter and buffer, fully qualified with ``prefix``, with its rules."""
+        modules = dict(self.named_children())
+        for name, rule in self.state_rules().items():
+            if name in modules:
+                for n, _ in modules[name].named_parameters():
+                    yield f"{prefix}{name}.{n}", rule
+                for n, _ in modules[name].named_buffers():
+                    yield f"{prefix}{name}.{n}", rule
+            elif name != "_extra_state":
+                yield f"{prefix}{name}", rule
 
     def forward(
         self,

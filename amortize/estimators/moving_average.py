@@ -74,10 +74,10 @@ class MovingAverageEstimator(PartitionEstimator):
         self.num_samples = int(num_samples)
         self.gamma_schedule = build_schedule(gamma)
         self.init = init
-        self.register_buffer("log_u_x", torch.full((num_samples,), -math.inf))
-        self.register_buffer("log_u_y", torch.full((num_samples,), -math.inf))
-        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
-        self.register_buffer("max_epochs", torch.ones((), dtype=torch.long))
+        self.add_state("log_u_x", torch.full((num_samples,), -math.inf))
+        self.add_state("log_u_y", torch.full((num_samples,), -math.inf))
+        self.add_state("epoch", torch.zeros((), dtype=torch.long))
+        self.add_state("max_epochs", torch.ones((), dtype=torch.long))
 
     @property
     def gamma(self) -> float:

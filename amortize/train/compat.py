@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
-__all__ = ["PINNED_COMPOSER", "install_atomic_checkpoint_writes", "ddp_ignore"]
+__all__ = ["PINNED_COMPOSER", "install_atomic_checkpoint_writes", "ddp_ignore", "loss_state_to_ignore", "rollback_keys"]
 
 PINNED_COMPOSER = "0.32.1"
 """The Composer release these workarounds were written against (its last release)."""
@@ -59,3 +59,32 @@ def ddp_ignore(module: nn.Module, names: Iterable[str]) -> None:
         names: fully qualified parameter and buffer names of ``module``.
     """
     module._ddp_params_and_buffers_to_ignore = list(names)
+
+
+def _declared(loss_fn: nn.Module) -> dict:
+    """``{fully qualified name: StateRule}`` of the loss module's estimator's declared tensors."""
+    est = getattr(loss_fn, "estimator", None)
+    if est is None or not hasattr(est, "declared_tensors"):
+        return {}
+    return dict(est.declared_tensors(prefix="estimator."))
+
+
+def loss_state_to_ignore(loss_fn: nn.Module, prefix: str = "loss_fn.") -> list[str]:
+    """The loss module's tensors DDP must leave alone, read from the estimator's declared state.
+
+    Declared estimator state is either ``identical`` on every process (each applies the same
+    update) or ``per_process``; neither may be broadcast from rank 0 or reduced. The loss
+    module's own buffers (its epoch counters) and any tensor an estimator did not declare are
+    identical by construction and ignored too.
+    """
+    declared = _declared(loss_fn)
+    names = [n for n, _ in loss_fn.named_parameters()] + [n for n, _ in loss_fn.named_buffers()]
+    ignored = [n for n in names if n not in declared or declared[n].cross_process in ("identical", "per_process")]
+    return [f"{prefix}{n}" for n in ignored]
+
+
+def rollback_keys(loss_fn: nn.Module) -> list[str]:
+    """The loss module's ``state_dict`` keys the divergence guard snapshots and restores: everything
+    but the estimator state declared ``resume="reset"``."""
+    declared = _declared(loss_fn)
+    return [k for k in loss_fn.state_dict() if k not in declared or declared[k].resume == "restore"]

@@ -239,16 +239,19 @@ class DivergenceGuard(Algorithm):
 
     @staticmethod
     def _take_snapshot(state: State) -> dict[str, Any]:
+        from amortize.train.compat import rollback_keys
+
         m = unwrap(state.model)
+        sd = m.loss_fn.state_dict()
         return {
-            "loss_fn": copy.deepcopy(m.loss_fn.state_dict()),
+            "loss_fn": copy.deepcopy({k: sd[k] for k in rollback_keys(m.loss_fn)}),
             "buffers": {n: b.detach().clone() for n, b in m.model.named_buffers()},
         }
 
     @staticmethod
     def _restore(state: State, snapshot: dict[str, Any]) -> None:
         m = unwrap(state.model)
-        m.loss_fn.load_state_dict(snapshot["loss_fn"])
+        m.loss_fn.load_state_dict(snapshot["loss_fn"], strict=False)  # state declared resume="reset" stays
         with torch.no_grad():
             for n, b in m.model.named_buffers():
                 if n in snapshot["buffers"]:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from amortize.gradcache import CachedEncoding, backward_through_encoder, encode_without_graph, split_batch
 from amortize.losses import ContrastiveLoss
 from amortize.models import TwoTowerModel
-from amortize.train.compat import ddp_ignore
+from amortize.train.compat import ddp_ignore, loss_state_to_ignore
 
 __all__ = ["ContrastiveComposerModel", "unwrap"]
 
@@ -68,8 +68,7 @@ class ContrastiveComposerModel(ComposerModel):
         # Every process applies identical global updates to the estimator's state (exact
         # layouts), so DDP must not broadcast these (possibly dataset-sized) buffers from rank 0
         # at every step (see amortize.train.compat).
-        ddp_ignore(self, [f"loss_fn.{n}" for n, _ in loss_fn.named_parameters()]
-                   + [f"loss_fn.{n}" for n, _ in loss_fn.named_buffers()])
+        ddp_ignore(self, loss_state_to_ignore(loss_fn))
 
     # ------------------------------------------------------------------ open_clip-style interface
 

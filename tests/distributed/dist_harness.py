@@ -35,6 +35,11 @@ def make_loss(case: dict) -> ContrastiveLoss:
         elif est == "amortized":
             estimator = AmortizedEstimator(dim=case["d"], inner_steps=2, update_every=1, ema_every=1, ema_decay=0.5,
                                            **case.get("estimator_options", {}))
+        elif est == "neuclip":  # restarts at steps 0 and 2: the draw must be the same on every rank
+            from amortize.estimators import build_estimator
+
+            estimator = build_estimator("neuclip", dim=case["d"], num_prototypes=case.get("m", 5), restart_every=2,
+                                        inner_steps=3)
         elif est == "amortized_fixed":  # deterministic normalisers: lambda of the (untrained) target net
             estimator = AmortizedEstimator(dim=case["d"], normalizer="ema_target").eval()
         else:

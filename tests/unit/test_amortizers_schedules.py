@@ -43,7 +43,7 @@ def test_random_fourier_head_starts_at_init_log_z():
 
 
 def test_unknown_amortizer():
-    with pytest.raises(ValueError, match="unknown amortizer 'mlp'; valid: linear, random_fourier, residual_mlp"):
+    with pytest.raises(ValueError, match="unknown amortizer 'mlp'; valid: linear, prototypes, random_fourier, residual_mlp"):
         build_amortizer("mlp", 4)
 
 

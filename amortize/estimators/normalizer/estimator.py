@@ -1,0 +1,365 @@
+"""A normaliser-network estimator composed of parts: network, fit, normaliser, schedule.
+
+Per training step (AmorLIP spec section 7, NeuCLIP spec section 3), in this order:
+
+1. restart (``restart`` part, NeuCLIP): every ``T_r`` steps the network restarts from the other
+   modality's batch embeddings and the inner optimiser is reset;
+2. Stage I targets: the in-batch log sums, blended with the previous-epoch network when the
+   ``normalizer`` part blends (Eq. 12);
+3. fit (``fit`` part) when the ``cadence`` part says so: ``inner_steps`` optimiser steps;
+4. the encoder normaliser (``normalizer`` part): ``Z_comb``, the EMA network or the online network;
+5. the EMA update of the target network when the ``cadence`` part says so (normalisers with an EMA copy).
+
+At an epoch start the EMA network becomes ``previous`` and, when the ``reinit`` part says so, the
+online network, its optimiser and its EMA are re-initialised.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from amortize import checks as K
+from amortize import comm as D
+from amortize.amortizers import AMORTIZERS
+from amortize.estimators.base import PartitionEstimate, PartitionEstimator
+from amortize.estimators.normalizer.fit import MODALITIES, Fit
+from amortize.estimators.normalizer.parts import (
+    CADENCES,
+    EPOCH0_PREVIOUS,
+    NORMALIZERS,
+    REINIT_POLICIES,
+    RESTARTS,
+    restart_draw,
+)
+from amortize.registry import Section, section_name
+from amortize.schedules import BetaWarmup, Schedule, build_schedule
+
+__all__ = ["NormalizerNetworkEstimator", "blend_log_targets"]
+
+
+def blend_log_targets(log_prev: Tensor, log_batch: Tensor, beta: float) -> Tensor:
+    """``log(beta * exp(log_prev) + (1 - beta) * exp(log_batch))``: Eq. 12 in log space.
+
+    Args:
+        log_prev: (B,) log partition predicted by the previous-epoch network.
+        log_batch: (B,) in-batch log partition sums.
+        beta: blending weight in [0, 1].
+
+    Returns:
+        (B,) blended log targets.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return log_batch
+    if beta == 1.0:
+        return log_prev
+    return torch.logaddexp(log_prev + math.log(beta), log_batch + math.log1p(-beta))
+
+
+def _part(registry, section: Section, key: str):
+    name, options = section_name(section, key)
+    return name, registry.build_section({"name": name, **options}, key=key)
+
+
+class NormalizerNetworkEstimator(PartitionEstimator):
+    """One network per modality predicts each row's ``log Z``; how it is fitted, what the encoders
+    divide by and when it is refreshed are parts (see the module docstring).
+
+    Submodules: ``online`` (fitted by the inner optimiser), and, for normalisers with an EMA copy,
+    ``target`` (EMA of ``online``) and ``previous`` (the EMA network frozen at the epoch start),
+    each a ``ModuleDict(image=..., text=...)``. Declared state (:meth:`state_rules`): those
+    networks, the counters ``step`` (training steps of the run), ``epoch_step`` (of the current
+    epoch), ``epoch``, ``max_epochs``, ``has_previous``, and the inner optimiser's state (extra
+    state). All are identical on every process (each computes the same update from the same
+    gathered rows) and restored on resume. No network parameter requires grad outside the fit, so
+    the outer optimiser, DDP and the encoders' clipping never see them.
+
+    Args:
+        dim: embedding width ``d``.
+        network: the network's section in :data:`amortize.amortizers.AMORTIZERS`
+            (``residual_mlp``, ``random_fourier``, ``prototypes``, ...).
+        fit: the fit's options (:class:`~amortize.estimators.normalizer.fit.Fit`): ``objective``,
+            ``log_l2_weight``, ``optimizer`` (a section), ``inner_steps``, ``clip_norm``, ``lr_scaling``.
+        normalizer: a section in :data:`~amortize.estimators.normalizer.parts.NORMALIZERS`.
+        cadence: a section in :data:`~amortize.estimators.normalizer.parts.CADENCES`.
+        reinit: a section in :data:`~amortize.estimators.normalizer.parts.REINIT_POLICIES`.
+        epoch0_previous: a section in :data:`~amortize.estimators.normalizer.parts.EPOCH0_PREVIOUS`.
+        restart: a section in :data:`~amortize.estimators.normalizer.parts.RESTARTS`, e.g.
+            ``{"name": "batch_embeddings", "every": 500}``.
+        update_every: ``T_online``, steps between fits.
+        ema_decay: the EMA decay ``alpha`` (normalisers with an EMA copy).
+        ema_every: ``T_target``, steps between EMA updates.
+        beta: schedule (over epochs) of the previous-epoch blending weight (the EMA decay's schedule
+            under ``ema_ramp``); a float is constant.
+        seed: seeds the (re-)initialisation of the networks and the restart draws.
+    """
+
+    #: the recipe key that messages about the network name
+    _network_key = "network"
+
+    def __init__(
+        self,
+        dim: int,
+        network: Section = "residual_mlp",
+        fit: Optional[dict] = None,
+        normalizer: Section = "previous_blend",
+        cadence: Section = "per_epoch",
+        reinit: Section = "every_epoch",
+        epoch0_previous: Section = "none",
+        restart: Section = "none",
+        update_every: int = 1,
+        ema_decay: float = 0.92,
+        ema_every: int = 2,
+        beta: Union[float, dict, Schedule] = BetaWarmup(0.8, 16),
+        seed: int = 0,
+    ):
+        super().__init__()
+        if int(dim) < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.normalizer, self._normalizer = _part(NORMALIZERS, normalizer, "normalizer")
+        self.cadence, self._cadence = _part(CADENCES, cadence, "cadence")
+        self.reinit, self._reinit = _part(REINIT_POLICIES, reinit, "reinit")
+        self.epoch0_previous, self._epoch0 = _part(EPOCH0_PREVIOUS, epoch0_previous, "epoch0_previous")
+        self.restart, self._restart = _part(RESTARTS, restart, "restart")
+        for name, v in (("update_every", update_every), ("ema_every", ema_every)):
+            if int(v) < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.fit = Fit(**(fit or {}))
+        self.dim = int(dim)
+        self.network = network if isinstance(network, str) else dict(network)
+        # checked once here (an unknown network or option fails, named), built at every re-initialisation
+        self._network = AMORTIZERS.bind(self.network, self._network_key, passed=("dim",))
+        ctor = self._network.ctor
+        #: the extra inputs the loss module passes (see ContrastiveLoss._estimate)
+        self.extra_inputs = ("scale", "bias", "num_negatives", "local_rows") if getattr(ctor, "reads", ()) else ()
+        if self._restart.every is not None and not hasattr(ctor, "restart"):
+            raise ValueError(f"restart {self.restart!r} needs a network with a restart(rows) method; "
+                             f"{self.network if isinstance(self.network, str) else self.network.get('name')!r} has none")
+        self.update_every = int(update_every)
+        self.ema_decay = float(ema_decay)
+        self.ema_every = int(ema_every)
+        self.beta_schedule = build_schedule(beta)
+        self.seed = int(seed)
+
+        self.online = self._fresh_nets(epoch=0)
+        for copy_name in self._normalizer.copies:
+            setattr(self, copy_name, copy.deepcopy(self.online))
+        for _, net in self._networks():
+            net.requires_grad_(False)
+        self.add_state("step", torch.zeros((), dtype=torch.long))
+        self.add_state("epoch_step", torch.zeros((), dtype=torch.long))
+        self.add_state("epoch", torch.full((), -1, dtype=torch.long))
+        self.add_state("max_epochs", torch.ones((), dtype=torch.long))
+        self.add_state("has_previous", torch.zeros((), dtype=torch.bool))
+        self.declare_state("online")
+        for copy_name in self._normalizer.copies:
+            self.declare_state(copy_name)
+        self.declare_state("_extra_state")  # the inner optimiser
+        self._optimizer = self.fit.new_optimizer(self.online.parameters())
+        self._params = list(self.online.parameters())
+        self._host: Optional[list[int]] = None
+        self.register_load_state_dict_post_hook(self._invalidate_counters)
+
+    # ---------------------------------------------------------------- construction helpers
+
+    def _networks(self):
+        yield "online", self.online
+        for copy_name in self._normalizer.copies:
+            yield copy_name, getattr(self, copy_name)
+
+    def _fresh_nets(self, epoch: int) -> nn.ModuleDict:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + epoch)
+            return nn.ModuleDict({m: self._network.build(dim=self.dim) for m in MODALITIES})
+
+    @property
+    def inner_lr(self) -> float:
+        """The inner optimiser's learning rate now (the fit's ``lr`` times its ``lr_scaling`` factor)."""
+        return self.fit.inner_lr
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return self.fit.new_optimizer(self.online.parameters())
+
+    def get_extra_state(self) -> dict:
+        """The inner optimiser's state, saved with the module's ``state_dict``."""
+        return {"optimizer": self._optimizer.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore the inner optimiser's state."""
+        self._optimizer = self._new_optimizer()
+        self._optimizer.load_state_dict(state["optimizer"])
+        self.fit.set_lr(self._optimizer)  # the saved lr may come from another world size
+
+    # ---------------------------------------------------------------- schedule
+
+    @property
+    def beta(self) -> float:
+        """The previous-epoch blending weight of the current epoch."""
+        return self.beta_schedule(max(0, int(self.epoch)), int(self.max_epochs))
+
+    def ema_decay_at(self, epoch: int, max_epochs: int) -> float:
+        """The EMA decay used in ``epoch`` (the ``normalizer`` part decides: constant or ramped)."""
+        return self._normalizer.ema_decay(self, epoch, max_epochs)
+
+    def start_epoch(self, epoch: int, max_epochs: int) -> None:
+        """Epoch start: the EMA network becomes ``previous``; re-initialise per the ``reinit`` part.
+
+        The within-epoch step counter restarts, and the inner learning rate is set from the current
+        world size (the fit's ``lr_scaling``). Idempotent: calling it again for the current epoch
+        (as a resumed run does) changes nothing.
+
+        Raises:
+            ValueError: for a negative or fractional ``epoch``, or ``max_epochs < 1``.
+        """
+        K.epoch_counts(epoch, max_epochs)
+        if epoch == int(self.epoch):
+            return
+        self.max_epochs.fill_(max(1, max_epochs))
+        first = int(self.epoch) < 0
+        with torch.no_grad():
+            if "previous" in self._normalizer.copies and (not first or self._epoch0.keeps_initial):
+                # before the first epoch the EMA network is still the untrained initial one
+                self.previous.load_state_dict(self.target.state_dict())
+                self.has_previous.fill_(True)
+            if self._reinit.at_epoch_start(first):
+                fresh = self._fresh_nets(epoch).to(self.step.device)
+                for _, net in self._networks():
+                    if net is not getattr(self, "previous", None):
+                        net.load_state_dict(fresh.state_dict())
+                self._optimizer = self._new_optimizer()
+        self.fit.set_lr(self._optimizer)
+        self.epoch_step.zero_()
+        self.epoch.fill_(epoch)
+        self._host = None
+
+    # ---------------------------------------------------------------- per step
+
+    def _counters(self) -> list[int]:
+        """``[epoch, max_epochs, step, epoch_step, has_previous]`` as Python ints.
+
+        The buffers are the state (checkpoints, resume); a host copy is read from them once, after
+        construction, a load or an epoch start, and then advanced beside them, so a training step
+        does not synchronise with the device to read its own counters.
+        """
+        if self._host is None:
+            self._host = torch.stack(
+                [self.epoch, self.max_epochs, self.step, self.epoch_step, self.has_previous.long()]
+            ).tolist()
+        return list(self._host)
+
+    def _invalidate_counters(self, *args, **kwargs) -> None:
+        self._host = None
+
+    def _predict(self, nets: nn.ModuleDict, u: dict[str, Tensor], ctx: Optional[dict] = None) -> dict[str, Tensor]:
+        if not ctx:
+            return {m: nets[m](u[m]) for m in MODALITIES}
+        return {m: nets[m](u[m], **ctx[m]) for m in MODALITIES}
+
+    def _fit(self, u: dict[str, Tensor], targets: dict[str, Tensor], batch: dict[str, Tensor],
+             ctx: Optional[dict] = None, sync_grads: bool = False) -> tuple[Tensor, Tensor]:
+        """The fit part's inner steps; returns the last fit loss and the online networks' RMSE
+        against the in-batch targets before the fit (read off the first forward)."""
+        return self.fit.run(self.online, self._params, self._optimizer,
+                            lambda nets: self._predict(nets, u, ctx), targets, batch, sync_grads=sync_grads)
+
+    @torch.no_grad()
+    def _ema_update(self, decay: float) -> None:
+        for pt, po in zip(self.target.parameters(), self.online.parameters()):
+            pt.lerp_(po, 1.0 - decay)
+
+    def _context(self, u: dict[str, Tensor], inputs: dict[str, Any]) -> Optional[dict]:
+        """Per-modality keyword inputs of a network that reads more than the embedding (``prototypes``)."""
+        if not self.extra_inputs:
+            return None
+        if "scale" not in inputs:
+            raise ValueError(f"network {self.network!r} reads the scale: call the estimator with scale=... "
+                             "(ContrastiveLoss passes it)")
+        scale = torch.as_tensor(inputs["scale"], dtype=torch.float32, device=u["image"].device).detach()
+        bias = inputs.get("bias")
+        bias = torch.zeros((), device=scale.device) if bias is None else torch.as_tensor(bias).detach().float()
+        n = u["image"].shape[0]
+        negatives = float(inputs.get("num_negatives", n - 1))
+        pos = scale * (u["image"] * u["text"]).sum(-1) + bias  # S_ii, the positive's score
+        return {m: {"pos": pos, "scale": scale, "bias": bias, "num_negatives": negatives} for m in MODALITIES}
+
+    @torch.no_grad()
+    def _restart_from(self, u: dict[str, Tensor], step: int, local_rows: bool) -> None:
+        """Restart each modality's network from the OTHER modality's embeddings (the same draw everywhere)."""
+        rows = {m: D.all_gather_no_grad(u[m]) if local_rows and D.world_size() > 1 else u[m] for m in MODALITIES}
+        other = {"image": "text", "text": "image"}
+        for m in MODALITIES:
+            net = self.online[m]
+            at, idx = restart_draw(rows[other[m]].shape[0], net.restart_size, self.seed, step,
+                                   self._restart.short_batch)
+            net.restart(rows[other[m]][idx.to(rows[m].device)], at.to(rows[m].device))
+        if self._restart.reset_optimizer:
+            self._optimizer = self._new_optimizer()
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        log_z_x: Tensor,
+        log_z_y: Tensor,
+        index: Optional[Tensor] = None,
+        **inputs: Any,
+    ) -> PartitionEstimate:
+        """Fit (in training mode) and return the normalisers; see the module docstring for the order.
+
+        Args:
+            x: (B, d) detached image features.
+            y: (B, d) detached text features.
+            log_z_x: (B,) in-batch log partition sums of the image rows.
+            log_z_y: (B,) in-batch log partition sums of the text columns.
+            index: unused (no per-sample state).
+            **inputs: the extra inputs named by :attr:`extra_inputs` (``scale``, ``bias``,
+                ``num_negatives``: how many negatives each in-batch sum weighs, ``local_rows``:
+                whether the rows are this process's only), for networks that read them.
+
+        Terms: ``amortizer_fit`` (the last inner step's Stage I loss) and ``amortizer_rmse`` (the
+        online networks' RMSE against the in-batch log sums, before this step's fit) on the steps
+        that fit; ``target_rmse`` or ``online_rmse`` (the RMSE of what the encoders divide by) for
+        the normalisers that read a network.
+        """
+        K.feature_dim(("x", "y"), (x, y), self.dim, type(self).__name__)
+        epoch, max_epochs, step, epoch_step, has_previous = self._counters()
+        if epoch < 0:
+            self.start_epoch(0, max_epochs)
+            epoch, max_epochs, step, epoch_step, has_previous = self._counters()
+        fit_now, ema_now = self._cadence.due(step, epoch_step, self.update_every, self.ema_every)
+        u = {"image": x.detach().float(), "text": y.detach().float()}
+        batch = {"image": log_z_x.detach().float(), "text": log_z_y.detach().float()}
+        ctx = self._context(u, inputs)
+        local_rows = bool(inputs.get("local_rows", False))
+        if self.training and self._restart.due(step):
+            self._restart_from(u, step, local_rows)
+        with torch.no_grad():
+            if has_previous and self._normalizer.blends_targets:
+                beta = self.beta_schedule(epoch, max_epochs)
+                prev = self._predict(self.previous, u, ctx)
+                comb = {m: blend_log_targets(prev[m], batch[m], beta) for m in MODALITIES}
+            else:
+                comb = batch
+        terms: dict[str, Tensor] = {}
+        if self.training and fit_now:
+            if ctx is None and not local_rows:
+                terms["amortizer_fit"], terms["amortizer_rmse"] = self._fit(u, comb, batch)
+            else:
+                terms["amortizer_fit"], terms["amortizer_rmse"] = self._fit(u, comb, batch, ctx, local_rows)
+        norm = self._normalizer.encoder(self, comb, u, batch, ctx, terms)
+        if self.training:
+            self.step.add_(1)
+            self.epoch_step.add_(1)
+            self._host[2] += 1
+            self._host[3] += 1
+            if ema_now and "target" in self._normalizer.copies:
+                self._ema_update(self.ema_decay_at(epoch, max_epochs))
+        return PartitionEstimate(norm["image"].to(log_z_x.dtype), norm["text"].to(log_z_y.dtype), terms)

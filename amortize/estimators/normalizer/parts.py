@@ -1,0 +1,261 @@
+"""The normaliser and schedule parts of a normaliser-network estimator, each a registered component.
+
+* :data:`NORMALIZERS`: what the encoders divide by, and what Stage I fits (``previous_blend``,
+  ``ema_target``, ``ema_ramp``, ``online``).
+* :data:`CADENCES`: which steps fit the network and move its EMA (``per_epoch``, ``global``).
+* :data:`REINIT_POLICIES`: when the online network, its optimiser and its EMA are re-initialised
+  (``every_epoch``, ``never``).
+* :data:`EPOCH0_PREVIOUS`: the previous-epoch network of epoch 0 (``none``, ``initial``).
+* :data:`RESTARTS`: whether the network restarts from the batch's embeddings every N steps
+  (``none``, ``batch_embeddings``; NeuCLIP).
+
+Each part is a small object whose methods the estimator calls; no part reads another's name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from amortize.estimators.normalizer.fit import MODALITIES, rmse_over_modalities
+from amortize.registry import Registry
+
+# the parts are called with the estimator (a NormalizerNetworkEstimator) as their first argument
+Estimator = Any
+
+__all__ = [
+    "Normalizer",
+    "NORMALIZERS",
+    "CADENCES",
+    "REINIT_POLICIES",
+    "EPOCH0_PREVIOUS",
+    "RESTARTS",
+    "BatchEmbeddingRestart",
+    "restart_draw",
+    "SHORT_BATCH_RULES",
+]
+
+
+# ---------------------------------------------------------------------------- normalisers
+
+
+class Normalizer:
+    """What the encoders are divided by, and what the network is fitted to.
+
+    Attributes:
+        copies: the network copies besides ``online`` that the estimator keeps (``target``: the
+            EMA network; ``previous``: the EMA network frozen at the epoch start).
+        blends_targets: whether Stage I fits the in-batch sums blended with ``previous`` (Eq. 12).
+    """
+
+    name = "normalizer"
+    copies: tuple[str, ...] = ("target", "previous")
+    blends_targets = True
+
+    def ema_decay(self, est: Estimator, epoch: int, max_epochs: int) -> float:
+        """The EMA decay of ``epoch``: the constant ``ema_decay``."""
+        return est.ema_decay
+
+    def encoder(self, est: Estimator, comb: dict[str, Tensor], u: dict[str, Tensor],
+                batch: dict[str, Tensor], ctx: dict[str, Any], terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The encoder normalisers ``{modality: (B,)}`` after this step's fit."""
+        raise NotImplementedError
+
+
+class PreviousBlend(Normalizer):
+    """The AmorLIP authors' released command (``fit_w_prev``): divide by ``Z_comb``, the in-batch
+    sums blended with the previous-epoch network by ``beta`` (Eq. 12), which is also Stage I's target."""
+
+    name = "previous_blend"
+
+    def encoder(self, est, comb, u, batch, ctx, terms):
+        return comb  # the EMA networks are not read this step (they become `previous` next epoch)
+
+
+class EmaTarget(Normalizer):
+    """The AmorLIP paper (Eq. 6 with Eq. 12): divide by the EMA target network's ``lambda``; Stage I
+    fits the blended targets; the EMA decay is the constant ``ema_decay``."""
+
+    name = "ema_target"
+
+    def encoder(self, est, comb, u, batch, ctx, terms):
+        with torch.no_grad():
+            norm = est._predict(est.target, u, ctx)
+            terms["target_rmse"] = rmse_over_modalities(norm, batch)
+        return norm
+
+
+class EmaRamp(EmaTarget):
+    """The AmorLIP authors' code without ``fit_w_prev``: divide by the EMA network; Stage I fits the
+    in-batch sums, never blended; the EMA decay of epoch ``t`` is ``beta(t)`` (``ema_decay`` unused)."""
+
+    name = "ema_ramp"
+    blends_targets = False
+
+    def ema_decay(self, est, epoch, max_epochs):
+        decay = est.beta_schedule(max(0, epoch), max_epochs)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"normalizer 'ema_ramp' uses beta as the EMA decay; it must be in [0, 1], got {decay}")
+        return decay
+
+
+class Online(Normalizer):
+    """NeuCLIP: divide by the online network just after this step's fit; no EMA copy, no
+    previous-epoch network, no blending (Stage I fits the in-batch sums)."""
+
+    name = "online"
+    copies = ()
+    blends_targets = False
+
+    def encoder(self, est, comb, u, batch, ctx, terms):
+        with torch.no_grad():
+            norm = est._predict(est.online, u, ctx)
+            terms["online_rmse"] = rmse_over_modalities(norm, batch)
+        return norm
+
+
+NORMALIZERS: Registry[Normalizer] = Registry("normalizer")
+"""Encoder normalisers: ``previous_blend`` (AmorLIP code), ``ema_target`` (AmorLIP paper),
+``ema_ramp`` (AmorLIP code's EMA mode), ``online`` (NeuCLIP)."""
+for _cls in (PreviousBlend, EmaTarget, EmaRamp, Online):
+    NORMALIZERS.register(_cls.name, _cls)
+
+
+# ---------------------------------------------------------------------------- cadences
+
+
+class PerEpoch:
+    """``per_epoch`` (the AmorLIP authors' code): counters restart every epoch; the fit runs at the
+    within-epoch steps 0, ``T_online``, ...; the EMA update follows the within-epoch steps 0, ``T_target``, ..."""
+
+    @staticmethod
+    def due(step: int, epoch_step: int, update_every: int, ema_every: int) -> tuple[bool, bool]:
+        """``(fit now, EMA update after this step)``."""
+        return epoch_step % update_every == 0, epoch_step % ema_every == 0
+
+
+class Global:
+    """``global``: the run's step counter, never reset; the fit runs at the steps 0, ``T_online``, ...;
+    the EMA update follows the steps ``T_target - 1``, ``2 T_target - 1``, ..."""
+
+    @staticmethod
+    def due(step: int, epoch_step: int, update_every: int, ema_every: int) -> tuple[bool, bool]:
+        """``(fit now, EMA update after this step)``."""
+        return step % update_every == 0, (step + 1) % ema_every == 0
+
+
+CADENCES: Registry[Any] = Registry("cadence")
+"""How ``update_every`` and ``ema_every`` count steps: ``per_epoch`` or ``global``."""
+CADENCES.register("per_epoch", PerEpoch)
+CADENCES.register("global", Global)
+
+
+class EveryEpoch:
+    """``every_epoch`` (the AmorLIP authors' code): re-initialise at every epoch start."""
+
+    @staticmethod
+    def at_epoch_start(first: bool) -> bool:
+        return True
+
+
+class Never:
+    """``never``: initialise once, before the first epoch."""
+
+    @staticmethod
+    def at_epoch_start(first: bool) -> bool:
+        return first
+
+
+REINIT_POLICIES: Registry[Any] = Registry("reinit")
+"""When the online network, its optimiser and its EMA are re-initialised: ``every_epoch`` or ``never``."""
+REINIT_POLICIES.register("every_epoch", EveryEpoch)
+REINIT_POLICIES.register("never", Never)
+
+
+class NoPrevious:
+    """``none``: epoch 0 has no previous-epoch network, so it is never blended."""
+
+    keeps_initial = False
+
+
+class InitialPrevious:
+    """``initial`` (the AmorLIP authors' code): epoch 0's previous network is the untrained initial one."""
+
+    keeps_initial = True
+
+
+EPOCH0_PREVIOUS: Registry[Any] = Registry("epoch0_previous")
+"""The previous-epoch network of epoch 0: ``none`` or ``initial``."""
+EPOCH0_PREVIOUS.register("none", NoPrevious)
+EPOCH0_PREVIOUS.register("initial", InitialPrevious)
+
+
+# ---------------------------------------------------------------------------- restarts
+
+
+SHORT_BATCH_RULES = ("repeat", "partial")
+"""What a restart does when the network has more prototypes ``m`` than the batch has rows ``B``
+(an open point of NeuCLIP): ``repeat`` draws ``m`` rows with replacement (duplicates get equal
+gradients and stay equal until the next restart); ``partial`` restarts ``B`` randomly chosen
+prototypes from a permutation of the batch and keeps the other ``m - B``."""
+
+
+def restart_draw(batch: int, count: int, seed: int, step: int, short_batch: str = "partial") -> tuple[Tensor, Tensor]:
+    """Which prototypes restart and from which of a batch's ``batch`` rows.
+
+    Without replacement when ``count <= batch`` (a random subset of the rows); otherwise by
+    ``short_batch`` (:data:`SHORT_BATCH_RULES`). The draw depends only on ``(seed, step)``, so
+    every process draws the same rows.
+
+    Returns:
+        ``(prototype indices, row indices)``, two int64 vectors of the same length (on the CPU).
+    """
+    if short_batch not in SHORT_BATCH_RULES:
+        raise ValueError(f"unknown short_batch rule {short_batch!r}; valid: {', '.join(SHORT_BATCH_RULES)}")
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919 * int(step) + 1)
+    if count <= batch:
+        return torch.arange(count), torch.randperm(batch, generator=g)[:count]
+    if short_batch == "repeat":
+        return torch.arange(count), torch.randint(0, batch, (count,), generator=g)
+    return torch.randperm(count, generator=g)[:batch], torch.randperm(batch, generator=g)
+
+
+class NoRestart:
+    """``none``: the network is never restarted from embeddings."""
+
+    every: Optional[int] = None
+
+    def due(self, step: int) -> bool:
+        return False
+
+
+class BatchEmbeddingRestart(NoRestart):
+    """``batch_embeddings`` (NeuCLIP, ``T_r``): every ``every`` steps (the first at step 0) the
+    network of each modality restarts from the OTHER modality's batch embeddings (a network with a
+    ``restart(rows)`` method, e.g. ``prototypes``), and the inner optimiser's state is reset.
+
+    Args:
+        every: ``T_r``, steps between restarts (NeuCLIP: 500).
+        reset_optimizer: reset the inner optimiser at a restart (an open point of NeuCLIP; default yes).
+        short_batch: a name in :data:`SHORT_BATCH_RULES`, for more prototypes than rows.
+    """
+
+    def __init__(self, every: int = 500, reset_optimizer: bool = True, short_batch: str = "partial"):
+        if int(every) < 1:
+            raise ValueError(f"restart.every must be >= 1, got {every}")
+        if short_batch not in SHORT_BATCH_RULES:
+            raise ValueError(f"unknown short_batch rule {short_batch!r}; valid: {', '.join(SHORT_BATCH_RULES)}")
+        self.every = int(every)
+        self.reset_optimizer = bool(reset_optimizer)
+        self.short_batch = short_batch
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+
+RESTARTS: Registry[NoRestart] = Registry("restart")
+"""Restarts of the network from batch embeddings: ``none`` or ``batch_embeddings``."""
+RESTARTS.register("none", NoRestart)
+RESTARTS.register("batch_embeddings", BatchEmbeddingRestart)
