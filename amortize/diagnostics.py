@@ -72,6 +72,20 @@ class EstimatorMonitor:
         self._mean: list[Tensor] = []
         self.warnings: list[str] = []
 
+    def attach(self, estimator: torch.nn.Module):
+        """Record every training-mode call of a partition estimator (a forward hook); returns its handle.
+
+        The estimator's ``forward(x, y, log_z_x, log_z_y, index)`` receives the in-batch log sums and
+        returns the normalisers, so the hook sees both; eval-mode calls are ignored. The caller still
+        marks epochs with :meth:`start_epoch` and :meth:`end_epoch`.
+        """
+
+        def hook(module, args, out):
+            if module.training:
+                self.update(args[2], out.log_norm_x, args[3], out.log_norm_y)
+
+        return estimator.register_forward_hook(hook)
+
     def start_epoch(self, epoch: int) -> None:
         """Forget the previous epoch's steps."""
         self.epoch = int(epoch)

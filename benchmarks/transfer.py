@@ -313,17 +313,16 @@ def train(run: Run, data=None) -> dict:
     total = spe * run.epochs
     warmup = max(1, min(spe, total // 10))
     gen = torch.Generator().manual_seed(run.seed)
-    monitor = EstimatorMonitor()
+    monitor = EstimatorMonitor(warn=False)  # verdicts go to the row's "warnings"
     ratios: list[torch.Tensor] = []
 
-    def hook(_mod, args, out):  # the estimator's inputs (in-batch sums) and outputs (normalisers)
-        if _mod.training:
-            r = torch.cat([args[2] - out.log_norm_x, args[3] - out.log_norm_y]).detach()
-            ratios.append(r)
-            monitor.update(args[2].detach(), out.log_norm_x.detach(), args[3].detach(), out.log_norm_y.detach())
+    def hook(module, args, out):  # log(Z_batch / lambda) of every row: the gradient-weight spread
+        if module.training:
+            ratios.append(torch.cat([args[2] - out.log_norm_x, args[3] - out.log_norm_y]).detach())
 
     if loss_fn.estimator is not None:
         loss_fn.estimator.register_forward_hook(hook)
+        monitor.attach(loss_fn.estimator)
     per_epoch: list[dict] = []
     step = 0
     t0 = time.perf_counter()

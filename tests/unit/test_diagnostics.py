@@ -63,3 +63,23 @@ def test_bad_options_are_named():
         EstimatorMonitor(growth=1.0)
     with pytest.raises(ValueError, match="min_steps"):
         EstimatorMonitor(min_steps=2)
+
+
+def test_attach_records_training_calls_of_an_estimator_only():
+    from amortize.estimators import MovingAverageEstimator
+
+    est = MovingAverageEstimator(8, gamma=0.5)
+    mon = EstimatorMonitor(warn=False)
+    handle = mon.attach(est)
+    mon.start_epoch(0)
+    x = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)
+    idx = torch.arange(4)
+    est(x, x, torch.full((4,), 2.0), torch.full((4,), 2.0), idx)  # first visit: u = the batch, r = 0
+    est(x, x, torch.full((4,), 3.0), torch.full((4,), 3.0), idx)  # u = log(0.5 e^2 + 0.5 e^3)
+    est.eval()
+    est(x, x, torch.full((4,), 9.0), torch.full((4,), 9.0), idx)  # not recorded
+    stats = mon.end_epoch()
+    assert stats["steps"] == 2.0
+    r = 3.0 - torch.logaddexp(torch.tensor(2.0), torch.tensor(3.0)).item() + torch.log(torch.tensor(2.0)).item()
+    assert stats["r_mean"] == pytest.approx(r / 2, rel=1e-5)
+    handle.remove()
