@@ -48,7 +48,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from benchmarks.small_batch import SmallTwoTower, _lr_at, encode_split
+from benchmarks.small_batch import SmallTwoTower, _lr_at, encode_split, encoder_step, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
@@ -305,11 +305,8 @@ def train(run: Run, data=None) -> dict:
     section, ls0, lb0 = method_section(run.method, run.batch, run.epochs, spe, run.overrides)
     loss_fn = build_loss(section, n, 64)
     model = SmallTwoTower(data.pixels, data.vocab_size, init_logit_scale=ls0, init_logit_bias=lb0)
-    decay = [p for k, p in model.named_parameters() if p.dim() >= 2 and "embed" not in k]
-    no_decay = [p for k, p in model.named_parameters() if p.dim() < 2 or "embed" in k]
     lr = run.lr or base_lr(run.batch)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6, foreach=True)
+    opt = make_optimizer(model, lr)
     total = spe * run.epochs
     warmup = max(1, min(spe, total // 10))
     gen = torch.Generator().manual_seed(run.seed)
@@ -338,12 +335,7 @@ def train(run: Run, data=None) -> dict:
             x = model.encode_image(tr.tiles[idx])
             y = model.encode_text(tr.tokens[idx])
             out = loss_fn(x, y, model.logit_scale.exp(), model.logit_bias, index=idx)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(max=math.log(100.0))
+            encoder_step(model, opt, out["loss"])
             step += 1
             if run.max_steps is not None and step >= run.max_steps:
                 break
@@ -577,6 +569,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
     p.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
     p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--lr-mults", type=float, nargs="*", default=list(LR_MULTS),
+                   help="the lr grid, as multiples of base_lr(batch)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
     p.add_argument("--variant-seeds", type=int, nargs="*", default=[0, 1])
     p.add_argument("--jobs", type=int, default=2)
@@ -594,7 +588,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     lr_path, test_path, var_path = (HERE / f"{a.out}_{s}.runs.jsonl" for s in ("lr", "test", "variants"))
     if a.stage in ("lr", "all"):
-        run_all(lr_runs(a.datasets, methods, a.batches, a.epochs), lr_path, a.jobs)
+        run_all(lr_runs(a.datasets, methods, a.batches, a.epochs, a.lr_mults), lr_path, a.jobs)
     lr_rows = list(load_rows(lr_path).values())
     if a.stage in ("test", "all"):
         run_all(test_runs(lr_rows, a.datasets, methods, a.batches, a.seeds, a.epochs), test_path, a.jobs)
