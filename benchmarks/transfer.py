@@ -178,8 +178,9 @@ VARIANTS: dict[str, dict] = {
     "inner_lr_2e-2": {"estimator": {"lr": 0.02}},
     "init_log_z_0": {"estimator": {"amortizer": {"init_log_z": 0.0}}},
     "reverse_kl": {"estimator": {"objective": "reverse_kl"}},
+    "pos_weight_1": {"objective": {"name": "linearized", "pos_weight": 1.0}},  # the positive in the partition, as InfoNCE
     "beta_0": {"estimator": {"beta": 0.0}},
-    "beta_0.5": {"estimator": {"beta": {"name": "beta_warmup", "final": 0.5, "warmup_epochs": 2}}},
+    "beta_0.5": {"estimator": {"beta": {"final": 0.5}}},
     "ema_target": {"estimator": {"normalizer": "ema_target"}},
     "in_batch_control": {"estimator": {"name": "in_batch"}},
 }
@@ -428,14 +429,21 @@ def chosen_lr(rows: Sequence[dict], dataset: str, method: str, batch: int) -> Op
     return max(cand, key=lambda r: (round(r["quality"], 6), -r["lr"]))["lr"]
 
 
-def test_runs(lr_rows, datasets, methods, batches, seeds, epochs) -> list[Run]:
-    """Test-split runs at the chosen lr of each cell (cells without a chosen lr are skipped)."""
+def test_runs(lr_rows, datasets, methods, batches, seeds, epochs, scale_from: Optional[int] = None) -> list[Run]:
+    """Test-split runs at the chosen lr of each cell (cells without a chosen lr are skipped).
+
+    ``scale_from``: for a cell without an lr search, the lr chosen at batch ``scale_from`` times
+    ``sqrt(batch / scale_from)`` (the rule of :func:`base_lr`).
+    """
     out = []
     for s in seeds:
         for b in sorted(batches):
             for d in datasets:
                 for m in methods:
                     lr = chosen_lr(lr_rows, d, m, b)
+                    if lr is None and scale_from is not None:
+                        lr0 = chosen_lr(lr_rows, d, m, scale_from)
+                        lr = None if lr0 is None else lr0 * math.sqrt(b / scale_from)
                     if lr is not None:
                         out.append(Run(d, m, b, s, "test", lr=lr, epochs=epochs))
     return out
@@ -573,6 +581,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="the lr grid, as multiples of base_lr(batch)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
     p.add_argument("--variant-seeds", type=int, nargs="*", default=[0, 1])
+    p.add_argument("--scale-lr-from", type=int, default=None,
+                   help="test cells without an lr search use the lr chosen at this batch, scaled by sqrt(B / it)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default="transfer", help="results prefix benchmarks/<out>*")
     p.add_argument("--quick", action="store_true", help="emoji, CLIP and AmorLIP, B 16 and 64, 2 epochs, seed 0")
@@ -591,7 +601,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         run_all(lr_runs(a.datasets, methods, a.batches, a.epochs, a.lr_mults), lr_path, a.jobs)
     lr_rows = list(load_rows(lr_path).values())
     if a.stage in ("test", "all"):
-        run_all(test_runs(lr_rows, a.datasets, methods, a.batches, a.seeds, a.epochs), test_path, a.jobs)
+        run_all(test_runs(lr_rows, a.datasets, methods, a.batches, a.seeds, a.epochs, a.scale_lr_from), test_path, a.jobs)
     if a.stage in ("variants", "all"):
         run_all(variant_runs(lr_rows, a.datasets, a.variants, min(a.batches), a.variant_seeds, a.epochs),
                 var_path, a.jobs)
