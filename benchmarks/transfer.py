@@ -181,6 +181,7 @@ VARIANTS: dict[str, dict] = {
     "pos_weight_1": {"objective": {"name": "linearized", "pos_weight": 1.0}},  # the positive in the partition, as InfoNCE
     "beta_0": {"estimator": {"beta": 0.0}},
     "beta_0.5": {"estimator": {"beta": {"final": 0.5}}},
+    "beta_0.8": {"estimator": {"beta": {"final": 0.8}}},  # the recipe before the suite (the paper's beta_T)
     "ema_target": {"estimator": {"normalizer": "ema_target"}},
     "in_batch_control": {"estimator": {"name": "in_batch"}},
 }
@@ -523,7 +524,8 @@ def markdown_report(rows: Sequence[dict], title: str = "") -> str:
             row += [f"{c16[k]:.2f}" if k in c16 else "-" for k in ("norm_err", "batch_err")]
             row.append(f"{c16['scale']:.0f}" if "scale" in c16 else "-")
             body.append(row)
-        parts.append(f"**{d}** ({metric}, test split, mean ± sd over seeds)\n\n" + markdown_table(head, body))
+        split = "/".join(sorted({r["split"] for r in rows if r["dataset"] == d}))
+        parts.append(f"**{d}** ({metric}, {split} split, mean ± sd over seeds)\n\n" + markdown_table(head, body))
     if len(datasets) > 1:
         head = ["method"] + [f"mean over datasets B={b}" for b in batches] + [f"mean vs CLIP B={b}" for b in batches] + ["worst vs CLIP B=16"]
         body = []
@@ -581,6 +583,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="the lr grid, as multiples of base_lr(batch)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
     p.add_argument("--variant-seeds", type=int, nargs="*", default=[0, 1])
+    p.add_argument("--test-variants", nargs="*", default=[],
+                   help="AmorLIP variants also run on the test split (smallest batch, --seeds), after the methods")
     p.add_argument("--scale-lr-from", type=int, default=None,
                    help="test cells without an lr search use the lr chosen at this batch, scaled by sqrt(B / it)")
     p.add_argument("--jobs", type=int, default=2)
@@ -601,7 +605,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         run_all(lr_runs(a.datasets, methods, a.batches, a.epochs, a.lr_mults), lr_path, a.jobs)
     lr_rows = list(load_rows(lr_path).values())
     if a.stage in ("test", "all"):
-        run_all(test_runs(lr_rows, a.datasets, methods, a.batches, a.seeds, a.epochs, a.scale_lr_from), test_path, a.jobs)
+        runs = test_runs(lr_rows, a.datasets, methods, a.batches, a.seeds, a.epochs, a.scale_lr_from)
+        b0 = min(a.batches)
+        runs += [Run(d, "amorlip", b0, s, "test", lr=chosen_lr(lr_rows, d, "amorlip", b0) or base_lr(b0),
+                     epochs=a.epochs, variant=v, overrides=VARIANTS[v])
+                 for s in a.seeds for d in a.datasets for v in a.test_variants]
+        run_all(runs, test_path, a.jobs)
     if a.stage in ("variants", "all"):
         run_all(variant_runs(lr_rows, a.datasets, a.variants, min(a.batches), a.variant_seeds, a.epochs),
                 var_path, a.jobs)
