@@ -359,6 +359,9 @@ def train(run: Run, data=None) -> dict:
     row = {**asdict(run), "key": run.key(), "tag": run.tag(), "lr": lr, "steps": step, "wall_s": wall,
            "section": section, "epochs_log": per_epoch, "warnings": monitor.warnings}
     row.update(evaluate(model, data, run.split))
+    for other in ("val", "test"):  # the same model on the other split: a seed's lr-search run is its test run
+        if other != run.split:
+            row[f"quality_{other}"] = evaluate(model, data, other)["quality"]
     last = per_epoch[-1] if per_epoch else {}
     for k in ("scale", "norm_err", "batch_err", "w_mean", "w_sd"):
         if k in last:
@@ -428,6 +431,27 @@ def chosen_lr(rows: Sequence[dict], dataset: str, method: str, batch: int) -> Op
     if not cand:
         return None
     return max(cand, key=lambda r: (round(r["quality"], 6), -r["lr"]))["lr"]
+
+
+def reuse_lr_runs(lr_rows: Sequence[dict], runs: Sequence[Run], jsonl: Path) -> int:
+    """Write the test rows that an lr-search run already measured (same model: dataset, method,
+    batch, seed, lr and epochs; it evaluated the test split too) into ``jsonl``; returns how many."""
+    have = load_rows(jsonl)
+    by = {(r["dataset"], r["method"], r["batch"], r["seed"], r["lr"], r["epochs"], r.get("variant", "")): r
+          for r in lr_rows if "quality_test" in r}
+    n = 0
+    for run in runs:
+        src = by.get((run.dataset, run.method, run.batch, run.seed, run.lr, run.epochs, run.variant))
+        if src is None or run.key() in have or (run.method == "amorlip" and src["section"] != method_section(
+                run.method, run.batch, run.epochs, src["steps"] // max(1, run.epochs), run.overrides)[0]):
+            continue
+        row = {**src, "split": "test", "quality": src["quality_test"], "quality_val": src["quality"],
+               "key": run.key(), "reused_from": src["key"]}
+        row.pop("quality_test")
+        with jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        n += 1
+    return n
 
 
 def test_runs(lr_rows, datasets, methods, batches, seeds, epochs, scale_from: Optional[int] = None) -> list[Run]:
@@ -610,6 +634,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         runs += [Run(d, "amorlip", b0, s, "test", lr=chosen_lr(lr_rows, d, "amorlip", b0) or base_lr(b0),
                      epochs=a.epochs, variant=v, overrides=VARIANTS[v])
                  for s in a.seeds for d in a.datasets for v in a.test_variants]
+        reuse_lr_runs(lr_rows, runs, test_path)
         run_all(runs, test_path, a.jobs)
     if a.stage in ("variants", "all"):
         run_all(variant_runs(lr_rows, a.datasets, a.variants, min(a.batches), a.variant_seeds, a.epochs),

@@ -107,3 +107,16 @@ def test_lr_choice_and_the_report():
             for s in (0, 1)]
     md = tf.markdown_report(test)
     assert "**emoji**" in md and "**average over datasets**" in md and "+0.050 ± 0.000" in md
+
+
+def test_an_lr_search_run_is_reused_as_the_test_run_of_its_seed(fashion, tmp_path):
+    run = tf.Run("fashion", "clip", 16, 0, "val", lr=1e-3, epochs=1, max_steps=2)
+    row = tf.train(run, fashion)
+    assert 0.0 <= row["quality_test"] <= 1.0 and "quality_val" not in row
+    jsonl = tmp_path / "test.runs.jsonl"
+    test = tf.Run("fashion", "clip", 16, 0, "test", lr=1e-3, epochs=1)
+    other = tf.Run("fashion", "clip", 16, 1, "test", lr=1e-3, epochs=1)
+    assert tf.reuse_lr_runs([row], [test, other], jsonl) == 1
+    got = tf.load_rows(jsonl)[test.key()]
+    assert got["quality"] == row["quality_test"] and got["quality_val"] == row["quality"] and got["split"] == "test"
+    assert tf.reuse_lr_runs([row], [test, other], jsonl) == 0  # already there
