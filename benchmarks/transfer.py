@@ -539,10 +539,15 @@ def markdown_report(rows: Sequence[dict], title: str = "") -> str:
         body = []
         for t in tags:
             row = [t]
-            row += [f"{cs[(d, t, b)]['mean']:.3f} ± {cs[(d, t, b)]['sd']:.3f}" if (d, t, b) in cs else "-" for b in batches]
+            def pm(m, sd, n, sign=""):
+                return f"{m:{sign}.3f} ± {sd:.3f}" if n > 1 else f"{m:{sign}.3f} (1 seed)"
+
+            row += [pm(cs[(d, t, b)]["mean"], cs[(d, t, b)]["sd"], cs[(d, t, b)]["n"]) if (d, t, b) in cs else "-"
+                    for b in batches]
             for b in batches:
                 v = vs_clip(cs, d, t, b)
-                row.append("-" if v is None or t == "clip" else f"{v[0]:+.3f} ± {v[1]:.3f}")
+                n = cs.get((d, t, b), {}).get("n", 0)
+                row.append("-" if v is None or t == "clip" else pm(v[0], v[1], n, "+"))
             row.append(" / ".join(f"{cs[(d, t, b)]['lr']:.2g}" if (d, t, b) in cs else "-" for b in batches))
             c16 = cs.get((d, t, batches[0]), {})
             row += [f"{c16[k]:.2f}" if k in c16 else "-" for k in ("norm_err", "batch_err")]

@@ -106,7 +106,7 @@ def test_lr_choice_and_the_report():
     test = [_row(d, m, 16, s, q + 0.01 * s) for d in ("emoji", "glyphs") for m, q in (("clip", 0.2), ("amorlip", 0.25))
             for s in (0, 1)]
     md = tf.markdown_report(test)
-    assert "**emoji**" in md and "**average over datasets**" in md and "+0.050 ± 0.000" in md
+    assert "**emoji**" in md and "**average over datasets**" in md and "+0.050 ± 0.000" in md and "(1 seed)" not in md
 
 
 def test_an_lr_search_run_is_reused_as_the_test_run_of_its_seed(fashion, tmp_path):
