@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 __all__ = [
     "UnsafeCheckpointError",
     "CorruptCheckpointError",
+    "CheckpointWriteError",
     "checkpoint_safe_globals",
     "safe_load",
     "atomic_path",
@@ -53,6 +54,18 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
     Subclasses :class:`pickle.UnpicklingError`, so code that catches torch's own refusal keeps working.
     """
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint or export failed (disk full, read-only or vanished folder); the
+    message names the file and says that the previous file, if any, is unchanged."""
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """An ``OSError`` or torch's ``RuntimeError: ... file write failed`` (a full disk under ``torch.save``)."""
+    if isinstance(e, CheckpointWriteError):
+        return False
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e).lower())
 
 
 class CorruptCheckpointError(ValueError):
@@ -189,11 +202,16 @@ def atomic_path(path: PathLike) -> Iterator[str]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if _is_write_failure(e):
+            kept = f"the previous {dest.name} is unchanged" if dest.exists() else f"no {dest.name} was written"
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise CheckpointWriteError(f"could not write {dest}: {reason} ({kept}); free space or "
+                                       "choose another save_folder") from e
         raise
     _fsync_dir(dest.parent)
 

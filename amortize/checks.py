@@ -33,6 +33,13 @@ __all__ = [
     "as_float32",
     "scalar_tensor",
     "log_weight",
+    "non_finite_tensors",
+    "warn_once",
+    "feature_dim",
+    "unique_index",
+    "epoch_counts",
+    "unneeded_bias",
+    "normalised",
 ]
 
 Scalar = Union[float, Tensor]
@@ -153,3 +160,103 @@ def scalar_tensor(v: Scalar, like: Tensor) -> Tensor:
 def log_weight(w: float) -> float:
     """``log w``, with ``-inf`` for ``w = 0``."""
     return math.log(w) if w > 0 else -math.inf
+
+
+def non_finite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of a ``state_dict`` that hold a NaN or an infinity.
+
+    One device-to-host copy for the whole dict (one flag per tensor, stacked).
+
+    >>> non_finite_tensors({"w": torch.tensor([1.0, float("nan")]), "n": torch.tensor(3)})
+    ['w']
+    """
+    names = [k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and v.numel()]
+    if not names:
+        return []
+    flags = torch.stack([~torch.isfinite(state[k].detach()).all().to("cpu", non_blocking=False) for k in names])
+    return [k for k, bad in zip(names, flags.tolist()) if bad]
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """``warnings.warn(message)`` the first time ``key`` is seen in this process (a ``UserWarning``)."""
+    import warnings
+
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def feature_dim(names: tuple[str, str], tensors: tuple[Tensor, Tensor], dim: int, owner: str) -> None:
+    """Refuse features whose last dimension is not the ``dim`` a module was built with.
+
+    Raises:
+        ValueError: ``AmortizedEstimator was built with dim=32 but x has 16 features (shape (8, 16))``.
+    """
+    for name, t in zip(names, tensors):
+        if t.ndim != 2 or t.shape[1] != dim:
+            raise ValueError(f"{owner} was built with dim={dim} but {name} has shape {tuple(t.shape)}; "
+                             f"expected (B, {dim})")
+
+
+def unique_index(index: Tensor, owner: str) -> None:
+    """Warn once when a batch's dataset indices repeat (reads values: one synchronisation).
+
+    A per-sample table updated with repeated indices keeps one of the updates of each repeated
+    sample (which one is unspecified), so the repetition is reported rather than silent;
+    resampled shards can legitimately draw a sample twice in one batch.
+    """
+    flat = index.reshape(-1)
+    uniq = torch.unique(flat)
+    if uniq.numel() != flat.numel():
+        counts = torch.bincount(torch.searchsorted(uniq, flat), minlength=uniq.numel())
+        twice = uniq[counts > 1][:5].tolist()
+        warn_once(f"{owner}:duplicates", f"{owner}: the batch's index holds repeated samples (first: {twice}); "
+                  "each repeated sample's moving average keeps one of its updates")
+
+
+def epoch_counts(epoch: int, max_epochs: int) -> None:
+    """Refuse ``start_epoch(epoch, max_epochs)`` outside ``0 <= epoch`` and ``max_epochs >= 1``.
+
+    Raises:
+        ValueError: ``start_epoch: epoch must be >= 0, got -3``.
+    """
+    if int(epoch) != epoch or epoch < 0:
+        raise ValueError(f"start_epoch: epoch must be a whole number >= 0 (0-based), got {epoch!r}")
+    if int(max_epochs) != max_epochs or max_epochs < 1:
+        raise ValueError(f"start_epoch: max_epochs must be a whole number >= 1, got {max_epochs!r}")
+
+
+def unneeded_bias(objective: str, needs_bias: bool) -> None:
+    """Warn once that a logit bias passed to an objective that does not use one has no effect.
+
+    A constant added to every score cancels in normalised scores (InfoNCE's softmax, the
+    linearized objective's normalised sums); only the sigmoid (SigLIP) objective uses it.
+    """
+    if not needs_bias:
+        warn_once(f"bias:{objective}", f"the {objective} objective does not use a logit bias (a constant added to "
+                  "every score cancels in its normalised scores; only the sigmoid objective uses one); the bias "
+                  "passed has no effect: pass bias=None")
+
+
+NORM_TOLERANCE = 1e-2
+"""How far from 1 a feature row's L2 norm may be before :func:`normalised` warns."""
+
+
+def normalised(x: Tensor, y: Tensor, level: str, names: tuple[str, str] = ("x", "y")) -> None:
+    """Warn once when features are not L2-normalised (level ``full`` only: it reads values).
+
+    The objectives take cosine similarities times the scale; rows of another norm still give a
+    loss, but not the documented one. The features are used as given (not normalised here).
+    """
+    if level != "full" or x.numel() == 0:
+        return
+    with torch.no_grad():
+        dev = torch.stack([(t.detach().float().norm(dim=-1) - 1).abs().max() for t in (x, y)]).tolist()
+    for name, d in zip(names, dev):
+        if d > NORM_TOLERANCE:
+            warn_once(f"norm:{name}", f"{name} is not L2-normalised (a row's norm is off 1 by {d:.3g}); the "
+                      "objectives expect unit rows (torch.nn.functional.normalize(x, dim=-1)); the features are "
+                      "used as given")

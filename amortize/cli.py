@@ -2,7 +2,7 @@
 
 ::
 
-    amortize train RECIPE.yaml [key.sub=value ...] [--dry-run] [--debug]
+    amortize train RECIPE.yaml [key.sub=value ...] [--dry-run] [--debug]   (flags anywhere)
     amortize eval CHECKPOINT [--json] [--tasks default | NAME ... | datacomp] [--datacomp-root DIR] [--debug]
 
 Every expected failure (a bad recipe value, missing data, a save folder that holds another run,
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "load_checkpoint", "model_from_checkpoint"]
+__all__ = ["main", "parse_args", "load_checkpoint", "model_from_checkpoint", "resume_command"]
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -41,8 +41,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: if nothing is at ``path``.
-        CorruptCheckpointError: (a ValueError) if the file is not a checkpoint, or holds no recipe or
-            no model weights.
+        CorruptCheckpointError: (a ValueError) if the file is not a checkpoint, or holds no recipe,
+            no model weights or weights with NaN or Inf.
     """
     p = Path(path)
     if p.is_dir():
@@ -69,6 +69,12 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CorruptCheckpointError(f"{p} stores no recipe; it was not written by `amortize train`")
     if not weights:
         raise CorruptCheckpointError(f"{p} holds no two-tower model weights")
+    from amortize.checks import non_finite_tensors
+
+    bad = non_finite_tensors(weights)
+    if bad:
+        raise CorruptCheckpointError(f"{p} holds weights that are not finite ({len(bad)} tensors with NaN or Inf, "
+                                     f"first: {', '.join(bad[:3])}); the run diverged")
     return {"recipe": recipe, "model": weights, "source": source}
 
 
@@ -81,11 +87,52 @@ def model_from_checkpoint(path: str | Path):
     from amortize.train.components import build_two_tower
     from amortize.train.config import load_recipe_dict
 
+    from amortize.checkpoints import CorruptCheckpointError
+
     ck = load_checkpoint(path)
-    recipe = load_recipe_dict(ck["recipe"])
+    recipe = load_recipe_dict(ck["recipe"], bind=False)  # the towers only: no imports, no loss sections
     model = build_two_tower(recipe)
-    model.load_state_dict(ck["model"])
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:  # size mismatch, missing or unexpected keys
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e).splitlines()[0])
+        raise CorruptCheckpointError(f"{path}: its weights do not fit the model its recipe names (model.name="
+                                     f"{recipe.model.name!r}, image_size={model.image_size}, context_length="
+                                     f"{model.context_length}): {first}") from None
     return model.eval(), recipe
+
+
+def eval_device(text: Optional[str]) -> str:
+    """The device ``amortize eval`` runs on: ``text`` checked, or ``cuda`` when a GPU is there, else ``cpu``.
+
+    Raises:
+        CommandError: ``--device: 'banana' is not a device ...``, or ``--device cuda: no GPU ...``.
+    """
+    import torch
+
+    if text is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise CommandError(f"--device: {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {text}: no GPU is available to PyTorch here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {text}: there are {torch.cuda.device_count()} GPUs (cuda:0 .. "
+                               f"cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu" and not _backend_available(dev.type):
+        raise CommandError(f"--device {text}: the {dev.type} backend is not available here; use --device cpu")
+    return text
+
+
+def _backend_available(kind: str) -> bool:
+    import torch
+
+    backend = getattr(torch, kind, None) or getattr(getattr(torch, "backends", None), kind, None)
+    is_available = getattr(backend, "is_available", None)
+    return bool(is_available and is_available())
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -93,6 +140,26 @@ def model_from_checkpoint(path: str | Path):
 
 class CommandError(Exception):
     """A command-line usage error; ``main`` prints it and exits with status 2."""
+
+
+def resume_command(recipe: str, overrides: Sequence[str]) -> str:
+    """The shell command that continues a run: the same recipe and overrides plus ``autoresume=true``.
+
+    Every word the shell would change (braces, spaces, ``$``, globs) is quoted with
+    :func:`shlex.quote`, so the line pastes into bash as typed. Under Composer's launcher
+    (``WORLD_SIZE`` > 1) it is the launcher's command with this node's process count.
+
+    >>> resume_command("r.yaml", ["data.shards=s/{00000..00002}.tar", "autoresume=false"])
+    "amortize train r.yaml 'data.shards=s/{00000..00002}.tar' autoresume=true"
+    """
+    import shlex
+
+    words = [recipe, *[o for o in overrides if not o.startswith("autoresume=")], "autoresume=true"]
+    head = "amortize train"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        nproc = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+        head = f"composer -n {nproc} -m amortize.cli train"
+    return " ".join([head, *(shlex.quote(w) for w in words)])
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -119,11 +186,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         trainer.fit()
     except TrainingInterrupted as e:
         if dist.get_global_rank() == 0:
-            again = " ".join([args.recipe, *[o for o in args.overrides if not o.startswith("autoresume=")],
-                              "autoresume=true"])
-            print(f"amortize train: {e}\nresume with: amortize train {again}", file=sys.stderr, flush=True)
+            print(f"amortize train: {e}\nresume with: {resume_command(args.recipe, args.overrides)}",
+                  file=sys.stderr, flush=True)
         trainer.close()
-        return 130
+        return e.exit_status
 
     if dist.get_global_rank() == 0:
         folder = recipe.resolved_save_folder()
@@ -134,13 +200,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from amortize.eval import evaluate, format_jsonl, format_markdown
     from amortize.train.components import build_tokenizer
 
+    device = eval_device(args.device)
     model, recipe = model_from_checkpoint(args.checkpoint)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     tokenizer = build_tokenizer(recipe, model.context_length)
     tasks = args.tasks or ["default"]
@@ -192,15 +256,15 @@ def _one_line(e: BaseException) -> str:
 
 def _expected_errors() -> tuple[type, ...]:
     """Exception types that report a user's mistake or a data problem, not a bug."""
-    from amortize.checkpoints import CorruptCheckpointError, UnsafeCheckpointError
+    from amortize.checkpoints import CheckpointWriteError, CorruptCheckpointError, UnsafeCheckpointError
     from amortize.data.webdataset import TooManySkippedError
     from amortize.train.config import RecipeError
 
     out: list[type] = [RecipeError, CommandError, FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError,
-                       TooManySkippedError]
+                       TooManySkippedError, CheckpointWriteError]
     guards = sys.modules.get("amortize.train.guards")
     if guards is not None:
-        out.append(guards.DivergenceError)
+        out.extend([guards.DivergenceError, guards.NonFiniteWeightsError])
     return tuple(out)
 
 
@@ -231,16 +295,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse a command line; ``train``'s flags may stand anywhere, before, between or after overrides.
+
+    argparse gives the ``overrides`` positional only the words before the first flag; the words
+    after it come back unrecognised and are overrides too. Anything else unrecognised (a
+    misspelled flag) is refused with argparse's usage message (exit 2).
+    """
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        flags = [w for w in rest if w.startswith("-")]
+        if args.command != "train" or flags:
+            parser.error(f"unrecognized arguments: {' '.join(flags or rest)}")
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``amortize`` console script.
 
     Returns:
         The exit status: 0 on success; 2 for an expected failure (its message names the problem
-        and the fix; ``--debug`` raises it instead); 130 when Ctrl-C stopped training.
+        and the fix; ``--debug`` raises it instead); 130 when Ctrl-C, 143 when SIGTERM stopped
+        training (after saving).
     """
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C before training started (or a second one): nothing half-written
+        if args.debug:
+            raise
+        print(f"amortize {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
         if args.debug or not isinstance(e, _expected_errors()):
             raise

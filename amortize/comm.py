@@ -223,10 +223,15 @@ class Layout:
     Attributes:
         name: the registered name.
         exact: whether every process sees all ``N`` global columns (``gather``, ``ring``).
+        guarantee: what the loss of a sum of pair terms is under this layout: ``exact`` (equal to
+            the single-process loss on the global batch) or ``unbiased`` (its expectation is, for
+            fixed normalisers). An objective states which it needs (``Objective.needs``); a new
+            layout declares this and touches no objective.
     """
 
     name = "this_process"
     exact = True
+    guarantee = "exact"
 
     def world(self) -> int:
         """The number of processes the layout spans."""
@@ -255,6 +260,19 @@ class Layout:
     def all_rows(self, t: Tensor) -> Tensor:
         """The rows of every process, detached: (W * B, ...) in exact layouts, ``t`` otherwise."""
         return all_gather_no_grad(t) if self.exact and self.world() > 1 else t.detach()
+
+    def all_columns(self, blocks: list[Block], y: Tensor) -> Tensor:
+        """Every column's features as an estimator reads them: detached, in the estimator's row order.
+
+        Args:
+            blocks: what :meth:`columns` returned for ``y``.
+            y: (B, d) this process's column features.
+
+        Returns:
+            (W * B, d) in exact layouts, (B, d) otherwise. A layout whose blocks already hold every
+            column in order returns them (no second exchange); the others gather ``y``.
+        """
+        return self.all_rows(y)
 
     def combine(self, row_lse: Tensor, col_partial: Tensor) -> tuple[Tensor, Tensor]:
         """All rows' logsumexps and all columns' full logsumexps, identical on every process.
@@ -294,6 +312,10 @@ class Gather(Layout):
             return [Block(slice(0, B), y, 0)]
         return [Block(slice(0, self.world() * B), all_gather_with_grad(y), rank() * B)]
 
+    def all_columns(self, blocks: list[Block], y: Tensor) -> Tensor:
+        """The one block already holds all ``N`` columns in order: detached, no second exchange."""
+        return blocks[0].features.detach()
+
 
 class Ring(Layout):
     """``ring``: the text features travel around the ring in ``W - 1`` exchanges (exact)."""
@@ -314,6 +336,7 @@ class Local(Layout):
 
     name = "local"
     exact = False
+    guarantee = "unbiased"
 
     def negative_weight(self, batch: int) -> float:
         """:func:`local_negative_weight` of this process count."""

@@ -28,10 +28,17 @@ from amortize.estimators import ESTIMATORS
 from amortize.estimators.base import PartitionEstimator
 from amortize.estimators.in_batch import InBatchEstimator
 from amortize.objectives import OBJECTIVES, Objective, Pairs, Partition, partition, rescale_temperature
-from amortize.registry import Section, SectionError
+from amortize.options import keyed
+from amortize.registry import Section
 from amortize.schedules import Schedule, build_schedule
 
-__all__ = ["ContrastiveLoss"]
+__all__ = ["ContrastiveLoss", "DEFAULT_OBJECTIVE", "DEFAULT_LAYOUT"]
+
+DEFAULT_OBJECTIVE = "linearized"
+"""The objective a loss (and a recipe's ``loss.objective``) has when none is named."""
+
+DEFAULT_LAYOUT = "gather"
+"""The process layout a loss (and a recipe's ``loss.layout``) has when none is named."""
 
 
 class ContrastiveLoss(nn.Module):
@@ -62,10 +69,10 @@ class ContrastiveLoss(nn.Module):
 
     def __init__(
         self,
-        objective: Union[str, Mapping[str, Any], Objective] = "linearized",
+        objective: Union[str, Mapping[str, Any], Objective] = DEFAULT_OBJECTIVE,
         estimator: Optional[PartitionEstimator] = None,
         *,
-        layout: Union[str, Layout] = "gather",
+        layout: Union[str, Layout] = DEFAULT_LAYOUT,
         rho: Union[None, float, dict, Schedule] = None,
         chunk_size: Optional[int] = None,
         checks: Optional[str] = None,
@@ -83,7 +90,7 @@ class ContrastiveLoss(nn.Module):
         self.layout = build_layout(layout)
         if self.layout.name not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout.name!r}; valid: {', '.join(LAYOUTS.names())}")
-        self.objective.check_parts(self.layout.name, estimator=estimator is not None)
+        self.objective.check_parts(self.layout, estimator=estimator is not None)
         if estimator is None and self.objective.accepts_normalizers:
             estimator = InBatchEstimator()
         K.chunk_size(chunk_size)
@@ -97,10 +104,10 @@ class ContrastiveLoss(nn.Module):
     @classmethod
     def from_sections(
         cls,
-        objective: Section = "linearized",
+        objective: Section = DEFAULT_OBJECTIVE,
         estimator: Optional[Section] = None,
         *,
-        layout: str = "gather",
+        layout: str = DEFAULT_LAYOUT,
         rho: Union[None, float, dict] = None,
         chunk_size: Optional[int] = None,
         context: Optional[Mapping[str, Any]] = None,
@@ -114,30 +121,23 @@ class ContrastiveLoss(nn.Module):
             rho: the rescaling schedule.
             chunk_size: rows per chunk, or None.
             context: values the caller knows (``dim``: the embedding width, ``num_samples``: the
-                dataset size); each is passed to an estimator constructor that takes it when the
-                section does not set it.
+                dataset size); each is passed to an estimator constructor that names it in its
+                signature, when the section does not set it.
 
         Raises:
-            SectionError: naming the ``loss.*`` key of an unknown component or option, a bad value,
+            RecipeError: naming the ``loss.*`` key of an unknown component or option, a bad value,
                 or a required option that neither the section nor the context gives.
         """
+        known = dict(context or {})
         built = None
         if estimator is not None:
-            name, options = ESTIMATORS.check_section(estimator, "loss.estimator")
-            given = {k: v for k, v in (context or {}).items()
-                     if v is not None and k not in options and ESTIMATORS.accepts(name, k)}
-            for param in ESTIMATORS.required(name):
-                if param not in options and param not in given:
-                    raise SectionError(f"loss.estimator: {name!r} needs {param!r}: set loss.estimator.{param}")
-            built = ESTIMATORS.build_section(estimator, key="loss.estimator", **given)
-        if not isinstance(objective, Objective):  # its constructor's errors name loss.objective
-            objective = OBJECTIVES.build_section(objective, key="loss.objective")
+            built = ESTIMATORS.bind(estimator, "loss.estimator", known=tuple(known)).build(**known)
+        if not isinstance(objective, Objective):
+            objective = OBJECTIVES.bind(objective, "loss.objective").build()
         try:
             return cls(objective, built, layout=layout, rho=rho, chunk_size=chunk_size)
-        except SectionError:
-            raise
         except (TypeError, ValueError) as e:
-            raise SectionError(f"loss: {e}") from None
+            raise keyed("loss", e) from None
 
     @property
     def needs_index(self) -> bool:
@@ -153,6 +153,7 @@ class ContrastiveLoss(nn.Module):
 
     def start_epoch(self, epoch: int, max_epochs: int) -> None:
         """Advance per-epoch schedules (rho here, the estimator's own) to ``epoch`` (0-based)."""
+        K.epoch_counts(epoch, max_epochs)
         self.epoch.fill_(epoch)
         self.max_epochs.fill_(max(1, max_epochs))
         if self.estimator is not None:
@@ -164,8 +165,7 @@ class ContrastiveLoss(nn.Module):
         lay, n = pairs.layout, part.log_z_x.shape[0]
         if self.estimator.reads_features:
             xs = lay.all_rows(pairs.x)
-            first = pairs.blocks[0].features
-            ys = first.detach() if first.shape[0] == n else lay.all_rows(pairs.y)
+            ys = lay.all_columns(pairs.blocks, pairs.y)  # declared by the layout, not guessed from shapes
         else:  # zero-stride stand-ins: no communication for features nobody reads
             xs = pairs.x.detach()[:1].expand(n, pairs.x.shape[1])
             ys = pairs.y.detach()[:1].expand(n, pairs.y.shape[1])

@@ -19,13 +19,13 @@ This module imports open_clip lazily (it is in the ``clip`` extra) and never imp
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from amortize.registry import Registry
+from amortize.objectives.base import CLIP_INIT_LOGIT_SCALE
 
 __all__ = ["MODELS", "register_model", "TwoTowerModel", "model_config", "build_model", "list_model_configs"]
 
@@ -115,7 +115,7 @@ class TwoTowerModel(nn.Module):
         context_length: token positions ``L`` of the text tower.
     """
 
-    def __init__(self, config: dict, init_logit_scale: float = math.log(1 / 0.07),
+    def __init__(self, config: dict, init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
                  init_logit_bias: Optional[float] = None):
         super().__init__()
         from open_clip.model import CLIP
@@ -189,7 +189,7 @@ def build_model(
     *,
     image_size: Optional[int] = None,
     context_length: Optional[int] = None,
-    init_logit_scale: float = math.log(1 / 0.07),
+    init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
     init_logit_bias: Optional[float] = None,
 ) -> TwoTowerModel:
     """Build an untrained two-tower model from a config name (offline).

@@ -1,42 +1,52 @@
-"""One registry type for every kind of component, and the ``{name, kwargs}`` sections that build them.
+"""One registry type for every kind of component, and the one binding step that checks and builds a section.
 
 Objectives, estimators, amortizer networks, schedules, Stage I objectives, layouts, optimisers,
-learning-rate schedulers, models and datasets each have a :class:`Registry`. A recipe names a component
-with a *section*: either a plain string (shorthand for ``{"name": ...}``) or a mapping
-``{"name": ..., <constructor keyword arguments>}``. :meth:`Registry.check_section` compares a
-section's keys with the constructor's signature (so a recipe is refused at load time, naming the
-unknown key with a did-you-mean hint), and :meth:`Registry.build_section` calls the constructor. Defaults live only in the constructors.
+learning-rate schedulers, models, datasets, loggers, callbacks and algorithms each have a
+:class:`Registry`. A recipe names a component with a *section*: either a plain string (shorthand
+for ``{"name": ...}``) or a mapping ``{"name": ..., <constructor keyword arguments>}``.
+
+:meth:`Registry.bind` (or :func:`bind` for one constructor) is the binding step: it checks a
+section once against the constructor's signature (names, types and ``Annotated`` ranges of its
+options, what is required) carrying the section's dotted key, and returns a :class:`Bound` whose
+:meth:`Bound.build` calls the constructor once. Values the caller knows (the embedding width
+``dim``, the dataset size ``num_samples``) are offered only to constructors that name them.
+Every error is a :class:`~amortize.options.RecipeError` whose message starts with the key.
+Defaults live only in the constructors.
 
 >>> r = Registry("widget")
->>> r.register("plain", dict)
->>> r.build("plain", a=1)
-{'a': 1}
 >>> def box(width: int, depth: int = 2): return (width, depth)
 >>> r.register("box", box)
->>> r.build_section({"name": "box", "depth": 3}, 1)
+>>> r.bind({"name": "box", "depth": 3}, "shape", known=("width",)).build(width=1)
 (1, 3)
->>> r.check_section({"name": "box", "dpeth": 3}, "shape", given=("width",))
+>>> r.bind({"name": "box", "dpeth": 3}, "shape", known=("width",))
 Traceback (most recent call last):
 ...
-amortize.registry.SectionError: shape.dpeth: unknown option of widget 'box' (did you mean 'depth'?); valid: depth
+amortize.options.RecipeError: shape.dpeth: unknown option of widget 'box' (did you mean 'depth'?); valid: width, depth
+>>> r.bind({"name": "box", "depth": "deep"}, "shape")
+Traceback (most recent call last):
+...
+amortize.options.RecipeError: shape.depth: expected int, got str 'deep'
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
-from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Optional, TypeVar, Union
 
-__all__ = ["Registry", "SectionError", "Section", "section_name"]
+from amortize.options import RecipeError, conform, keyed
+
+__all__ = ["Registry", "RecipeError", "SectionError", "Section", "Bound", "bind", "section_name"]
 
 T = TypeVar("T")
 
 Section = Union[str, Mapping[str, Any]]
 """A component choice: ``"name"`` or ``{"name": "name", **constructor_kwargs}``."""
 
-
-class SectionError(ValueError):
-    """A component section names an unknown component or an option its constructor does not take."""
+SectionError = RecipeError
+"""The 0.2 name of :class:`~amortize.options.RecipeError` (the same class)."""
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -55,7 +65,7 @@ def section_name(section: Section, key: str = "section") -> tuple[str, dict[str,
         ``(name, kwargs)``.
 
     Raises:
-        SectionError: if the section is neither a string nor a mapping with a string ``name``.
+        RecipeError: if the section is neither a string nor a mapping with a string ``name``.
     """
     if isinstance(section, str):
         return section, {}
@@ -63,9 +73,154 @@ def section_name(section: Section, key: str = "section") -> tuple[str, dict[str,
         kwargs = dict(section)
         name = kwargs.pop("name", None)
         if not isinstance(name, str):
-            raise SectionError(f"{key}: a component section needs a 'name' (a string), got {dict(section)!r}")
+            raise RecipeError(f"a component section needs a 'name' (a string), got {dict(section)!r}", key=key)
         return name, kwargs
-    raise SectionError(f"{key}: expected a name or a mapping with 'name', got {type(section).__name__} {section!r}")
+    raise RecipeError(f"expected a name or a mapping with 'name', got {type(section).__name__} {section!r}", key=key)
+
+
+def _signature(ctor: Callable) -> Optional[inspect.Signature]:
+    """The constructor's signature with its annotations evaluated (None: it has none to read)."""
+    for eval_str in (True, False):
+        try:
+            return inspect.signature(ctor, eval_str=eval_str)
+        except (TypeError, ValueError):  # builtins without a signature
+            return None
+        except Exception:  # an annotation that does not evaluate: read the signature without types
+            continue
+    return None
+
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+@dataclass(frozen=True)
+class Bound(Generic[T]):
+    """A section checked against its constructor, ready to be built once.
+
+    Attributes:
+        key: the section's dotted recipe key (``loss.estimator``).
+        name: the registered name (or the constructor's name).
+        what: how messages name the component (``estimator 'amortized'``).
+        ctor: the constructor.
+        options: the section's keyword arguments, as the recipe wrote them.
+        passed: the parameters the caller always passes itself.
+        known: the caller-known values the constructor names (offered when the section does not set them).
+        needs: of those, the ones the constructor requires and the section does not set.
+        source: the section as given (a name or a mapping), to tell whether a recipe changed it.
+    """
+
+    key: str
+    name: str
+    what: str
+    ctor: Callable[..., T]
+    options: Mapping[str, Any]
+    passed: tuple[str, ...] = ()
+    known: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+    source: Any = field(default=None, compare=False)
+
+    def takes(self, param: str) -> bool:
+        """Whether the constructor names the caller-known value ``param`` (``num_samples``)."""
+        return param in self.known
+
+    def build(self, *args: Any, **values: Any) -> T:
+        """Call the constructor once: ``ctor(*args, **passed, **known values it names, **options)``.
+
+        Args:
+            *args: positional arguments the caller always passes (parameter groups, a model).
+            **values: the ``passed`` arguments, and the caller-known values: each of those goes only
+                to a constructor that names it, and only where the section does not set it; None
+                counts as unknown.
+
+        Raises:
+            RecipeError: under this section's key, for a required known value that is None or a
+                constructor's own ``TypeError``/``ValueError``.
+        """
+        given = {k: v for k, v in values.items() if k in self.passed
+                 or (k in self.known and k not in self.options and v is not None)}
+        for param in self.needs:
+            if param not in given:
+                raise RecipeError(f"{self.what} needs {param!r}, which is not known here: set {self.key}.{param}",
+                                  key=self.key)
+        try:
+            return self.ctor(*args, **given, **self.options)
+        except (TypeError, ValueError) as e:
+            raise keyed(self.key, e) from None
+
+
+def bind(ctor: Callable[..., T], options: Mapping[str, Any], key: str, *, name: Optional[str] = None,
+         what: Optional[str] = None,
+         passed: Iterable[str] = (), known: Iterable[str] = (), source: Any = None) -> Bound[T]:
+    """The binding step: check ``options`` against ``ctor``'s signature once and return the :class:`Bound`.
+
+    Args:
+        ctor: the constructor.
+        options: the section's keyword arguments.
+        key: the section's dotted recipe key, for messages.
+        name: the registered name (default: the constructor's name).
+        what: how messages name the component (default: ``name``).
+        passed: parameters the caller always passes itself (positional ones included); a section
+            may not set them.
+        known: values the caller knows (``dim``, ``num_samples``); offered to the constructor only
+            if it names them, and a section may set them instead.
+        source: the section as written (kept on the result).
+
+    Raises:
+        RecipeError: naming ``key.option`` of an unknown option (with a did-you-mean hint), a
+            value of the wrong type or outside its ``Annotated`` range, or ``key`` for a required
+            option that neither the section nor the caller gives.
+    """
+    name = name or getattr(ctor, "__name__", repr(ctor))
+    what = what or name
+    sig = _signature(ctor)
+    options = dict(options)
+    if sig is None:
+        return Bound(key, name, what, ctor, options, tuple(passed), source=source)
+    params = {n: p for n, p in sig.parameters.items() if p.kind in _NAMED}
+    open_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    passed = tuple(passed)
+    settable = [n for n in params if n not in passed]
+    for k, v in options.items():
+        p = params.get(k)
+        if k in passed or (p is None and not open_kwargs):
+            raise RecipeError(f"unknown option of {what}{_did_you_mean(k, settable)}; valid: "
+                              f"{', '.join(settable) or '(none)'}", key=f"{key}.{k}")
+        if p is not None:
+            conform(v, p.annotation, f"{key}.{k}")
+    takes = tuple(k for k in known if k in params)
+    unset = [n for n, p in params.items() if p.default is p.empty and n not in options and n not in passed]
+    missing = [n for n in unset if n not in takes]
+    if missing:
+        raise RecipeError(f"{what} needs {', '.join(map(repr, missing))}: set "
+                          f"{', '.join(f'{key}.{n}' for n in missing)}", key=key)
+    needs = [n for n in unset if n in takes]
+    return Bound(key, name, what, ctor, options, tuple(passed), takes, tuple(needs), source=source)
+
+
+@dataclass(frozen=True)
+class _Import:
+    """A constructor registered by where it lives, imported when first asked for."""
+
+    target: str
+    needs: Optional[str] = None
+    install: Optional[str] = None
+
+    def load(self, what: str) -> Callable:
+        """Import the constructor.
+
+        Raises:
+            RecipeError: naming ``what``, the missing package and the command that installs it.
+        """
+        module, _, attr = self.target.partition(":")
+        for package in (self.needs, module):
+            if package is None:
+                continue
+            try:
+                found = importlib.import_module(package)
+            except ImportError as e:
+                how = f": {self.install}" if self.install else ""
+                raise RecipeError(f"{what} needs the package {e.name or package!r}, which is not installed{how}") from None
+        return getattr(found, attr)
 
 
 class Registry(Generic[T]):
@@ -90,6 +245,18 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._items[name] = ctor
 
+    def register_import(self, name: str, target: str, *, needs: Optional[str] = None,
+                        install: Optional[str] = None) -> None:
+        """Register a constructor imported when first asked for: ``target`` is ``"module:attribute"``.
+
+        Args:
+            name: the registered name.
+            target: where the constructor lives (``"composer.loggers:TensorboardLogger"``).
+            needs: a package it needs beyond its module (``"tensorboard"``), checked when it is asked for.
+            install: the command that installs what is missing, for the message.
+        """
+        self.register(name, _Import(target, needs, install))
+
     def renamed(self, old: str, new: str) -> None:
         """Record that ``old`` was renamed ``new``, so that the error for ``old`` says so."""
         self._renamed[old] = new
@@ -102,11 +269,14 @@ class Registry(Generic[T]):
         """
         if name not in self._items:
             if name in self._renamed:
-                raise SectionError(f"{self.kind} {name!r} was renamed {self._renamed[name]!r}")
-            raise SectionError(
+                raise RecipeError(f"{self.kind} {name!r} was renamed {self._renamed[name]!r}")
+            raise RecipeError(
                 f"unknown {self.kind} {name!r}{_did_you_mean(name, self._items)}; valid: {', '.join(self.names())}"
             )
-        return self._items[name]
+        ctor = self._items[name]
+        if isinstance(ctor, _Import):  # imported modules are cached by Python; a missing package shows each time
+            ctor = ctor.load(f"{self.kind} {name!r}")
+        return ctor
 
     __getitem__ = get
 
@@ -114,81 +284,39 @@ class Registry(Generic[T]):
         """Call the constructor registered under ``name``."""
         return self.get(name)(*args, **kwargs)
 
-    def options(self, name: str, given: Iterable[str] = ()) -> list[str] | None:
-        """The keyword options a section may set for ``name`` (None: the constructor takes ``**kwargs``).
-
-        Args:
-            name: a registered name.
-            given: arguments the caller supplies itself (e.g. ``dim``), which a section may not set.
-        """
-        try:
-            sig = inspect.signature(self.get(name))
-        except (TypeError, ValueError):  # builtins without a signature
-            return None
-        params = sig.parameters.values()
-        if any(p.kind is p.VAR_KEYWORD for p in params):
-            return None
-        skip = set(given)
-        return [p.name for p in params
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip]
-
-    def accepts(self, name: str, param: str) -> bool:
-        """Whether the constructor of ``name`` takes a keyword argument ``param``."""
-        try:
-            params = inspect.signature(self.get(name)).parameters
-        except (TypeError, ValueError):
-            return False
-        return param in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-    def required(self, name: str) -> list[str]:
-        """Keyword parameters of the constructor of ``name`` that have no default."""
-        try:
-            params = inspect.signature(self.get(name)).parameters.values()
-        except (TypeError, ValueError):
-            return []
-        return [p.name for p in params
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty]
-
-    def check_section(self, section: Section, key: str = "section", given: Iterable[str] = ()) -> tuple[str, dict]:
-        """Check a section's name and option names against the constructor, without building.
-
-        Args:
-            section: ``"name"`` or ``{"name": ..., **kwargs}``.
-            key: the dotted recipe key, for messages.
-            given: arguments the caller passes itself (not settable from the section).
-
-        Returns:
-            ``(name, kwargs)``.
+    def bind(self, section: Section, key: str = "section", *, passed: Iterable[str] = (),
+             known: Iterable[str] = ()) -> Bound[T]:
+        """The binding step for a section naming one of this registry's components (see :func:`bind`).
 
         Raises:
-            SectionError: naming the key of an unknown name or option, with a did-you-mean hint.
+            RecipeError: naming ``key`` for an unknown name (valid ones listed, did-you-mean hint),
+                or ``key.option`` for a bad option.
         """
-        name, kwargs = section_name(section, key)
+        name, options = section_name(section, key)
         try:
-            self.get(name)
-        except SectionError as e:
-            raise SectionError(f"{key}: {e}") from None
-        valid = self.options(name, given)
-        if valid is not None:
-            for k in kwargs:
-                if k not in valid:
-                    raise SectionError(
-                        f"{key}.{k}: unknown option of {self.kind} {name!r}{_did_you_mean(k, valid)}; "
-                        f"valid: {', '.join(valid) or '(none)'}"
-                    )
-        return name, kwargs
+            ctor = self.get(name)
+        except RecipeError as e:
+            raise keyed(key, e) from None
+        return bind(ctor, options, key, name=name, what=f"{self.kind} {name!r}", passed=passed, known=known, source=section)
+
+    def accepts(self, name: str, param: str) -> bool:
+        """Whether the constructor of ``name`` names a keyword parameter ``param`` in its signature.
+
+        A constructor that only takes ``**kwargs`` (``nn.Module.__init__`` of a class without its
+        own ``__init__``) does not accept ``param``: caller-known values such as ``dim`` are offered
+        only to constructors that ask for them by name.
+        """
+        sig = _signature(self.get(name))
+        p = None if sig is None else sig.parameters.get(param)
+        return p is not None and p.kind in _NAMED
 
     def build_section(self, section: Section, *args: Any, key: str = "section", **given: Any) -> T:
-        """Build the component a section names: ``ctor(*args, **given, **section_kwargs)``.
+        """Bind a section and build it at once: ``ctor(*args, **given, **section_options)``.
 
-        Errors of the constructor itself (a value out of range) are re-raised as
-        :class:`SectionError` prefixed with ``key``.
+        For components built inside another's constructor (an estimator's ``amortizer``); the
+        recipe loader binds at load and builds later. ``given`` may not be set by the section.
         """
-        name, kwargs = self.check_section(section, key, given=given)
-        try:
-            return self.get(name)(*args, **given, **kwargs)
-        except (TypeError, ValueError) as e:
-            raise SectionError(f"{key}: {e}") from None
+        return self.bind(section, key, passed=given).build(*args, **given)
 
     def names(self) -> list[str]:
         """Registered names, sorted."""

@@ -125,6 +125,10 @@ class Piecewise:
 
     values: tuple[float, ...] = field(default=(0.0,))
 
+    def __post_init__(self):
+        if not self.values:
+            raise ValueError("values: a piecewise schedule needs at least one value, got []")
+
     def __call__(self, epoch: int, max_epochs: int = 1) -> float:
         """Return the value of the part of training that ``epoch`` falls in."""
         return piecewise(epoch, max_epochs, self.values)
@@ -157,8 +161,8 @@ def build_schedule(spec: Union[float, int, dict, Schedule, None]) -> Schedule | 
         return None
     if isinstance(spec, (int, float)):
         return Constant(float(spec))
-    if isinstance(spec, (Constant, CosineDecay, BetaWarmup, Piecewise)):
-        return spec
+    if isinstance(spec, (Constant, CosineDecay, BetaWarmup, Piecewise)) or callable(spec):
+        return spec  # a schedule object (a registered one included)
     if isinstance(spec, dict) or hasattr(spec, "items"):
         options = dict(spec)
         if "kind" in options and "name" not in options:

@@ -714,7 +714,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--amorlip", default=None, help="JSON overrides of the AmorLIP estimator options")
     p.add_argument("--variants", nargs="*", default=[],
-                   help="AmorLIP variants of benchmarks.amorlip_study to add at the smallest batch, as amorlip[NAME]")
+                   help="AmorLIP variants of benchmarks.amorlip_variants to add at the smallest batch, as amorlip[NAME]")
     p.add_argument("--out", default="small_batch", help="name of the benchmarks/<out>.{json,md} results")
     p.add_argument("--plot", default=None,
                    help="plot path (default docs/assets/small_batch_gap.png; none with --quick unless given)")
@@ -738,7 +738,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     cfgs = [RunConfig(m, b, s, epochs=a.epochs, split=a.split, amorlip=amor if m == "amorlip" else None)
             for m in a.methods for b in a.batches for s in a.seeds]
     if a.variants:
-        from benchmarks.amorlip_study import VARIANTS
+        from benchmarks.amorlip_variants import VARIANTS
 
         unknown = sorted(set(a.variants) - set(VARIANTS))
         if unknown:

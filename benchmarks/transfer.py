@@ -149,18 +149,9 @@ def build_loss(section: dict, num_samples: int, dim: int):
     """``ContrastiveLoss.from_sections`` of a ``loss:`` section (``objective``, ``estimator``, ``rho``, ...)."""
     from amortize.losses import ContrastiveLoss
 
-    import inspect
-
-    from amortize.estimators import ESTIMATORS
-
     sec = dict(section)
     est = sec.pop("estimator", None)
-    context = {"dim": dim, "num_samples": num_samples}
-    if est is not None:  # only what the constructor names: ``in_batch`` inherits Module's **kwargs and
-        # from_sections would pass it ``dim`` (ESTIMATORS.accepts counts **kwargs as accepting anything)
-        name = est if isinstance(est, str) else est["name"]
-        named = inspect.signature(ESTIMATORS.get(name)).parameters
-        context = {k: v for k, v in context.items() if k in named}
+    context = {"dim": dim, "num_samples": num_samples}  # from_sections passes each only where it is named
     return ContrastiveLoss.from_sections(sec.pop("objective", "linearized"), est, context=context, **sec)
 
 

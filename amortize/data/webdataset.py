@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -358,6 +359,77 @@ class ShardSamples:
                     yield out
 
 
+MIN_BATCH = 2
+"""The smallest batch the pipeline yields: a contrastive batch needs at least one negative."""
+
+
+class Batches:
+    """Pipeline stage: decoded samples -> batches of ``batch_size`` (see :func:`collate`).
+
+    With ``drop_last`` the final incomplete batch is dropped. Without it, it is yielded when it
+    holds at least :data:`MIN_BATCH` samples; a single final sample joins the batch before it
+    (one batch of ``batch_size + 1``), since a one-sample batch has no negative (it is dropped
+    only when it is the source's one sample).
+    """
+
+    def __init__(self, batch_size: int, drop_last: bool = True):
+        if batch_size < MIN_BATCH:
+            raise ValueError(f"batch_size must be >= {MIN_BATCH}, got {batch_size}")
+        self.batch_size, self.drop_last = int(batch_size), bool(drop_last)
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict[str, torch.Tensor]]:
+        held: list[dict] = []  # the last full batch, held back until the end is known
+        batch: list[dict] = []
+        for sample in src:
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                if held:
+                    yield collate(held)
+                held, batch = batch, []
+        if self.drop_last or len(batch) >= MIN_BATCH:
+            if held:
+                yield collate(held)
+            if batch and not self.drop_last:
+                yield collate(batch)
+        elif held:
+            yield collate(held + batch)
+
+
+class FirstBatches:
+    """Pipeline stage: at most ``n`` items of its source (one pass; nothing is repeated)."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __call__(self, src: Iterator[Any]) -> Iterator[Any]:
+        for i, item in enumerate(src):
+            if i >= self.n:
+                return
+            yield item
+
+
+def epoch_batches(epoch_samples: int, batch_size: int, num_workers: int, num_shards: int, world_size: int = 1,
+                  resampled: bool = False) -> tuple[int, int]:
+    """Batches per DataLoader worker and per process in an epoch of ``epoch_samples`` samples.
+
+    ``batch_size`` is the global batch. With split sampling a worker reads only its own shards,
+    and a process's shards are shared by at most as many workers as it has shards: workers
+    beyond that yield nothing, so each producing worker yields its share of the epoch (rounded
+    up; the loader's length, which the trainer stops at, is the epoch's count).
+
+    Returns:
+        ``(per_worker, per_process)``: the cap of each worker's batches and the loader's length.
+
+    >>> epoch_batches(100, 10, num_workers=4, num_shards=2)  # two workers have shards
+    (5, 10)
+    """
+    total = max(1, int(epoch_samples) // int(batch_size))
+    workers = max(1, int(num_workers))
+    if not resampled:
+        workers = max(1, min(workers, int(num_shards) // max(1, int(world_size))))
+    return -(-total // workers), total
+
+
 def make_pipeline(
     shards: str | Sequence[str],
     *,
@@ -385,8 +457,12 @@ def make_pipeline(
         counter: a [`SkipCounter`][amortize.data.webdataset.SkipCounter]; one is created if None
             and attached as ``pipeline.counter``.
         offsets: ``{shard: offset}`` for the dense index (computed with ``shard_offsets`` if None).
-        epoch_batches: length of a nominal epoch in batches (required meaning for ``resampled``).
-        drop_last: drop a final incomplete batch.
+        epoch_batches: batches per epoch. ``resampled``: the epoch's length (shards are drawn
+            until it is reached). Split sampling: at most this many batches of one pass over the
+            shards; a pass that yields fewer (a truncated or unreadable shard) ends the epoch early
+            and never reads a shard twice in an epoch.
+        drop_last: drop a final incomplete batch (without it, a single final sample joins the
+            batch before it: a contrastive batch needs a negative).
 
     Returns:
         The pipeline; iterate it (or wrap it in ``DataLoader(pipeline, batch_size=None, num_workers=...)``)
@@ -406,9 +482,11 @@ def make_pipeline(
     stages.append(ShardSamples(offsets, transform, tokenizer, counter))
     if shuffle_buffer:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
-    stages.append(wds.batched(batch_size, collation_fn=collate, partial=not drop_last))
+    stages.append(Batches(batch_size, drop_last=drop_last))
+    if epoch_batches is not None and not resampled:
+        stages.append(FirstBatches(epoch_batches))  # one pass over the shards, never a second read
     pipeline = wds.DataPipeline(*stages)
-    if epoch_batches is not None:
+    if epoch_batches is not None and resampled:
         pipeline = pipeline.with_epoch(epoch_batches)
     pipeline.counter = counter
     pipeline.offsets = offsets

@@ -19,8 +19,10 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from amortize import checks as K
+
 from amortize import comm as D
-from amortize.amortizers import build_amortizer
+from amortize.amortizers import AMORTIZERS
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator
 from amortize.objectives.stage1 import AMORTIZATION_OBJECTIVES, amortization_loss
 from amortize.registry import Section
@@ -174,7 +176,8 @@ class AmortizedEstimator(PartitionEstimator):
             raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
         self.dim = int(dim)
         self.amortizer = amortizer if isinstance(amortizer, str) else dict(amortizer)
-        build_amortizer(self.amortizer, self.dim)  # an unknown network or option fails here, named
+        # checked once here (an unknown network or option fails, named), built at every re-initialisation
+        self._amortizer = AMORTIZERS.bind(self.amortizer, "amortizer", passed=("dim",))
         self.objective = objective
         self.log_l2_weight = float(log_l2_weight)
         self.lr = float(lr)
@@ -212,7 +215,7 @@ class AmortizedEstimator(PartitionEstimator):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + epoch)
             return nn.ModuleDict(
-                {m: build_amortizer(self.amortizer, self.dim) for m in MODALITIES}
+                {m: self._amortizer.build(dim=self.dim) for m in MODALITIES}
             )
 
     @property
@@ -261,6 +264,7 @@ class AmortizedEstimator(PartitionEstimator):
         the current world size (``lr_scaling``). Idempotent: calling it again for the current
         epoch (as a resumed run does) changes nothing.
         """
+        K.epoch_counts(epoch, max_epochs)
         if epoch == int(self.epoch):
             return
         self.max_epochs.fill_(max(1, max_epochs))
@@ -348,6 +352,7 @@ class AmortizedEstimator(PartitionEstimator):
         online networks' RMSE against the in-batch log sums, before this step's fit) on the steps
         that fit; ``target_rmse`` (the EMA networks' RMSE) when the encoders are normalised by them.
         """
+        K.feature_dim(("x", "y"), (x, y), self.dim, type(self).__name__)
         epoch, max_epochs, step, epoch_step, has_previous = self._counters()
         if epoch < 0:
             self.start_epoch(0, max_epochs)

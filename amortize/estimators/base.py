@@ -7,6 +7,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from amortize import checks as K
+
 __all__ = ["PartitionEstimate", "PartitionEstimator"]
 
 
@@ -82,6 +84,7 @@ class PartitionEstimator(nn.Module):
             raise IndexError(
                 f"index out of range: values span [{lo}, {hi}] but the estimator holds {num_samples} samples"
             )
+        K.unique_index(index, type(self).__name__)
         return index.long()
 
 

@@ -14,6 +14,7 @@ functional face :mod:`amortize.functional` calls.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
@@ -24,7 +25,7 @@ from amortize import checks as K
 from amortize import kernels
 from amortize.comm import Block, Layout, build_layout
 
-__all__ = ["Pairs", "Partition", "Objective", "partition", "rescale_temperature"]
+__all__ = ["CLIP_INIT_LOGIT_SCALE", "Pairs", "Partition", "Objective", "partition", "rescale_temperature"]
 
 Scalar = Union[float, Tensor]
 
@@ -138,6 +139,10 @@ def rescale_temperature(loss: Tensor, scale: Scalar, rho: Optional[float]) -> Te
     return loss / s.detach() + rho / s
 
 
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+"""CLIP's initial ``log s`` (temperature 0.07): the default of every objective and of the towers."""
+
+
 class Objective(nn.Module):
     """Base class of encoder objectives: subclasses set the class attributes and write :meth:`terms`.
 
@@ -149,8 +154,12 @@ class Objective(nn.Module):
             objective); if so ``ContrastiveLoss`` joins it with an estimator.
         needs_bias: whether a logit bias is required (SigLIP).
         uses_bias: whether a given logit bias enters the scores (InfoNCE is invariant to it and drops it).
-        layouts: the layouts the objective is exact or unbiased under.
-        init_logit_scale: the initial ``log s`` a model trained with it starts from (None: CLIP's).
+        needs: what the objective needs of a process layout: ``unbiased`` (a loss that is a sum of
+            pair terms stays unbiased when the negatives are the local batch, reweighted: every
+            layout) or ``exact`` (every layout whose ``guarantee`` is ``exact``). Layouts declare
+            their guarantee, so no objective names a layout.
+        init_logit_scale: the initial ``log s`` a model trained with it starts from (default: CLIP's,
+            :data:`CLIP_INIT_LOGIT_SCALE`).
         init_logit_bias: the initial bias (None: no bias).
     """
 
@@ -159,8 +168,8 @@ class Objective(nn.Module):
     accepts_normalizers: ClassVar[bool] = False
     needs_bias: ClassVar[bool] = False
     uses_bias: ClassVar[bool] = True
-    layouts: ClassVar[tuple[str, ...]] = ("gather", "ring", "local")
-    init_logit_scale: ClassVar[Optional[float]] = None
+    needs: ClassVar[str] = "unbiased"
+    init_logit_scale: ClassVar[float] = CLIP_INIT_LOGIT_SCALE
     init_logit_bias: ClassVar[Optional[float]] = None
 
     def partition_weight(self) -> float:
@@ -168,21 +177,21 @@ class Objective(nn.Module):
         return 1.0
 
     @classmethod
-    def check_parts(cls, layout: Optional[str] = None, estimator: bool = False) -> None:
-        """Refuse, by name, a layout or an estimator this objective cannot be joined with.
+    def check_parts(cls, layout: Optional[Layout] = None, estimator: bool = False) -> None:
+        """Refuse a layout or an estimator this objective cannot be joined with.
 
-        The one copy of these guards: the loss module, its template and the recipe loader call it.
+        The one copy of these guards: the loss module and the template call it.
 
         Args:
-            layout: a layout's name (``this_process`` is always accepted), or None.
+            layout: a layout, or None; accepted when its ``guarantee`` is what :attr:`needs` asks.
             estimator: whether an estimator is to be joined with the objective.
 
         Raises:
-            ValueError: naming the objective and the valid choices.
+            ValueError: naming the objective, the layout and what it needs.
         """
-        if layout is not None and layout != "this_process" and layout not in cls.layouts:
-            raise ValueError(f"the {cls.name} objective has no {layout!r} layout (its loss is not a sum of pair "
-                             f"terms); valid: {', '.join(cls.layouts)}")
+        if layout is not None and cls.needs == "exact" and layout.guarantee != "exact":
+            raise ValueError(f"the {cls.name} objective needs an exact layout (its loss is not a sum of pair terms), "
+                             f"and {layout.name!r} is {layout.guarantee}")
         if estimator and not cls.accepts_normalizers:
             raise ValueError(f"the {cls.name} objective computes its own partition function and takes no "
                              "estimator (an estimator needs an objective that takes normalisers: linearized)")
@@ -215,14 +224,17 @@ class Objective(nn.Module):
         """
         level = K.resolve(checks)
         K.features(x, y, level, names)
+        K.normalised(x, y, level, names)
         K.scalar("scale", scale, level, positive=True)
         if bias is not None:
             K.scalar("bias", bias, level)
+            K.unneeded_bias(self.name, self.needs_bias)
         elif self.needs_bias:
             raise ValueError(f"the {self.name} objective needs a logit bias")
         K.chunk_size(chunk_size)
         lay = build_layout(layout)
-        self.check_parts(lay.name)
+        if not isinstance(layout, Layout):  # a layout object was checked when it was joined (ContrastiveLoss)
+            self.check_parts(lay)
         xf, yf = K.as_float32(x), K.as_float32(y)
         s = K.scalar_tensor(scale, xf)
         b = None if bias is None or not self.uses_bias else K.scalar_tensor(bias, xf)

@@ -25,7 +25,7 @@ class InfoNCE(Objective):
     name: ClassVar[str] = "infonce"
     needs_partition: ClassVar[bool] = True
     uses_bias: ClassVar[bool] = False
-    layouts: ClassVar[tuple[str, ...]] = ("gather", "ring")
+    needs: ClassVar[str] = "exact"
 
     def terms(self, pairs: Pairs, part: Optional[Partition], log_norm_x: Optional[Tensor] = None,
               log_norm_y: Optional[Tensor] = None) -> dict[str, Tensor]:

@@ -23,7 +23,7 @@ class Sigmoid(Objective):
 
     name: ClassVar[str] = "sigmoid"
     needs_bias: ClassVar[bool] = True
-    init_logit_scale: ClassVar[Optional[float]] = math.log(10.0)
+    init_logit_scale: ClassVar[float] = math.log(10.0)
     init_logit_bias: ClassVar[Optional[float]] = -10.0
 
     def terms(self, pairs: Pairs, part: Optional[Partition], log_norm_x: Optional[Tensor] = None,

@@ -168,6 +168,9 @@ def export_state(state: State) -> dict:
 class ExportWeights(Callback):
     """Write ``<folder>/<filename>`` (rank 0) at the end of every epoch and at FIT_END.
 
+    Weights that hold NaN or Inf are never written: the callback raises
+    :class:`~amortize.train.guards.NonFiniteWeightsError` instead, and the run stops with it.
+
     The file loads with ``torch.load(path, weights_only=True)`` and is what ``amortize eval``
     reads when given a run folder.
 
@@ -193,5 +196,12 @@ class ExportWeights(Callback):
 
         if dist.get_global_rank() != 0:
             return
-        atomic_save(export_state(state), self.path)
+        from amortize.train.guards import check_finite_weights
+
+        export = export_state(state)
+        ts = export["timestamp"]
+        # the towers only: a moving-average table holds -inf for samples not seen yet
+        check_finite_weights(export["model"],
+                             f"{self.path} at epoch {ts['epoch']}, batch {ts['batch']}")
+        atomic_save(export, self.path)
 

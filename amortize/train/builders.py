@@ -17,8 +17,7 @@ from composer.algorithms import GradientClipping
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
-from amortize.estimators import ESTIMATORS
-from amortize.registry import section_name
+from amortize.options import keyed
 from amortize.train.algorithms import ClampLogitScale, EpochSchedules, ExportWeights, FullBatchGuard, LogLossTerms
 from amortize.train.components import build_dataset, build_loss, build_tokenizer, build_two_tower
 from amortize.train.config import Recipe, RecipeError, recipe_to_dict
@@ -28,35 +27,19 @@ from amortize.train.guards import DataSkipReport, DivergenceGuard, SaveOnInterru
 from amortize.train.model import ContrastiveComposerModel
 from amortize.train.optim import build_optimizer, build_scheduler
 from amortize.train.plan import decide_start
+from amortize.train.sections import bindings
+from amortize.train.validate import check_microbatch_model, check_shards_exist
 
 __all__ = ["per_process_batch_size", "build_dataloader", "build_composer_model", "build_trainer", "dry_run"]
 
 
 @contextlib.contextmanager
 def _section(key: str) -> Iterator[None]:
-    """Turn a constructor's ``ValueError`` into a :class:`RecipeError` naming the recipe section."""
+    """Put a constructor's ``ValueError``/``TypeError`` under the recipe key of what it builds."""
     try:
         yield
-    except RecipeError:
-        raise
     except (ValueError, TypeError) as e:
-        raise RecipeError(f"{key}: {e}") from None
-
-
-def _check_estimator_size(recipe: Recipe, num_samples: Optional[int]) -> None:
-    """Per-sample tables must hold every index the data yields (checked before the first step)."""
-    c = recipe.loss
-    if c.estimator is None:
-        return
-    name, options = section_name(c.estimator, "loss.estimator")
-    if name not in ESTIMATORS or not ESTIMATORS.accepts(name, "num_samples"):
-        return
-    given = options.get("num_samples")
-    if given is None and not num_samples:
-        raise RecipeError("loss.estimator.num_samples: the dataset size is unknown; set it (or data.num_samples)")
-    if given is not None and num_samples and given < num_samples:
-        raise RecipeError(f"loss.estimator.num_samples={given} is smaller than the dataset ({num_samples} "
-                          "samples, indices 0..N-1); leave it out to size the estimator from the data")
+        raise keyed(key, e) from None
 
 
 def per_process_batch_size(recipe: Recipe) -> int:
@@ -85,7 +68,8 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
     if d.name == "webdataset":
         if not d.shards:
             raise RecipeError("data.shards must name the .tar shards for data.name 'webdataset'")
-        from amortize.data.webdataset import SkipCounter, expand_shards, make_pipeline, open_clip_transform, shard_sizes
+        from amortize.data.webdataset import (SkipCounter, epoch_batches, expand_shards, make_pipeline,
+                                              open_clip_transform, shard_sizes)
 
         try:
             urls = expand_shards(d.shards)
@@ -98,6 +82,7 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
             what = (f"{len(missing)} of the {len(urls)} shards do not exist (first: {missing[0]})" if missing
                     else f"none of the {len(urls)} shards holds a readable sample")
             raise RecipeError(f"data.shards: no training data: {what}; check the pattern {d.shards!r}")
+        check_shards_exist(urls, d.shards)  # amortize.train.validate: a named shard that is missing is refused
         offsets, start = {}, 0
         for u, n in sizes.items():
             offsets[u], start = start, start + n
@@ -107,14 +92,15 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
                               "epoch (data.num_samples or the shards' count)")
         # batches per process and epoch, split over its DataLoader workers (each counts its own);
         # the loader's length lets Composer convert epochs (max_duration, warmup, save_interval)
-        workers = max(1, d.num_workers)
-        epoch_batches = max(1, epoch_samples // recipe.data.batch_size // workers)
+        # (amortize.data.webdataset.epoch_batches: split sampling shares a process's shards among its workers)
+        per_worker, epoch_len = epoch_batches(epoch_samples, recipe.data.batch_size, d.num_workers, len(urls),
+                                              dist.get_world_size(), d.sampling == "resampled")
         pipeline = make_pipeline(
             urls, transform=open_clip_transform(image_size, is_train=True), tokenizer=tokenizer,
             batch_size=per, resampled=d.sampling == "resampled",
-            shuffle_buffer=d.shuffle_buffer, seed=recipe.seed, epoch_batches=epoch_batches, offsets=offsets,
+            shuffle_buffer=d.shuffle_buffer, seed=recipe.seed, epoch_batches=per_worker, offsets=offsets,
             drop_last=d.drop_last, counter=SkipCounter(d.max_skip_fraction, min_seen=d.skip_min_seen),
-        ).with_length(epoch_batches * workers, silent=True)
+        ).with_length(epoch_len, silent=True)
         loader = DataLoader(pipeline, batch_size=None, num_workers=d.num_workers,
                             persistent_workers=d.num_workers > 0)
         return loader, total
@@ -194,9 +180,9 @@ def build_trainer(
 
         cbs.append(EvalCallback(tokenizer, every_n_epochs=e.every_n_epochs, at_fit_end=e.at_fit_end,
                                 batch_size=e.batch_size, print_table=True))
-    elif e.tasks not in ("none", "default"):
-        raise RecipeError(f"eval.tasks: {e.tasks!r} is not one of default, none")
-    cbs.extend(callbacks)
+    extra = _recipe_extras(recipe)
+    algorithms.extend(extra["algorithms"])
+    cbs.extend([*extra["callbacks"], *callbacks])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(deterministic|microbatch|No optimizer|step_schedulers).*")
         trainer = Trainer(
@@ -208,7 +194,7 @@ def build_trainer(
             step_schedulers_every_batch=True,
             algorithms=algorithms,
             callbacks=cbs,
-            loggers=list(loggers),
+            loggers=[*extra["loggers"], *loggers],
             run_name=recipe.run_name,
             progress_bar=recipe.progress_bar,
             log_to_console=recipe.log_to_console,
@@ -246,20 +232,24 @@ def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optio
     if device == "cpu" and (recipe.precision or "fp32") != "fp32":
         raise RecipeError(f"precision: {recipe.precision} needs a GPU, and this run would use the CPU "
                           f"(device={recipe.device}); set precision=fp32 (or null) for the CPU")
-    with _section("model"):
-        towers = build_two_tower(recipe)
+    towers = build_two_tower(recipe)
+    check_microbatch_model(recipe, towers)  # amortize.train.validate
     tokenizer = build_tokenizer(recipe, towers.context_length)
     if train_dataloader is None:
         train_dataloader, num_samples = build_dataloader(recipe, tokenizer, towers.image_size)
-    _check_estimator_size(recipe, num_samples)
-    with _section("loss"):
-        loss_fn = build_loss(recipe, towers.embed_dim, num_samples=num_samples)
+    loss_fn = build_loss(recipe, towers.embed_dim, num_samples=num_samples)
     model = ContrastiveComposerModel(towers, loss_fn, recipe=recipe_to_dict(recipe))
     with _section("optimizer"):
         optimizer = build_optimizer(model, recipe.optimizer)
     with _section("scheduler"):
         scheduler = build_scheduler(recipe.scheduler)
     return model, tokenizer, train_dataloader, optimizer, scheduler
+
+
+def _recipe_extras(recipe: Recipe) -> dict[str, list[Any]]:
+    """The recipe's ``loggers``, ``callbacks`` and ``algorithms``, each built once from its bound section."""
+    b = bindings(recipe)
+    return {key: [bound.build() for bound in b.many(key)] for key in ("loggers", "callbacks", "algorithms")}
 
 
 def dry_run(recipe: Recipe) -> list[str]:
@@ -275,6 +265,7 @@ def dry_run(recipe: Recipe) -> list[str]:
     per = per_process_batch_size(recipe)
     plan = decide_start(recipe)
     model, _, loader, optimizer, scheduler = _components(recipe)
+    extra = _recipe_extras(recipe)
     try:
         batches = len(loader)
     except TypeError:
@@ -286,6 +277,7 @@ def dry_run(recipe: Recipe) -> list[str]:
         f"data: {recipe.data.name}, {batches if batches is not None else 'unknown'} batches of {per} per process "
         f"and epoch",
         f"optimizer: {type(optimizer).__name__}; scheduler: {type(scheduler).__name__ if scheduler else 'none'}",
+        *(f"{key}: {', '.join(type(x).__name__ for x in built)}" for key, built in extra.items() if built),
         f"start: {plan.describe()}; checkpoints in {recipe.resolved_save_folder()}/",
     ]
 

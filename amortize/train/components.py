@@ -6,7 +6,6 @@ from a recipe without it.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -14,8 +13,11 @@ from torch.utils.data import Dataset
 
 from amortize.losses import ContrastiveLoss
 from amortize.models import TwoTowerModel, build_model
-from amortize.train.config import DataConfig, Recipe, RecipeError
-from amortize.registry import Registry, SectionError
+from amortize.options import RecipeError, keyed
+from amortize.registry import Bound, Registry
+from amortize.train.schema import DataConfig, Recipe
+from amortize.train.sections import bindings
+from amortize.train.validate import check_estimator_dim
 
 __all__ = [
     "DATASETS",
@@ -84,34 +86,53 @@ DATASETS.register("synthetic", _synthetic)
 
 
 def build_two_tower(recipe: Recipe) -> TwoTowerModel:
-    """The untrained two-tower model of a recipe (its initial ``log s`` and bias were resolved at load)."""
-    m = recipe.model
-    scale = m.init_logit_scale if m.init_logit_scale is not None else math.log(1 / 0.07)
-    return build_model(m.name, image_size=m.image_size, context_length=m.context_length,
-                       init_logit_scale=scale, init_logit_bias=m.init_logit_bias)
+    """The untrained two-tower model of a recipe (its initial ``log s`` and bias were resolved at load).
+
+    Binds and builds the ``model`` section only: the loss sections and the recipe's ``imports``
+    are not needed to rebuild the towers (``amortize eval``).
+    """
+    return bindings(recipe).get("model").build()
 
 
 def build_loss(recipe: Recipe, embed_dim: int, num_samples: Optional[int] = None) -> ContrastiveLoss:
-    """The :class:`~amortize.losses.ContrastiveLoss` of a recipe (:meth:`~amortize.losses.ContrastiveLoss.from_sections`).
+    """The :class:`~amortize.losses.ContrastiveLoss` of a recipe, from its bound ``loss.*`` sections.
 
     Args:
         recipe: the recipe.
-        embed_dim: the model's embedding width ``d`` (``dim`` of the estimator).
-        num_samples: dataset size (``num_samples`` of per-sample estimators).
+        embed_dim: the model's embedding width ``d`` (offered as ``dim`` to an estimator naming it).
+        num_samples: dataset size (offered as ``num_samples`` to an estimator naming it; None: unknown).
 
     Raises:
-        RecipeError: naming the key of a bad section or a missing dataset size.
+        RecipeError: naming the ``loss.*`` key of a bad value, or a per-sample estimator whose size
+            is unknown or smaller than the dataset.
     """
-    c = recipe.loss
+    b, c = bindings(recipe), recipe.loss
+    check_estimator_dim(c.estimator, embed_dim)  # amortize.train.validate
+    est = b.get("loss.estimator")
+    estimator = None
+    if est is not None:
+        _check_estimator_size(est, num_samples)
+        estimator = est.build(dim=embed_dim, num_samples=num_samples)
+    objective = b.get("loss.objective").build()
+    layout = b.get("loss.layout").build()
+    rho = b.get("loss.rho")
     try:
-        return ContrastiveLoss.from_sections(c.objective, c.estimator, layout=c.layout, rho=c.rho,
-                                             chunk_size=c.chunk_size,
-                                             context={"dim": embed_dim, "num_samples": num_samples})
-    except (SectionError, ValueError) as e:
-        msg = str(e)
-        if "'num_samples'" in msg:
-            msg += " or data.num_samples (the dataset size)"
-        raise RecipeError(msg) from None
+        return ContrastiveLoss(objective, estimator, layout=layout, rho=rho.build() if rho is not None else c.rho,
+                               chunk_size=c.chunk_size)
+    except (TypeError, ValueError) as e:
+        raise keyed("loss", e) from None
+
+
+def _check_estimator_size(est: Bound, num_samples: Optional[int]) -> None:
+    """Per-sample tables must hold every index the data yields (checked before the first step)."""
+    if not est.takes("num_samples"):
+        return
+    given = est.options.get("num_samples")
+    if given is None and not num_samples:
+        raise RecipeError("the dataset size is unknown; set it (or data.num_samples)", key=f"{est.key}.num_samples")
+    if given is not None and num_samples and given < num_samples:
+        raise RecipeError(f"{est.key}.num_samples={given} is smaller than the dataset ({num_samples} samples, "
+                          "indices 0..N-1); leave it out to size the estimator from the data")
 
 
 def build_tokenizer(recipe: Recipe, context_length: int):

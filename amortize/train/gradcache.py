@@ -32,10 +32,11 @@ from composer.loggers import Logger
 
 from amortize.gradcache import check_microbatchable
 from amortize.train.model import unwrap
+from amortize.train.compat import PINNED_COMPOSER
 
 __all__ = ["GradientCache", "gradient_cache_first", "microbatch_trainer_kwargs", "COMPOSER_CONTRACT", "COMPOSER_VERSION"]
 
-COMPOSER_VERSION = "0.32.1"
+COMPOSER_VERSION = PINNED_COMPOSER  # the one pin (amortize.train.compat); pyproject.toml states it too
 """The Composer release whose training step :data:`COMPOSER_CONTRACT` was checked against."""
 
 COMPOSER_CONTRACT = (

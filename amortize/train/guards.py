@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 from typing import Any, Optional
 
@@ -36,7 +37,10 @@ __all__ = [
     "DIVERGENCE_POLICIES",
     "DivergenceError",
     "DivergenceGuard",
+    "NonFiniteWeightsError",
+    "check_finite_weights",
     "DataSkipReport",
+    "STOP_SIGNALS",
     "SaveOnInterrupt",
     "TrainingInterrupted",
 ]
@@ -60,6 +64,26 @@ class DivergenceError(RuntimeError):
         super().__init__(message)
         self.batch = batch
         self.checkpoint = checkpoint
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The run's weights hold NaN or infinite values; nothing is exported. The message names how
+    many tensors and the first ones."""
+
+
+def check_finite_weights(state_dict: dict, where: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` when a floating tensor of ``state_dict`` is not finite.
+
+    Args:
+        state_dict: the towers' (and loss module's) state.
+        where: what is being written, for the message (``model.pt at epoch 2, batch 40``).
+    """
+    bad = K.non_finite_tensors(state_dict)
+    if bad:
+        raise NonFiniteWeightsError(
+            f"the weights are not finite ({len(bad)} of the tensors hold NaN or Inf, first: {', '.join(bad[:3])}); "
+            f"refusing to write {where}. Lower optimizer.lr, keep divergence.policy=skip or stop, and resume "
+            "from an earlier checkpoint")
 
 
 def _params_with_grad(state: State) -> list[torch.nn.Parameter]:
@@ -258,11 +282,22 @@ class DataSkipReport(Callback):
 
     def __init__(self, counter: Any):
         self.counter = counter
+        self._epoch_start_batch: Optional[int] = None
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        """Composer hook (EPOCH_END, FIT_END)."""
+        """Composer hook (EPOCH_START, EPOCH_END, FIT_END)."""
+        if event == Event.EPOCH_START:
+            self._epoch_start_batch = int(state.timestamp.batch)
+            return
         if event not in (Event.EPOCH_END, Event.FIT_END):
             return
+        if event == Event.EPOCH_END and self._epoch_start_batch == int(state.timestamp.batch):
+            # before EPOCH_CHECKPOINT: no untrained checkpoint or export is written
+            from amortize.data.webdataset import TooManySkippedError
+
+            raise TooManySkippedError(
+                f"data: epoch {int(state.timestamp.epoch) - 1} yielded no batch ({self.counter.summary()}); "
+                "every sample was skipped or the shards hold fewer samples than one batch")
         counts = self.counter.as_dict()
         metrics = {f"data/{k}" if k in ("kept", "shards") else f"data/skipped/{k}": float(v) for k, v in counts.items()}
         logger.log_metrics(metrics)
@@ -273,37 +308,78 @@ class DataSkipReport(Callback):
                         100 * self.counter.max_skip_fraction)
 
 
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+"""The signals :class:`SaveOnInterrupt` turns into a checkpoint, the export and a clean stop."""
+
+
 class TrainingInterrupted(Exception):
-    """Ctrl-C stopped training after a checkpoint and the weights export were written.
+    """A stop signal (Ctrl-C or SIGTERM) ended training after a checkpoint and the weights export were written.
 
     Attributes:
         checkpoint: the checkpoint written at the interrupted batch.
         export: the weights export (``model.pt``).
         epoch: the epoch count of the checkpoint.
         batch: the batch count of the checkpoint.
+        signum: the signal that stopped the run (``signal.SIGINT`` or ``signal.SIGTERM``); the
+            command line exits with ``128 + signum`` (130, 143), as the shell reports a signal.
     """
 
-    def __init__(self, checkpoint: str, export: str, epoch: int, batch: int):
-        super().__init__(f"interrupted at epoch {epoch}, batch {batch}; saved {checkpoint} and {export}")
+    def __init__(self, checkpoint: str, export: str, epoch: int, batch: int, signum: int = signal.SIGINT):
+        what = STOP_SIGNALS.get(signum, f"signal {signum}")
+        super().__init__(f"interrupted at epoch {epoch}, batch {batch}; saved {checkpoint} and {export} ({what})")
         self.checkpoint, self.export, self.epoch, self.batch = checkpoint, export, epoch, batch
+        self.signum = int(signum)
+
+    @property
+    def exit_status(self) -> int:
+        """``128 + signum``: 130 for Ctrl-C, 143 for SIGTERM."""
+        return 128 + self.signum
 
 
-def _single_process() -> bool:
+def _world_size() -> int:
     from composer.utils import dist
 
-    return dist.get_world_size() == 1
+    return dist.get_world_size()
+
+
+def _die_with_parent() -> None:
+    """Under a launcher, ask Linux to send this process SIGTERM when the launcher dies.
+
+    A scheduler that sends SIGTERM to the launcher only (not to the whole process group) kills
+    Composer's launcher at once, without forwarding the signal; the workers would train on,
+    orphaned, until killed without a checkpoint. With ``PR_SET_PDEATHSIG`` they get SIGTERM and
+    save. Elsewhere than Linux this does nothing.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux
+        pass
 
 
 class SaveOnInterrupt(Callback):
-    """Ctrl-C (SIGINT) finishes the current batch, saves a checkpoint and the export, then stops.
+    """SIGINT (Ctrl-C) or SIGTERM (what a scheduler sends before preempting a job) finishes the
+    current batch, saves a checkpoint and the export, then stops the run.
 
-    The first SIGINT only sets a flag; at the next BATCH_CHECKPOINT (after the optimiser and
-    scheduler step: the state a periodic checkpoint holds) the callback writes
-    ``save_folder/save_filename`` (atomically), points the ``latest`` link at it, writes the
-    weights export and raises :class:`TrainingInterrupted`. A second Ctrl-C interrupts at once.
-    The handler is installed for the duration of ``fit``, in the main thread of a single-process
-    run only: under Composer's launcher the processes would take the signal at different batches,
-    and the launcher stops them itself; there, periodic checkpoints and ``autoresume`` cover it.
+    The signal only sets a flag; at the next BATCH_CHECKPOINT (after the optimiser and scheduler
+    step: the state a periodic checkpoint holds) the callback writes ``save_folder/save_filename``
+    (atomically), points the ``latest`` link at it, writes the weights export and raises
+    :class:`TrainingInterrupted`, which ``amortize train`` turns into the resume command and exit
+    status ``128 + signum`` (130 for Ctrl-C, 143 for SIGTERM). Resuming with ``autoresume=true``
+    continues bit-identically: the checkpoint holds what a periodic one would.
+
+    Several processes (Composer's launcher): every process installs the handlers, and the
+    processes agree at every BATCH_CHECKPOINT on whether any of them was signalled (one
+    max-reduction of one number per batch), so all of them save the same batch together. Ctrl-C
+    reaches every process of the terminal's process group, and the launcher then sends SIGTERM
+    to its workers: a second signal while a stop is pending is ignored there (the launcher
+    kills the workers with SIGKILL 30 s later if they hang). A worker also asks for SIGTERM when
+    the launcher dies (see :func:`_die_with_parent`). In a single process, the same signal
+    twice stops at once (a second Ctrl-C raises ``KeyboardInterrupt``).
+
+    The handlers are installed for the duration of ``fit``, in the main thread only.
 
     Args:
         save_folder: the run's folder.
@@ -315,28 +391,63 @@ class SaveOnInterrupt(Callback):
     def __init__(self, save_folder: str, save_filename: str, latest_filename: str, export: Any):
         self.save_folder, self.save_filename, self.latest_filename = save_folder, save_filename, latest_filename
         self.export = export
-        self.requested = False
-        self._previous: Any = None
+        self.requested = 0  # the signal number asked for, 0: none
+        self._previous: dict[int, Any] = {}
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)  # a second Ctrl-C stops now
-        print("\nCtrl-C: finishing this batch, then saving a checkpoint (Ctrl-C again to stop at once)", flush=True)
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            if signum == self.requested and len(self._previous) and _world_size() == 1:
+                self._restore()  # the same signal twice in one process: stop at once
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), signum)
+            return
+        self.requested = int(signum)
+        from composer.utils import dist
+
+        if dist.get_global_rank() == 0:
+            more = "; Ctrl-C again to stop at once" if signum == signal.SIGINT and _world_size() == 1 else ""
+            text = f"\n{STOP_SIGNALS.get(signum, signum)}: finishing this batch, then saving a checkpoint{more}\n"
+            try:  # a raw write: print() here could re-enter a buffered write the signal interrupted
+                os.write(sys.stderr.fileno(), text.encode())
+            except (OSError, ValueError):
+                pass
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.requested = 0
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        if _world_size() > 1:
+            _die_with_parent()
 
     def _restore(self) -> None:
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous)
-        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _agreed(self, state: State) -> int:
+        """The signal any process was given (the largest number), the same on every process."""
+        if _world_size() == 1:
+            return self.requested
+        from composer.utils import dist
+
+        flag = state.device.tensor_to_device(torch.tensor([float(self.requested)]))
+        dist.all_reduce(flag, reduce_operation="MAX")
+        return int(flag.item())
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         """Composer hook (FIT_START, BATCH_CHECKPOINT, FIT_END)."""
-        if event == Event.FIT_START and threading.current_thread() is threading.main_thread() and _single_process():
-            self.requested = False
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        if event == Event.FIT_START:
+            self._install()
         elif event == Event.FIT_END:
             self._restore()
-        elif event == Event.BATCH_CHECKPOINT and self.requested:
-            self._restore()
+        elif event == Event.BATCH_CHECKPOINT:
+            signum = self._agreed(state)
+            if not signum:
+                return
             from composer.utils import dist
             from composer.utils.checkpoint import save_checkpoint
 
@@ -350,9 +461,10 @@ class SaveOnInterrupt(Callback):
                 atomic_symlink(os.path.basename(path), os.path.join(self.save_folder,
                                                                     self.latest_filename.format(rank=0)))
             self.export.run_event(Event.FIT_END, state, logger)
+            dist.barrier()  # rank 0's export is whole before any process reports
             raise TrainingInterrupted(str(path), self.export.path, int(state.timestamp.epoch),
-                                      int(state.timestamp.batch))
+                                      int(state.timestamp.batch), signum)
 
     def close(self, state: State, logger: Logger) -> None:
-        """Put the previous SIGINT handler back."""
+        """Put the previous signal handlers back."""
         self._restore()

@@ -23,10 +23,18 @@ from typing import Any, Optional
 
 from amortize.train.config import Recipe, RecipeError, recipe_to_dict
 
-__all__ = ["IDENTITY_KEYS", "StartPlan", "decide_start", "recipe_differences", "run_files"]
+__all__ = ["IDENTITY_KEYS", "NOT_COMPARED", "RESTORED_KEYS", "StartPlan", "resume_changes", "check_writable", "decide_start", "recipe_differences", "run_files"]
 
 IDENTITY_KEYS = ("method", "model", "loss", "optimizer.name")
 """Recipe keys (and sections) a checkpoint must share with the recipe that resumes it."""
+
+RESTORED_KEYS = ("seed", "optimizer", "scheduler", "data.batch_size")
+"""Keys whose value a resumed run takes from its checkpoint (the random state, the optimizer's
+state and learning rates, the schedule's position, the samples counted per batch): a change
+would be stored but not applied, so resuming with one is refused, naming the key and both values."""
+
+NOT_COMPARED = ("autoresume", "save_overwrite", "load_path", "load_mode")
+"""Keys that say how a run starts, not what it trains; never compared on resume."""
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -76,6 +84,8 @@ class StartPlan:
         epoch: the checkpoint's epoch count.
         batch: the checkpoint's batch count.
         replaced: files of an earlier run that ``save_overwrite=true`` removes before training.
+        changed: ``key: old -> new`` lines of the recipe keys a resumed run changes and applies
+            (``max_duration``, ``grad_clip_norm``, logging ...; see :func:`resume_changes`).
     """
 
     mode: str = "fresh"
@@ -83,14 +93,16 @@ class StartPlan:
     epoch: int = 0
     batch: int = 0
     replaced: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         """One line for the console."""
         where = f"{self.checkpoint} (epoch {self.epoch}, batch {self.batch})"
+        applied = f"; applying the changed {'; '.join(self.changed)}" if self.changed else ""
         if self.mode == "autoresume":
-            return f"resuming from {where}"
+            return f"resuming from {where}{applied}"
         if self.mode == "load":
-            return f"continuing from {where}: weights, optimizer, schedules and step count"
+            return f"continuing from {where}: weights, optimizer, schedules and step count{applied}"
         if self.mode == "weights":
             return f"starting from the encoder weights of {where}; optimizer, estimator and step count start fresh"
         if self.replaced:
@@ -118,6 +130,16 @@ def _read(path: str) -> tuple[dict, dict]:
     raise RecipeError(f"{path} is not a checkpoint written by `amortize train`")
 
 
+def _read_any(path: str) -> tuple[dict, dict]:
+    """(recipe, timestamp) of a Composer checkpoint or of a weights export (for messages)."""
+    from amortize.checkpoints import safe_load
+
+    ck = safe_load(path)
+    if isinstance(ck, dict) and str(ck.get("format", "")).startswith("amortize-weights/"):
+        return ck.get("recipe") or {}, dict(ck.get("timestamp") or {})
+    return _read(path)
+
+
 def _finished(recipe: Recipe, ts: dict) -> bool:
     m = re.fullmatch(r"\s*([0-9]+)\s*(ep|ba|sp)\s*", recipe.max_duration)
     if not m:
@@ -142,6 +164,48 @@ def _latest(recipe: Recipe) -> Optional[str]:
     return str(max(found, key=lambda p: (int((re.search(r"ba(\d+)", p.name) or [0, -1])[1]), p.stat().st_mtime)))
 
 
+def resume_changes(old: dict, new: dict, source: str) -> list[str]:
+    """Sort the keys a resumed run changes into applied ones (returned) and refused ones.
+
+    The identity keys (:data:`IDENTITY_KEYS`) were compared before. A key of
+    :data:`RESTORED_KEYS` is restored from the checkpoint, so a change is refused; every other
+    key (``max_duration``, ``grad_clip_norm``, ``divergence``, ``data.num_workers``, logging and
+    saving options ...) is read from the new recipe when the trainer is built, so its change is
+    applied and returned for the start line.
+
+    Returns:
+        ``key: old -> new`` lines of the applied changes.
+
+    Raises:
+        RecipeError: naming each refused key with its saved and its new value.
+    """
+    changed = [d for d in recipe_differences(old, new, keys=tuple(new)) if not d.startswith(NOT_COMPARED)]
+    refused = [d for d in changed if d.split(":")[0] == "seed" or d.startswith(tuple(k for k in RESTORED_KEYS))]
+    if refused:
+        raise RecipeError(
+            f"{source} was saved with other values of keys a resumed run restores from the checkpoint "
+            f"({'; '.join(refused)}); the new values would be stored but not applied. Resume with the saved "
+            "values, or start a new run from its weights with load_path=CHECKPOINT load_mode=weights")
+    return changed
+
+
+def check_writable(folder: str) -> None:
+    """Refuse a save folder that cannot be created or written (checked without writing anything).
+
+    Raises:
+        RecipeError: ``save_folder: /data/ro/run cannot be written (/data/ro is read-only ...)``.
+    """
+    probe = Path(os.path.abspath(folder))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RecipeError(f"save_folder: {folder} cannot be created: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "it is" if str(probe) == os.path.abspath(folder) else f"{probe} is"
+        raise RecipeError(f"save_folder: {folder} cannot be written ({what} read-only for this user); choose "
+                          "another save_folder or run_name")
+
+
 def decide_start(recipe: Recipe) -> StartPlan:
     """Decide how ``recipe`` starts, or refuse a start that would lose or mix work.
 
@@ -149,6 +213,7 @@ def decide_start(recipe: Recipe) -> StartPlan:
         RecipeError: naming the folder or checkpoint, the differing recipe keys, and the ways out.
     """
     folder = recipe.resolved_save_folder()
+    check_writable(folder)
     new = recipe_to_dict(recipe)
     outs = (f"keep it and train elsewhere with run_name=NEW or save_folder=DIR, "
             f"or replace it with save_overwrite=true")
@@ -161,29 +226,37 @@ def decide_start(recipe: Recipe) -> StartPlan:
                 raise RecipeError(
                     f"autoresume: {folder} holds a checkpoint of another recipe ({'; '.join(diff)}); {outs} "
                     "autoresume=false")
+            applied = resume_changes(old, new, f"autoresume: the checkpoint in {folder}")
             if _finished(recipe, ts):
                 raise RecipeError(
                     f"autoresume: the run in {folder} already finished (epoch {ts.get('epoch', 0)}, batch "
                     f"{ts.get('batch', 0)}; max_duration={recipe.max_duration}); to train longer raise "
                     f"max_duration, or {outs} autoresume=false")
-            return StartPlan("autoresume", os.path.realpath(latest), ts.get("epoch", 0), ts.get("batch", 0))
+            return StartPlan("autoresume", os.path.realpath(latest), ts.get("epoch", 0), ts.get("batch", 0),
+                             changed=applied)
     existing = run_files(recipe)
     replaced: list[str] = []
-    if existing and not recipe.autoresume:
-        if not recipe.save_overwrite:
-            names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
-            differs = ""
-            latest = _latest(recipe) or (str(Path(folder) / "model.pt") if (Path(folder) / "model.pt").is_file() else None)
-            if latest is not None:
-                try:
-                    old, _ = _read(latest)
-                    diff = recipe_differences(old, new, keys=tuple(new))
-                    diff = [d for d in diff if not d.startswith(("save_", "load_", "autoresume"))]
-                    differs = f"; its recipe differs in {'; '.join(diff[:6])}" if diff else "; same recipe"
-                except Exception:  # unreadable files still belong to the earlier run
-                    differs = ""
+    if existing and not recipe.save_overwrite:
+        # reached with autoresume only when the folder holds no checkpoint to resume (a lone model.pt)
+        names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
+        resumable = _latest(recipe) is not None
+        differs = ""
+        latest = _latest(recipe) or (str(Path(folder) / "model.pt") if (Path(folder) / "model.pt").is_file() else None)
+        if latest is not None:
+            try:
+                old, _ = _read_any(latest)
+                diff = recipe_differences(old, new, keys=tuple(new))
+                diff = [d for d in diff if not d.startswith(("save_", "load_", "autoresume"))]
+                differs = f"; its recipe differs in {'; '.join(diff[:6])}" if diff else "; same recipe"
+            except Exception:  # unreadable files still belong to the earlier run
+                differs = ""
+        if recipe.autoresume:
             raise RecipeError(
-                f"{folder} already holds a run ({names}{differs}); continue it with autoresume=true, {outs}")
+                f"autoresume: {folder} holds no checkpoint to resume from, only files of an earlier run ({names}"
+                f"{differs}); training would replace them. {outs[0].upper()}{outs[1:]}")
+        cont = "continue it with autoresume=true, " if resumable else ""
+        raise RecipeError(f"{folder} already holds a run ({names}{differs}); {cont}{outs}")
+    if existing:
         replaced = [str(p) for p in existing]
     if recipe.load_path:
         if not os.path.isfile(recipe.load_path):
@@ -201,9 +274,10 @@ def decide_start(recipe: Recipe) -> StartPlan:
                 f"load_path: {recipe.load_path} was written by another recipe ({'; '.join(diff)}); resuming it "
                 "would take over its step count and optimizer and mismatch the estimator. To start from its "
                 "encoder weights only, add load_mode=weights")
+        applied = resume_changes(old, new, f"load_path: {recipe.load_path}")
         if _finished(recipe, ts):
             raise RecipeError(f"load_path: {recipe.load_path} already reached max_duration={recipe.max_duration} "
                               f"(epoch {ts.get('epoch', 0)}, batch {ts.get('batch', 0)}); raise max_duration, "
                               "or add load_mode=weights to start a new run from its weights")
-        return StartPlan("load", recipe.load_path, ts.get("epoch", 0), ts.get("batch", 0), replaced)
+        return StartPlan("load", recipe.load_path, ts.get("epoch", 0), ts.get("batch", 0), replaced, changed=applied)
     return StartPlan("fresh", replaced=replaced)

@@ -269,3 +269,230 @@ def test_8_ctrl_c_saves_a_checkpoint_and_the_export_and_says_how_to_resume(tmp_p
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {interrupted} (epoch " in resumed.stdout
+
+
+# ------------------------------------------------------------------ issue 19: nothing lost, nothing silent
+
+
+def test_19_2_autoresume_into_a_folder_holding_only_an_export_is_refused(tmp_path, capsys):
+    assert main(["train", *_synthetic(tmp_path / "other", "max_duration=2ba")]) == 0
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_bytes((tmp_path / "other" / "model.pt").read_bytes())
+    before = _snapshot(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["train", *_synthetic(tmp_path / "run", "max_duration=2ba", "autoresume=true")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no checkpoint to resume from" in err and "model.pt" in err and "save_overwrite=true" in err
+    assert _snapshot(tmp_path / "run") == before  # the export is not replaced
+    # without autoresume: refused too, and the message does not offer autoresume (there is nothing to resume)
+    assert main(["train", *_synthetic(tmp_path / "run", "max_duration=2ba")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "autoresume=true" not in err and "save_overwrite=true" in err
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_19_3_a_shard_without_captions_leaves_no_untrained_checkpoint(tmp_path, capsys):
+    write_shard(tmp_path / "00000.tar", 0, 12, bad={i: "caption" for i in range(12)})
+    args = _on_shards("clip", str(tmp_path / "00000.tar"), tmp_path / "run", "max_duration=2ep", "data.batch_size=4")
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "epoch 0 yielded no batch" in err and "empty_caption=12" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists() or not any(p.suffix == ".pt" for p in (tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("override, named", [
+    ("optimizer.lr=.inf", "optimizer.lr: must be a finite number, got inf"),
+    ("loss.estimator.lr=.nan", "loss.estimator.lr: must be a finite number, got nan"),
+    ("optimizer.betas=[0.9, -.inf]", "optimizer.betas[1]: must be a finite number, got -inf"),
+    ("loss.rho={name: piecewise, values: []}", "loss.rho: values: a piecewise schedule needs at least one"),
+    ("loss.estimator.dim=7", "loss.estimator.dim: 7 is not the model's embedding dimension 32"),
+    ("seed=1099511627776", "seed: must be in [0, 4294967295]"),
+    ("model.image_size=0", "model.image_size: must be a multiple of the patch size 7"),
+    ("model.context_length=1", "model.context_length: must be >= 2"),
+    ("save_filename=ck-{foo}.pt", "save_filename: unknown field {foo}"),
+    ("loss.rho={a: 1, a: 2}", "key 'a' is given twice"),
+])
+def test_19_4_values_a_dry_run_can_see_are_one_line_exit_2(override, named, tmp_path, capsys):
+    for dry in (["--dry-run"], []):
+        assert main(["train", *_synthetic(tmp_path, override, "max_duration=1ba"), *dry]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("amortize train: error:") and named in err and len(err.strip().splitlines()) == 1, err
+        assert not any(tmp_path.iterdir())
+
+
+def test_19_4_a_run_ending_with_non_finite_weights_exits_2_and_does_not_export(tmp_path, capsys, monkeypatch):
+    from amortize.train import algorithms
+
+    def poison(self, event, state, logger):  # the weights turn NaN after the last step (the guard saw finite ones)
+        with torch.no_grad():
+            algorithms.unwrap(state.model).model.logit_scale.fill_(float("nan"))
+
+    monkeypatch.setattr(algorithms.ClampLogitScale, "apply", poison)
+    assert main(["train", *_synthetic(tmp_path, "max_duration=2ba")]) == 2
+    err = capsys.readouterr().err
+    assert "the weights are not finite" in err and "logit_scale" in err and "refusing to write" in err
+    assert not (tmp_path / "model.pt").exists()
+    # and `amortize eval` refuses the checkpoint the run left, instead of printing a table
+    assert main(["eval", str(tmp_path / "latest-rank0.pt"), "--device", "cpu"]) == 2
+    assert "not finite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, saved", [("optimizer.lr=0.05", "optimizer.lr: 0.002 -> 0.05"),
+                                             ("seed=5", "seed: 0 -> 5")])
+def test_19_5_a_change_on_resume_is_refused_when_the_checkpoint_would_override_it(override, saved, tmp_path, capsys):
+    assert main(["train", *_synthetic(tmp_path, "max_duration=2ba", "autoresume=true", "optimizer.lr=0.002")]) == 0
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    given = [override] if override.startswith("optimizer") else ["optimizer.lr=0.002", override]
+    assert main(["train", *_synthetic(tmp_path, "max_duration=4ba", "autoresume=true", *given)]) == 2
+    err = capsys.readouterr().err
+    assert saved in err and "stored but not applied" in err and len(err.strip().splitlines()) == 1, err
+    assert _snapshot(tmp_path) == before
+
+
+def test_19_5_a_change_on_resume_that_applies_is_applied_and_said(tmp_path, capsys):
+    assert main(["train", *_synthetic(tmp_path, "max_duration=2ba", "autoresume=true")]) == 0
+    capsys.readouterr()
+    assert main(["train", *_synthetic(tmp_path, "max_duration=3ba", "autoresume=true", "grad_clip_norm=0.5")]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "applying the changed" in out and "grad_clip_norm: 1.0 -> 0.5" in out
+    assert "max_duration: '2ba' -> '3ba'" in out
+    assert load_checkpoint(tmp_path)["recipe"]["grad_clip_norm"] == 0.5
+
+
+def test_19_6_a_duplicate_key_in_a_recipe_file_is_refused_naming_it_and_its_lines(tmp_path, capsys):
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text((RECIPES / "default.yaml").read_text() + "\noptimizer:\n  lr: 0.5\n")
+    assert main(["train", str(recipe), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'optimizer' is given twice (line" in err and str(recipe) in err
+
+
+@pytest.mark.parametrize("content, named", [
+    (b"run_name: caf\xe9\n", "not a UTF-8 text file (byte 13, line 1"),
+    (b"- model\n- loss\n", "a recipe must be a mapping of keys"),
+])
+def test_19_files_that_are_not_recipes_are_one_line(content, named, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_bytes(content)
+    assert main(["train", str(recipe), "seed=1", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and str(recipe) in err and len(err.strip().splitlines()) == 1
+
+
+def test_19_read_only_save_folder_is_refused_by_dry_run(tmp_path, capsys, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == ro else real(p, mode, **k))
+    assert main(["train", *_synthetic(ro / "run"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"save_folder: {ro / 'run'} cannot be written ({ro} is read-only" in err
+
+
+def test_19_disk_full_while_writing_a_checkpoint_is_one_line_and_latest_stays_whole(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from amortize.checkpoints import is_complete
+
+    real, calls = torch.save, [0]
+
+    def full(obj, f, *a, **k):
+        calls[0] += 1
+        if calls[0] >= 3:  # the second checkpoint (each save writes a checkpoint, then model.pt at epoch ends)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    assert main(["train", *_synthetic(tmp_path, "max_duration=4ba", "save_interval=1ba")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("amortize train: error: could not write") and "No space left on device" in err
+    assert len(err.strip().splitlines()) == 1
+    assert is_complete(tmp_path / "latest-rank0.pt")
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_19_7_a_truncated_shard_is_read_once_per_epoch(tmp_path, caplog):
+    for s in range(3):
+        write_shard(tmp_path / f"{s:05d}.tar", s * 12, 12)
+    whole = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(whole[: len(whole) // 2])
+    args = _on_shards("clip", str(tmp_path / "{00000..00002}.tar"), tmp_path / "run", "max_duration=1ep",
+                      "data.batch_size=4", "data.max_skip_fraction=1", "log_to_console=true",
+                      "console_log_interval=1ba")
+    assert main(["train", *args]) == 0
+    err = caplog.text
+    kept = int(err.split("data: kept=")[1].split()[0])
+    assert 24 <= kept < 36, err  # two whole shards and part of the third: every sample at most once
+    assert "corrupt_shard=1" in err
+
+
+def test_19_8_drop_last_false_never_yields_a_one_sample_batch():
+    from amortize.data.webdataset import make_pipeline
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        write_shard(Path(d) / "00000.tar", 0, 9)
+        pipe = make_pipeline(str(Path(d) / "00000.tar"), transform=lambda im: torch.zeros(3, 4, 4),
+                             tokenizer=lambda c: torch.zeros(len(c), 4, dtype=torch.long), batch_size=4,
+                             shuffle_buffer=0, drop_last=False, epoch_batches=10)
+        assert [b["image"].shape[0] for b in pipe] == [4, 5]  # 9 = 4 + 4 + 1: the single sample joins the last batch
+        write_shard(Path(d) / "00000.tar", 0, 10)
+        assert [b["image"].shape[0] for b in pipe] == [4, 4, 2]
+
+
+def test_19_8_num_samples_with_split_sampling_gives_full_epochs(shards, tmp_path):
+    # 3 shards, 4 DataLoader workers: one worker has no shard; the other three share the epoch
+    args = _on_shards("clip", shards, tmp_path, "max_duration=2ep", "data.num_samples=24", "data.batch_size=4",
+                      "data.num_workers=4")
+    assert main(["train", *args]) == 0
+    assert "-ba12-" in os.readlink(tmp_path / "latest-rank0.pt")  # 2 epochs of 24 // 4 = 6 batches
+
+
+def test_19_eval_of_weights_another_model_size_and_bad_devices_are_one_line(tmp_path, capsys):
+    from amortize.checkpoints import atomic_save, safe_load
+
+    assert main(["train", *_synthetic(tmp_path, "max_duration=1ba")]) == 0
+    export = safe_load(tmp_path / "model.pt")
+    export["recipe"]["model"]["name"] = "cpu-small"
+    atomic_save(export, tmp_path / "other.pt")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "other.pt"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "its weights do not fit the model its recipe names (model.name='cpu-small'" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["eval", str(tmp_path), "--device", "banana"]) == 2
+    assert "--device: 'banana' is not a device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["eval", str(tmp_path), "--device", "cuda"]) == 2
+        assert "--device cuda: no GPU is available" in capsys.readouterr().err
+
+
+def test_19_microbatching_a_batchnorm_model_is_refused_by_dry_run(tmp_path, capsys):
+    assert main(["train", *_synthetic(tmp_path, "model.name=RN50", "device_train_microbatch_size=4"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("amortize train: error: device_train_microbatch_size: model 'RN50'") and "BatchNorm" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_19_10_a_missing_shard_named_in_data_shards_is_refused_by_dry_run(shards, tmp_path, capsys):
+    folder = Path(shards).parent
+    partial = str(tmp_path / "{00000..00002}.tar")
+    (tmp_path / "00000.tar").write_bytes((folder / "00000.tar").read_bytes())  # 00001 and 00002 are missing
+    assert main(["train", *_on_shards("clip", partial, tmp_path / "run", "max_duration=3ep"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "data.shards: 2 of the 3 shards do not exist (first: " in err and "00001.tar" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_19_11_the_resume_command_pastes_into_a_shell_as_printed():
+    import shlex
+
+    from amortize.cli import resume_command
+
+    line = resume_command("r.yaml", ["data.shards=my-shards/{00000..00002}.tar", "run_name=my run",
+                                     "autoresume=false", "optimizer.lr=$LR"])
+    assert line == ("amortize train r.yaml 'data.shards=my-shards/{00000..00002}.tar' 'run_name=my run' "
+                    "'optimizer.lr=$LR' autoresume=true")
+    assert shlex.split(line)[2:] == ["r.yaml", "data.shards=my-shards/{00000..00002}.tar", "run_name=my run",
+                                     "optimizer.lr=$LR", "autoresume=true"]

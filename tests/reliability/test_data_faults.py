@@ -18,10 +18,11 @@ from tests.reliability.common import tiny_recipe
 @pytest.fixture()
 def bad_shards(tmp_path):
     """Shards 0-3 of 10 samples; shard 1 holds a non-JPEG, a blank caption and a sample without
-    image; shard 3 is cut in half; shard 4 does not exist."""
+    image; shard 3 is cut in half; shard 4 exists when the run is built (a shard named in
+    data.shards that does not exist is refused before the run) and vanishes before it starts."""
     folder = tmp_path / "shards"
     folder.mkdir()
-    for s in range(4):
+    for s in range(5):
         write_shard(folder / f"{s:05d}.tar", s * 10, 10, bad={3: "image", 5: "caption", 7: "noimage"} if s == 1 else None)
     raw = (folder / "00003.tar").read_bytes()
     (folder / "00003.tar").write_bytes(raw[: len(raw) // 2])
@@ -38,6 +39,7 @@ def _recipe(tmp_path, shards, fraction):
 
 def test_bad_data_is_skipped_counted_and_reported(tmp_path, bad_shards, caplog):
     trainer = build_trainer(_recipe(tmp_path, bad_shards, 0.5))
+    (bad_shards / "00004.tar").unlink()  # gone during the run: skipped and counted
     report = next(c for c in trainer.state.callbacks if isinstance(c, DataSkipReport))
     with caplog.at_level(logging.WARNING, logger="amortize.train.guards"):
         trainer.fit()
@@ -51,6 +53,7 @@ def test_bad_data_is_skipped_counted_and_reported(tmp_path, bad_shards, caplog):
 
 def test_too_many_skips_stop_the_run_with_the_counts(tmp_path, bad_shards):
     trainer = build_trainer(_recipe(tmp_path, bad_shards, 0.01))
+    (bad_shards / "00004.tar").unlink()
     with pytest.raises(TooManySkippedError, match=r"(skipped \d+ of \d+ samples|shards unreadable).*> 1\.0%"):
         trainer.fit()
     trainer.close()

@@ -160,3 +160,28 @@ def test_sigkill_during_a_checkpoint_write_leaves_latest_whole(reference, tmp_pa
     _finish(_start(tmp_path))
     assert any(n.endswith(".partial") for n in os.listdir(tmp_path))  # moved aside by recover_latest
     _compare(reference(), _final(tmp_path))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_at_a_random_step_saves_says_how_to_resume_and_resumes_exactly(signum, reference, tmp_path):
+    """SIGTERM (a scheduler's preemption) or SIGINT: the batch finishes, a checkpoint and model.pt
+    are written, the resume command is printed, exit 128 + signum; the resumed run is exact."""
+    seed = int(os.environ.get("AMORTIZE_KILL_SEED", random.randrange(1 << 30)))
+    after = random.Random(seed).choice(range(2, STEPS - 5, 2))
+    proc = _start(tmp_path, prelude=SLOW_STEPS)
+    _wait_for(tmp_path, f"ep*-ba{after}-rank0.pt", proc)
+    os.kill(proc.pid, signum)
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 128 + signum, f"seed {seed}: exit {proc.returncode}\n{out[-3000:]}"
+    stopped = os.readlink(tmp_path / "latest-rank0.pt")
+    batch = int(stopped.split("-ba")[1].split("-")[0])
+    assert after <= batch < STEPS, (seed, stopped)
+    assert safe_load(tmp_path / "model.pt")["timestamp"]["batch"] == batch  # the export is of the same batch
+    assert "Traceback" not in out, out[-3000:]
+    assert f"interrupted at epoch" in out and f"batch {batch}; saved" in out
+    resume = out.strip().splitlines()[-1]
+    assert resume.startswith("resume with: amortize train ") and resume.endswith("autoresume=true"), resume
+    assert "'loss.estimator.beta={name: beta_warmup, final: 0.8, warmup_epochs: 2}'" in resume  # quoted
+    out = _finish(_start(tmp_path))
+    assert f"resuming from {tmp_path / stopped}" in out, out[-2000:]
+    _compare(reference(), _final(tmp_path))

@@ -61,9 +61,18 @@ def test_mistyped_value_names_key_and_type():
         load_recipe_dict({"optimizer": {"betas": [0.9, "x"]}})
 
 
-def test_inconsistent_estimator_is_refused():
-    with pytest.raises(RecipeError, match="needs an objective that takes normalisers"):
-        load_recipe_dict({"loss": {"objective": "infonce", "estimator": "amortized"}})
+def _build_loss(data: dict):
+    """Load (the binding step) and build the loss once, as the run and ``--dry-run`` do."""
+    from amortize.train.components import build_loss
+
+    return build_loss(load_recipe_dict(data), embed_dim=8, num_samples=16)
+
+
+def test_inconsistent_estimator_is_refused_when_the_loss_is_built():
+    recipe = {"loss": {"objective": "infonce", "estimator": "amortized"}}
+    load_recipe_dict(recipe)  # each section is fine on its own; nothing is built at load
+    with pytest.raises(RecipeError, match="^loss: .*needs an objective that takes normalisers"):
+        _build_loss(recipe)
 
 
 def test_overrides_parse_values_as_yaml():
@@ -116,16 +125,38 @@ def test_repeated_override_key_is_refused_with_the_shell_hint(capsys):
     "override, message",
     [
         ("loss.rho={name: piecewize}", r"loss.rho: .*unknown schedule 'piecewize'"),
-        ("loss.estimator={name: amortized, beta: {name: beta_warmup, final_value: 0.8}}",
-         r"loss.estimator: .*final_value"),
-        ("loss.estimator={name: moving_average, gamma: [1, 2]}", r"loss.estimator"),
+        ("loss.estimator={name: moving_average, gamma: [1, 2]}",
+         r"loss.estimator.gamma: expected float or mapping or .*, got list \[1, 2\]"),
+        ("loss.estimator={name: amortized, normalizer: blend}",
+         r"loss.estimator.normalizer: 'blend' is not one of previous_blend, ema_target, ema_ramp"),
+        ("loss.estimator={name: amortized, inner_steps: 2.5}", r"loss.estimator.inner_steps: expected int, got float"),
+        ("loss.objective={name: linearized, pos_weight: high}", r"loss.objective.pos_weight: expected float"),
         ("eval.tasks=datacmop", r"eval.tasks: 'datacmop' is not one of default, none"),
         ("data.sampling=random", r"data.sampling: 'random' is not one of split, resampled"),
+        ("loss.chunk_size=0", r"loss.chunk_size: must be >= 1, got 0"),
+        ("device_train_microbatch_size=0", r"device_train_microbatch_size: must be >= 1, got 0"),
     ],
 )
-def test_values_inside_schedules_and_choices_are_checked_at_load(override, message):
+def test_names_types_and_choices_of_sections_are_checked_at_load(override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe_dict(apply_overrides({}, [override]))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.estimator={name: amortized, beta: {name: beta_warmup, final_value: 0.8}}",
+         r"^loss.estimator.*final_value"),
+        ("loss.estimator.amortizer={name: residual_mlp, width_factor: 0}", r"^loss.estimator.* width_factor must be > 0"),
+        ("loss.objective={name: linearized, pos_weight: -1}", r"^loss.objective: "),
+        ("loss.layout=ring_of_fire", r"^loss.layout: unknown layout 'ring_of_fire'"),
+    ],
+)
+def test_values_inside_nested_sections_are_checked_when_built_once(override, message):
+    """What only the constructor can judge (a nested section, a value's range) fails when the loss is
+    built, once, under the section's key: at ``--dry-run`` at the latest, never by a trial build at load."""
+    with pytest.raises(RecipeError, match=message):
+        _build_loss(apply_overrides({"loss": {"estimator": "amortized"}}, [override]))
 
 
 def test_resampled_webdataset_needs_an_epoch_length():

@@ -1,0 +1,359 @@
+"""The recipe schema: the typed keys of a recipe that are not a component's constructor options.
+
+A component section (``loss.objective``, ``loss.estimator``, ``loss.rho``, ``loggers`` ...) is a
+:data:`SectionSpec` here, plain data checked by the binding step against its constructor
+(:mod:`amortize.train.sections`); its defaults live only in the constructor. The remaining keys
+are fields of the dataclasses below, each with its default and, beside it, its allowed range
+(``_opt(check=Range(...))``) or set of choices (:data:`_CHOICES`).
+
+Keys that Composer's ``Trainer`` names keep its names (``max_duration``, ``seed``, ``save_folder``,
+``save_interval``, ``precision``, ``device_train_microbatch_size`` ...).
+
+To add a recipe key: a field on the dataclass of its section (with ``_opt(check=...)`` for a
+range). To add a component section: a :data:`SectionSpec` field here and its line in
+:data:`amortize.train.sections.SECTIONS`.
+
+This module imports neither Composer nor torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from amortize.options import NONNEGATIVE as _NONNEG
+from amortize.options import POSITIVE as _POS
+from amortize.options import UNIT as _UNIT
+from amortize.options import Range, RecipeError, TimeString, conform
+from amortize.train.migration import moved
+
+__all__ = [
+    "SectionSpec",
+    "ScheduleSpec",
+    "ModelConfig",
+    "LossConfig",
+    "DataConfig",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "EvalConfig",
+    "DivergenceConfig",
+    "Recipe",
+    "build_schema",
+]
+
+ScheduleSpec = Union[float, dict, None]
+"""A float (constant) or a schedule section ``{"name": ..., ...}`` (see :func:`amortize.schedules.build_schedule`)."""
+
+SectionSpec = Union[str, dict]
+"""A component section: a registered name, or ``{"name": ..., <constructor options>}``."""
+
+# Values whose allowed set is known here; the registries check the others when building.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "precision": ("fp32", "amp_fp16", "amp_bf16"),
+    "device": ("cpu", "gpu", "mps"),
+    "data.sampling": ("split", "resampled"),
+    "eval.tasks": ("default", "none"),
+    "divergence.policy": ("skip", "stop", "none"),
+    "load_mode": ("full", "weights"),
+}
+
+
+def _opt(default: Any = dataclasses.MISSING, *, check: Any = None, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose allowed values (a :class:`Range` or :class:`TimeString`) sit beside it."""
+    meta = {"check": check} if check is not None else {}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    """The two-tower model.
+
+    Attributes:
+        name: a model config name: ``tiny``, ``cpu-small`` or an open_clip name (``RN50``, ``ViT-B-32``).
+        image_size: override of the vision tower's input side (None: the config's).
+        context_length: override of the text tower's token positions (None: the config's).
+        init_logit_scale: initial ``log s`` (the model's parameter is ``log s``); None: the
+            objective's preference (``log 10`` for ``sigmoid``, CLIP's ``log(1/0.07)`` by default). The loader
+            writes the resolved value into the recipe.
+        init_logit_bias: initial bias; None: the objective's preference (-10 for ``sigmoid``), else
+            no bias.
+    """
+
+    name: str = "tiny"
+    image_size: Optional[int] = None
+    context_length: Optional[int] = None
+    init_logit_scale: Optional[float] = None
+    init_logit_bias: Optional[float] = None
+
+
+@dataclass
+class LossConfig:
+    """The objective, its partition-function estimator and the process layout (see :class:`amortize.losses.ContrastiveLoss`).
+
+    Attributes:
+        objective: a section naming a registered objective (:data:`amortize.objectives.OBJECTIVES`:
+            ``infonce`` for CLIP, ``sigmoid`` for SigLIP, ``linearized``) with its options, e.g.
+            ``{name: linearized, pos_weight: 0.001}``; None: the loss module's default
+            (:data:`amortize.losses.DEFAULT_OBJECTIVE`), written into the recipe when it loads.
+        estimator: for objectives that take normalisers (``linearized``), a section naming a
+            registered estimator (:data:`amortize.estimators.ESTIMATORS`: ``in_batch``,
+            ``moving_average`` for SogCLR/FastCLIP, ``amortized`` for AmorLIP) with its options;
+            None: in-batch. The builder offers ``dim`` (the embedding width) and ``num_samples``
+            (the dataset size) to constructors that name them, unless the section sets them.
+        layout: how negatives travel between processes: ``gather``, ``ring`` or ``local``; None:
+            :data:`amortize.losses.DEFAULT_LAYOUT`, written into the recipe when it loads.
+        rho: temperature-rescaling schedule (FastCLIP/AmorLIP), or None.
+        chunk_size: rows per chunk (exact, ``O(B * chunk)`` memory), or None (one chunk).
+    """
+
+    objective: Optional[SectionSpec] = None
+    estimator: Optional[SectionSpec] = None
+    layout: Optional[str] = None
+    rho: ScheduleSpec = None
+    chunk_size: Optional[int] = _opt(None, check=Range(lo=1))
+
+
+@dataclass
+class DataConfig:
+    """The training data.
+
+    Attributes:
+        name: a registered dataset: ``shipped`` (Fashion-MNIST + emoji, in the package),
+            ``webdataset`` (img2dataset shards) or ``synthetic`` (random tensors, for tests).
+        batch_size: the GLOBAL batch size (split evenly over processes).
+        shards: brace pattern of ``.tar`` shards (``webdataset``), e.g. ``/data/cc3m/{00000..00331}.tar``.
+        num_samples: dataset size (``webdataset``: for the moving averages and epoch length;
+            ``synthetic``: how many samples).
+        num_workers: DataLoader worker processes.
+        shuffle_buffer: webdataset sample shuffle buffer.
+        tokenizer: open_clip tokenizer name, or ``simple`` (the bundled CLIP BPE).
+        drop_last: drop an incomplete final batch (keep True: contrastive batches should be full).
+        max_skip_fraction: (``webdataset``) largest tolerated fraction of skipped samples, and of
+            unreadable shards; past it the run stops with ``TooManySkippedError``.
+        skip_min_seen: (``webdataset``) samples seen before the fraction is checked.
+        sampling: (``webdataset``) ``split``: each epoch reads every shard once, shards split over
+            nodes and workers; ``resampled``: every worker draws shards with replacement and an
+            epoch is ``num_samples / batch_size`` batches (multi-node runs, uneven shard counts).
+    """
+
+    name: str = "shipped"
+    batch_size: int = _opt(256, check=Range(lo=2))
+    shards: Optional[str] = None
+    num_samples: Optional[int] = _opt(None, check=Range(lo=1))
+    num_workers: int = _opt(0, check=_NONNEG)
+    shuffle_buffer: int = _opt(1000, check=_NONNEG)
+    tokenizer: str = "simple"
+    drop_last: bool = True
+    max_skip_fraction: float = _opt(0.05, check=_UNIT)
+    skip_min_seen: int = _opt(100, check=_NONNEG)
+    sampling: str = "split"
+
+
+@dataclass
+class DivergenceConfig:
+    """What happens on a non-finite loss or gradient (see :class:`amortize.train.guards.DivergenceGuard`).
+
+    Attributes:
+        policy: ``skip`` the step (no parameter, optimiser or estimator change), ``stop`` the run
+            with a message and a checkpoint of the last good state, or ``none`` (no check).
+        max_consecutive_skips: with ``skip``, stop after this many non-finite steps in a row (0: never).
+        restore_estimator: roll the estimator's state back on a non-finite step (one copy of it per step).
+    """
+
+    policy: str = "skip"
+    max_consecutive_skips: int = _opt(10, check=_NONNEG)
+    restore_estimator: bool = True
+
+
+@dataclass
+class OptimizerConfig:
+    """The encoder optimiser, with open_clip's parameter groups.
+
+    Gains, biases, embeddings of rank < 2 and the logit scale get no weight decay; the logit
+    scale has its own learning rate. Parameters with ``requires_grad=False`` (the amortizers) are
+    never in the groups.
+
+    Attributes:
+        name: ``adamw``, ``adam``, ``sgd`` (torch) or ``lamb``, ``radam``, ``adabelief``,
+            ``novograd``, ``lars`` ... (torch-optimizer, see :data:`amortize.train.optim.OPTIMIZERS`).
+        lr: base learning rate.
+        weight_decay: decoupled weight decay of the decayed group.
+        betas: Adam-style betas.
+        eps: Adam-style epsilon.
+        momentum: SGD-style momentum (``sgd``).
+        logit_scale_lr: the logit scale's learning rate (None: ``lr``).
+    """
+
+    name: str = "adamw"
+    lr: float = _opt(1e-3, check=_POS)
+    weight_decay: float = _opt(0.2, check=_NONNEG)
+    betas: list[float] = _opt(factory=lambda: [0.9, 0.999], check=Range(lo=0, hi=1, open_hi=True, length=2))
+    eps: float = _opt(1e-8, check=_POS)
+    momentum: float = _opt(0.9, check=Range(lo=0, hi=1, open_hi=True))
+    logit_scale_lr: Optional[float] = _opt(None, check=_NONNEG)
+
+
+@dataclass
+class SchedulerConfig:
+    """The learning-rate schedule (Composer schedulers, stepped every batch).
+
+    Attributes:
+        name: ``cosine_with_warmup``, ``linear_with_warmup``, ``constant_with_warmup`` or ``constant``.
+        t_warmup: warmup length as a Composer time string (``10000ba``, ``1ep``).
+        alpha_f: final learning-rate multiplier.
+    """
+
+    name: str = "cosine_with_warmup"
+    t_warmup: str = _opt("0ba", check=TimeString(("ep", "ba", "sp", "dur"), positive=False))
+    alpha_f: float = _opt(0.0, check=_UNIT)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training and by ``amortize eval``.
+
+    Attributes:
+        tasks: ``default`` (Fashion-MNIST zero-shot and emoji retrieval) or ``none``. The DataComp
+            suite needs its data directory: run ``amortize eval CKPT --tasks datacomp --datacomp-root DIR``.
+        every_n_epochs: evaluate at the end of every n-th epoch (0: never during training).
+        at_fit_end: evaluate when training ends (``default`` tasks only).
+        batch_size: images or texts per forward pass.
+    """
+
+    tasks: str = "none"
+    every_n_epochs: int = _opt(0, check=_NONNEG)
+    at_fit_end: bool = False
+    batch_size: int = _opt(256, check=Range(lo=1))
+
+
+@dataclass
+class Recipe:
+    """A training recipe.
+
+    Attributes:
+        run_name: Composer's run name (also the default checkpoint folder ``runs/<run_name>``).
+        method: a free-form label of the method (``amorlip-log-l2``, ``clip`` ...) for reports.
+        model: the two-tower model.
+        loss: objective and estimator.
+        data: training data.
+        optimizer: encoder optimiser.
+        scheduler: learning-rate schedule.
+        eval: evaluation.
+        divergence: what a non-finite loss or gradient does.
+        loggers: Composer logger destinations, each a section (``file``, ``tensorboard``, ``wandb``
+            ... see :data:`amortize.train.integrations.LOGGERS`), e.g. ``[{name: file, filename: log.txt}]``.
+        callbacks: Composer callbacks, each a section (``lr_monitor``, ``speed_monitor``,
+            ``memory_monitor`` ... see :data:`amortize.train.integrations.CALLBACKS`).
+        algorithms: Composer algorithms, each a section (``ema`` ... see
+            :data:`amortize.train.integrations.ALGORITHMS`), added to the ones every run has.
+        max_duration: Composer time string (``30ep``, ``20ba``).
+        seed: global seed (weights, data order, amortizer re-initialisation).
+        precision: ``fp32``, ``amp_bf16`` or ``amp_fp16`` (None: Composer's default for the device).
+        device: ``cpu``, ``gpu`` or None (Composer picks).
+        device_train_microbatch_size: rows per microbatch of the exact gradient cache (None: the
+            whole per-process batch at once). Smaller than the per-process batch, the encoders run
+            on microbatches of this size (peak memory of their activations falls with it) while the
+            loss still sees every negative; see :mod:`amortize.train.gradcache`.
+        grad_clip_norm: encoder gradient-norm clip (None: none).
+        imports: Python files (relative to the recipe file) or module names imported before the
+            recipe is checked, so that the components they register can be named (stored resolved).
+        max_scale: clamp of the inverse temperature ``s`` (not ``log s``) after every optimiser step.
+        save_folder: checkpoint folder (None: ``runs/<run_name>``).
+        save_interval: Composer time string between checkpoints.
+        save_filename: Composer's checkpoint file name pattern.
+        save_latest_filename: Composer's name of the latest-checkpoint link.
+        save_overwrite: replace the run already in ``save_folder`` (its checkpoints, ``latest`` and
+            ``model.pt`` are removed first). Without it, a folder that holds a run is refused unless
+            ``autoresume`` continues it.
+        save_num_checkpoints_to_keep: Composer's retention (-1: all).
+        load_path: start from this checkpoint (see ``load_mode``); refused when it was written by
+            another recipe (method, model, loss or optimizer differ) unless ``load_mode`` is ``weights``.
+        load_mode: ``full`` (weights, optimizer, schedules, step count: continue that run) or
+            ``weights`` (the encoder weights only; everything else starts fresh).
+        autoresume: resume from the latest checkpoint in ``save_folder`` when there is one.
+        deterministic_mode: Composer's deterministic mode (deterministic kernels).
+        progress_bar: Composer's progress bar.
+        log_to_console: Composer's console logger.
+        console_log_interval: Composer time string between console logs.
+    """
+
+    run_name: str = "default"
+    method: str = "custom"
+    imports: list[str] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    loggers: list[SectionSpec] = field(default_factory=list)
+    callbacks: list[SectionSpec] = field(default_factory=list)
+    algorithms: list[SectionSpec] = field(default_factory=list)
+    max_duration: str = _opt("1ep", check=TimeString())
+    seed: int = _opt(0, check=_NONNEG)
+    precision: Optional[str] = None
+    device: Optional[str] = None
+    device_train_microbatch_size: Optional[int] = _opt(None, check=Range(lo=1))
+    grad_clip_norm: Optional[float] = _opt(1.0, check=_POS)
+    max_scale: float = _opt(100.0, check=_POS)
+    save_folder: Optional[str] = None
+    save_interval: str = _opt("1ep", check=TimeString())
+    save_filename: str = "ep{epoch}-ba{batch}-rank{rank}.pt"
+    save_latest_filename: str = "latest-rank{rank}.pt"
+    save_overwrite: bool = False
+    save_num_checkpoints_to_keep: int = _opt(-1, check=Range(lo=-1))
+    load_path: Optional[str] = None
+    load_mode: str = "full"
+    autoresume: bool = False
+    deterministic_mode: bool = False
+    progress_bar: bool = False
+    log_to_console: bool = True
+    console_log_interval: str = _opt("10ba", check=TimeString())
+
+    def resolved_save_folder(self) -> str:
+        """``save_folder``, or ``runs/<run_name>`` when unset."""
+        return self.save_folder if self.save_folder is not None else f"runs/{self.run_name}"
+
+
+def build_schema(cls: type, data: dict, prefix: str = "") -> Any:
+    """Check a mapping against a schema dataclass (keys, types, ranges, choices) and build it.
+
+    Raises:
+        RecipeError: naming the dotted key of an unknown key (valid ones listed), a pre-0.2 key
+            (where it went), a mistyped value or one outside its range.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if moved(key):
+            raise RecipeError(moved(key))
+        if k not in hints or k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"unknown key {key!r}{hint}; valid keys{' of ' + prefix if prefix else ''}: "
+                              f"{', '.join(names)}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise RecipeError(f"expected a mapping, got {type(v).__name__} {v!r}", key=key)
+            value = build_schema(tp, v, key)
+        else:
+            value = conform(v, tp, key, convert=True)
+        if key in _CHOICES and value is not None and value not in _CHOICES[key]:
+            raise RecipeError(f"{value!r} is not one of {', '.join(_CHOICES[key])}", key=key)
+        kwargs[k] = value
+    obj = cls(**kwargs)
+    for f in fields.values():  # defaults included: a range declared next to an option holds for every value
+        check = f.metadata.get("check")
+        if check is not None:
+            check.check(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    return obj

@@ -1,0 +1,190 @@
+"""Recipe checks that need more than one option's range: the file's text, its keys, and values
+whose valid set depends on another option (the model's patch size, the name template's fields).
+
+Each check raises :class:`~amortize.options.RecipeError` (or, for the YAML loader, a
+``yaml.YAMLError`` that the recipe reader names its file in) with one line naming the key, so
+``amortize train --dry-run`` refuses the recipe before anything is built or written:
+
+* :class:`UniqueKeyLoader`: a mapping key given twice (``lr:`` on two lines of a section);
+* :func:`read_recipe_text`: a file that is not UTF-8;
+* :func:`check_top_level`: a top level that is not a mapping (a YAML list);
+* :func:`check_finite`: ``.nan``, ``.inf`` anywhere in the recipe;
+* :func:`check_values`: ``model.image_size``, ``model.context_length``, ``seed``, the file-name
+  templates and the loss's dimension.
+
+This module does not import Composer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import string
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from amortize.options import RecipeError
+
+__all__ = ["MAX_SEED", "NAME_FIELDS", "UniqueKeyLoader", "check_finite", "check_top_level", "check_values",
+           "read_recipe_text", "check_estimator_dim", "check_microbatch_model",
+           "check_shards_exist"]
+
+MAX_SEED = 2**32 - 1
+"""The largest ``seed``: Composer seeds NumPy, whose seeds are 32-bit."""
+
+NAME_FIELDS = ("run_name", "rank", "local_rank", "world_size", "local_world_size", "node_rank", "epoch", "batch",
+               "sample", "token", "batch_in_epoch", "sample_in_epoch", "token_in_epoch")
+"""The ``{fields}`` Composer fills in ``save_filename`` and ``save_latest_filename``."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice (plain YAML keeps the last one).
+
+    >>> yaml.load("a: 1\\na: 2\\n", Loader=UniqueKeyLoader)
+    Traceback (most recent call last):
+    ...
+    yaml.constructor.ConstructorError: key 'a' is given twice (line 1 and line 2); give each key once
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """Build the mapping after checking that no key repeats."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base class names an unhashable key
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (line {seen[key]} and line {line}); give each key once")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_recipe_text(path: Path) -> str:
+    """The text of a recipe file, which must be UTF-8.
+
+    Raises:
+        RecipeError: naming the file and the first byte that is not UTF-8.
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: not a UTF-8 text file (byte {e.start}, line {line}: {data[e.start:e.start + 1]!r}); "
+                          "save the recipe as UTF-8") from None
+
+
+def check_top_level(data: Any, path: Path) -> None:
+    """Refuse a recipe whose top level is not a mapping (before overrides are applied to it)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys (run_name: ..., model: ...) at the top level, "
+                          f"got a {type(data).__name__}")
+
+
+def check_finite(data: Any, prefix: str = "") -> None:
+    """Refuse a NaN or infinite float anywhere in a parsed recipe, naming its dotted key.
+
+    >>> check_finite({"optimizer": {"lr": float("inf")}})
+    Traceback (most recent call last):
+    ...
+    amortize.options.RecipeError: optimizer.lr: must be a finite number, got inf
+    """
+    if isinstance(data, float) and not math.isfinite(data):
+        raise RecipeError(f"{prefix or 'recipe'}: must be a finite number, got {data!r}")
+    if isinstance(data, dict):
+        for k, v in data.items():
+            check_finite(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            check_finite(v, f"{prefix}[{i}]")
+
+
+def _template_fields(template: str) -> list[str]:
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        return [f"<{e}>"]
+
+
+def check_values(recipe: Any) -> None:
+    """Refuse values whose valid set depends on another option; one line naming the key.
+
+    * ``model.image_size``: >= 1, and a multiple of the vision tower's patch size;
+    * ``model.context_length``: >= 2 (the start and end tokens);
+    * ``seed``: in ``[0, MAX_SEED]``;
+    * ``save_filename`` / ``save_latest_filename``: only the fields of :data:`NAME_FIELDS`.
+    """
+    m = recipe.model
+    if m.image_size is not None:
+        patch = _patch_size(m.name)
+        if m.image_size < max(1, patch or 1) or (patch and m.image_size % patch):
+            need = f"a multiple of the patch size {patch}" if patch else ">= 1"
+            raise RecipeError(f"model.image_size: must be {need} (model {m.name!r}), got {m.image_size}")
+    if m.context_length is not None and m.context_length < 2:
+        raise RecipeError(f"model.context_length: must be >= 2 (the start and end tokens), got {m.context_length}")
+    if not 0 <= int(recipe.seed) <= MAX_SEED:
+        raise RecipeError(f"seed: must be in [0, {MAX_SEED}] (NumPy's seeds are 32-bit), got {recipe.seed}")
+    for key in ("save_filename", "save_latest_filename"):
+        unknown = [f for f in _template_fields(getattr(recipe, key)) if f.split(".")[0].split("[")[0] not in NAME_FIELDS]
+        if unknown:
+            raise RecipeError(f"{key}: unknown field {{{unknown[0]}}} in {getattr(recipe, key)!r}; "
+                              f"valid: {', '.join('{' + f + '}' for f in NAME_FIELDS)}")
+
+
+def _patch_size(name: str) -> Optional[int]:
+    try:
+        from amortize.models import model_config
+
+        return model_config(name).get("vision_cfg", {}).get("patch_size")
+    except Exception:  # an unknown model is named by the model check itself
+        return None
+
+
+def check_estimator_dim(section: Any, embed_dim: int) -> None:
+    """Refuse an estimator section whose ``dim`` is not the model's embedding dimension.
+
+    Raises:
+        RecipeError: ``loss.estimator.dim: 7 is not the model's embedding dimension 32; ...``.
+    """
+    if isinstance(section, dict) and section.get("dim") is not None and int(section["dim"]) != int(embed_dim):
+        raise RecipeError(f"loss.estimator.dim: {section['dim']} is not the model's embedding dimension {embed_dim}; "
+                          "remove the key (it is set from the model)")
+
+
+def check_microbatch_model(recipe: Any, towers: Any) -> None:
+    """Refuse ``device_train_microbatch_size`` with towers the gradient cache cannot make exact
+    (BatchNorm in training mode, e.g. ``RN50``), before the run starts (``--dry-run`` included).
+
+    Raises:
+        RecipeError: ``device_train_microbatch_size: ... (clip.visual.bn1 is a BatchNorm2d) ...``.
+    """
+    from amortize.gradcache import check_microbatchable
+    if recipe.device_train_microbatch_size is None:
+        return
+    try:
+        check_microbatchable(towers)
+    except ValueError as e:
+        raise RecipeError(f"device_train_microbatch_size: model {recipe.model.name!r}: {e}") from None
+
+
+def check_shards_exist(urls: Sequence[str], pattern: Any = None) -> None:
+    """Refuse a shard list naming files that do not exist (before a run starts; a shard that
+    vanishes later is skipped and counted as ``missing_shard``).
+
+    Raises:
+        RecipeError: ``data.shards: 2 of the 3 shards do not exist (first: ...)``.
+    """
+    missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
+    if missing:
+        raise RecipeError(f"data.shards: {len(missing)} of the {len(urls)} shards do not exist (first: {missing[0]}); "
+                          f"fix the pattern {pattern if pattern is not None else urls!r} or leave those shards out of it")

@@ -1,0 +1,104 @@
+"""Recipe text in: the safe YAML reader and ``key.sub=value`` command-line overrides.
+
+>>> read_yaml("lr: 2e-3")
+{'lr': 0.002}
+>>> apply_overrides({"loss": {"estimator": "amortized"}}, ["loss.estimator.lr=0.002"])
+{'loss': {'estimator': {'name': 'amortized', 'lr': 0.002}}}
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import yaml
+
+from amortize.train.validate import UniqueKeyLoader
+
+from amortize.options import RecipeError
+
+__all__ = ["read_yaml", "apply_overrides", "check_unique_overrides"]
+
+
+class _Loader(UniqueKeyLoader):
+    """``yaml.SafeLoader`` that refuses a repeated key (:class:`~amortize.train.validate.UniqueKeyLoader`)
+    and reads exponent floats without a dot (``2e-3``, ``1e5``) as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML safely (plain data only); ``2e-3`` is the float 0.002, as in YAML 1.2.
+
+    Raises:
+        yaml.YAMLError: for invalid YAML or a tag that names a Python object.
+    """
+    return yaml.load(text, Loader=_Loader)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {item!r} has an empty key")
+    try:
+        value = read_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {item!r}: cannot parse the value: {e}") from None
+    return key.split("."), value
+
+
+def check_unique_overrides(overrides: list[str]) -> None:
+    """Refuse a key given twice on one command line.
+
+    A shell expands an unquoted brace pattern (``data.shards=/d/{00000..00331}.tar``) into one
+    override per shard, and the last would silently win. Programmatic callers may repeat keys
+    (later wins); the command line may not.
+
+    Raises:
+        RecipeError: naming the repeated key and how to quote the pattern.
+    """
+    seen: set[str] = set()
+    for item in overrides:
+        dotted = ".".join(_parse_override(item)[0])
+        if dotted in seen:
+            raise RecipeError(
+                f"override key {dotted!r} is given twice; give each key once (if your shell expanded a brace "
+                "pattern, quote it: 'data.shards=/data/cc3m/{00000..00331}.tar')"
+            )
+        seen.add(dotted)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a recipe mapping.
+
+    Args:
+        data: a parsed recipe mapping (not modified).
+        overrides: e.g. ``["max_duration=20ba", "loss.estimator.lr=0.002"]``.
+
+    Returns:
+        A new mapping; keys are checked later by :func:`amortize.train.config.load_recipe_dict`.
+    """
+    out = copy.deepcopy(data) if data else {}
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif isinstance(nxt, str):  # a section given by name: `loss.estimator.lr=...` adds an option
+                nxt = node[part] = {"name": nxt}
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is not a mapping")
+            node = nxt
+        node[path[-1]] = value
+    return out
