@@ -30,6 +30,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest tests/benchmarks -m benchmark -q --benchmark-json=benchmarks/results.json
+	$(BIN)/python -m benchmarks.transfer --quick   # the transfer suite, 2 epochs (full run: docs/benchmarks.md)
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

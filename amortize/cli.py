@@ -3,7 +3,9 @@
 ::
 
     amortize train RECIPE.yaml [key.sub=value ...] [--dry-run] [--debug]   (flags anywhere)
-    amortize eval CHECKPOINT [--json] [--tasks default | NAME ... | datacomp] [--datacomp-root DIR] [--debug]
+    amortize eval CHECKPOINT [--json] [--tasks default | NAME ... | datacomp] [--datacomp-root DIR [--allow-partial]]
+                  [--retrieval CSV_OR_FOLDER ...] [--zeroshot FOLDER ...] [--template T ...] [--debug]
+    amortize export RUN_OR_CHECKPOINT OUT_DIR [--format open_clip|hf] [--overwrite] [--debug]
 
 Every expected failure (a bad recipe value, missing data, a save folder that holds another run,
 an unreadable checkpoint ...) ends in ``amortize <command>: error: <what and how to fix it>`` and
@@ -15,7 +17,7 @@ process::
 
     composer -n 2 -m amortize.cli train recipes/clip-medium.yaml 'data.shards=/data/cc3m/{00000..00331}.tar'
 
-``eval`` does not need Composer; ``train`` (``--dry-run`` included: it builds the scheduler) does.
+``eval`` and ``export`` do not need Composer; ``train`` (``--dry-run`` included: it builds the scheduler) does.
 """
 
 from __future__ import annotations
@@ -78,8 +80,11 @@ def load_checkpoint(path: str | Path) -> dict:
     return {"recipe": recipe, "model": weights, "source": source}
 
 
-def model_from_checkpoint(path: str | Path):
+def model_from_checkpoint(path: str | Path | dict):
     """Rebuild the trained two-tower model and its recipe from a checkpoint (see :func:`load_checkpoint`).
+
+    Args:
+        path: the checkpoint, or what :func:`load_checkpoint` returned for it.
 
     Returns:
         ``(model: TwoTowerModel in eval mode, recipe: Recipe)``.
@@ -89,14 +94,15 @@ def model_from_checkpoint(path: str | Path):
 
     from amortize.checkpoints import CorruptCheckpointError
 
-    ck = load_checkpoint(path)
+    ck = path if isinstance(path, dict) else load_checkpoint(path)
+    where = ck.get("path", "the checkpoint") if isinstance(path, dict) else path
     recipe = load_recipe_dict(ck["recipe"], bind=False)  # the towers only: no imports, no loss sections
-    model = build_two_tower(recipe)
+    model = build_two_tower(recipe, start=False)  # the trained weights replace any pretrained start
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:  # size mismatch, missing or unexpected keys
         first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e).splitlines()[0])
-        raise CorruptCheckpointError(f"{path}: its weights do not fit the model its recipe names (model.name="
+        raise CorruptCheckpointError(f"{where}: its weights do not fit the model its recipe names (model.name="
                                      f"{recipe.model.name!r}, image_size={model.image_size}, context_length="
                                      f"{model.context_length}): {first}") from None
     return model.eval(), recipe
@@ -181,7 +187,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from composer.utils import dist
 
     if dist.get_global_rank() == 0:
+        from amortize.interop.pretrained import locked_summary
+        from amortize.train.model import unwrap
+
         print(f"amortize train: {trainer.amortize_plan.describe()}", flush=True)
+        print(f"amortize train: {locked_summary(unwrap(trainer.state.model).model)}", flush=True)
     try:
         trainer.fit()
     except TrainingInterrupted as e:
@@ -199,37 +209,83 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_tasks(args: argparse.Namespace, image_size: int) -> list:
+    """The ``--retrieval`` and ``--zeroshot`` tasks (files read now, images when evaluated)."""
+    from amortize.eval.user import retrieval_task, zeroshot_task
+
+    tasks = []
+    for path in args.retrieval or []:
+        tasks.append(retrieval_task(path, image_size=image_size, image_column=args.image_column,
+                                    caption_column=args.caption_column, separator=args.separator))
+    for path in args.zeroshot or []:
+        tasks.append(zeroshot_task(path, image_size=image_size, templates=args.template or ["{}"]))
+    return tasks
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from amortize.eval import evaluate, format_jsonl, format_markdown
     from amortize.train.components import build_tokenizer
 
+    if (args.retrieval or args.zeroshot) and args.tasks == ["datacomp"]:
+        raise CommandError("--retrieval/--zeroshot run your files; give them without --tasks datacomp")
+    if args.template and not args.zeroshot:
+        raise CommandError("--template applies to --zeroshot FOLDER, which is not given")
     device = eval_device(args.device)
     model, recipe = model_from_checkpoint(args.checkpoint)
     model.to(device)
     tokenizer = build_tokenizer(recipe, model.context_length)
-    tasks = args.tasks or ["default"]
+    user = _user_tasks(args, model.image_size)
+    tasks = args.tasks or ([] if user else ["default"])
     if tasks == ["datacomp"]:
         if not args.datacomp_root:
             raise CommandError("--tasks datacomp needs --datacomp-root DIR (the wds_*_test folders)")
         import open_clip
 
-        from amortize.eval.datacomp import run_datacomp
+        from amortize.eval.datacomp import DATACOMP_TASKS, missing_tasks, run_datacomp
 
+        missing = missing_tasks(args.datacomp_root)
+        if len(missing) == len(DATACOMP_TASKS):
+            raise CommandError(f"--datacomp-root {args.datacomp_root} holds none of the {len(DATACOMP_TASKS)} "
+                               "DataComp tasks (expected wds_<task>_test folders)")
+        if missing and not args.allow_partial:
+            raise CommandError(f"--datacomp-root {args.datacomp_root} holds {len(DATACOMP_TASKS) - len(missing)} of "
+                               f"the {len(DATACOMP_TASKS)} DataComp tasks (missing {', '.join(missing[:3])}"
+                               f"{' ...' if len(missing) > 3 else ''}); add --allow-partial to average over those")
         transform = open_clip.image_transform(model.image_size, is_train=False)
         rows = run_datacomp(model, tokenizer, transform, args.datacomp_root, batch_size=args.batch_size,
                             device=device, log=lambda m: print(m, file=sys.stderr))
     else:
+        if "datacomp" in tasks:
+            raise CommandError("--tasks datacomp runs alone; give the shipped task names in another call")
         from amortize.eval import default_tasks
 
-        available = default_tasks(image_size=model.image_size)
+        available = default_tasks(image_size=model.image_size) if tasks else []
         names = [t.name for t in available]
-        if tasks != ["default"]:
+        if tasks and tasks != ["default"]:
             unknown = [t for t in tasks if t not in names]
             if unknown:
                 raise CommandError(f"unknown task(s) {', '.join(unknown)}; valid: default, datacomp, {', '.join(names)}")
             available = [t for t in available if t.name in tasks]
-        rows = evaluate(model, tokenizer, available, batch_size=args.batch_size, device=device)
+        rows = evaluate(model, tokenizer, available + user, batch_size=args.batch_size, device=device)
     sys.stdout.write(format_jsonl(rows) if args.json else format_markdown(rows))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from amortize.interop.export import export_model
+
+    ck = load_checkpoint(args.checkpoint)
+    model, recipe = model_from_checkpoint(ck)
+    try:
+        written = export_model(model, args.out_dir, model_name=recipe.model.name, tokenizer=recipe.data.tokenizer,
+                               fmt=args.format, overwrite=args.overwrite,
+                               extra={"method": recipe.method, "run_name": recipe.run_name, "source": ck["source"],
+                                      "checkpoint": str(args.checkpoint)})
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    out = Path(args.out_dir)
+    print(f"exported {recipe.model.name} towers to {out}/ ({', '.join(p.name for p in written)}); load with "
+          f"open_clip.create_model_and_transforms('local-dir:{out}')")
     return 0
 
 
@@ -244,11 +300,11 @@ def _positive_int(text: str) -> int:
 
 
 def _one_line(e: BaseException) -> str:
-    """The message of ``e``; an error re-raised from a DataLoader worker carries the worker's
-    traceback in its text, of which only the last line (the original message) is kept."""
+    """The message of ``e`` on one line; an error re-raised from a DataLoader worker carries the
+    worker's traceback in its text, of which only the last line (the original message) is kept."""
     text = str(e)
-    if "Original Traceback" not in text:
-        return text
+    if "Original Traceback" not in text:  # a message of several lines (torch's load errors) is joined into one
+        return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
     last = [ln for ln in text.splitlines() if ln.strip()][-1]
     prefix = f"{type(e).__module__}.{type(e).__name__}: "
     return last[len(prefix):] if last.startswith(prefix) else last
@@ -258,10 +314,12 @@ def _expected_errors() -> tuple[type, ...]:
     """Exception types that report a user's mistake or a data problem, not a bug."""
     from amortize.checkpoints import CheckpointWriteError, CorruptCheckpointError, UnsafeCheckpointError
     from amortize.data.webdataset import TooManySkippedError
+    from amortize.eval.user import UserDataError
+    from amortize.interop.pretrained import PretrainedError
     from amortize.train.config import RecipeError
 
     out: list[type] = [RecipeError, CommandError, FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError,
-                       TooManySkippedError, CheckpointWriteError]
+                       TooManySkippedError, CheckpointWriteError, UserDataError, PretrainedError]
     guards = sys.modules.get("amortize.train.guards")
     if guards is not None:
         out.extend([guards.DivergenceError, guards.NonFiniteWeightsError])
@@ -288,10 +346,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", nargs="+", default=None,
                    help="default (the shipped tasks), task names among them, or datacomp")
     e.add_argument("--datacomp-root", default=None, help="folder of DataComp's wds_*_test tasks")
+    e.add_argument("--allow-partial", action="store_true",
+                   help="evaluate a DataComp root that lacks some of the 38 tasks (averages say 'N of 38')")
+    e.add_argument("--retrieval", action="append", metavar="CSV_OR_FOLDER",
+                   help="image-text retrieval on your files: a CSV/TSV of image paths and captions, or a folder "
+                        "of images with sidecar .txt captions (repeatable)")
+    e.add_argument("--image-column", default="filepath", help="CSV column of image paths (default: filepath)")
+    e.add_argument("--caption-column", default="title", help="CSV column of captions (default: title)")
+    e.add_argument("--separator", default=None, help="CSV field separator (default: tab for .tsv, else comma)")
+    e.add_argument("--zeroshot", action="append", metavar="FOLDER",
+                   help="zero-shot classification of a folder with one sub-folder of images per class (repeatable)")
+    e.add_argument("--template", action="append", metavar="T",
+                   help="prompt template with {} for the class name (repeatable; default: {}, the name alone)")
     e.add_argument("--batch-size", type=_positive_int, default=256, help="images or texts per forward pass")
     e.add_argument("--debug", action="store_true", help="show the traceback of an error")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     e.set_defaults(func=_cmd_eval)
+
+    x = sub.add_parser("export", help="write the towers as an open_clip model folder (safetensors)")
+    x.add_argument("checkpoint", help="run folder, model.pt export or Composer checkpoint")
+    x.add_argument("out_dir", help="the folder to write (new or empty)")
+    x.add_argument("--format", choices=("open_clip", "hf"), default="open_clip",
+                   help="open_clip: a folder for local-dir: / pretrained=; hf: the same plus a model card, to upload "
+                        "to the Hugging Face Hub for open_clip's hf-hub: loader")
+    x.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in OUT_DIR")
+    x.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    x.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from amortize.registry import Registry
 from amortize.objectives.base import CLIP_INIT_LOGIT_SCALE
 
-__all__ = ["MODELS", "register_model", "TwoTowerModel", "model_config", "build_model", "list_model_configs"]
+__all__ = ["MODELS", "register_model", "TwoTowerModel", "model_config", "build_model", "list_model_configs",
+           "register_open_clip_configs"]
 
 _OURS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -60,6 +61,32 @@ def list_model_configs() -> list[str]:
     import open_clip
 
     return MODELS.names() + sorted(open_clip.list_models())
+
+
+def register_open_clip_configs(folder: Optional[str] = None) -> list[str]:
+    """Make our model names (``tiny``, ``cpu-small``, any :func:`register_model`) resolve in open_clip.
+
+    Writes each config as ``<name>.json`` into ``folder`` (default: a new temporary folder) and
+    adds the folder with ``open_clip.add_model_config``; afterwards
+    ``open_clip.create_model("tiny")`` builds the same towers as :func:`build_model`. (An
+    ``amortize export`` folder carries its own ``<name>.json`` for processes without ``amortize``.)
+
+    Returns:
+        The names registered.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import open_clip
+
+    out = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="amortize-open-clip-configs-"))
+    out.mkdir(parents=True, exist_ok=True)
+    names = MODELS.names()
+    for name in names:
+        (out / f"{name}.json").write_text(json.dumps(MODELS.build(name), indent=2), encoding="utf-8")
+    open_clip.add_model_config(out)
+    return names
 
 
 def model_config(name: str, image_size: Optional[int] = None, context_length: Optional[int] = None) -> dict:
@@ -101,7 +128,8 @@ class TwoTowerModel(nn.Module):
     """An image tower and a text tower with a learnable logit scale (and optional bias).
 
     Wraps :class:`open_clip.model.CLIP` (as ``self.clip``) so that parameter names follow
-    open_clip's and its weights load into open_clip directly (strip the ``clip.`` prefix).
+    open_clip's and its weights load into open_clip directly (strip the ``clip.`` prefix; ``amortize
+    export`` writes them as an open_clip model folder, see :mod:`amortize.interop.export`).
 
     Args:
         config: an open_clip-format config (see :func:`model_config`).
@@ -191,8 +219,11 @@ def build_model(
     context_length: Optional[int] = None,
     init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
     init_logit_bias: Optional[float] = None,
+    pretrained: Optional[str] = None,
+    lock_image: Optional[dict] = None,
+    lock_text: Optional[dict] = None,
 ) -> TwoTowerModel:
-    """Build an untrained two-tower model from a config name (offline).
+    """Build a two-tower model from a config name (offline), untrained unless ``pretrained`` is given.
 
     Args:
         name: a name in :data:`MODELS` or an open_clip model name.
@@ -200,9 +231,22 @@ def build_model(
         context_length: override of the text length.
         init_logit_scale: initial ``log s``.
         init_logit_bias: initial bias, or None for none.
+        pretrained: weights to load (an open_clip checkpoint or state dict, an ``amortize export``
+            folder, a ``model.pt`` or run folder; see :mod:`amortize.interop.pretrained`).
+        lock_image: ``{unlocked_groups: N, freeze_norm: bool}`` to lock the image tower (open_clip's LiT).
+        lock_text: the same for the text tower.
 
     Returns:
         A :class:`TwoTowerModel` in training mode.
+
+    Raises:
+        PretrainedError: (a ``RecipeError`` under ``model.pretrained`` / ``model.lock_*``) for
+            weights that are missing, unreadable or of another architecture, or a bad lock.
     """
     cfg = model_config(name, image_size=image_size, context_length=context_length)
-    return TwoTowerModel(cfg, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias)
+    model = TwoTowerModel(cfg, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias)
+    if pretrained is not None or lock_image is not None or lock_text is not None:
+        from amortize.interop.pretrained import start_towers
+
+        start_towers(model, pretrained, lock_image, lock_text, model_name=name)
+    return model

@@ -496,6 +496,24 @@ def encoder_lr(batch: int) -> float:
     """
     return 2e-3 * math.sqrt(batch / 16)
 
+def make_optimizer(model: SmallTwoTower, lr: float) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9 / 0.98, eps 1e-6), weight decay 0.1 on matrices except the token embeddings."""
+    decay = [p for name, p in model.named_parameters() if p.dim() >= 2 and "embed" not in name]
+    no_decay = [p for name, p in model.named_parameters() if p.dim() < 2 or "embed" in name]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-6, foreach=True)
+
+
+def encoder_step(model: SmallTwoTower, opt: torch.optim.Optimizer, loss: Tensor) -> None:
+    """Backward, clip the gradient norm to 1, step, clamp ``s <= 100``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(max=math.log(100.0))
+
+
 _DATA_CACHE: dict[int, BenchData] = {}
 
 
@@ -514,11 +532,8 @@ def train_run(cfg: RunConfig, data: Optional[BenchData] = None) -> dict:
     n = len(train)
     loss_fn, ls0, lb0 = method_loss(cfg.method, cfg.batch, cfg.epochs, n, cfg.amorlip)
     model = SmallTwoTower(data.pixels, data.vocab_size, init_logit_scale=ls0, init_logit_bias=lb0)
-    decay = [p for name, p in model.named_parameters() if p.dim() >= 2 and "embed" not in name]
-    no_decay = [p for name, p in model.named_parameters() if p.dim() < 2 or "embed" in name]
     base_lr = cfg.lr or encoder_lr(cfg.batch)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=base_lr, betas=(0.9, 0.98), eps=1e-6, foreach=True)
+    opt = make_optimizer(model, base_lr)
     steps_per_epoch = n // cfg.batch
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, min(steps_per_epoch, total // 10))
@@ -541,12 +556,7 @@ def train_run(cfg: RunConfig, data: Optional[BenchData] = None) -> dict:
                 loss_fn.estimator.scale = float(model.logit_scale.exp())
             out = loss_fn(x, y, model.logit_scale.exp(), model.logit_bias, index=idx)
             t_loss += time.perf_counter() - ta
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(max=math.log(100.0))
+            encoder_step(model, opt, out["loss"])
             if not torch.isfinite(out["loss"]):
                 raise FloatingPointError(f"{cfg.name()}: non-finite loss at step {step}")
             step += 1

@@ -29,12 +29,14 @@ def unwrap_clip_model(model):
 
 
 class EvalCallback(Callback):
-    """Evaluate at epoch end (every ``every_n_epochs``) and/or fit end and log ``prefix/task/metric``.
+    """Evaluate every ``every_n_batches`` batches, at epoch end (every ``every_n_epochs``) and/or at
+    fit end, and log ``prefix/task/metric``.
 
     Args:
         tokenizer: captions -> LongTensor (N, L).
         tasks: evaluation tasks; ``None`` uses [`default_tasks`][amortize.eval.default_tasks] (built lazily).
         every_n_epochs: run at the end of every n-th epoch (0: never at epoch end).
+        every_n_batches: run after every n-th batch (0: never).
         at_fit_end: run when training ends.
         batch_size: images or texts per forward pass.
         prefix: metric name prefix.
@@ -45,10 +47,12 @@ class EvalCallback(Callback):
 
     def __init__(self, tokenizer: Callable[[Sequence[str]], torch.Tensor], tasks: Sequence | None = None, *,
                  every_n_epochs: int = 1, at_fit_end: bool = True, batch_size: int = 256,
-                 prefix: str = "eval", print_table: bool = False):
+                 prefix: str = "eval", print_table: bool = False, every_n_batches: int = 0):
         self.tokenizer = tokenizer
         self._tasks = list(tasks) if tasks is not None else None
         self.every_n_epochs = every_n_epochs
+        self.every_n_batches = every_n_batches
+        self._last_batch = -1
         self.at_fit_end = at_fit_end
         self.batch_size = batch_size
         self.prefix = prefix
@@ -77,11 +81,14 @@ class EvalCallback(Callback):
                 print(format_markdown(self.last_rows))
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        """Composer hook."""
-        if event == Event.EPOCH_END and self.every_n_epochs > 0:
-            if int(state.timestamp.epoch) % self.every_n_epochs == 0:
-                self._run(state, logger)
-        elif event == Event.FIT_END and self.at_fit_end:
-            if not self.last_rows or self.every_n_epochs == 0 or \
-                    int(state.timestamp.epoch) % max(self.every_n_epochs, 1) != 0:
-                self._run(state, logger)
+        """Composer hook (each batch count is evaluated at most once, whichever events fall on it)."""
+        batch = int(state.timestamp.batch)
+        due = (
+            (event == Event.BATCH_END and self.every_n_batches > 0 and batch % self.every_n_batches == 0)
+            or (event == Event.EPOCH_END and self.every_n_epochs > 0
+                and int(state.timestamp.epoch) % self.every_n_epochs == 0)
+            or (event == Event.FIT_END and self.at_fit_end)
+        )
+        if due and batch != self._last_batch:
+            self._last_batch = batch
+            self._run(state, logger)

@@ -487,20 +487,41 @@ _RUNNERS = {"classification": run_classification, "retrieval": run_retrieval, "w
 def averages(main: dict[str, float | None]) -> list[dict]:
     """DataComp's aggregate rows from ``{task key: main metric value or None}``.
 
-    Each average is over the tasks that ran; rows carry ``n_tasks`` and ``n_expected`` so a partial
-    average is visible.
+    Each average is over the tasks that ran; rows carry ``n_tasks`` and ``n_expected``, and a
+    partial average's ``label`` (what the markdown table prints) says so: ``Average (2 of 38)``,
+    ``VTAB (3 of 11)``.
 
     Returns:
-        Rows ``{"task": "average", "metric": name, "value", "n_tasks", "n_expected"}``.
+        Rows ``{"task": "average", "metric": name, "label", "value", "n_tasks", "n_expected"}``.
     """
     rows = []
     for name, tag in AVERAGES.items():
         keys = [t.key for t in DATACOMP_TASKS if tag is None or tag in t.tags]
         vals = [main[k] for k in keys if main.get(k) is not None and not math.isnan(main[k])]
-        rows.append({"task": "average", "metric": name,
+        base = name.split(" (")[0]
+        label = name if len(vals) == len(keys) else f"{base} ({len(vals)} of {len(keys)})"
+        rows.append({"task": "average", "metric": name, "label": label,
                      "value": float(np.mean(vals)) if vals else None,
                      "n_tasks": len(vals), "n_expected": len(keys)})
     return rows
+
+
+def missing_tasks(root: str | Path, tasks: Sequence[str] | None = None) -> list[str]:
+    """Keys of the tasks (default: all 38) with no data under ``root`` (see :func:`find_task_dir`).
+
+    Raises:
+        FileNotFoundError: if ``root`` is not a folder.
+    """
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"DataComp root {root} is not a folder")
+    specs = [task_by_key(k) for k in tasks] if tasks is not None else list(DATACOMP_TASKS)
+    out = []
+    for spec in specs:
+        try:
+            find_task_dir(root, spec.key)
+        except FileNotFoundError:
+            out.append(spec.key)
+    return out
 
 
 def run_datacomp(model, tokenizer: Callable[[Sequence[str]], torch.Tensor], transform: Callable,

@@ -1,7 +1,9 @@
 """Printing evaluation rows: a markdown table, or JSON lines.
 
 A row is a dict with at least ``task``, ``metric`` and ``value`` (a float, or ``None`` when the
-task could not run); any other keys (``error``, ``n_tasks`` ...) are kept in the JSON output.
+task could not run); any other keys (``error``, ``n_tasks`` ...) are kept in the JSON output. A
+row's ``label``, when set, is printed in the table instead of its metric name (DataComp's partial
+averages: ``Average (2 of 38)``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def format_markdown(rows: Iterable[dict]) -> str:
     head = ["task", "metric", "value"] + (["note"] if with_note else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r["task"]), str(r["metric"]), _fmt(r["value"])]
+        cells = [str(r["task"]), str(r.get("label") or r["metric"]), _fmt(r["value"])]
         if with_note:
             cells.append(str(r.get("error", "")).replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")

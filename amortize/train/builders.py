@@ -17,14 +17,16 @@ from composer.algorithms import GradientClipping
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
+from amortize.interop.pretrained import locked_summary
 from amortize.options import keyed
 from amortize.train.algorithms import ClampLogitScale, EpochSchedules, ExportWeights, FullBatchGuard, LogLossTerms
-from amortize.train.components import build_dataset, build_loss, build_tokenizer, build_two_tower
+from amortize.train.components import build_dataset, build_eval_tasks, build_loss, build_tokenizer, build_two_tower
 from amortize.train.config import Recipe, RecipeError, recipe_to_dict
 from amortize.train.compat import install_atomic_checkpoint_writes
 from amortize.train.gradcache import microbatch_trainer_kwargs
 from amortize.train.guards import DataSkipReport, DivergenceGuard, SaveOnInterrupt
 from amortize.train.model import ContrastiveComposerModel
+from amortize.train.model import unwrap as _unwrap
 from amortize.train.optim import build_optimizer, build_scheduler
 from amortize.train.plan import decide_start
 from amortize.train.sections import bindings
@@ -175,11 +177,12 @@ def build_trainer(
         cbs.append(DataSkipReport(counter))
     install_atomic_checkpoint_writes()
     e = recipe.eval
-    if e.tasks == "default" and (e.every_n_epochs > 0 or e.at_fit_end):
+    if e.tasks != "none" and (e.every_n_epochs > 0 or e.every_n_batches > 0 or e.at_fit_end):
         from amortize.eval.callback import EvalCallback
 
-        cbs.append(EvalCallback(tokenizer, every_n_epochs=e.every_n_epochs, at_fit_end=e.at_fit_end,
-                                batch_size=e.batch_size, print_table=True))
+        tasks = build_eval_tasks(recipe, image_size=_unwrap(model).model.image_size)
+        cbs.append(EvalCallback(tokenizer, tasks, every_n_epochs=e.every_n_epochs, every_n_batches=e.every_n_batches,
+                                at_fit_end=e.at_fit_end, batch_size=e.batch_size, print_table=True))
     extra = _recipe_extras(recipe)
     algorithms.extend(extra["algorithms"])
     cbs.extend([*extra["callbacks"], *callbacks])
@@ -279,5 +282,7 @@ def dry_run(recipe: Recipe) -> list[str]:
         f"optimizer: {type(optimizer).__name__}; scheduler: {type(scheduler).__name__ if scheduler else 'none'}",
         *(f"{key}: {', '.join(type(x).__name__ for x in built)}" for key, built in extra.items() if built),
         f"start: {plan.describe()}; checkpoints in {recipe.resolved_save_folder()}/",
+        f"towers: {'from ' + recipe.model.pretrained if recipe.model.pretrained else 'initialised'}; "
+        f"{locked_summary(model.model)}",
     ]
 

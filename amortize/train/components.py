@@ -6,6 +6,7 @@ from a recipe without it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "build_loss",
     "build_tokenizer",
     "build_dataset",
+    "build_eval_tasks",
 ]
 
 DATASETS: Registry[Any] = Registry("dataset")
@@ -85,12 +87,22 @@ DATASETS.register("shipped", _shipped)
 DATASETS.register("synthetic", _synthetic)
 
 
-def build_two_tower(recipe: Recipe) -> TwoTowerModel:
-    """The untrained two-tower model of a recipe (its initial ``log s`` and bias were resolved at load).
+def build_two_tower(recipe: Recipe, start: bool = True) -> TwoTowerModel:
+    """The two-tower model of a recipe (its initial ``log s`` and bias were resolved at load).
 
     Binds and builds the ``model`` section only: the loss sections and the recipe's ``imports``
     are not needed to rebuild the towers (``amortize eval``).
+
+    Args:
+        recipe: the recipe.
+        start: build what a run starts from, ``model.pretrained`` loaded and ``model.lock_image`` /
+            ``model.lock_text`` applied; False builds the bare towers (``amortize eval`` loads the
+            trained weights into them, and the pretrained file need not exist any more).
     """
+    m = recipe.model
+    if not start and (m.pretrained is not None or m.lock_image is not None or m.lock_text is not None):
+        bare = dataclasses.replace(m, pretrained=None, lock_image=None, lock_text=None)
+        recipe = dataclasses.replace(recipe, model=bare)
     return bindings(recipe).get("model").build()
 
 
@@ -146,3 +158,27 @@ def build_tokenizer(recipe: Recipe, context_length: int):
 def build_dataset(recipe: Recipe, tokenizer: Callable, image_size: int) -> Dataset:
     """The map-style training dataset named by ``data.name`` (see :data:`DATASETS`)."""
     return DATASETS.build(recipe.data.name, recipe.data, tokenizer, image_size, recipe.seed)
+
+
+def build_eval_tasks(recipe: Recipe, image_size: int) -> Optional[list]:
+    """The evaluation tasks of ``eval.tasks``: None for ``none``, the shipped ones for ``default``,
+    else each bound section built (its folder or CSV read now, its images when evaluated).
+
+    Raises:
+        RecipeError: under ``eval.tasks[i]`` for a missing file or a folder that cannot be read.
+    """
+    tasks = recipe.eval.tasks
+    if tasks == "none":
+        return None
+    if tasks == "default":
+        from amortize.eval import default_tasks
+
+        return default_tasks(image_size=image_size)
+    out: list = []
+    for bound in bindings(recipe).many("eval.tasks"):
+        try:
+            built = bound.build(image_size=image_size)
+        except OSError as e:
+            raise RecipeError(str(e), key=bound.key) from None
+        out.extend(built if isinstance(built, list) else [built])
+    return out

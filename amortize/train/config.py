@@ -101,6 +101,10 @@ def _check_consistency(r: Recipe) -> None:
     """Checks that join two keys (each key's own range is declared beside it in the schema)."""
     if r.data.sampling == "resampled" and r.data.name == "webdataset" and not r.data.num_samples:
         raise RecipeError("data.sampling 'resampled' needs data.num_samples (it sets the epoch length)")
+    tasks = r.eval.tasks  # a list of sections is bound with the others (train/sections.py)
+    if (isinstance(tasks, str) and tasks not in ("default", "none")) or tasks == []:
+        raise RecipeError(f"{tasks!r} is not one of default, none, or a list of task sections (retrieval, "
+                          "zeroshot, default)", key="eval.tasks")
 
 
 def load_recipe_dict(data: Optional[dict], base: Optional[Path] = None, *, bind: bool = True) -> Recipe:

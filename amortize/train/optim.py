@@ -74,8 +74,10 @@ def param_groups(module: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]
 
     Groups (empty ones dropped): ``decay`` (weight decay ``cfg.weight_decay``), ``no_decay``
     (gains, biases, embeddings of rank < 2, the logit bias; no decay) and ``logit_scale``
-    (no decay, learning rate ``cfg.logit_scale_lr`` or ``cfg.lr``). Amortizer networks have
-    ``requires_grad=False`` and so are in no group.
+    (no decay, learning rate ``cfg.logit_scale_lr`` or ``cfg.lr``). Amortizer networks and the
+    parameters of locked towers (``model.lock_image`` / ``model.lock_text``) have
+    ``requires_grad=False`` and so are in no group: no update and no weight decay touches them,
+    and as they never get a gradient, gradient clipping's norm is over the trainable ones only.
 
     Args:
         module: the model (its ``named_parameters`` are grouped).

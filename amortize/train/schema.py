@@ -38,6 +38,7 @@ __all__ = [
     "DataConfig",
     "OptimizerConfig",
     "SchedulerConfig",
+    "TowerLock",
     "EvalConfig",
     "DivergenceConfig",
     "Recipe",
@@ -55,7 +56,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "amp_fp16", "amp_bf16"),
     "device": ("cpu", "gpu", "mps"),
     "data.sampling": ("split", "resampled"),
-    "eval.tasks": ("default", "none"),
     "divergence.policy": ("skip", "stop", "none"),
     "load_mode": ("full", "weights"),
 }
@@ -67,6 +67,19 @@ def _opt(default: Any = dataclasses.MISSING, *, check: Any = None, factory: Any 
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+@dataclass
+class TowerLock:
+    """A locked tower, as open_clip's LiT options (see :mod:`amortize.interop.pretrained`).
+
+    Attributes:
+        unlocked_groups: groups left trainable, counted from the output end (0: the whole tower is locked).
+        freeze_norm: keep the tower's norm layers (and batch-norm statistics) frozen in unlocked groups too.
+    """
+
+    unlocked_groups: int = _opt(0, check=Range(lo=0))
+    freeze_norm: bool = False
 
 
 @dataclass
@@ -82,6 +95,13 @@ class ModelConfig:
             writes the resolved value into the recipe.
         init_logit_bias: initial bias; None: the objective's preference (-10 for ``sigmoid``), else
             no bias.
+        pretrained: start from these weights (an open_clip checkpoint or state dict, an ``amortize
+            export`` folder, a ``model.pt`` or run folder; a relative path is read from the working
+            directory, as ``save_folder``); they must fit the model key by key.
+        lock_image: lock the image tower (``{unlocked_groups: N, freeze_norm: bool}``; None: train it).
+        lock_text: lock the text tower the same way.
+
+    The section is bound against :func:`amortize.models.build_model` (these are its options).
     """
 
     name: str = "tiny"
@@ -89,6 +109,9 @@ class ModelConfig:
     context_length: Optional[int] = None
     init_logit_scale: Optional[float] = None
     init_logit_bias: Optional[float] = None
+    pretrained: Optional[str] = None
+    lock_image: Optional[TowerLock] = None
+    lock_text: Optional[TowerLock] = None
 
 
 @dataclass
@@ -218,15 +241,19 @@ class EvalConfig:
     """Evaluation during training and by ``amortize eval``.
 
     Attributes:
-        tasks: ``default`` (Fashion-MNIST zero-shot and emoji retrieval) or ``none``. The DataComp
-            suite needs its data directory: run ``amortize eval CKPT --tasks datacomp --datacomp-root DIR``.
+        tasks: ``default`` (Fashion-MNIST zero-shot and emoji retrieval), ``none``, or a list of
+            sections of :data:`amortize.eval.user.EVAL_TASKS` (your files), e.g.
+            ``[{name: retrieval, path: pairs.csv}, {name: zeroshot, path: classes/}, default]``. The
+            DataComp suite needs its data directory: run ``amortize eval CKPT --tasks datacomp --datacomp-root DIR``.
         every_n_epochs: evaluate at the end of every n-th epoch (0: never during training).
-        at_fit_end: evaluate when training ends (``default`` tasks only).
+        every_n_batches: evaluate after every n-th batch (0: never).
+        at_fit_end: evaluate when training ends.
         batch_size: images or texts per forward pass.
     """
 
-    tasks: str = "none"
+    tasks: Union[str, list[SectionSpec]] = "none"
     every_n_epochs: int = _opt(0, check=_NONNEG)
+    every_n_batches: int = _opt(0, check=_NONNEG)
     at_fit_end: bool = False
     batch_size: int = _opt(256, check=Range(lo=1))
 
@@ -342,6 +369,8 @@ def build_schema(cls: type, data: dict, prefix: str = "") -> Any:
             raise RecipeError(f"unknown key {key!r}{hint}; valid keys{' of ' + prefix if prefix else ''}: "
                               f"{', '.join(names)}")
         tp = hints[k]
+        if isinstance(v, dict) and typing.get_origin(tp) is Union:  # Optional[section]: its own keys' errors
+            tp = next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), tp)
         if dataclasses.is_dataclass(tp):
             if not isinstance(v, dict):
                 raise RecipeError(f"expected a mapping, got {type(v).__name__} {v!r}", key=key)

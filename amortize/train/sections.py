@@ -59,6 +59,7 @@ SECTIONS: tuple[Declared, ...] = (
     Declared("loggers", "amortize.train.integrations:LOGGERS", many=True),
     Declared("callbacks", "amortize.train.integrations:CALLBACKS", many=True),
     Declared("algorithms", "amortize.train.integrations:ALGORITHMS", many=True),
+    Declared("eval.tasks", "amortize.eval.user:EVAL_TASKS", passed=("image_size",), many=True),  # a list only
 )
 """Every component section of a recipe; the ``model`` section binds against :data:`MODEL_BUILDER`."""
 
@@ -83,7 +84,7 @@ def section_keys(recipe: Any) -> list[str]:
     for d in SECTIONS:
         value = _get(recipe, d.key)
         if d.many:
-            keys.extend(f"{d.key}[{i}]" for i in range(len(value or [])))
+            keys.extend(f"{d.key}[{i}]" for i in range(len(value if isinstance(value, list) else [])))
         elif value is not None and not (d.key == "loss.rho" and isinstance(value, (int, float))):
             keys.append(d.key)  # a number for rho is a constant, not a section
     keys.append("model")
@@ -125,7 +126,8 @@ class Bindings:
 
     def many(self, key: str) -> list[Bound]:
         """The bound entries of a list section (``callbacks``), in order."""
-        return [self.get(f"{key}[{i}]") for i in range(len(_get(self._recipe, key) or []))]
+        value = _get(self._recipe, key)
+        return [self.get(f"{key}[{i}]") for i in range(len(value if isinstance(value, list) else []))]
 
 
 def _bind(key: str, source: Any) -> Bound:

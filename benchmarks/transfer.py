@@ -1,0 +1,665 @@
+"""Small-batch transfer suite: every method, three real datasets, B = 16 / 64 / 256, lr chosen on validation.
+
+    python -m benchmarks.transfer --quick                     # make bench: 1 dataset, 2 epochs, 2 methods
+    python -m benchmarks.transfer --stage lr                  # lr grid on val (seed 0)
+    python -m benchmarks.transfer --stage test                # chosen lr, seeds 0 1 2, test split
+    python -m benchmarks.transfer --stage variants            # AmorLIP estimator variants, val, B = 16
+    python -m benchmarks.transfer --stage report              # tables + plot from the jsonl files
+    python -m benchmarks.transfer --stage all                 # lr, test, variants, report (the full run)
+
+**Data**: :mod:`benchmarks.suite_data` (``emoji``, ``fashion``, ``glyphs``), splits by image.
+**Towers**: :class:`benchmarks.small_batch.SmallTwoTower` (an MLP per image or tile, a mean of
+token embeddings for text, 64-d). **Loop**: plain PyTorch, AdamW with warm-up and cosine decay,
+clip 1.0, ``s <= 100``, equal epochs at every batch; the loss is
+``ContrastiveLoss.from_sections(**section)`` with each method's ``loss:`` section
+(:data:`METHODS`, data: a new estimator is one more entry). AmorLIP's section is read from
+``recipes/amorlip-small-batch.yaml`` and adapted to the run by :func:`adapt_small_batch` (what a
+recipe knows: batch, epochs, steps per epoch).
+
+**Learning rate**: per (dataset, method, batch) the best of ``LR_MULTS`` times
+``2e-3 * sqrt(B / 16)`` on the validation split at seed 0 (``--stage lr``); the test stage uses it.
+
+**Diagnostics per run** (every epoch, in the jsonl): ``norm_err``: RMSE in log space of the
+encoder normaliser (queried in eval mode on random training batches) against the exact
+full-dataset partition at this batch, ``log((B-1)/(N-1) sum_{j != i} exp(S_ij) + c exp(S_ii))``;
+``batch_err``: the same for the in-batch sums; ``w_mean`` / ``w_sd``: mean and spread over the
+epoch's rows of ``log(Z_batch_i / lambda_i)``, the log of the total weight the encoder gradient
+gives row ``i``'s negatives relative to InfoNCE's (0 for in-batch); ``scale``: the temperature
+``s``; and the :class:`amortize.diagnostics.EstimatorMonitor` verdict.
+
+Results: ``benchmarks/transfer*.runs.jsonl`` (one line per finished run, resumed on rerun),
+``benchmarks/transfer.{json,md}``, ``docs/assets/transfer_batch.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from benchmarks.small_batch import SmallTwoTower, _lr_at, encode_split, encoder_step, make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "benchmarks"
+SMALL_BATCH_RECIPE = ROOT / "recipes" / "amorlip-small-batch.yaml"
+
+DATASET_NAMES = ("emoji", "fashion", "glyphs")
+BATCHES = (16, 64, 256)
+SEEDS = (0, 1, 2)
+EPOCHS = 12
+LR_MULTS = (0.5, 1.0, 2.0)
+CLIP_SCALE = math.log(1 / 0.07)
+
+_LIN = {"name": "linearized", "pos_weight": 0.001}
+METHODS: dict[str, dict[str, Any]] = {
+    # name -> {"loss": the recipe's loss section, "init_scale": log s at init, "init_bias": b or None}
+    "clip": {"loss": {"objective": "infonce"}},
+    "siglip": {"loss": {"objective": "sigmoid"}, "init_scale": math.log(10.0), "init_bias": -10.0},
+    "sogclr": {"loss": {"objective": _LIN, "estimator": {"name": "moving_average", "gamma": 0.9,
+                                                         "init": "first_batch"}}},
+    "fastclip": {"loss": {"objective": _LIN, "rho": 6.5,
+                          "estimator": {"name": "moving_average", "init": "first_batch",
+                                        "gamma": {"name": "cosine_decay", "start": 1.0, "end": 0.2,
+                                                  "decay_epochs": "half"}}}},
+    "amorlip": {"loss": "recipe"},  # recipes/amorlip-small-batch.yaml, adapted by adapt_small_batch
+    "neuclip": {"loss": {"objective": _LIN, "estimator": {"name": "neuclip"}}, "needs": "neuclip"},
+}
+"""The methods as ``loss:`` sections. ``needs``: an estimator that must be registered for the row to run."""
+
+
+def available_methods() -> list[str]:
+    """The methods of :data:`METHODS` whose estimators are registered here."""
+    from amortize.estimators import ESTIMATORS
+
+    names = set(ESTIMATORS)
+    return [m for m, spec in METHODS.items() if spec.get("needs") is None or spec["needs"] in names]
+
+
+def recipe_loss_section(path: Path = SMALL_BATCH_RECIPE) -> dict:
+    """The ``loss:`` section of a recipe file (read safely)."""
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f)["loss"]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and "name" not in v:
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def adapt_small_batch(section: dict, batch: int, epochs: int, steps_per_epoch: int) -> dict:
+    """The small-batch recipe's loss section for a run of ``epochs`` epochs at ``batch``.
+
+    What the recipe knows replaces what the YAML fixed for its own run (batch 16, 20 epochs):
+    the amortizer's initial bias is ``log batch`` (the in-batch sums start near it) and the
+    previous-epoch blend's warm-up is a quarter of the run.
+    """
+    sec = copy.deepcopy(section)
+    est = sec.get("estimator")
+    if isinstance(est, dict) and est.get("name") == "amortized":
+        amort = est.get("amortizer")
+        if isinstance(amort, dict):
+            amort["init_log_z"] = math.log(batch)
+        beta = est.get("beta")
+        if isinstance(beta, dict) and beta.get("name") == "beta_warmup":
+            beta["warmup_epochs"] = max(1, round(epochs / 4))
+    return sec
+
+
+def method_section(method: str, batch: int, epochs: int, steps_per_epoch: int,
+                   overrides: Optional[dict] = None) -> tuple[dict, float, Optional[float]]:
+    """``(loss section, initial log s, initial bias)`` of a method for one run.
+
+    ``overrides`` (a variant) is merged into the section (``{"estimator": {"lr": 0.02}}``; a
+    nested dict with a ``name`` replaces the whole sub-section).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    spec = METHODS[method]
+    sec = spec["loss"]
+    if sec == "recipe":
+        sec = adapt_small_batch(recipe_loss_section(), batch, epochs, steps_per_epoch)
+    sec = copy.deepcopy(sec)
+    est = sec.get("estimator")
+    if isinstance(est, dict) and isinstance(est.get("gamma"), dict) and est["gamma"].get("decay_epochs") == "half":
+        est["gamma"]["decay_epochs"] = max(1, epochs // 2)
+    if overrides:
+        sec = _merge(sec, overrides)
+    return sec, spec.get("init_scale", CLIP_SCALE), spec.get("init_bias")
+
+
+def build_loss(section: dict, num_samples: int, dim: int):
+    """``ContrastiveLoss.from_sections`` of a ``loss:`` section (``objective``, ``estimator``, ``rho``, ...)."""
+    from amortize.losses import ContrastiveLoss
+
+    sec = dict(section)
+    est = sec.pop("estimator", None)
+    context = {"dim": dim, "num_samples": num_samples}  # from_sections passes each only where it is named
+    return ContrastiveLoss.from_sections(sec.pop("objective", "linearized"), est, context=context, **sec)
+
+
+# ------------------------------------------------------------------------------------------ variants
+
+VARIANTS: dict[str, dict] = {
+    # AmorLIP estimator suspects (validation only); each is an override of the adapted recipe section
+    "recipe": {},
+    "rho_6.5": {"rho": {"name": "piecewise", "values": [6.5, 6.5, 6.5, -8.0]}},
+    "reinit_never": {"estimator": {"reinit": "never"}},
+    "cadence_global": {"estimator": {"cadence": "global"}},
+    "fit_every_8": {"estimator": {"update_every": 8}},
+    "ema_every_1": {"estimator": {"ema_every": 1, "ema_decay": 0.99}},
+    "inner_lr_1e-3": {"estimator": {"lr": 0.001}},
+    "inner_lr_2e-2": {"estimator": {"lr": 0.02}},
+    "init_log_z_0": {"estimator": {"amortizer": {"init_log_z": 0.0}}},
+    "reverse_kl": {"estimator": {"objective": "reverse_kl"}},
+    "pos_weight_1": {"objective": {"name": "linearized", "pos_weight": 1.0}},  # the positive in the partition, as InfoNCE
+    "beta_0": {"estimator": {"beta": 0.0}},
+    "beta_0.5": {"estimator": {"beta": {"final": 0.5}}},
+    "beta_0.8": {"estimator": {"beta": {"final": 0.8}}},  # the recipe before the suite (the paper's beta_T)
+    "ema_target": {"estimator": {"normalizer": "ema_target"}},
+    "in_batch_control": {"estimator": {"name": "in_batch"}},
+}
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+@dataclass
+class Run:
+    """One training run of the suite."""
+
+    dataset: str
+    method: str
+    batch: int
+    seed: int
+    split: str = "val"
+    lr: Optional[float] = None  # None: base_lr(batch)
+    epochs: int = EPOCHS
+    variant: str = ""
+    overrides: dict = field(default_factory=dict)
+    max_steps: Optional[int] = None
+
+    def key(self) -> str:
+        """A key that identifies the run in a jsonl file."""
+        d = asdict(self)
+        d.pop("max_steps")
+        if METHODS[self.method]["loss"] == "recipe":  # a changed recipe is a different run
+            d["recipe"] = recipe_loss_section()
+        return json.dumps(d, sort_keys=True)
+
+    def tag(self) -> str:
+        """The method, with the variant in brackets."""
+        return f"{self.method}[{self.variant}]" if self.variant else self.method
+
+
+def base_lr(batch: int) -> float:
+    """The centre of the lr grid: ``2e-3 * sqrt(batch / 16)`` (CLIP's best on the emoji benchmark)."""
+    return 2e-3 * math.sqrt(batch / 16)
+
+
+@torch.no_grad()
+def evaluate(model: SmallTwoTower, data, split: str) -> dict[str, float]:
+    """The dataset's metric on ``split`` as ``{"quality": ..., ...}``."""
+    from amortize.eval.retrieval import retrieval_metrics
+
+    s = data.splits[split]
+    x, y = encode_split(model, s)
+    if data.metric == "zeroshot":
+        C, P, L = data.class_tokens.shape
+        t = model.encode_text(data.class_tokens.view(C * P, L)).view(C, P, -1).mean(1)
+        t = torch.nn.functional.normalize(t, dim=-1)
+        acc = float(((x @ t.T).argmax(1) == data.labels[split]).float().mean())
+        return {"quality": acc, "zeroshot_top1": acc}
+    m = retrieval_metrics(x, y, torch.arange(len(s)), ks=(1, 10))
+    return {"quality": m["mean_R@1"], "mean_R@1": m["mean_R@1"],
+            "mean_R@10": 0.5 * (m["image_to_text_R@10"] + m["text_to_image_R@10"])}
+
+
+@torch.no_grad()
+def normaliser_error(model: SmallTwoTower, loss_fn, split, batch: int, rows: int = 1024, rounds: int = 8,
+                     seed: int = 1234) -> dict[str, float]:
+    """Log-space RMSE of the encoder normaliser and of the in-batch sums against the exact partition.
+
+    The exact partition of row ``i`` at this batch over the whole training set is
+    ``log((B-1)/(N-1) sum_{j != i} exp(S_ij) + c exp(S_ii))`` (what the in-batch sum estimates).
+    The estimator is queried in eval mode (its state does not change) on ``rounds`` random batches
+    drawn from ``rows`` random training rows. Empty for objectives without a normaliser.
+    """
+    est = loss_fn.estimator
+    obj = loss_fn.objective
+    if not getattr(obj, "accepts_normalizers", False):
+        return {}
+    c = obj.partition_weight()
+    x, y = encode_split(model, split)
+    n = x.shape[0]
+    s = float(model.logit_scale.exp())
+    g = torch.Generator().manual_seed(seed)
+    sub = torch.randperm(n, generator=g)[: min(rows, n)]
+    ar = torch.arange(len(sub))
+    off = math.log((batch - 1) / (n - 1))
+
+    def exact(a, b):  # rows a[sub] against all of b
+        S = s * (a[sub] @ b.T) + off
+        S[ar, sub] = s * (a[sub] * b[sub]).sum(1) + math.log(c)
+        return torch.logsumexp(S, 1)
+
+    ref_x, ref_y = exact(x, y), exact(y, x)
+    was = est.training if est is not None else False
+    if est is not None:
+        est.eval()
+    e_est, e_b = [], []
+    try:
+        for _ in range(rounds):
+            p = torch.randperm(len(sub), generator=g)[:batch]
+            idx = sub[p]
+            S = s * (x[idx] @ y[idx].T)
+            S.diagonal().add_(math.log(c))
+            lzx, lzy = torch.logsumexp(S, 1), torch.logsumexp(S, 0)
+            if est is not None:
+                out = est(x[idx], y[idx], lzx, lzy, idx)
+                nx, ny = out.log_norm_x, out.log_norm_y
+            else:
+                nx, ny = lzx, lzy
+            e_est.append(0.5 * ((nx - ref_x[p]).square().mean() + (ny - ref_y[p]).square().mean()))
+            e_b.append(0.5 * ((lzx - ref_x[p]).square().mean() + (lzy - ref_y[p]).square().mean()))
+    finally:
+        if est is not None:
+            est.train(was)
+    return {"norm_err": float(torch.stack(e_est).mean().sqrt()), "batch_err": float(torch.stack(e_b).mean().sqrt())}
+
+
+def train(run: Run, data=None) -> dict:
+    """Train one model and evaluate it on ``run.split``; returns the run's row (with per-epoch diagnostics)."""
+    from amortize.diagnostics import EstimatorMonitor
+    from benchmarks.suite_data import build
+
+    torch.manual_seed(run.seed)
+    data = data or build(run.dataset)
+    tr = data.splits["train"]
+    n = len(tr)
+    spe = n // run.batch
+    section, ls0, lb0 = method_section(run.method, run.batch, run.epochs, spe, run.overrides)
+    loss_fn = build_loss(section, n, 64)
+    model = SmallTwoTower(data.pixels, data.vocab_size, init_logit_scale=ls0, init_logit_bias=lb0)
+    lr = run.lr or base_lr(run.batch)
+    opt = make_optimizer(model, lr)
+    total = spe * run.epochs
+    warmup = max(1, min(spe, total // 10))
+    gen = torch.Generator().manual_seed(run.seed)
+    monitor = EstimatorMonitor(warn=False)  # verdicts go to the row's "warnings"
+    ratios: list[torch.Tensor] = []
+
+    def hook(module, args, out):  # log(Z_batch / lambda) of every row: the gradient-weight spread
+        if module.training:
+            ratios.append(torch.cat([args[2] - out.log_norm_x, args[3] - out.log_norm_y]).detach())
+
+    if loss_fn.estimator is not None:
+        loss_fn.estimator.register_forward_hook(hook)
+        monitor.attach(loss_fn.estimator)
+    per_epoch: list[dict] = []
+    step = 0
+    t0 = time.perf_counter()
+    for epoch in range(run.epochs):
+        loss_fn.start_epoch(epoch, run.epochs)
+        monitor.start_epoch(epoch)
+        ratios.clear()
+        perm = torch.randperm(n, generator=gen)
+        for b in range(spe):
+            idx = perm[b * run.batch : (b + 1) * run.batch]
+            for gr in opt.param_groups:
+                gr["lr"] = _lr_at(step, total, warmup, lr)
+            x = model.encode_image(tr.tiles[idx])
+            y = model.encode_text(tr.tokens[idx])
+            out = loss_fn(x, y, model.logit_scale.exp(), model.logit_bias, index=idx)
+            encoder_step(model, opt, out["loss"])
+            step += 1
+            if run.max_steps is not None and step >= run.max_steps:
+                break
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(f"{run.key()}: non-finite loss in epoch {epoch}")
+        e = {"epoch": epoch, "scale": float(model.logit_scale.exp())}
+        if ratios:
+            r = torch.cat(ratios)
+            e.update(w_mean=float(r.mean()), w_sd=float(r.std()) if r.numel() > 1 else 0.0)
+        model.eval()
+        e.update(normaliser_error(model, loss_fn, tr, run.batch))
+        model.train()
+        e.update(monitor.end_epoch() or {})
+        per_epoch.append(e)
+        if run.max_steps is not None and step >= run.max_steps:
+            break
+    wall = time.perf_counter() - t0
+    model.eval()
+    row = {**asdict(run), "key": run.key(), "tag": run.tag(), "lr": lr, "steps": step, "wall_s": wall,
+           "section": section, "epochs_log": per_epoch, "warnings": monitor.warnings}
+    row.update(evaluate(model, data, run.split))
+    for other in ("val", "test"):  # the same model on the other split: a seed's lr-search run is its test run
+        if other != run.split:
+            row[f"quality_{other}"] = evaluate(model, data, other)["quality"]
+    last = per_epoch[-1] if per_epoch else {}
+    for k in ("scale", "norm_err", "batch_err", "w_mean", "w_sd"):
+        if k in last:
+            row[k] = last[k]
+    return row
+
+
+def _worker(run: Run) -> dict:
+    torch.set_num_threads(1)
+    try:
+        os.nice(15)
+    except OSError:
+        pass
+    return train(run)
+
+
+def load_rows(path: Path) -> dict[str, dict]:
+    """The rows of a jsonl file by key (later lines win)."""
+    rows: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows[r["key"]] = r
+    return rows
+
+
+def run_all(runs: Sequence[Run], jsonl: Path, jobs: int = 2, log=print) -> list[dict]:
+    """Run what ``jsonl`` does not hold yet (``jobs`` processes, one thread each, niced); append rows as they finish."""
+    done = load_rows(jsonl)
+    todo = [r for r in runs if r.key() not in done]
+    log(f"{len(runs) - len(todo)} of {len(runs)} runs already in {jsonl.name}; {len(todo)} to go")
+
+    def finish(row: dict) -> None:
+        done[row["key"]] = row
+        with jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"{row['dataset']:8s} {row['tag']:24s} B={row['batch']:3d} s={row['seed']} lr={row['lr']:.2g} "
+            f"{row['split']} q={row['quality']:.4f} err={row.get('norm_err', float('nan')):.2f}/"
+            f"{row.get('batch_err', float('nan')):.2f} scale={row['scale']:.1f} {row['wall_s']:.0f}s"
+            + (" WARN" if row["warnings"] else ""))
+
+    if jobs <= 1:
+        torch.set_num_threads(1)
+        for r in todo:
+            finish(train(r))
+    else:
+        with ProcessPoolExecutor(jobs) as ex:
+            for f in as_completed([ex.submit(_worker, r) for r in todo]):
+                finish(f.result())
+    return [done[r.key()] for r in runs]
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def lr_runs(datasets, methods, batches, epochs, mults=LR_MULTS) -> list[Run]:
+    """The lr grid on validation, seed 0."""
+    return [Run(d, m, b, 0, "val", lr=base_lr(b) * k, epochs=epochs)
+            for b in sorted(batches) for d in datasets for m in methods for k in mults]
+
+
+def chosen_lr(rows: Sequence[dict], dataset: str, method: str, batch: int) -> Optional[float]:
+    """The best validation lr of a (dataset, method, batch) cell (ties: the smaller), or None."""
+    cand = [r for r in rows if r["dataset"] == dataset and r["method"] == method and r["batch"] == batch
+            and r["split"] == "val" and not r["variant"] and r["seed"] == 0]
+    if not cand:
+        return None
+    return max(cand, key=lambda r: (round(r["quality"], 6), -r["lr"]))["lr"]
+
+
+def reuse_lr_runs(lr_rows: Sequence[dict], runs: Sequence[Run], jsonl: Path) -> int:
+    """Write the test rows that an lr-search run already measured (same model: dataset, method,
+    batch, seed, lr and epochs; it evaluated the test split too) into ``jsonl``; returns how many."""
+    have = load_rows(jsonl)
+    by = {(r["dataset"], r["method"], r["batch"], r["seed"], r["lr"], r["epochs"], r.get("variant", "")): r
+          for r in lr_rows if "quality_test" in r}
+    n = 0
+    for run in runs:
+        src = by.get((run.dataset, run.method, run.batch, run.seed, run.lr, run.epochs, run.variant))
+        if src is None or run.key() in have or (run.method == "amorlip" and src["section"] != method_section(
+                run.method, run.batch, run.epochs, src["steps"] // max(1, run.epochs), run.overrides)[0]):
+            continue
+        row = {**src, "split": "test", "quality": src["quality_test"], "quality_val": src["quality"],
+               "key": run.key(), "reused_from": src["key"]}
+        row.pop("quality_test")
+        with jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        n += 1
+    return n
+
+
+def test_runs(lr_rows, datasets, methods, batches, seeds, epochs, scale_from: Optional[int] = None) -> list[Run]:
+    """Test-split runs at the chosen lr of each cell (cells without a chosen lr are skipped).
+
+    ``scale_from``: for a cell without an lr search, the lr chosen at batch ``scale_from`` times
+    ``sqrt(batch / scale_from)`` (the rule of :func:`base_lr`).
+    """
+    out = []
+    for s in seeds:
+        for b in sorted(batches):
+            for d in datasets:
+                for m in methods:
+                    lr = chosen_lr(lr_rows, d, m, b)
+                    if lr is None and scale_from is not None:
+                        lr0 = chosen_lr(lr_rows, d, m, scale_from)
+                        lr = None if lr0 is None else lr0 * math.sqrt(b / scale_from)
+                    if lr is not None:
+                        out.append(Run(d, m, b, s, "test", lr=lr, epochs=epochs))
+    return out
+
+
+def variant_runs(lr_rows, datasets, variants, batch, seeds, epochs) -> list[Run]:
+    """AmorLIP variants on validation at AmorLIP's chosen lr (CLIP's reference rows come from the lr stage)."""
+    out = []
+    for s in seeds:
+        for d in datasets:
+            lr = chosen_lr(lr_rows, d, "amorlip", batch) or base_lr(batch)
+            for v in variants:
+                out.append(Run(d, "amorlip", batch, s, "val", lr=lr, epochs=epochs, variant=v,
+                               overrides=VARIANTS[v]))
+            lr_c = chosen_lr(lr_rows, d, "clip", batch) or base_lr(batch)
+            if s != 0:  # seed 0 of CLIP at its chosen lr is in the lr stage
+                out.append(Run(d, "clip", batch, s, "val", lr=lr_c, epochs=epochs))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _ms(v: Sequence[float]) -> tuple[float, float]:
+    return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def cells(rows: Sequence[dict]) -> dict[tuple[str, str, int], dict]:
+    """(dataset, tag, batch) -> mean, sd, n, seeds -> quality, mean diagnostics."""
+    by: dict[tuple[str, str, int], list[dict]] = {}
+    for r in rows:
+        by.setdefault((r["dataset"], r["tag"], r["batch"]), []).append(r)
+    out = {}
+    for k, rs in by.items():
+        m, sd = _ms([r["quality"] for r in rs])
+        c = {"mean": m, "sd": sd, "n": len(rs), "by_seed": {r["seed"]: r["quality"] for r in rs},
+             "lr": rs[0]["lr"]}
+        for d in ("norm_err", "batch_err", "w_mean", "w_sd", "scale"):
+            vals = [r[d] for r in rs if d in r]
+            if vals:
+                c[d] = statistics.mean(vals)
+        c["warned"] = sum(bool(r["warnings"]) for r in rs)
+        out[k] = c
+    return out
+
+
+def vs_clip(cs: dict, dataset: str, tag: str, batch: int) -> Optional[tuple[float, float]]:
+    """Paired (by seed) difference to CLIP at the same batch: mean, sd."""
+    a, b = cs.get((dataset, tag, batch)), cs.get((dataset, "clip", batch))
+    if not a or not b:
+        return None
+    d = [v - b["by_seed"][s] for s, v in a["by_seed"].items() if s in b["by_seed"]]
+    return _ms(d) if d else None
+
+
+def markdown_report(rows: Sequence[dict], title: str = "") -> str:
+    """One table per dataset (method x batch, with the difference to CLIP) and the average table."""
+    from benchmarks.common import markdown_table
+
+    cs = cells(rows)
+    datasets = [d for d in DATASET_NAMES if any(k[0] == d for k in cs)]
+    tags = sorted({k[1] for k in cs}, key=lambda t: (list(METHODS).index(t.split("[")[0]) if t.split("[")[0] in METHODS else 99, t))
+    batches = sorted({k[2] for k in cs})
+    parts = [title] if title else []
+    for d in datasets:
+        metric = "zero-shot top-1" if d == "fashion" else "mean R@1"
+        head = ["method"] + [f"B={b}" for b in batches] + [f"vs CLIP B={b}" for b in batches] + ["lr (B=16/64/256)", "normaliser err B=16", "in-batch err B=16", "scale B=16"]
+        body = []
+        for t in tags:
+            row = [t]
+            def pm(m, sd, n, sign=""):
+                return f"{m:{sign}.3f} ± {sd:.3f}" if n > 1 else f"{m:{sign}.3f} (1 seed)"
+
+            row += [pm(cs[(d, t, b)]["mean"], cs[(d, t, b)]["sd"], cs[(d, t, b)]["n"]) if (d, t, b) in cs else "-"
+                    for b in batches]
+            for b in batches:
+                v = vs_clip(cs, d, t, b)
+                n = cs.get((d, t, b), {}).get("n", 0)
+                row.append("-" if v is None or t == "clip" else pm(v[0], v[1], n, "+"))
+            row.append(" / ".join(f"{cs[(d, t, b)]['lr']:.2g}" if (d, t, b) in cs else "-" for b in batches))
+            c16 = cs.get((d, t, batches[0]), {})
+            row += [f"{c16[k]:.2f}" if k in c16 else "-" for k in ("norm_err", "batch_err")]
+            row.append(f"{c16['scale']:.0f}" if "scale" in c16 else "-")
+            body.append(row)
+        split = "/".join(sorted({r["split"] for r in rows if r["dataset"] == d}))
+        parts.append(f"**{d}** ({metric}, {split} split, mean ± sd over seeds)\n\n" + markdown_table(head, body))
+    if len(datasets) > 1:
+        head = ["method"] + [f"mean over datasets B={b}" for b in batches] + [f"mean vs CLIP B={b}" for b in batches] + ["worst vs CLIP B=16"]
+        body = []
+        for t in tags:
+            row = [t]
+            for b in batches:
+                v = [cs[(d, t, b)]["mean"] for d in datasets if (d, t, b) in cs]
+                row.append(f"{statistics.mean(v):.3f}" if len(v) == len(datasets) else "-")
+            for b in batches:
+                v = [vs_clip(cs, d, t, b) for d in datasets]
+                row.append(f"{statistics.mean(x[0] for x in v):+.3f}" if all(v) and t != "clip" else "-")
+            v = [vs_clip(cs, d, t, batches[0]) for d in datasets]
+            row.append(f"{min(x[0] for x in v):+.3f}" if all(v) and t != "clip" else "-")
+            body.append(row)
+        parts.append("**average over datasets**\n\n" + markdown_table(head, body))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(rows: Sequence[dict], path: Path) -> None:
+    """Quality against batch size per method, one panel per dataset (error bars: sd over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = cells(rows)
+    datasets = [d for d in DATASET_NAMES if any(k[0] == d for k in cs)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        for t in sorted({k[1] for k in cs if k[0] == d}):
+            bs = sorted(b for (dd, tt, b) in cs if dd == d and tt == t)
+            ax.errorbar(bs, [cs[(d, t, b)]["mean"] for b in bs], yerr=[cs[(d, t, b)]["sd"] for b in bs],
+                        marker="o", capsize=3, label=t, lw=2.2 if t.startswith("amorlip") else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_title(d)
+        ax.set_ylabel("zero-shot top-1" if d == "fashion" else "mean R@1")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--stage", choices=("lr", "test", "variants", "report", "all"), default="all")
+    p.add_argument("--datasets", nargs="*", default=list(DATASET_NAMES))
+    p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    p.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
+    p.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
+    p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--lr-mults", type=float, nargs="*", default=list(LR_MULTS),
+                   help="the lr grid, as multiples of base_lr(batch)")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--variant-seeds", type=int, nargs="*", default=[0, 1])
+    p.add_argument("--test-variants", nargs="*", default=[],
+                   help="AmorLIP variants also run on the test split (smallest batch, --seeds), after the methods")
+    p.add_argument("--scale-lr-from", type=int, default=None,
+                   help="test cells without an lr search use the lr chosen at this batch, scaled by sqrt(B / it)")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--out", default="transfer", help="results prefix benchmarks/<out>*")
+    p.add_argument("--quick", action="store_true", help="emoji, CLIP and AmorLIP, B 16 and 64, 2 epochs, seed 0")
+    a = p.parse_args(argv)
+    methods = a.methods or available_methods()
+    if a.quick:
+        a.datasets, methods, a.batches, a.seeds, a.epochs = ["emoji"], ["clip", "amorlip"], [16, 64], [0], 2
+        a.out = "transfer_quick"
+        path = HERE / f"{a.out}.runs.jsonl"
+        path.unlink(missing_ok=True)  # a quick run is always fresh
+        rows = run_all([Run("emoji", m, b, 0, "test", epochs=2) for m in methods for b in a.batches], path, jobs=1)
+        print(markdown_report(rows, "quick (2 epochs, seed 0, base lr)"))
+        return
+    lr_path, test_path, var_path = (HERE / f"{a.out}_{s}.runs.jsonl" for s in ("lr", "test", "variants"))
+    if a.stage in ("lr", "all"):
+        run_all(lr_runs(a.datasets, methods, a.batches, a.epochs, a.lr_mults), lr_path, a.jobs)
+    lr_rows = list(load_rows(lr_path).values())
+    if a.stage in ("test", "all"):
+        runs = test_runs(lr_rows, a.datasets, methods, a.batches, a.seeds, a.epochs, a.scale_lr_from)
+        b0 = min(a.batches)
+        runs += [Run(d, "amorlip", b0, s, "test", lr=chosen_lr(lr_rows, d, "amorlip", b0) or base_lr(b0),
+                     epochs=a.epochs, variant=v, overrides=VARIANTS[v])
+                 for s in a.seeds for d in a.datasets for v in a.test_variants]
+        reuse_lr_runs(lr_rows, runs, test_path)
+        run_all(runs, test_path, a.jobs)
+    if a.stage in ("variants", "all"):
+        run_all(variant_runs(lr_rows, a.datasets, a.variants, min(a.batches), a.variant_seeds, a.epochs),
+                var_path, a.jobs)
+    if a.stage in ("report", "all"):
+        report(a.out)
+
+
+def report(out: str = "transfer") -> None:
+    """Write ``benchmarks/<out>.md`` / ``.json`` and the plot from the jsonl files."""
+    from benchmarks.common import write_json
+
+    test_rows = list(load_rows(HERE / f"{out}_test.runs.jsonl").values())
+    var_rows = list(load_rows(HERE / f"{out}_variants.runs.jsonl").values())
+    lr_rows = list(load_rows(HERE / f"{out}_lr.runs.jsonl").values())
+    md = markdown_report(test_rows, "## Test split (lr chosen on validation)") if test_rows else ""
+    if var_rows:
+        # references: CLIP and the recipe's AmorLIP at their chosen lr, seed 0 (the lr stage's rows)
+        ref = [r for r in lr_rows if r["method"] in ("clip", "amorlip")
+               and r["lr"] == chosen_lr(lr_rows, r["dataset"], r["method"], r["batch"])]
+        md += "\n" + markdown_report(var_rows + [r for r in ref if r["batch"] == min(x["batch"] for x in var_rows)],
+                                     "## AmorLIP variants (validation split)")
+    (HERE / f"{out}.md").write_text(md)
+    write_json(out, {"test": [{k: v for k, v in r.items() if k != "epochs_log"} for r in test_rows],
+                     "cells": {"|".join(map(str, k)): v for k, v in cells(test_rows).items()}})
+    if test_rows:
+        plot(test_rows, ROOT / "docs" / "assets" / "transfer_batch.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The transfer suite: its datasets (splits by image), the methods as loss sections, one step of each, the report."""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import suite_data as sd
+from benchmarks import transfer as tf
+from benchmarks.small_batch import Split, SmallTwoTower
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return sd.build("fashion")
+
+
+@pytest.fixture(scope="module")
+def glyphs():
+    why = sd.glyph_font_missing()
+    if why:
+        pytest.skip(f"glyph set unavailable: {why}")
+    return sd.build("glyphs")
+
+
+def _pool_ids(split):
+    return set(split.tiles[split.tiles >= 0].tolist())
+
+
+def test_fashion_splits_are_disjoint_by_image_with_held_out_prompts(fashion):
+    ids = {k: _pool_ids(s) for k, s in fashion.splits.items()}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    assert fashion.metric == "zeroshot"
+    C, P, L = fashion.class_tokens.shape
+    assert (C, P) == (10, 5) and L == fashion.splits["train"].tokens.shape[1]
+    assert len(set(fashion.splits["train"].captions)) > 10  # varied captions, not one per class
+    for k, s in fashion.splits.items():
+        assert len(fashion.labels[k]) == len(s) and int(fashion.labels[k].max()) < 10
+    assert fashion.pixels.shape[1] == sd.FASHION_SIZE ** 2
+
+
+def test_glyph_splits_keep_identical_drawings_together(glyphs):
+    def keys(split):
+        return {glyphs.pixels[i].numpy().tobytes() for i in _pool_ids(split)}
+
+    k = {name: keys(s) for name, s in glyphs.splits.items()}
+    assert not k["train"] & k["val"] and not k["train"] & k["test"] and not k["val"] & k["test"]
+    caps = glyphs.splits["train"].captions + glyphs.splits["test"].captions
+    assert "latin small letter a" in caps or "latin small letter a" in glyphs.splits["val"].captions
+    assert len(glyphs.splits["test"]) > 300 and glyphs.vocab_size > 500
+
+
+def test_every_method_section_builds_and_the_recipe_is_adapted():
+    for m in tf.available_methods():
+        sec, ls0, lb0 = tf.method_section(m, 64, 12, 50)
+        loss = tf.build_loss(sec, 100, 64)
+        assert math.isfinite(ls0)
+        assert (lb0 is None) == (m != "siglip")
+        if m == "amorlip":
+            est = sec["estimator"]
+            assert est["amortizer"]["init_log_z"] == pytest.approx(math.log(64))
+            assert est["beta"]["warmup_epochs"] == 3
+            assert sec == tf.method_section(m, 64, 12, 50)[0]
+            assert type(loss.estimator).__name__ == "AmortizedEstimator"
+    over = tf.method_section("amorlip", 16, 12, 50, tf.VARIANTS["inner_lr_1e-3"])[0]
+    assert over["estimator"]["lr"] == 1e-3 and over["estimator"]["objective"]  # merged, not replaced
+    assert tf.method_section("amorlip", 16, 12, 50, tf.VARIANTS["in_batch_control"])[0]["estimator"] == {"name": "in_batch"}
+    with pytest.raises(ValueError, match="unknown method"):
+        tf.method_section("nope", 16, 1, 1)
+
+
+@pytest.mark.parametrize("method", ["clip", "siglip", "sogclr", "fastclip", "amorlip"])
+def test_two_steps_of_every_method_on_fashion(fashion, method):
+    row = tf.train(tf.Run("fashion", method, 16, 0, "val", epochs=1, max_steps=2), fashion)
+    assert row["steps"] == 2 and 0.0 <= row["quality"] <= 1.0
+    assert row["epochs_log"][0]["scale"] == pytest.approx(row["scale"])
+    if method in ("sogclr", "fastclip", "amorlip"):
+        assert math.isfinite(row["norm_err"]) and math.isfinite(row["batch_err"])
+        assert "w_mean" in row and "r2_last" in row["epochs_log"][0]
+
+
+def test_normaliser_error_of_the_full_batch_is_zero():
+    # with B = N and every row drawn, the in-batch sum IS the exact partition: both errors vanish
+    torch.manual_seed(0)
+    n = 24
+    pixels = torch.randn(n, 12)
+    split = Split(torch.cat([torch.arange(n)[:, None], torch.full((n, 3), -1)], 1), ["x"] * n,
+                  torch.randint(2, 9, (n, 5)))
+    model = SmallTwoTower(pixels, 10).eval()
+    loss = tf.build_loss({"objective": {"name": "linearized", "pos_weight": 0.001}, "estimator": "in_batch"}, n, 64)
+    e = tf.normaliser_error(model, loss, split, batch=n, rows=n, rounds=2)
+    assert e["norm_err"] == pytest.approx(0.0, abs=1e-4) and e["batch_err"] == pytest.approx(0.0, abs=1e-4)
+    half = tf.normaliser_error(model, loss, split, batch=n // 2, rows=n, rounds=2)
+    assert half["batch_err"] > 0
+
+
+def _row(d, m, b, s, q, split="test", lr=1e-3):
+    return {"dataset": d, "method": m, "tag": m, "batch": b, "seed": s, "quality": q, "split": split,
+            "lr": lr, "variant": "", "warnings": []}
+
+
+def test_lr_choice_and_the_report():
+    rows = [_row("emoji", "clip", 16, 0, 0.2, "val", 1e-3), _row("emoji", "clip", 16, 0, 0.3, "val", 2e-3)]
+    assert tf.chosen_lr(rows, "emoji", "clip", 16) == 2e-3
+    assert tf.chosen_lr(rows, "emoji", "amorlip", 16) is None
+    test = [_row(d, m, 16, s, q + 0.01 * s) for d in ("emoji", "glyphs") for m, q in (("clip", 0.2), ("amorlip", 0.25))
+            for s in (0, 1)]
+    md = tf.markdown_report(test)
+    assert "**emoji**" in md and "**average over datasets**" in md and "+0.050 ± 0.000" in md and "(1 seed)" not in md
+
+
+def test_an_lr_search_run_is_reused_as_the_test_run_of_its_seed(fashion, tmp_path):
+    run = tf.Run("fashion", "clip", 16, 0, "val", lr=1e-3, epochs=1, max_steps=2)
+    row = tf.train(run, fashion)
+    assert 0.0 <= row["quality_test"] <= 1.0 and "quality_val" not in row
+    jsonl = tmp_path / "test.runs.jsonl"
+    test = tf.Run("fashion", "clip", 16, 0, "test", lr=1e-3, epochs=1)
+    other = tf.Run("fashion", "clip", 16, 1, "test", lr=1e-3, epochs=1)
+    assert tf.reuse_lr_runs([row], [test, other], jsonl) == 1
+    got = tf.load_rows(jsonl)[test.key()]
+    assert got["quality"] == row["quality_test"] and got["quality_val"] == row["quality"] and got["split"] == "test"
+    assert tf.reuse_lr_runs([row], [test, other], jsonl) == 0  # already there
