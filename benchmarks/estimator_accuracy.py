@@ -15,7 +15,7 @@ is exact and computable here. Each estimator sees the same stream of random batc
   in-batch targets (3 Adam steps per batch, lr 5e-3, EMA 0.9), then its EMA network's prediction;
   with the log-L2 Stage I objective (default), the KL f-divergence and the reverse KL
   (``f(t) = t - 1 - log t``, whose minimiser over random batches is the mean partition sum);
-* NeuCLIP: the ``neuclip`` preset with m = 1024 prototypes (restarted from the batch's embeddings
+* NeuCLIP: the ``neuclip`` preset with m = 256 prototypes (the small-batch recipe's) (restarted from the batch's embeddings
   at step 0, ``short_batch = partial`` when m > B), 10 AdaGrad steps (lr 0.05) per batch on
   ``exp(t - alpha) + alpha``, then its online network's prediction. Its network reads the scale
   and the positive score; ``num_negatives = 1`` puts its output on this benchmark's mean scale.
@@ -37,7 +37,7 @@ from amortize.estimators import AmortizedEstimator, MovingAverageEstimator, buil
 
 SIZES = (32, 128, 512, 2048)
 POOL, DIM, SCALE, CLUSTERS = 4096, 64, 20.0, 32
-PROTOTYPES = 1024
+PROTOTYPES = 256
 # the NeuCLIP network reads the scale and the positive score; one "negative" puts it on the mean scale
 NEUCLIP_INPUTS = {"scale": torch.tensor(SCALE), "bias": None, "num_negatives": 1.0, "local_rows": False}
 
