@@ -8,6 +8,9 @@
 * :class:`LogLossTerms` (BATCH_END): logs every named loss term as ``loss/train/<term>``.
 * :class:`ExportWeights` (EPOCH_CHECKPOINT, FIT_END): writes a plain weights-only file
   ``<folder>/model.pt`` with the recipe, the towers and the estimator state.
+* :class:`EstimatorMonitorCallback` (EPOCH_START, EPOCH_END): runs
+  :class:`amortize.diagnostics.EstimatorMonitor` on the loss's estimator, logs ``estimator/*`` and
+  prints its warnings (on by default for a stateful estimator; recipe name ``estimator_monitor``).
 
 The algorithms hold no state of their own: everything they change lives in the model's
 ``state_dict``, so Composer's checkpoints restore it.
@@ -17,11 +20,15 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from typing import Literal, Optional
+
 import torch
 from composer.core import Algorithm, Callback, Event, State, TimeUnit
 from composer.loggers import Logger
 
 from amortize.checkpoints import atomic_save
+from amortize.diagnostics import EstimatorMonitor
 from amortize.train.model import unwrap
 
 __all__ = [
@@ -30,6 +37,8 @@ __all__ = [
     "FullBatchGuard",
     "LogLossTerms",
     "ExportWeights",
+    "EstimatorMonitorCallback",
+    "monitors_estimator",
     "planned_epochs",
     "EXPORT_FORMAT",
 ]
@@ -145,6 +154,73 @@ class LogLossTerms(Callback):
         device = next(iter(terms.values())).device
         values = torch.stack([v.detach().reshape(()).to(device, torch.float32) for v in terms.values()]).tolist()
         logger.log_metrics({f"loss/train/{k}": v for k, v in zip(terms, values)})
+
+
+def monitors_estimator(loss_fn: torch.nn.Module) -> bool:
+    """Whether ``loss_fn`` has an estimator that keeps state (not in-batch, not none): the monitor's default."""
+    from amortize.estimators.in_batch import InBatchEstimator
+
+    estimator = getattr(loss_fn, "estimator", None)
+    return estimator is not None and not isinstance(estimator, InBatchEstimator)
+
+
+class EstimatorMonitorCallback(Callback):
+    """Per-epoch :class:`~amortize.diagnostics.EstimatorMonitor` verdicts on the loss's estimator.
+
+    At FIT_START it hooks the estimator of the (possibly DDP-wrapped) model's loss; each epoch it
+    logs ``estimator/r2_first``, ``estimator/r2_last`` and ``estimator/r_mean`` to the run's loggers
+    and prints each warning as one ``EstimatorWarning: ...`` line on stderr (rank 0). It only reads
+    detached tensors the loss already computes and synchronises with the host once per epoch, so
+    training is unchanged. A recipe sets its options, or turns it off, as a ``callbacks:`` entry::
+
+        callbacks: [{name: estimator_monitor, max_bias: 0.5}]   # or {name: estimator_monitor, policy: none}
+
+    Args:
+        policy: ``warn`` (log the statistics and print the warnings) or ``none`` (do nothing).
+        growth: warn when the last quarter's mean ``r^2`` exceeds ``growth`` x the first quarter's ...
+        floor: ... and exceeds ``floor`` (nats squared).
+        max_bias: warn when ``|mean r|`` over the epoch exceeds this (nats).
+        min_steps: epochs with fewer steps are not judged (see :class:`~amortize.diagnostics.EstimatorMonitor`).
+    """
+
+    def __init__(self, policy: Literal["warn", "none"] = "warn", growth: float = 2.0, floor: float = 0.25,
+                 max_bias: float = 1.0, min_steps: int = 40):
+        if policy not in ("warn", "none"):
+            raise ValueError(f"unknown policy {policy!r}; valid: warn, none")
+        self.policy = policy
+        self.monitor = EstimatorMonitor(growth=growth, floor=floor, max_bias=max_bias, min_steps=min_steps,
+                                        warn=False)
+        self._handle = None
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        """Composer hook (FIT_START, EPOCH_START, EPOCH_END, FIT_END)."""
+        if self.policy == "none":
+            return
+        if event == Event.FIT_START:
+            loss_fn = unwrap(state.model).loss_fn
+            if monitors_estimator(loss_fn) and self._handle is None:
+                self._handle = self.monitor.attach(loss_fn.estimator)
+                self.monitor.start_epoch(int(state.timestamp.epoch))  # a run resumed mid-epoch
+        elif self._handle is None:
+            return
+        elif event == Event.EPOCH_START:
+            self.monitor.start_epoch(int(state.timestamp.epoch))
+        elif event == Event.EPOCH_END:
+            self._report(self.monitor.end_epoch(), logger)
+        elif event == Event.FIT_END:
+            self._handle.remove()
+            self._handle = None
+
+    def _report(self, stats: Optional[dict[str, float]], logger: Logger) -> None:
+        if stats is None:
+            return
+        logger.log_metrics({f"estimator/{k}": stats[k] for k in ("r2_first", "r2_last", "r_mean")})
+        from composer.utils import dist
+
+        if dist.get_global_rank() == 0:
+            for msg in self.monitor.warnings:
+                print(f"EstimatorWarning: {msg}", file=sys.stderr, flush=True)
+        self.monitor.warnings.clear()  # each printed once
 
 
 def export_state(state: State) -> dict:

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 
 from amortize.interop.pretrained import locked_summary
 from amortize.options import keyed
-from amortize.train.algorithms import ClampLogitScale, EpochSchedules, ExportWeights, FullBatchGuard, LogLossTerms
+from amortize.train.algorithms import (ClampLogitScale, EpochSchedules, EstimatorMonitorCallback, ExportWeights,
+                                       FullBatchGuard, LogLossTerms, monitors_estimator)
 from amortize.train.components import build_dataset, build_eval_tasks, build_loss, build_tokenizer, build_two_tower
 from amortize.train.config import Recipe, RecipeError, recipe_to_dict
 from amortize.train.compat import install_atomic_checkpoint_writes
@@ -145,7 +146,9 @@ def build_trainer(
         num_samples: dataset size when ``train_dataloader`` is given (moving averages).
 
     Returns:
-        The Trainer, with the model, optimiser, scheduler, algorithms and checkpointing set up.
+        The Trainer, with the model, optimiser, scheduler, algorithms and checkpointing set up. A loss
+        with a stateful estimator gets an :class:`~amortize.train.algorithms.EstimatorMonitorCallback`
+        unless the recipe's ``callbacks:`` (or ``callbacks``) already holds one.
     """
     microbatching = microbatch_trainer_kwargs(recipe.device_train_microbatch_size, per_process_batch_size(recipe))
     reproducibility.seed_all(recipe.seed)
@@ -186,6 +189,8 @@ def build_trainer(
     extra = _recipe_extras(recipe)
     algorithms.extend(extra["algorithms"])
     cbs.extend([*extra["callbacks"], *callbacks])
+    if monitors_estimator(model.loss_fn) and not any(isinstance(c, EstimatorMonitorCallback) for c in cbs):
+        cbs.append(EstimatorMonitorCallback())  # on by default; `callbacks: [{name: estimator_monitor, policy: none}]`
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(deterministic|microbatch|No optimizer|step_schedulers).*")
         trainer = Trainer(

@@ -31,7 +31,8 @@ LOGGERS: Registry[Any] = Registry("logger")
 """Composer logger destinations: ``file``, ``tensorboard``, ``wandb``, ``mlflow``, ``comet_ml``, ``in_memory``."""
 
 CALLBACKS: Registry[Any] = Registry("callback")
-"""Composer callbacks: ``lr_monitor``, ``speed_monitor``, ``memory_monitor``, ``optimizer_monitor`` ..."""
+"""Composer callbacks: ``lr_monitor``, ``speed_monitor``, ``memory_monitor``, ``optimizer_monitor`` ...,
+and amortize's ``estimator_monitor`` (:class:`amortize.train.algorithms.EstimatorMonitorCallback`)."""
 
 ALGORITHMS: Registry[Any] = Registry("algorithm")
 """Composer algorithms a run may add to its own (``ema``, ``swa``, ``sam``)."""
@@ -58,6 +59,9 @@ for _name, _target in (
     ("threshold_stopper", "ThresholdStopper"),
 ):
     CALLBACKS.register_import(_name, f"composer.callbacks:{_target}")
+
+CALLBACKS.register_import("estimator_monitor", "amortize.train.algorithms:EstimatorMonitorCallback")
+# on by default for a stateful estimator (amortize.train.builders.build_trainer); ``policy: none`` turns it off
 
 for _name, _target in (("ema", "EMA"), ("swa", "SWA"), ("sam", "SAM")):
     ALGORITHMS.register_import(_name, f"composer.algorithms:{_target}")
