@@ -120,7 +120,7 @@ def test_recipe_names_only_registered_components(tmp_path):
     r = load_recipe(DEFAULT_RECIPE, ["model.name=tiny", "optimizer.name=torch.optim.SGD"])
     with pytest.raises(ValueError, match=r"torch\.optim\.SGD.*adamw"):
         build_optimizer(build_composer_model(r, num_samples=8), r.optimizer)
-    with pytest.raises(RecipeError, match="loss.estimator: unknown estimator 'os.system'; valid: amortized, in_batch, moving_average"):
+    with pytest.raises(RecipeError, match="loss.estimator: unknown estimator 'os.system'; valid: amorlip_code, amorlip_paper, amortized, in_batch, moving_average, neuclip, normalizer_network"):
         load_recipe(DEFAULT_RECIPE, ["loss.estimator=os.system"])
     with pytest.raises(RecipeError, match="unknown key 'loss._target_'.*valid keys of loss: objective"):
         load_recipe(DEFAULT_RECIPE, ["loss._target_=builtins.eval"])
