@@ -115,6 +115,10 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
         dataset = build_dataset(recipe, tokenizer, image_size)
     if len(dataset) < recipe.data.batch_size:
         raise RecipeError(f"data.batch_size={recipe.data.batch_size} exceeds the dataset size {len(dataset)}")
+    if not d.drop_last and -(-len(dataset) // dist.get_world_size()) % per == 1:
+        # the sampler pads every process to ceil(N / W) samples: one left over is a batch without a negative
+        raise RecipeError(f"data.drop_last=false would end every epoch with a one-sample batch ({len(dataset)} samples, "
+                          f"{per} a batch per process), which has no negative: keep drop_last=true or change data.batch_size")
     sampler = dist.get_sampler(dataset, shuffle=True, drop_last=d.drop_last, seed=recipe.seed)
     loader = DataLoader(dataset, batch_size=per, sampler=sampler, drop_last=d.drop_last,
                         num_workers=d.num_workers, persistent_workers=d.num_workers > 0)

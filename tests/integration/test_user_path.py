@@ -496,3 +496,12 @@ def test_19_11_the_resume_command_pastes_into_a_shell_as_printed():
                     "'optimizer.lr=$LR' autoresume=true")
     assert shlex.split(line)[2:] == ["r.yaml", "data.shards=my-shards/{00000..00002}.tar", "run_name=my run",
                                      "optimizer.lr=$LR", "autoresume=true"]
+
+
+def test_19_8_map_style_drop_last_false_never_makes_a_one_sample_batch(tmp_path, capsys):
+    # 17 samples in batches of 8 would end each epoch with a batch of one: refused at the dry run, named
+    assert main(["train", *_synthetic(tmp_path, "data.num_samples=17", "data.drop_last=false"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "data.drop_last=false would end every epoch with a one-sample batch" in err
+    # 18 samples leave a final batch of two: a contrastive batch, accepted
+    assert main(["train", *_synthetic(tmp_path, "data.num_samples=18", "data.drop_last=false"), "--dry-run"]) == 0
