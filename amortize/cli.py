@@ -89,7 +89,7 @@ def model_from_checkpoint(path: str | Path | dict):
     Returns:
         ``(model: TwoTowerModel in eval mode, recipe: Recipe)``.
     """
-    from amortize.train.components import build_two_tower
+    from amortize.train.builders import build_two_tower
     from amortize.train.config import load_recipe_dict
 
     from amortize.checkpoints import CorruptCheckpointError
@@ -224,7 +224,7 @@ def _user_tasks(args: argparse.Namespace, image_size: int) -> list:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from amortize.eval import evaluate, format_jsonl, format_markdown
-    from amortize.train.components import build_tokenizer
+    from amortize.train.builders import build_tokenizer
 
     if (args.retrieval or args.zeroshot) and args.tasks == ["datacomp"]:
         raise CommandError("--retrieval/--zeroshot run your files; give them without --tasks datacomp")

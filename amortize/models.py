@@ -19,11 +19,12 @@ This module imports open_clip lazily (it is in the ``clip`` extra) and never imp
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Annotated, Any, Optional, TypedDict
 
 import torch
 from torch import Tensor, nn
 
+from amortize.options import NONNEGATIVE
 from amortize.registry import Registry
 from amortize.objectives.base import CLIP_INIT_LOGIT_SCALE
 
@@ -212,16 +213,29 @@ class TwoTowerModel(nn.Module):
         return x, y, self.logit_scale.exp(), self.logit_bias
 
 
+class TowerLock(TypedDict, total=False):
+    """A locked tower, as open_clip's LiT options (``model.lock_image``, ``model.lock_text``; see
+    :mod:`amortize.interop.pretrained`, which applies them and holds their defaults).
+
+    Keys:
+        unlocked_groups: groups left trainable, counted from the output end (0: the whole tower is locked).
+        freeze_norm: keep the tower's norm layers (and batch-norm statistics) frozen in unlocked groups too.
+    """
+
+    unlocked_groups: Annotated[int, NONNEGATIVE]
+    freeze_norm: bool
+
+
 def build_model(
-    name: str,
+    name: str = "tiny",
     *,
     image_size: Optional[int] = None,
     context_length: Optional[int] = None,
     init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
     init_logit_bias: Optional[float] = None,
     pretrained: Optional[str] = None,
-    lock_image: Optional[dict] = None,
-    lock_text: Optional[dict] = None,
+    lock_image: Optional[TowerLock] = None,
+    lock_text: Optional[TowerLock] = None,
 ) -> TwoTowerModel:
     """Build a two-tower model from a config name (offline), untrained unless ``pretrained`` is given.
 

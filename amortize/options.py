@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import difflib
 import inspect
 import re
 import types
@@ -26,7 +27,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional, Union
 
-__all__ = ["RecipeError", "keyed", "Range", "TimeString", "POSITIVE", "NONNEGATIVE", "UNIT", "conform", "type_name"]
+__all__ = ["RecipeError", "keyed", "Range", "TimeString", "POSITIVE", "NONNEGATIVE", "UNIT", "conform", "type_name", "did_you_mean"]
 
 
 class RecipeError(ValueError):
@@ -154,7 +155,7 @@ def type_name(tp: Any) -> str:
         return "null"
     if typing.get_origin(tp) is Annotated:
         return type_name(typing.get_args(tp)[0])
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or typing.is_typeddict(tp):
         return "mapping"
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -167,6 +168,12 @@ def type_name(tp: Any) -> str:
     if tp is dict or origin in (dict, collections.abc.Mapping):
         return "mapping"
     return getattr(tp, "__name__", str(tp))
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    """`` (did you mean 'lr'?)`` for the closest of ``choices``, or an empty string."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _bad(value: Any, tp: Any, key: str) -> RecipeError:
@@ -193,6 +200,8 @@ def _conform(value: Any, tp: Any, key: str, convert: bool) -> Any:
         for arg in args:
             if arg is type(None):
                 continue
+            if isinstance(value, dict) and typing.is_typeddict(arg):  # a nested mapping: its own keys' errors
+                return _conform(value, arg, key, convert)
             try:
                 return _conform(value, arg, key, convert)
             except RecipeError:
@@ -214,6 +223,16 @@ def _conform(value: Any, tp: Any, key: str, convert: bool) -> Any:
         out = [_conform(v, args[0] if len(args) == 1 else args[min(i, len(args) - 1)], f"{key}[{i}]", convert)
                for i, v in enumerate(value)]
         return out if convert else value
+    if typing.is_typeddict(tp):  # a nested mapping of typed keys (model.lock_image)
+        if not isinstance(value, dict):
+            raise _bad(value, tp, key)
+        hints = typing.get_type_hints(tp, include_extras=True)
+        for k, v in value.items():
+            if k not in hints:
+                raise RecipeError(f"unknown key {f'{key}.{k}'!r}{did_you_mean(k, hints)}; valid keys of {key}: "
+                                  f"{', '.join(hints)}")
+            _conform(v, hints[k], f"{key}.{k}", convert)
+        return dict(value) if convert else value
     if tp is dict or origin in (dict, collections.abc.Mapping) or tp is collections.abc.Mapping:
         if not isinstance(value, dict):
             raise _bad(value, tp, key)

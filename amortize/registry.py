@@ -30,13 +30,12 @@ amortize.options.RecipeError: shape.depth: expected int, got str 'deep'
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Optional, TypeVar, Union
 
-from amortize.options import RecipeError, conform, keyed
+from amortize.options import RecipeError, conform, did_you_mean, keyed
 
 __all__ = ["Registry", "RecipeError", "SectionError", "Section", "Bound", "bind", "section_name"]
 
@@ -47,11 +46,6 @@ Section = Union[str, Mapping[str, Any]]
 
 SectionError = RecipeError
 """The 0.2 name of :class:`~amortize.options.RecipeError` (the same class)."""
-
-
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def section_name(section: Section, key: str = "section") -> tuple[str, dict[str, Any]]:
@@ -107,6 +101,12 @@ class Bound(Generic[T]):
         known: the caller-known values the constructor names (offered when the section does not set them).
         needs: of those, the ones the constructor requires and the section does not set.
         source: the section as given (a name or a mapping), to tell whether a recipe changed it.
+        shared: the options of the registry's shared signature (``data.batch_size``,
+            ``optimizer.logit_scale_lr``), the section's values with that signature's defaults for
+            the rest; not passed to the constructor (the caller uses them).
+        resolved: every option the section may set, as the recipe wrote it or else the default
+            of the signature that declares it (plain data: lists, mappings, scalars), ``name``
+            first for a registry's section; what a resolved recipe stores.
     """
 
     key: str
@@ -118,6 +118,8 @@ class Bound(Generic[T]):
     known: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()
     source: Any = field(default=None, compare=False)
+    shared: Mapping[str, Any] = field(default_factory=dict)
+    resolved: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def takes(self, param: str) -> bool:
         """Whether the constructor names the caller-known value ``param`` (``num_samples``)."""
@@ -148,9 +150,29 @@ class Bound(Generic[T]):
             raise keyed(self.key, e) from None
 
 
+_NOT_PLAIN = object()
+
+
+def _plain(value: Any) -> Any:
+    """A default as plain recipe data (tuples as lists), or ``_NOT_PLAIN`` for an object a recipe cannot hold."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
+    if isinstance(value, Mapping):
+        items = {str(k): _plain(v) for k, v in value.items()}
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items.values()) else items
+    return _NOT_PLAIN
+
+
+def _named(sig: Optional[inspect.Signature]) -> dict[str, inspect.Parameter]:
+    return {} if sig is None else {n: p for n, p in sig.parameters.items() if p.kind in _NAMED}
+
+
 def bind(ctor: Callable[..., T], options: Mapping[str, Any], key: str, *, name: Optional[str] = None,
-         what: Optional[str] = None,
-         passed: Iterable[str] = (), known: Iterable[str] = (), source: Any = None) -> Bound[T]:
+         what: Optional[str] = None, passed: Iterable[str] = (), known: Iterable[str] = (), source: Any = None,
+         shared: Optional[Callable] = None, annotations: Optional[Mapping[str, Any]] = None) -> Bound[T]:
     """The binding step: check ``options`` against ``ctor``'s signature once and return the :class:`Bound`.
 
     Args:
@@ -164,6 +186,11 @@ def bind(ctor: Callable[..., T], options: Mapping[str, Any], key: str, *, name: 
         known: values the caller knows (``dim``, ``num_samples``); offered to the constructor only
             if it names them, and a section may set them instead.
         source: the section as written (kept on the result).
+        shared: a function whose signature declares options every constructor of a registry takes
+            beside its own (the data loader's ``batch_size``): the section's options it names are
+            checked against it, with its defaults, and kept in :attr:`Bound.shared`.
+        annotations: types and ranges by option name that replace the constructor's own
+            annotations (a registry of third-party classes declares its ranges here, in one place).
 
     Raises:
         RecipeError: naming ``key.option`` of an unknown option (with a did-you-mean hint), a
@@ -174,27 +201,42 @@ def bind(ctor: Callable[..., T], options: Mapping[str, Any], key: str, *, name: 
     what = what or name
     sig = _signature(ctor)
     options = dict(options)
-    if sig is None:
-        return Bound(key, name, what, ctor, options, tuple(passed), source=source)
-    params = {n: p for n, p in sig.parameters.items() if p.kind in _NAMED}
-    open_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    common = _named(_signature(shared)) if shared is not None else {}
+    if sig is None and not common:
+        return Bound(key, name, what, ctor, options, tuple(passed), source=source, resolved=dict(options))
+    params = _named(sig)  # a shared option may share a name with one the caller passes or knows (data.batch_size)
+    open_kwargs = sig is not None and any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     passed = tuple(passed)
-    settable = [n for n in params if n not in passed]
+    settable = [*common, *(n for n in params if n not in passed and n not in common)]
+    types = dict(annotations or {})
+    mine = {k: v for k, v in options.items() if k not in common}  # the constructor's own; the rest is shared
     for k, v in options.items():
-        p = params.get(k)
-        if k in passed or (p is None and not open_kwargs):
-            raise RecipeError(f"unknown option of {what}{_did_you_mean(k, settable)}; valid: "
+        p = common.get(k) or params.get(k)
+        if (k in mine and k in passed) or (p is None and not open_kwargs):
+            raise RecipeError(f"unknown option of {what}{did_you_mean(k, settable)}; valid: "
                               f"{', '.join(settable) or '(none)'}", key=f"{key}.{k}")
         if p is not None:
-            conform(v, p.annotation, f"{key}.{k}")
+            conform(v, types.get(k, p.annotation), f"{key}.{k}")
     takes = tuple(k for k in known if k in params)
-    unset = [n for n, p in params.items() if p.default is p.empty and n not in options and n not in passed]
-    missing = [n for n in unset if n not in takes]
+    unset = [n for n, p in params.items() if p.default is p.empty and n not in mine and n not in passed]
+    missing = [n for n in [*unset, *(n for n, p in common.items() if p.default is p.empty and n not in options)]
+               if n not in takes]
     if missing:
         raise RecipeError(f"{what} needs {', '.join(map(repr, missing))}: set "
                           f"{', '.join(f'{key}.{n}' for n in missing)}", key=key)
     needs = [n for n in unset if n in takes]
-    return Bound(key, name, what, ctor, options, tuple(passed), takes, tuple(needs), source=source)
+    own = {n: p for n, p in params.items() if n not in common and n not in passed and (n not in takes or n in mine)}
+    resolved: dict[str, Any] = {}
+    for n, p in {**common, **own}.items():
+        value = _plain(options[n] if n in options else p.default)
+        if value is not _NOT_PLAIN and value is not inspect.Parameter.empty:
+            resolved[n] = value
+    resolved.update({k: v for k, v in mine.items() if k not in params})  # through **kwargs
+    for n, p in common.items():  # the shared defaults hold for every value (a range beside an option)
+        if n not in options and p.default is not p.empty:
+            conform(p.default, types.get(n, p.annotation), f"{key}.{n}")
+    return Bound(key, name, what, ctor, mine, passed, takes, tuple(needs), source=source,
+                 shared={n: options.get(n, p.default) for n, p in common.items()}, resolved=resolved)
 
 
 @dataclass(frozen=True)
@@ -228,10 +270,18 @@ class Registry(Generic[T]):
 
     Args:
         kind: what the registry holds, used in messages (``"objective"``, ``"estimator"``).
+        shared: a function whose signature declares the options every entry takes beside its
+            own, with their defaults and ranges (the data loader's ``batch_size``); see :func:`bind`.
+        annotations: types and ranges by option name for entries whose constructors are not
+            ours (torch's optimisers): they replace the constructor's annotations when a section
+            is bound, so each range is declared once, beside the registry.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, *, shared: Optional[Callable] = None,
+                 annotations: Optional[Mapping[str, Any]] = None):
         self.kind = kind
+        self.shared = shared
+        self.annotations = dict(annotations or {})
         self._items: dict[str, Callable[..., T]] = {}
         self._renamed: dict[str, str] = {}
 
@@ -271,7 +321,7 @@ class Registry(Generic[T]):
             if name in self._renamed:
                 raise RecipeError(f"{self.kind} {name!r} was renamed {self._renamed[name]!r}")
             raise RecipeError(
-                f"unknown {self.kind} {name!r}{_did_you_mean(name, self._items)}; valid: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}{did_you_mean(name, self._items)}; valid: {', '.join(self.names())}"
             )
         ctor = self._items[name]
         if isinstance(ctor, _Import):  # imported modules are cached by Python; a missing package shows each time
@@ -285,8 +335,11 @@ class Registry(Generic[T]):
         return self.get(name)(*args, **kwargs)
 
     def bind(self, section: Section, key: str = "section", *, passed: Iterable[str] = (),
-             known: Iterable[str] = ()) -> Bound[T]:
+             known: Iterable[str] = (), name_key: Optional[str] = None) -> Bound[T]:
         """The binding step for a section naming one of this registry's components (see :func:`bind`).
+
+        Args:
+            name_key: the key an unknown name is reported under (default ``key``; ``data.name``).
 
         Raises:
             RecipeError: naming ``key`` for an unknown name (valid ones listed, did-you-mean hint),
@@ -296,8 +349,10 @@ class Registry(Generic[T]):
         try:
             ctor = self.get(name)
         except RecipeError as e:
-            raise keyed(key, e) from None
-        return bind(ctor, options, key, name=name, what=f"{self.kind} {name!r}", passed=passed, known=known, source=section)
+            raise keyed(name_key or key, e) from None
+        bound = bind(ctor, options, key, name=name, what=f"{self.kind} {name!r}", passed=passed, known=known,
+                     source=section, shared=self.shared, annotations=self.annotations)
+        return replace(bound, resolved={"name": name, **bound.resolved})
 
     def accepts(self, name: str, param: str) -> bool:
         """Whether the constructor of ``name`` names a keyword parameter ``param`` in its signature.

@@ -22,10 +22,12 @@ import multiprocessing as mp
 import os
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import torch
+
+from amortize.options import NONNEGATIVE, UNIT, Range
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 """Sample keys read as the image of a webdataset sample, in order of preference."""
@@ -541,3 +543,88 @@ def open_clip_transform(image_size: int, is_train: bool = True):
     import open_clip
 
     return open_clip.image_transform(image_size, is_train=is_train)
+
+
+def webdataset_train(
+    tokenizer: Callable,
+    image_size: int,
+    *,
+    batch_size: int,
+    world_size: int = 1,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    shards: str | None = None,
+    num_samples: Annotated[int | None, Range(lo=1)] = None,
+    shuffle_buffer: Annotated[int, NONNEGATIVE] = 1000,
+    max_skip_fraction: Annotated[float, UNIT] = 0.05,
+    skip_min_seen: Annotated[int, NONNEGATIVE] = 100,
+    sampling: Literal["split", "resampled"] = "split",
+):
+    """The ``webdataset`` training data of a recipe: img2dataset shards as a pipeline of per-process batches.
+
+    Args:
+        tokenizer: captions -> LongTensor (n, L).
+        image_size: side S of the images (open_clip's training transform).
+        batch_size: the GLOBAL batch (each process yields ``batch_size / world_size`` rows).
+        world_size: processes sharing the batch.
+        seed: shard and sample shuffling seed.
+        num_workers: DataLoader workers (the epoch's batches are split among them).
+        drop_last: drop an incomplete final batch (without it, a lone final sample joins the one before).
+        shards: brace pattern of ``.tar`` shards, e.g. ``/data/cc3m/{00000..00331}.tar``.
+        num_samples: samples of an epoch (None: every sample of the shards once); the estimators
+            are sized by the shards' count either way.
+        shuffle_buffer: sample shuffle buffer (0: no shuffling).
+        max_skip_fraction: largest tolerated fraction of skipped samples, and of unreadable
+            shards; past it the run stops with :class:`TooManySkippedError`.
+        skip_min_seen: samples seen before the fraction is checked.
+        sampling: ``split``: each epoch reads every shard once, shards split over nodes and
+            workers; ``resampled``: every worker draws shards with replacement and an epoch is
+            ``num_samples / batch_size`` batches (multi-node runs, uneven shard counts).
+
+    Returns:
+        The pipeline (iterate it in ``DataLoader(pipeline, batch_size=None, ...)``), with ``len()``
+        the batches of an epoch per process, ``.counter`` (its :class:`SkipCounter`) and
+        ``.dataset_size`` (the samples of all shards, the indices' range).
+
+    Raises:
+        RecipeError: under ``shards`` (relative to the section) for a missing pattern, missing shards
+            or no readable sample, under ``batch_size`` for a batch larger than an epoch.
+    """
+    from amortize.options import RecipeError
+
+    if not shards:
+        raise RecipeError("must name the .tar shards for data.name 'webdataset'", key="shards")
+    try:
+        urls = expand_shards(shards)
+    except ValueError as e:
+        raise RecipeError(str(e), key="shards") from None
+    sizes = shard_sizes(urls)  # stats / sizes.json / a count cached beside the shards
+    total = sum(sizes.values())
+    missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
+    if total == 0:
+        what = (f"{len(missing)} of the {len(urls)} shards do not exist (first: {missing[0]})" if missing
+                else f"none of the {len(urls)} shards holds a readable sample")
+        raise RecipeError(f"no training data: {what}; check the pattern {shards!r}", key="shards")
+    if missing:  # a shard that vanishes later is skipped and counted as missing_shard
+        raise RecipeError(f"{len(missing)} of the {len(urls)} shards do not exist (first: {missing[0]}); "
+                          f"fix the pattern {shards!r} or leave those shards out of it", key="shards")
+    offsets, start = {}, 0
+    for u, n in sizes.items():
+        offsets[u], start = start, start + n
+    epoch_samples = num_samples or total
+    if epoch_samples < batch_size:
+        raise RecipeError(f"{batch_size} exceeds the {epoch_samples} samples of an epoch (data.num_samples or the "
+                          "shards' count)", key="batch_size")
+    # batches per process and epoch, split over its DataLoader workers (each counts its own); the
+    # loader's length lets Composer convert epochs (max_duration, warmup, save_interval)
+    per_worker, epoch_len = epoch_batches(epoch_samples, batch_size, num_workers, len(urls), world_size,
+                                          sampling == "resampled")
+    pipeline = make_pipeline(
+        urls, transform=open_clip_transform(image_size, is_train=True), tokenizer=tokenizer,
+        batch_size=batch_size // world_size, resampled=sampling == "resampled", shuffle_buffer=shuffle_buffer,
+        seed=seed, epoch_batches=per_worker, offsets=offsets, drop_last=drop_last,
+        counter=SkipCounter(max_skip_fraction, min_seen=skip_min_seen),
+    ).with_length(epoch_len, silent=True)
+    pipeline.dataset_size = total
+    return pipeline

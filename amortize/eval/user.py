@@ -234,7 +234,7 @@ EVAL_TASKS: Registry[Any] = Registry("evaluation task")
 Each constructor takes ``image_size`` (passed by the builder) and the section's options, e.g.
 ``{name: retrieval, path: data/pairs.csv, caption_column: caption}``; ``eval.tasks`` entries are
 bound when the recipe loads (:data:`amortize.train.sections.SECTIONS`) and built when the run
-starts (:func:`amortize.train.components.build_eval_tasks`)."""
+starts (:func:`amortize.train.builders.build_eval_tasks`)."""
 EVAL_TASKS.register("default", _default)
 EVAL_TASKS.register("retrieval", retrieval_task)
 EVAL_TASKS.register("zeroshot", zeroshot_task)

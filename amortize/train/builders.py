@@ -1,4 +1,15 @@
-"""Recipe -> Composer ``Trainer``: the one place where a recipe becomes a training run.
+"""Recipe -> components -> Composer ``Trainer``: the one place where a recipe's sections are built.
+
+Every component a recipe names is built here, once, from its section bound at load
+(:mod:`amortize.train.sections`): the two towers, the loss (objective, estimator, layout), the
+tokenizer, the training data and its loader, the optimiser and the schedule, the evaluation
+tasks, the recipe's loggers, callbacks and algorithms, and the ``Trainer`` that joins them.
+Constructors' errors come back under the section's key (:meth:`amortize.registry.Bound.build`).
+
+Composer is imported only by the functions that need it (:func:`build_trainer`,
+:func:`build_composer_model`, :func:`build_dataloader`, :func:`dry_run`), so ``amortize eval`` and
+notebooks rebuild a trained model from a recipe (:func:`build_two_tower`, :func:`build_tokenizer`)
+without it.
 
 >>> from amortize.train.config import load_recipe
 >>> trainer = build_trainer(load_recipe("recipes/default.yaml", ["max_duration=2ba"]))  # doctest: +SKIP
@@ -7,42 +18,114 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import os
 import warnings
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from composer import Trainer
-from composer.algorithms import GradientClipping
-from composer.utils import dist, reproducibility
-from torch.utils.data import DataLoader
-
-from amortize.interop.pretrained import locked_summary
-from amortize.options import keyed
-from amortize.train.algorithms import (ClampLogitScale, EpochSchedules, EstimatorMonitorCallback, ExportWeights,
-                                       FullBatchGuard, LogLossTerms, monitors_estimator)
-from amortize.train.components import build_dataset, build_eval_tasks, build_loss, build_tokenizer, build_two_tower
-from amortize.train.config import Recipe, RecipeError, recipe_to_dict
-from amortize.train.compat import install_atomic_checkpoint_writes
-from amortize.train.gradcache import microbatch_trainer_kwargs
-from amortize.train.guards import DataSkipReport, DivergenceGuard, SaveOnInterrupt
-from amortize.train.model import ContrastiveComposerModel
-from amortize.train.model import unwrap as _unwrap
-from amortize.train.optim import build_optimizer, build_scheduler
+from amortize.losses import ContrastiveLoss
+from amortize.models import TwoTowerModel
+from amortize.options import RecipeError, keyed
+from amortize.registry import Bound
+from amortize.train.config import Recipe, recipe_to_dict
 from amortize.train.plan import decide_start
-from amortize.train.sections import bindings
-from amortize.train.validate import check_microbatch_model, check_shards_exist
+from amortize.train.sections import Options, bindings
+from amortize.train.validate import check_estimator_dim
 
-__all__ = ["per_process_batch_size", "build_dataloader", "build_composer_model", "build_trainer", "dry_run"]
+__all__ = ["build_two_tower", "build_loss", "build_tokenizer", "build_eval_tasks", "per_process_batch_size",
+           "build_dataloader", "build_composer_model", "build_trainer", "dry_run"]
 
 
-@contextlib.contextmanager
-def _section(key: str) -> Iterator[None]:
-    """Put a constructor's ``ValueError``/``TypeError`` under the recipe key of what it builds."""
+def build_two_tower(recipe: Recipe, start: bool = True) -> TwoTowerModel:
+    """The two-tower model of a recipe (its initial ``log s`` and bias were resolved at load).
+
+    Binds and builds the ``model`` section only: the loss sections and the recipe's ``imports``
+    are not needed to rebuild the towers (``amortize eval``).
+
+    Args:
+        recipe: the recipe.
+        start: build what a run starts from, ``model.pretrained`` loaded and ``model.lock_image`` /
+            ``model.lock_text`` applied; False builds the bare towers (``amortize eval`` loads the
+            trained weights into them, and the pretrained file need not exist any more).
+    """
+    m = recipe.model
+    if not start and any(m.get(k) is not None for k in ("pretrained", "lock_image", "lock_text")):
+        bare = Options({**m, "pretrained": None, "lock_image": None, "lock_text": None})
+        recipe = dataclasses.replace(recipe, model=bare)
+    return bindings(recipe).get("model").build()
+
+
+def build_loss(recipe: Recipe, embed_dim: int, num_samples: Optional[int] = None) -> ContrastiveLoss:
+    """The :class:`~amortize.losses.ContrastiveLoss` of a recipe, from its bound ``loss.*`` sections.
+
+    Args:
+        recipe: the recipe.
+        embed_dim: the model's embedding width ``d`` (offered as ``dim`` to an estimator naming it).
+        num_samples: dataset size (offered as ``num_samples`` to an estimator naming it; None: unknown).
+
+    Raises:
+        RecipeError: naming the ``loss.*`` key of a bad value, or a per-sample estimator whose size
+            is unknown or smaller than the dataset.
+    """
+    b, c = bindings(recipe), recipe.loss
+    check_estimator_dim(c.estimator, embed_dim)  # amortize.train.validate
+    est = b.get("loss.estimator")
+    estimator = None
+    if est is not None:
+        _check_estimator_size(est, num_samples)
+        estimator = est.build(dim=embed_dim, num_samples=num_samples)
+    objective = b.get("loss.objective").build()
+    layout = b.get("loss.layout").build()
+    rho = b.get("loss.rho")
     try:
-        yield
-    except (ValueError, TypeError) as e:
-        raise keyed(key, e) from None
+        return ContrastiveLoss(objective, estimator, layout=layout, rho=rho.build() if rho is not None else c.rho,
+                               chunk_size=c.chunk_size)
+    except (TypeError, ValueError) as e:
+        raise keyed("loss", e) from None
+
+
+def _check_estimator_size(est: Bound, num_samples: Optional[int]) -> None:
+    """Per-sample tables must hold every index the data yields (checked before the first step)."""
+    if not est.takes("num_samples"):
+        return
+    given = est.options.get("num_samples")
+    if given is None and not num_samples:
+        raise RecipeError("the dataset size is unknown; set it (or data.num_samples)", key=f"{est.key}.num_samples")
+    if given is not None and num_samples and given < num_samples:
+        raise RecipeError(f"{est.key}.num_samples={given} is smaller than the dataset ({num_samples} samples, "
+                          "indices 0..N-1); leave it out to size the estimator from the data")
+
+
+def build_tokenizer(recipe: Recipe, context_length: int):
+    """The tokenizer of a recipe (``data.tokenizer``) with the model's context length."""
+    from amortize.data.tokenizer import get_tokenizer
+
+    name = recipe.data.tokenizer
+    return get_tokenizer(None if name == "simple" else name, context_length=context_length)
+
+
+def build_eval_tasks(recipe: Recipe, image_size: int) -> Optional[list]:
+    """The evaluation tasks of ``eval.tasks``: None for ``none``, the shipped ones for ``default``,
+    else each bound section built (its folder or CSV read now, its images when evaluated).
+
+    Raises:
+        RecipeError: under ``eval.tasks[i]`` for a missing file or a folder that cannot be read.
+    """
+    tasks = recipe.eval.tasks
+    if tasks == "none":
+        return None
+    if tasks == "default":
+        from amortize.eval import default_tasks
+
+        return default_tasks(image_size=image_size)
+    out: list = []
+    for bound in bindings(recipe).many("eval.tasks"):
+        try:
+            built = bound.build(image_size=image_size)
+        except OSError as e:
+            raise RecipeError(str(e), key=bound.key) from None
+        out.extend(built if isinstance(built, list) else [built])
+    return out
 
 
 def per_process_batch_size(recipe: Recipe) -> int:
@@ -54,82 +137,77 @@ def per_process_batch_size(recipe: Recipe) -> int:
     Raises:
         RecipeError: if it does not divide evenly.
     """
-    world = dist.get_world_size()
-    if recipe.data.batch_size % world:
-        raise RecipeError(f"data.batch_size={recipe.data.batch_size} is not divisible by the {world} processes")
-    return recipe.data.batch_size // world
+    from composer.utils import dist
+
+    world, batch = dist.get_world_size(), recipe.data.batch_size
+    if batch % world:
+        raise RecipeError(f"data.batch_size={batch} is not divisible by the {world} processes")
+    return batch // world
 
 
 def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[Any, Optional[int]]:
-    """The training DataLoader of a recipe and the dataset size (None if unknown).
+    """The training DataLoader of a recipe's ``data`` section and the dataset size (None if unknown).
 
-    Map-style datasets are sharded over processes by a seeded ``DistributedSampler``
-    (Composer sets its epoch); ``webdataset`` shards are split by node and worker.
+    The section's dataset (:data:`amortize.data.DATASETS`) is built once. A map-style dataset is
+    sharded over processes by a seeded ``DistributedSampler`` (Composer sets its epoch); an
+    iterable one (``webdataset``) yields per-process batches itself (its shards split by node
+    and worker) and says its size as ``dataset_size``.
     """
+    from composer.utils import dist
+    from torch.utils.data import DataLoader, IterableDataset
+
     per = per_process_batch_size(recipe)
-    d = recipe.data
-    if d.name == "webdataset":
-        if not d.shards:
-            raise RecipeError("data.shards must name the .tar shards for data.name 'webdataset'")
-        from amortize.data.webdataset import (SkipCounter, epoch_batches, expand_shards, make_pipeline,
-                                              open_clip_transform, shard_sizes)
-
-        try:
-            urls = expand_shards(d.shards)
-        except ValueError as e:
-            raise RecipeError(f"data.shards: {e}") from None
-        sizes = shard_sizes(urls)  # stats / sizes.json / a count cached beside the shards
-        total = sum(sizes.values())
-        if total == 0:
-            missing = [u for u in urls if not os.path.isfile(u)]
-            what = (f"{len(missing)} of the {len(urls)} shards do not exist (first: {missing[0]})" if missing
-                    else f"none of the {len(urls)} shards holds a readable sample")
-            raise RecipeError(f"data.shards: no training data: {what}; check the pattern {d.shards!r}")
-        check_shards_exist(urls, d.shards)  # amortize.train.validate: a named shard that is missing is refused
-        offsets, start = {}, 0
-        for u, n in sizes.items():
-            offsets[u], start = start, start + n
-        epoch_samples = d.num_samples or total
-        if epoch_samples < recipe.data.batch_size:
-            raise RecipeError(f"data.batch_size={recipe.data.batch_size} exceeds the {epoch_samples} samples of an "
-                              "epoch (data.num_samples or the shards' count)")
-        # batches per process and epoch, split over its DataLoader workers (each counts its own);
-        # the loader's length lets Composer convert epochs (max_duration, warmup, save_interval)
-        # (amortize.data.webdataset.epoch_batches: split sampling shares a process's shards among its workers)
-        per_worker, epoch_len = epoch_batches(epoch_samples, recipe.data.batch_size, d.num_workers, len(urls),
-                                              dist.get_world_size(), d.sampling == "resampled")
-        pipeline = make_pipeline(
-            urls, transform=open_clip_transform(image_size, is_train=True), tokenizer=tokenizer,
-            batch_size=per, resampled=d.sampling == "resampled",
-            shuffle_buffer=d.shuffle_buffer, seed=recipe.seed, epoch_batches=per_worker, offsets=offsets,
-            drop_last=d.drop_last, counter=SkipCounter(d.max_skip_fraction, min_seen=d.skip_min_seen),
-        ).with_length(epoch_len, silent=True)
-        loader = DataLoader(pipeline, batch_size=None, num_workers=d.num_workers,
-                            persistent_workers=d.num_workers > 0)
-        return loader, total
-    from amortize.train.components import DATASETS
-
-    if d.name not in DATASETS:
-        raise RecipeError(f"data.name: unknown dataset {d.name!r}; valid: {', '.join(sorted([*DATASETS, 'webdataset']))}")
-    with _section("data"):
-        dataset = build_dataset(recipe, tokenizer, image_size)
-    if len(dataset) < recipe.data.batch_size:
-        raise RecipeError(f"data.batch_size={recipe.data.batch_size} exceeds the dataset size {len(dataset)}")
-    if not d.drop_last and -(-len(dataset) // dist.get_world_size()) % per == 1:
+    bound = bindings(recipe).get("data")
+    loader = bound.shared  # batch_size, num_workers, drop_last, tokenizer
+    workers, drop_last = loader["num_workers"], loader["drop_last"]
+    data = bound.build(tokenizer, image_size, batch_size=loader["batch_size"], world_size=dist.get_world_size(),
+                       seed=recipe.seed, num_workers=workers, drop_last=drop_last)
+    if isinstance(data, IterableDataset):
+        return (DataLoader(data, batch_size=None, num_workers=workers, persistent_workers=workers > 0),
+                getattr(data, "dataset_size", None))
+    if len(data) < loader["batch_size"]:
+        raise RecipeError(f"data.batch_size={loader['batch_size']} exceeds the dataset size {len(data)}")
+    if not drop_last and -(-len(data) // dist.get_world_size()) % per == 1:
         # the sampler pads every process to ceil(N / W) samples: one left over is a batch without a negative
-        raise RecipeError(f"data.drop_last=false would end every epoch with a one-sample batch ({len(dataset)} samples, "
+        raise RecipeError(f"data.drop_last=false would end every epoch with a one-sample batch ({len(data)} samples, "
                           f"{per} a batch per process), which has no negative: keep drop_last=true or change data.batch_size")
-    sampler = dist.get_sampler(dataset, shuffle=True, drop_last=d.drop_last, seed=recipe.seed)
-    loader = DataLoader(dataset, batch_size=per, sampler=sampler, drop_last=d.drop_last,
-                        num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
-    return loader, len(dataset)
+    sampler = dist.get_sampler(data, shuffle=True, drop_last=drop_last, seed=recipe.seed)
+    return (DataLoader(data, batch_size=per, sampler=sampler, drop_last=drop_last, num_workers=workers,
+                       persistent_workers=workers > 0), len(data))
 
 
-def build_composer_model(recipe: Recipe, num_samples: Optional[int] = None) -> ContrastiveComposerModel:
-    """The :class:`ContrastiveComposerModel` of a recipe (towers, loss, the recipe as metadata)."""
+def _microbatch_size(recipe: Recipe, towers: TwoTowerModel) -> Optional[int]:
+    """Rows per microbatch of the gradient cache: ``device_train_microbatch_size`` when it is
+    smaller than the per-process batch, else None (the batch is encoded at once).
+
+    Raises:
+        RecipeError: ``device_train_microbatch_size: model 'RN50': ... BatchNorm2d ...`` for towers
+            the gradient cache cannot make exact (BatchNorm in training mode), before the run starts.
+    """
+    from amortize.gradcache import check_microbatchable
+
+    rows = recipe.device_train_microbatch_size
+    if rows is None:
+        return None
+    try:
+        check_microbatchable(towers)
+    except ValueError as e:
+        raise RecipeError(f"model {recipe.model.name!r}: {e}", key="device_train_microbatch_size") from None
+    return rows if rows < per_process_batch_size(recipe) else None
+
+
+def build_composer_model(recipe: Recipe, num_samples: Optional[int] = None):
+    """The :class:`~amortize.train.model.ContrastiveComposerModel` of a recipe (towers, loss, the
+    gradient cache's microbatch size, the recipe as metadata)."""
     towers = build_two_tower(recipe)
+    return _composer_model(recipe, towers, num_samples, _microbatch_size(recipe, towers))
+
+
+def _composer_model(recipe: Recipe, towers: TwoTowerModel, num_samples: Optional[int], microbatch_size: Optional[int]):
+    from amortize.train.model import ContrastiveComposerModel
+
     loss_fn = build_loss(recipe, towers.embed_dim, num_samples=num_samples)
-    return ContrastiveComposerModel(towers, loss_fn, recipe=recipe_to_dict(recipe))
+    return ContrastiveComposerModel(towers, loss_fn, recipe=recipe_to_dict(recipe), microbatch_size=microbatch_size)
 
 
 def build_trainer(
@@ -139,7 +217,7 @@ def build_trainer(
     loggers: Sequence[Any] = (),
     train_dataloader: Any = None,
     num_samples: Optional[int] = None,
-) -> Trainer:
+) -> Any:
     """Build everything a recipe names and return Composer's ``Trainer`` (call ``.fit()``).
 
     Args:
@@ -154,7 +232,17 @@ def build_trainer(
         with a stateful estimator gets an :class:`~amortize.train.algorithms.EstimatorMonitorCallback`
         unless the recipe's ``callbacks:`` (or ``callbacks``) already holds one.
     """
-    microbatching = microbatch_trainer_kwargs(recipe.device_train_microbatch_size, per_process_batch_size(recipe))
+    from composer import Trainer
+    from composer.algorithms import GradientClipping
+    from composer.utils import dist, reproducibility
+
+    from amortize.train.algorithms import (ClampLogitScale, EpochSchedules, EstimatorMonitorCallback, ExportWeights,
+                                           FullBatchGuard, LogLossTerms, monitors_estimator)
+    from amortize.train.compat import install_atomic_checkpoint_writes
+    from amortize.train.gradcache import microbatch_trainer_kwargs
+    from amortize.train.guards import DataSkipReport, SaveOnInterrupt
+    from amortize.train.model import unwrap
+
     reproducibility.seed_all(recipe.seed)
     if recipe.autoresume and dist.get_global_rank() == 0:
         # checkpoints are renamed into place; after a crash, point `latest` at the newest whole one
@@ -164,6 +252,7 @@ def build_trainer(
                        filename_regex(recipe.save_filename, rank=0))
     plan = decide_start(recipe)
     model, tokenizer, train_dataloader, optimizer, scheduler = _components(recipe, train_dataloader, num_samples)
+    microbatching = microbatch_trainer_kwargs(model, per_process_batch_size(recipe))
     if plan.replaced and dist.get_global_rank() == 0:
         for path in plan.replaced:  # save_overwrite=true: the earlier run's files go, so autoresume cannot mix them
             if os.path.lexists(path):
@@ -173,9 +262,7 @@ def build_trainer(
     if recipe.grad_clip_norm is not None:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.grad_clip_norm))
     save_folder = recipe.resolved_save_folder()
-    dv = recipe.divergence
-    algorithms.append(DivergenceGuard(dv.policy, max_consecutive_skips=dv.max_consecutive_skips,
-                                      restore_estimator=dv.restore_estimator, save_folder=save_folder))
+    algorithms.append(bindings(recipe).get("divergence").build(save_folder=save_folder))
     export = ExportWeights(save_folder)
     cbs: list[Any] = [LogLossTerms(), export,
                       SaveOnInterrupt(save_folder, recipe.save_filename, recipe.save_latest_filename, export)]
@@ -187,7 +274,7 @@ def build_trainer(
     if e.tasks != "none" and (e.every_n_epochs > 0 or e.every_n_batches > 0 or e.at_fit_end):
         from amortize.eval.callback import EvalCallback
 
-        tasks = build_eval_tasks(recipe, image_size=_unwrap(model).model.image_size)
+        tasks = build_eval_tasks(recipe, image_size=unwrap(model).model.image_size)
         cbs.append(EvalCallback(tokenizer, tasks, every_n_epochs=e.every_n_epochs, every_n_batches=e.every_n_batches,
                                 at_fit_end=e.at_fit_end, batch_size=e.batch_size, print_table=True))
     extra = _recipe_extras(recipe)
@@ -225,9 +312,10 @@ def build_trainer(
             autoresume=recipe.autoresume,
             device=recipe.device,
             precision=recipe.precision,
-            # Composer sees one microbatch per batch (its own splitting would shrink the negatives;
-            # it cannot infer the batch size of a webdataset loader); a smaller recipe microbatch
-            # runs the gradient cache inside that step
+            # Composer's device_train_microbatch_size is the whole per-process batch (its own
+            # splitting would shrink the negatives; it cannot infer the batch size of a webdataset
+            # loader); the gradient cache splits the encoders' work inside that step, by the
+            # model's microbatch_size (the one place it is held)
             **microbatching,
             seed=recipe.seed,
             deterministic_mode=recipe.deterministic_mode,
@@ -240,21 +328,20 @@ def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optio
     """(model, tokenizer, loader, optimizer, scheduler) of a recipe, errors named by recipe section."""
     import torch
 
+    from amortize.train.optim import build_optimizer
+
     device = recipe.device or ("gpu" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and (recipe.precision or "fp32") != "fp32":
         raise RecipeError(f"precision: {recipe.precision} needs a GPU, and this run would use the CPU "
                           f"(device={recipe.device}); set precision=fp32 (or null) for the CPU")
     towers = build_two_tower(recipe)
-    check_microbatch_model(recipe, towers)  # amortize.train.validate
+    microbatch_size = _microbatch_size(recipe, towers)  # checked before the data is read
     tokenizer = build_tokenizer(recipe, towers.context_length)
     if train_dataloader is None:
         train_dataloader, num_samples = build_dataloader(recipe, tokenizer, towers.image_size)
-    loss_fn = build_loss(recipe, towers.embed_dim, num_samples=num_samples)
-    model = ContrastiveComposerModel(towers, loss_fn, recipe=recipe_to_dict(recipe))
-    with _section("optimizer"):
-        optimizer = build_optimizer(model, recipe.optimizer)
-    with _section("scheduler"):
-        scheduler = build_scheduler(recipe.scheduler)
+    model = _composer_model(recipe, towers, num_samples, microbatch_size)
+    optimizer = build_optimizer(model, bindings(recipe).get("optimizer"))
+    scheduler = bindings(recipe).get("scheduler").build()
     return model, tokenizer, train_dataloader, optimizer, scheduler
 
 
@@ -274,9 +361,12 @@ def dry_run(recipe: Recipe) -> list[str]:
     Raises:
         RecipeError: naming the recipe key of anything that would fail when the run starts.
     """
+    from amortize.interop.pretrained import locked_summary
+
     per = per_process_batch_size(recipe)
     plan = decide_start(recipe)
     model, _, loader, optimizer, scheduler = _components(recipe)
+    guard = bindings(recipe).get("divergence").build(save_folder=recipe.resolved_save_folder())
     extra = _recipe_extras(recipe)
     try:
         batches = len(loader)
@@ -288,7 +378,8 @@ def dry_run(recipe: Recipe) -> list[str]:
         f"model: {recipe.model.name}, {n_params:,} encoder parameters; loss: {recipe.loss.objective}, estimator {est}",
         f"data: {recipe.data.name}, {batches if batches is not None else 'unknown'} batches of {per} per process "
         f"and epoch",
-        f"optimizer: {type(optimizer).__name__}; scheduler: {type(scheduler).__name__ if scheduler else 'none'}",
+        f"optimizer: {type(optimizer).__name__}; scheduler: {type(scheduler).__name__ if scheduler else 'none'}; "
+        f"divergence: {guard.policy}",
         *(f"{key}: {', '.join(type(x).__name__ for x in built)}" for key, built in extra.items() if built),
         f"start: {plan.describe()}; checkpoints in {recipe.resolved_save_folder()}/",
         f"towers: {'from ' + recipe.model.pretrained if recipe.model.pretrained else 'initialised'}; "

@@ -37,17 +37,7 @@ import yaml
 
 from amortize.options import Range, RecipeError, TimeString
 from amortize.train.imports import run_imports
-from amortize.train.schema import (
-    DataConfig,
-    DivergenceConfig,
-    EvalConfig,
-    LossConfig,
-    ModelConfig,
-    OptimizerConfig,
-    Recipe,
-    SchedulerConfig,
-    build_schema,
-)
+from amortize.train.schema import EvalConfig, LossConfig, Recipe, build_schema
 from amortize.train.sections import Bindings, bind_sections
 from amortize.train.validate import check_finite, check_top_level, check_values, read_recipe_text
 from amortize.train.yaml_input import apply_overrides, check_unique_overrides, read_yaml
@@ -56,13 +46,8 @@ __all__ = [
     "RecipeError",
     "Range",
     "TimeString",
-    "ModelConfig",
     "LossConfig",
-    "DataConfig",
-    "OptimizerConfig",
-    "SchedulerConfig",
     "EvalConfig",
-    "DivergenceConfig",
     "Recipe",
     "load_recipe",
     "load_recipe_dict",
@@ -81,11 +66,11 @@ def _resolve_logit_params(recipe: Recipe, bound: Bindings) -> None:
     # a registered factory need not be an Objective class: it then has the base class's preferences
     objective = bound.get("loss.objective").ctor
     m = recipe.model
-    if m.init_logit_scale is None:
-        m.init_logit_scale = float(getattr(objective, "init_logit_scale", Objective.init_logit_scale))
+    if m.get("init_logit_scale") is None:
+        m["init_logit_scale"] = float(getattr(objective, "init_logit_scale", Objective.init_logit_scale))
     bias = getattr(objective, "init_logit_bias", Objective.init_logit_bias)
-    if m.init_logit_bias is None and bias is not None:
-        m.init_logit_bias = float(bias)
+    if m.get("init_logit_bias") is None and bias is not None:
+        m["init_logit_bias"] = float(bias)
 
 
 def _resolve_loss_defaults(recipe: Recipe) -> None:
@@ -98,9 +83,7 @@ def _resolve_loss_defaults(recipe: Recipe) -> None:
 
 
 def _check_consistency(r: Recipe) -> None:
-    """Checks that join two keys (each key's own range is declared beside it in the schema)."""
-    if r.data.sampling == "resampled" and r.data.name == "webdataset" and not r.data.num_samples:
-        raise RecipeError("data.sampling 'resampled' needs data.num_samples (it sets the epoch length)")
+    """Checks that join two keys (each key's own range is declared beside it, in the schema or the constructor)."""
     tasks = r.eval.tasks  # a list of sections is bound with the others (train/sections.py)
     if (isinstance(tasks, str) and tasks not in ("default", "none")) or tasks == []:
         raise RecipeError(f"{tasks!r} is not one of default, none, or a list of task sections (retrieval, "
@@ -134,10 +117,13 @@ def load_recipe_dict(data: Optional[dict], base: Optional[Path] = None, *, bind:
     check_finite(data)  # amortize.train.validate
     recipe = build_schema(Recipe, data)
     _check_consistency(recipe)
-    check_values(recipe)  # amortize.train.validate
     if bind:
         _resolve_loss_defaults(recipe)
         bind_sections(recipe, resolve=_resolve_logit_params)
+        d = recipe.data  # resolved: the dataset's options with their defaults
+        if d.get("sampling") == "resampled" and not d.get("num_samples"):
+            raise RecipeError("data.sampling 'resampled' needs data.num_samples (it sets the epoch length)")
+    check_values(recipe)  # amortize.train.validate; the model section resolved
     return recipe
 
 
@@ -172,9 +158,17 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         raise RecipeError(f"{path}: {e}") from None
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):  # an Options section included
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def recipe_to_dict(recipe: Recipe) -> dict:
     """The recipe as plain Python (dicts, lists, str, int, float, bool, None)."""
-    return dataclasses.asdict(recipe)
+    return _plain(dataclasses.asdict(recipe))
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

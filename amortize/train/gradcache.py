@@ -4,9 +4,10 @@ Composer's own microbatching runs the loss once per microbatch, which shrinks th
 contrastive objective. Instead Composer is told that the batch is one microbatch, and the two
 passes of :mod:`amortize.gradcache` run inside that one step:
 
-* ``forward`` (:class:`~amortize.train.model.ContrastiveComposerModel`, with ``microbatch_size``
-  set by :class:`GradientCache` on BEFORE_FORWARD): encodes the microbatches without a graph;
-  its outputs are leaf tensors.
+* ``forward`` (:class:`~amortize.train.model.ContrastiveComposerModel`, whose ``microbatch_size``
+  is the one place the rows per microbatch are held: the builder sets it from the recipe's
+  ``device_train_microbatch_size`` when that is smaller than the per-process batch): encodes the
+  microbatches without a graph; its outputs are leaf tensors.
 * ``loss`` and Composer's backward: the loss of the whole per-process batch, once (all negatives,
   one estimator update), backpropagated to those leaves (and scaled by Composer's gradient scaler
   under ``amp_fp16``).
@@ -25,7 +26,7 @@ What this relies on in Composer beyond its documented interface is listed in
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from composer.core import Algorithm, Event, State, get_precision_context
 from composer.loggers import Logger
@@ -52,32 +53,25 @@ COMPOSER_CONTRACT = (
 class GradientCache(Algorithm):
     """Run the gradient cache's second pass after Composer's backward (AFTER_BACKWARD).
 
-    On BEFORE_FORWARD it sets the model's ``microbatch_size`` (and refuses towers the cache cannot
-    make exact: BatchNorm in training mode). On AFTER_BACKWARD it calls the model's
-    ``backward_cached`` under the run's precision context.
-
-    Args:
-        microbatch_size: rows per microbatch (need not divide the per-process batch).
+    The rows per microbatch are the model's ``microbatch_size`` (this algorithm holds no copy).
+    On the first BEFORE_FORWARD it refuses towers the cache cannot make exact (BatchNorm in
+    training mode). On AFTER_BACKWARD it calls the model's ``backward_cached`` under the run's
+    precision context.
     """
 
-    def __init__(self, microbatch_size: int):
-        if int(microbatch_size) < 1:
-            raise ValueError(f"microbatch_size must be >= 1, got {microbatch_size}")
-        self.microbatch_size = int(microbatch_size)
+    def __init__(self):
         self._checked = False
 
     def match(self, event: Event, state: State) -> bool:
-        """Run on BEFORE_FORWARD and AFTER_BACKWARD."""
-        return event in (Event.BEFORE_FORWARD, Event.AFTER_BACKWARD)
+        """Run on the first BEFORE_FORWARD and on every AFTER_BACKWARD."""
+        return event == Event.AFTER_BACKWARD or (event == Event.BEFORE_FORWARD and not self._checked)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        """Switch the model's first pass on (BEFORE_FORWARD) or run the second pass (AFTER_BACKWARD)."""
+        """Check the towers (the first BEFORE_FORWARD) or run the second pass (AFTER_BACKWARD)."""
         model = unwrap(state.model)
         if event == Event.BEFORE_FORWARD:
-            if not self._checked:
-                check_microbatchable(model.model)
-                self._checked = True
-            model.microbatch_size = self.microbatch_size
+            check_microbatchable(model.model)
+            self._checked = True
             return
         with get_precision_context(state.precision, state.precision_config):
             model.backward_cached()
@@ -95,15 +89,16 @@ def gradient_cache_first(algorithms: Sequence[Algorithm], event: Event) -> Seque
     return first + [a for a in algorithms if not isinstance(a, GradientCache)]
 
 
-def microbatch_trainer_kwargs(microbatch_size: Optional[int], per_process_batch: int) -> dict[str, Any]:
-    """The Trainer arguments for a recipe's ``device_train_microbatch_size``.
+def microbatch_trainer_kwargs(model: Any, per_process_batch: int) -> dict[str, Any]:
+    """The Trainer arguments for the gradient cache of ``model``.
 
-    Composer always sees one microbatch per batch. A smaller ``microbatch_size`` turns the
-    gradient cache on: the :class:`GradientCache` algorithm (under ``"algorithms"``: add these to
-    the trainer's algorithms), its algorithm pass and the ``forced_sync`` DDP strategy.
+    Composer's ``device_train_microbatch_size`` is always the whole per-process batch: Composer
+    sees one microbatch per batch. A model whose ``microbatch_size`` is set turns the gradient
+    cache on: the :class:`GradientCache` algorithm (under ``"algorithms"``: add these to the
+    trainer's algorithms), its algorithm pass and the ``forced_sync`` DDP strategy.
 
     Args:
-        microbatch_size: the recipe's ``device_train_microbatch_size`` (None: no microbatching).
+        model: the :class:`~amortize.train.model.ContrastiveComposerModel` (its ``microbatch_size``).
         per_process_batch: rows per process and batch.
 
     Returns:
@@ -111,7 +106,7 @@ def microbatch_trainer_kwargs(microbatch_size: Optional[int], per_process_batch:
         gradient cache, ``"ddp_sync_strategy"`` and ``"algorithm_passes"``.
     """
     out: dict[str, Any] = {"algorithms": [], "device_train_microbatch_size": per_process_batch}
-    if microbatch_size is not None and int(microbatch_size) < per_process_batch:
-        out.update(algorithms=[GradientCache(int(microbatch_size))], ddp_sync_strategy="forced_sync",
+    if unwrap(model).microbatch_size is not None:
+        out.update(algorithms=[GradientCache()], ddp_sync_strategy="forced_sync",
                    algorithm_passes=[gradient_cache_first])
     return out

@@ -24,13 +24,15 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Optional
+import typing
+from typing import Annotated, Any, Literal, Optional
 
 import torch
 from composer.core import Algorithm, Callback, Event, State
 from composer.loggers import Logger
 
 from amortize import checks as K
+from amortize.options import NONNEGATIVE
 from amortize.train.model import unwrap
 
 __all__ = [
@@ -47,7 +49,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DIVERGENCE_POLICIES = ("skip", "stop", "none")
+Policy = Literal["skip", "stop", "none"]
+DIVERGENCE_POLICIES = typing.get_args(Policy)
 """What :class:`DivergenceGuard` does on a non-finite step: ``skip`` it, ``stop`` the run, or nothing (``none``)."""
 
 
@@ -136,8 +139,8 @@ class DivergenceGuard(Algorithm):
 
     def __init__(
         self,
-        policy: str = "skip",
-        max_consecutive_skips: int = 10,
+        policy: Policy = "skip",
+        max_consecutive_skips: Annotated[int, NONNEGATIVE] = 10,
         restore_estimator: bool = True,
         check_grads: Optional[bool] = None,
         save_folder: Optional[str] = None,

@@ -48,12 +48,15 @@ class ContrastiveComposerModel(ComposerModel):
         loss_fn: the objective and its estimator.
         recipe: the resolved recipe as plain Python (saved in checkpoints), or None.
         microbatch_size: rows per microbatch of the gradient cache (see :mod:`amortize.gradcache`),
-            or None to encode every batch at once.
+            or None to encode every batch at once; the builder sets it from the recipe's
+            ``device_train_microbatch_size`` when that is smaller than the per-process batch.
 
     Attributes:
         last_terms: the detached named loss terms of the latest training batch (logged by
             :class:`~amortize.train.algorithms.LogLossTerms`).
-        microbatch_size: as the argument; :class:`~amortize.train.gradcache.GradientCache` sets it.
+        microbatch_size: as the argument: the one place the gradient cache's rows per microbatch
+            are held (:class:`~amortize.train.gradcache.GradientCache` holds no copy; Composer's
+            ``device_train_microbatch_size`` is the whole per-process batch).
     """
 
     def __init__(self, model: TwoTowerModel, loss_fn: ContrastiveLoss, recipe: Optional[dict] = None,

@@ -1,62 +1,55 @@
-"""Encoder optimisers by name, open_clip's parameter groups, and learning-rate schedulers by name.
+"""Encoder optimisers and learning-rate schedulers by name, and open_clip's parameter groups.
 
-Optimisers come from torch (``adamw``, ``adam``, ``sgd``) and torch-optimizer (``lamb``, ``lars``,
-``radam``, ``adabelief``, ``novograd``, ``adamp``, ``madgrad``), imported when built.
+An ``optimizer`` section is bound against the registered optimiser class itself (torch's
+``AdamW``, ``Adam``, ``SGD``; torch-optimizer's ``Lamb``, ``LARS`` ...): its options are that
+class's keyword arguments with that class's defaults (``{name: sgd, lr: 0.1, momentum: 0.9}``,
+``{name: adamw, lr: 0.002, betas: [0.9, 0.98]}``). The ranges of the common ones are declared once
+in :data:`OPTIMIZER_OPTIONS`; the option every optimiser takes beside its own, the logit scale's
+learning rate, is declared by :func:`group_options`. A ``scheduler`` section is bound against one
+of the functions registered in :data:`SCHEDULERS`, whose signatures carry the options and defaults.
+A user's ``imports:`` file adds its own with ``OPTIMIZERS.register("name", MyOptimizer)``.
+
+Composer and torch-optimizer are imported when a recipe names one of theirs.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
-import torch
 from torch import nn
 
-from amortize.train.config import OptimizerConfig, SchedulerConfig
+from amortize.options import NONNEGATIVE, POSITIVE, UNIT, Range, RecipeError, TimeString
 from amortize.registry import Registry
 
-__all__ = ["OPTIMIZERS", "SCHEDULERS", "is_no_decay", "param_groups", "build_optimizer", "build_scheduler"]
-
-OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry("optimizer")
-"""Optimiser constructors: ``(param_groups, cfg: OptimizerConfig) -> Optimizer``."""
-
-SCHEDULERS: Registry[Any] = Registry("scheduler")
-"""Composer scheduler constructors: ``(cfg: SchedulerConfig) -> ComposerScheduler``."""
+__all__ = ["OPTIMIZERS", "OPTIMIZER_OPTIONS", "SCHEDULERS", "group_options", "is_no_decay", "param_groups", "build_optimizer"]
 
 
-def _adam_like(ctor_path: str) -> Callable[[list, OptimizerConfig], torch.optim.Optimizer]:
-    def build(groups: list, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-        module, name = ctor_path.rsplit(".", 1)
-        import importlib
+def group_options(logit_scale_lr: Annotated[Optional[float], NONNEGATIVE] = None) -> None:
+    """The option every ``optimizer`` section takes beside its class's own (see :func:`param_groups`).
 
-        cls = getattr(importlib.import_module(module), name)
-        return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-
-    return build
+    Args:
+        logit_scale_lr: the logit scale's learning rate (None: the optimiser's ``lr``).
+    """
 
 
-def _sgd_like(ctor_path: str) -> Callable[[list, OptimizerConfig], torch.optim.Optimizer]:
-    def build(groups: list, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-        module, name = ctor_path.rsplit(".", 1)
-        import importlib
+OPTIMIZER_OPTIONS: dict[str, Any] = {
+    "lr": Annotated[float, POSITIVE],
+    "weight_decay": Annotated[float, NONNEGATIVE],
+    "betas": Annotated[list[float], Range(lo=0, hi=1, open_hi=True, length=2)],
+    "eps": Annotated[float, POSITIVE],
+    "momentum": Annotated[float, Range(lo=0, hi=1, open_hi=True)],
+}
+"""Types and ranges of the optimiser options most classes share, applied to every registered class
+(torch annotates ``lr`` as ``float | Tensor`` and checks its ranges only when constructed)."""
 
-        cls = getattr(importlib.import_module(module), name)
-        return cls(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+OPTIMIZERS: Registry[Any] = Registry("optimizer", shared=group_options, annotations=OPTIMIZER_OPTIONS)
+"""Optimiser classes, called as ``cls(param_groups, **section_options)``."""
 
-    return build
-
-
-for _name, _path in (
-    ("adamw", "torch.optim.AdamW"),
-    ("adam", "torch.optim.Adam"),
-    ("lamb", "torch_optimizer.Lamb"),
-    ("radam", "torch_optimizer.RAdam"),
-    ("adabelief", "torch_optimizer.AdaBelief"),
-    ("novograd", "torch_optimizer.NovoGrad"),
-    ("adamp", "torch_optimizer.AdamP"),
-):
-    OPTIMIZERS.register(_name, _adam_like(_path))
-for _name, _path in (("sgd", "torch.optim.SGD"), ("lars", "torch_optimizer.LARS"), ("madgrad", "torch_optimizer.MADGRAD")):
-    OPTIMIZERS.register(_name, _sgd_like(_path))
+for _name, _target in (("adamw", "torch.optim:AdamW"), ("adam", "torch.optim:Adam"), ("sgd", "torch.optim:SGD")):
+    OPTIMIZERS.register_import(_name, _target)
+for _name, _target in (("lamb", "Lamb"), ("radam", "RAdam"), ("adabelief", "AdaBelief"), ("novograd", "NovoGrad"),
+                       ("adamp", "AdamP"), ("lars", "LARS"), ("madgrad", "MADGRAD")):
+    OPTIMIZERS.register_import(_name, f"torch_optimizer:{_target}", install="pip install torch-optimizer")
 
 
 def is_no_decay(name: str, param: nn.Parameter) -> bool:
@@ -69,19 +62,20 @@ def is_no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
-def param_groups(module: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
+def param_groups(module: nn.Module, weight_decay: float, logit_scale_lr: Optional[float] = None) -> list[dict[str, Any]]:
     """Parameter groups as open_clip forms them, from the parameters that require grad.
 
-    Groups (empty ones dropped): ``decay`` (weight decay ``cfg.weight_decay``), ``no_decay``
-    (gains, biases, embeddings of rank < 2, the logit bias; no decay) and ``logit_scale``
-    (no decay, learning rate ``cfg.logit_scale_lr`` or ``cfg.lr``). Amortizer networks and the
+    Groups (empty ones dropped): ``decay`` (weight decay ``weight_decay``), ``no_decay`` (gains,
+    biases, embeddings of rank < 2, the logit bias; no decay) and ``logit_scale`` (no decay,
+    learning rate ``logit_scale_lr``, or the optimiser's when None). Amortizer networks and the
     parameters of locked towers (``model.lock_image`` / ``model.lock_text``) have
     ``requires_grad=False`` and so are in no group: no update and no weight decay touches them,
     and as they never get a gradient, gradient clipping's norm is over the trainable ones only.
 
     Args:
         module: the model (its ``named_parameters`` are grouped).
-        cfg: the optimiser config.
+        weight_decay: the decayed group's weight decay (the section's ``weight_decay``).
+        logit_scale_lr: the logit scale's learning rate (None: the optimiser's ``lr``).
 
     Returns:
         A list of dicts ``{"params", "weight_decay", "name"[, "lr"]}`` for a torch optimiser.
@@ -97,60 +91,70 @@ def param_groups(module: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]
         else:
             decay.append(p)
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
         {"params": scale, "weight_decay": 0.0, "name": "logit_scale",
-         "lr": cfg.logit_scale_lr if cfg.logit_scale_lr is not None else cfg.lr},
+         **({"lr": logit_scale_lr} if logit_scale_lr is not None else {})},
     ]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """The encoder optimiser named by ``cfg.name`` over :func:`param_groups`.
+def build_optimizer(module: nn.Module, section: Any) -> Any:
+    """The encoder optimiser of an ``optimizer`` section over :func:`param_groups`.
+
+    Args:
+        module: the model whose trainable parameters are grouped.
+        section: the recipe's bound section (:class:`~amortize.registry.Bound`), or a section
+            (``{name: adamw, lr: 0.002}``), bound here.
 
     Raises:
-        ValueError: for an unknown optimiser (listing the valid ones) or a model with nothing to train.
+        RecipeError: under ``optimizer`` for an unknown optimiser (listing the valid ones), a bad
+            option, or a model with nothing to train.
     """
-    groups = param_groups(module, cfg)
+    from amortize.registry import Bound
+    from amortize.train.sections import bind_section
+
+    bound = section if isinstance(section, Bound) else bind_section("optimizer", section)
+    groups = param_groups(module, bound.resolved.get("weight_decay", 0.0), **bound.shared)
     if not groups:
-        raise ValueError("the model has no parameter with requires_grad=True")
-    return OPTIMIZERS.build(cfg.name, groups, cfg)
+        raise RecipeError("the model has no parameter with requires_grad=True", key=bound.key)
+    return bound.build(groups)
 
 
-def _cosine(cfg: SchedulerConfig):
+_WARMUP = TimeString(("ep", "ba", "sp", "dur"), positive=False)
+
+
+def cosine_with_warmup(t_warmup: Annotated[str, _WARMUP] = "0ba", alpha_f: Annotated[float, UNIT] = 0.0):
+    """Composer's ``CosineAnnealingWithWarmupScheduler``: linear warmup for ``t_warmup`` (a time
+    string: ``10000ba``, ``1ep``), then a cosine to ``alpha_f`` times the learning rate."""
     from composer.optim import CosineAnnealingWithWarmupScheduler
 
-    return CosineAnnealingWithWarmupScheduler(t_warmup=cfg.t_warmup, alpha_f=cfg.alpha_f)
+    return CosineAnnealingWithWarmupScheduler(t_warmup=t_warmup, alpha_f=alpha_f)
 
 
-def _linear(cfg: SchedulerConfig):
+def linear_with_warmup(t_warmup: Annotated[str, _WARMUP] = "0ba", alpha_f: Annotated[float, UNIT] = 0.0):
+    """Composer's ``LinearWithWarmupScheduler``: warmup for ``t_warmup``, then linear to ``alpha_f``."""
     from composer.optim import LinearWithWarmupScheduler
 
-    return LinearWithWarmupScheduler(t_warmup=cfg.t_warmup, alpha_f=cfg.alpha_f)
+    return LinearWithWarmupScheduler(t_warmup=t_warmup, alpha_f=alpha_f)
 
 
-def _constant_warmup(cfg: SchedulerConfig):
+def constant_with_warmup(t_warmup: Annotated[str, _WARMUP] = "0ba"):
+    """Composer's ``ConstantWithWarmupScheduler``: warmup for ``t_warmup``, then constant."""
     from composer.optim import ConstantWithWarmupScheduler
 
-    return ConstantWithWarmupScheduler(t_warmup=cfg.t_warmup)
+    return ConstantWithWarmupScheduler(t_warmup=t_warmup)
 
 
-def _constant(cfg: SchedulerConfig):
+def constant():
+    """Composer's ``ConstantScheduler``: the optimiser's learning rate throughout."""
     from composer.optim import ConstantScheduler
 
     return ConstantScheduler(alpha=1.0)
 
 
-SCHEDULERS.register("cosine_with_warmup", _cosine)
-SCHEDULERS.register("linear_with_warmup", _linear)
-SCHEDULERS.register("constant_with_warmup", _constant_warmup)
-SCHEDULERS.register("constant", _constant)
+SCHEDULERS: Registry[Any] = Registry("scheduler")
+"""Learning-rate schedules (Composer schedulers, stepped every batch), each a function of its options."""
 
-
-def build_scheduler(cfg: SchedulerConfig) -> Optional[Any]:
-    """The Composer scheduler named by ``cfg.name``.
-
-    Raises:
-        ValueError: for an unknown scheduler, listing the valid ones.
-    """
-    return SCHEDULERS.build(cfg.name, cfg)
+for _fn in (cosine_with_warmup, linear_with_warmup, constant_with_warmup, constant):
+    SCHEDULERS.register(_fn.__name__, _fn)

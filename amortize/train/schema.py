@@ -1,10 +1,13 @@
 """The recipe schema: the typed keys of a recipe that are not a component's constructor options.
 
-A component section (``loss.objective``, ``loss.estimator``, ``loss.rho``, ``loggers`` ...) is a
-:data:`SectionSpec` here, plain data checked by the binding step against its constructor
-(:mod:`amortize.train.sections`); its defaults live only in the constructor. The remaining keys
-are fields of the dataclasses below, each with its default and, beside it, its allowed range
-(``_opt(check=Range(...))``) or set of choices (:data:`_CHOICES`).
+A component section (``model``, ``data``, ``optimizer``, ``scheduler``, ``divergence``,
+``loss.objective``, ``loss.estimator``, ``loss.rho``, ``loggers`` ...) is a :data:`SectionSpec`
+here, plain data checked by the binding step against its constructor
+(:mod:`amortize.train.sections`); its options and their defaults live only in the constructor
+(the schema names only which component a recipe gets when it names none: ``data: shipped``,
+``optimizer: adamw``, ``scheduler: cosine_with_warmup``; a section without ``name`` gets that one).
+The remaining keys are fields of the dataclasses below, each with its default and, beside it, its
+allowed range (``_opt(check=Range(...))``) or set of choices (:data:`_CHOICES`).
 
 Keys that Composer's ``Trainer`` names keep its names (``max_duration``, ``seed``, ``save_folder``,
 ``save_interval``, ``precision``, ``device_train_microbatch_size`` ...).
@@ -19,28 +22,21 @@ This module imports neither Composer nor torch.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from amortize.options import NONNEGATIVE as _NONNEG
 from amortize.options import POSITIVE as _POS
-from amortize.options import UNIT as _UNIT
-from amortize.options import Range, RecipeError, TimeString, conform
+from amortize.options import Range, RecipeError, TimeString, conform, did_you_mean
 from amortize.train.migration import moved
+from amortize.train.sections import Options
 
 __all__ = [
     "SectionSpec",
     "ScheduleSpec",
-    "ModelConfig",
     "LossConfig",
-    "DataConfig",
-    "OptimizerConfig",
-    "SchedulerConfig",
-    "TowerLock",
     "EvalConfig",
-    "DivergenceConfig",
     "Recipe",
     "build_schema",
 ]
@@ -55,8 +51,6 @@ SectionSpec = Union[str, dict]
 _CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "amp_fp16", "amp_bf16"),
     "device": ("cpu", "gpu", "mps"),
-    "data.sampling": ("split", "resampled"),
-    "divergence.policy": ("skip", "stop", "none"),
     "load_mode": ("full", "weights"),
 }
 
@@ -67,51 +61,6 @@ def _opt(default: Any = dataclasses.MISSING, *, check: Any = None, factory: Any 
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
-
-
-@dataclass
-class TowerLock:
-    """A locked tower, as open_clip's LiT options (see :mod:`amortize.interop.pretrained`).
-
-    Attributes:
-        unlocked_groups: groups left trainable, counted from the output end (0: the whole tower is locked).
-        freeze_norm: keep the tower's norm layers (and batch-norm statistics) frozen in unlocked groups too.
-    """
-
-    unlocked_groups: int = _opt(0, check=Range(lo=0))
-    freeze_norm: bool = False
-
-
-@dataclass
-class ModelConfig:
-    """The two-tower model.
-
-    Attributes:
-        name: a model config name: ``tiny``, ``cpu-small`` or an open_clip name (``RN50``, ``ViT-B-32``).
-        image_size: override of the vision tower's input side (None: the config's).
-        context_length: override of the text tower's token positions (None: the config's).
-        init_logit_scale: initial ``log s`` (the model's parameter is ``log s``); None: the
-            objective's preference (``log 10`` for ``sigmoid``, CLIP's ``log(1/0.07)`` by default). The loader
-            writes the resolved value into the recipe.
-        init_logit_bias: initial bias; None: the objective's preference (-10 for ``sigmoid``), else
-            no bias.
-        pretrained: start from these weights (an open_clip checkpoint or state dict, an ``amortize
-            export`` folder, a ``model.pt`` or run folder; a relative path is read from the working
-            directory, as ``save_folder``); they must fit the model key by key.
-        lock_image: lock the image tower (``{unlocked_groups: N, freeze_norm: bool}``; None: train it).
-        lock_text: lock the text tower the same way.
-
-    The section is bound against :func:`amortize.models.build_model` (these are its options).
-    """
-
-    name: str = "tiny"
-    image_size: Optional[int] = None
-    context_length: Optional[int] = None
-    init_logit_scale: Optional[float] = None
-    init_logit_bias: Optional[float] = None
-    pretrained: Optional[str] = None
-    lock_image: Optional[TowerLock] = None
-    lock_text: Optional[TowerLock] = None
 
 
 @dataclass
@@ -139,101 +88,6 @@ class LossConfig:
     layout: Optional[str] = None
     rho: ScheduleSpec = None
     chunk_size: Optional[int] = _opt(None, check=Range(lo=1))
-
-
-@dataclass
-class DataConfig:
-    """The training data.
-
-    Attributes:
-        name: a registered dataset: ``shipped`` (Fashion-MNIST + emoji, in the package),
-            ``webdataset`` (img2dataset shards) or ``synthetic`` (random tensors, for tests).
-        batch_size: the GLOBAL batch size (split evenly over processes).
-        shards: brace pattern of ``.tar`` shards (``webdataset``), e.g. ``/data/cc3m/{00000..00331}.tar``.
-        num_samples: dataset size (``webdataset``: for the moving averages and epoch length;
-            ``synthetic``: how many samples).
-        num_workers: DataLoader worker processes.
-        shuffle_buffer: webdataset sample shuffle buffer.
-        tokenizer: open_clip tokenizer name, or ``simple`` (the bundled CLIP BPE).
-        drop_last: drop an incomplete final batch (keep True: contrastive batches should be full).
-        max_skip_fraction: (``webdataset``) largest tolerated fraction of skipped samples, and of
-            unreadable shards; past it the run stops with ``TooManySkippedError``.
-        skip_min_seen: (``webdataset``) samples seen before the fraction is checked.
-        sampling: (``webdataset``) ``split``: each epoch reads every shard once, shards split over
-            nodes and workers; ``resampled``: every worker draws shards with replacement and an
-            epoch is ``num_samples / batch_size`` batches (multi-node runs, uneven shard counts).
-    """
-
-    name: str = "shipped"
-    batch_size: int = _opt(256, check=Range(lo=2))
-    shards: Optional[str] = None
-    num_samples: Optional[int] = _opt(None, check=Range(lo=1))
-    num_workers: int = _opt(0, check=_NONNEG)
-    shuffle_buffer: int = _opt(1000, check=_NONNEG)
-    tokenizer: str = "simple"
-    drop_last: bool = True
-    max_skip_fraction: float = _opt(0.05, check=_UNIT)
-    skip_min_seen: int = _opt(100, check=_NONNEG)
-    sampling: str = "split"
-
-
-@dataclass
-class DivergenceConfig:
-    """What happens on a non-finite loss or gradient (see :class:`amortize.train.guards.DivergenceGuard`).
-
-    Attributes:
-        policy: ``skip`` the step (no parameter, optimiser or estimator change), ``stop`` the run
-            with a message and a checkpoint of the last good state, or ``none`` (no check).
-        max_consecutive_skips: with ``skip``, stop after this many non-finite steps in a row (0: never).
-        restore_estimator: roll the estimator's state back on a non-finite step (one copy of it per step).
-    """
-
-    policy: str = "skip"
-    max_consecutive_skips: int = _opt(10, check=_NONNEG)
-    restore_estimator: bool = True
-
-
-@dataclass
-class OptimizerConfig:
-    """The encoder optimiser, with open_clip's parameter groups.
-
-    Gains, biases, embeddings of rank < 2 and the logit scale get no weight decay; the logit
-    scale has its own learning rate. Parameters with ``requires_grad=False`` (the amortizers) are
-    never in the groups.
-
-    Attributes:
-        name: ``adamw``, ``adam``, ``sgd`` (torch) or ``lamb``, ``radam``, ``adabelief``,
-            ``novograd``, ``lars`` ... (torch-optimizer, see :data:`amortize.train.optim.OPTIMIZERS`).
-        lr: base learning rate.
-        weight_decay: decoupled weight decay of the decayed group.
-        betas: Adam-style betas.
-        eps: Adam-style epsilon.
-        momentum: SGD-style momentum (``sgd``).
-        logit_scale_lr: the logit scale's learning rate (None: ``lr``).
-    """
-
-    name: str = "adamw"
-    lr: float = _opt(1e-3, check=_POS)
-    weight_decay: float = _opt(0.2, check=_NONNEG)
-    betas: list[float] = _opt(factory=lambda: [0.9, 0.999], check=Range(lo=0, hi=1, open_hi=True, length=2))
-    eps: float = _opt(1e-8, check=_POS)
-    momentum: float = _opt(0.9, check=Range(lo=0, hi=1, open_hi=True))
-    logit_scale_lr: Optional[float] = _opt(None, check=_NONNEG)
-
-
-@dataclass
-class SchedulerConfig:
-    """The learning-rate schedule (Composer schedulers, stepped every batch).
-
-    Attributes:
-        name: ``cosine_with_warmup``, ``linear_with_warmup``, ``constant_with_warmup`` or ``constant``.
-        t_warmup: warmup length as a Composer time string (``10000ba``, ``1ep``).
-        alpha_f: final learning-rate multiplier.
-    """
-
-    name: str = "cosine_with_warmup"
-    t_warmup: str = _opt("0ba", check=TimeString(("ep", "ba", "sp", "dur"), positive=False))
-    alpha_f: float = _opt(0.0, check=_UNIT)
 
 
 @dataclass
@@ -265,13 +119,24 @@ class Recipe:
     Attributes:
         run_name: Composer's run name (also the default checkpoint folder ``runs/<run_name>``).
         method: a free-form label of the method (``amorlip-log-l2``, ``clip`` ...) for reports.
-        model: the two-tower model.
+        model: the two-tower model: the options of :func:`amortize.models.build_model` (``name``:
+            ``tiny``, ``cpu-small`` or an open_clip name; ``image_size``, ``context_length``,
+            ``init_logit_scale`` and ``init_logit_bias`` (None: the objective's preference,
+            written in when the recipe loads), ``pretrained``, ``lock_image``, ``lock_text``).
         loss: objective and estimator.
-        data: training data.
-        optimizer: encoder optimiser.
-        scheduler: learning-rate schedule.
+        data: training data, a section of :data:`amortize.data.DATASETS` (``shipped``,
+            ``webdataset``, ``synthetic``) with its dataset's options and the loader's
+            (:func:`amortize.data.loader_options`: the GLOBAL ``batch_size``, ``num_workers``,
+            ``drop_last``, ``tokenizer``).
+        optimizer: encoder optimiser, a section of :data:`amortize.train.optim.OPTIMIZERS`: the
+            optimiser class's own options (``lr``, ``weight_decay``, ``betas``, ``eps`` for
+            ``adamw``; ``momentum`` for ``sgd`` ...) and ``logit_scale_lr``.
+        scheduler: learning-rate schedule, a section of :data:`amortize.train.optim.SCHEDULERS`
+            (``cosine_with_warmup`` with ``t_warmup`` and ``alpha_f`` ...).
         eval: evaluation.
-        divergence: what a non-finite loss or gradient does.
+        divergence: what a non-finite loss or gradient does: the options of
+            :class:`amortize.train.guards.DivergenceGuard` (``policy``: ``skip``, ``stop``, ``none``;
+            ``max_consecutive_skips``, ``restore_estimator``).
         loggers: Composer logger destinations, each a section (``file``, ``tensorboard``, ``wandb``
             ... see :data:`amortize.train.integrations.LOGGERS`), e.g. ``[{name: file, filename: log.txt}]``.
         callbacks: Composer callbacks, each a section (``lr_monitor``, ``speed_monitor``,
@@ -312,13 +177,13 @@ class Recipe:
     run_name: str = "default"
     method: str = "custom"
     imports: list[str] = field(default_factory=list)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: SectionSpec = field(default_factory=dict)
     loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: SectionSpec = "shipped"
+    optimizer: SectionSpec = "adamw"
+    scheduler: SectionSpec = "cosine_with_warmup"
     eval: EvalConfig = field(default_factory=EvalConfig)
-    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    divergence: SectionSpec = field(default_factory=dict)
     loggers: list[SectionSpec] = field(default_factory=list)
     callbacks: list[SectionSpec] = field(default_factory=list)
     algorithms: list[SectionSpec] = field(default_factory=list)
@@ -364,11 +229,12 @@ def build_schema(cls: type, data: dict, prefix: str = "") -> Any:
         if moved(key):
             raise RecipeError(moved(key))
         if k not in hints or k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RecipeError(f"unknown key {key!r}{hint}; valid keys{' of ' + prefix if prefix else ''}: "
+            raise RecipeError(f"unknown key {key!r}{did_you_mean(k, names)}; valid keys{' of ' + prefix if prefix else ''}: "
                               f"{', '.join(names)}")
         tp = hints[k]
+        named = fields[k].default
+        if isinstance(v, dict) and isinstance(named, str) and "name" not in v:  # {lr: ...}: the default's options
+            v = {"name": named, **v}
         if isinstance(v, dict) and typing.get_origin(tp) is Union:  # Optional[section]: its own keys' errors
             tp = next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), tp)
         if dataclasses.is_dataclass(tp):
@@ -377,6 +243,8 @@ def build_schema(cls: type, data: dict, prefix: str = "") -> Any:
             value = build_schema(tp, v, key)
         else:
             value = conform(v, tp, key, convert=True)
+            if isinstance(value, dict):  # a section: its keys read as attributes too
+                value = Options(value)
         if key in _CHOICES and value is not None and value not in _CHOICES[key]:
             raise RecipeError(f"{value!r} is not one of {', '.join(_CHOICES[key])}", key=key)
         kwargs[k] = value

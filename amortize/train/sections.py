@@ -1,10 +1,17 @@
 """The recipe's component sections: declared once here, each bound once when the recipe loads.
 
-:data:`SECTIONS` lists every recipe key that names a component as ``{name, **options}``, the
-registry its name is looked up in, and the values the caller knows when it builds the component
-(the embedding width ``dim``, the dataset size ``num_samples``). :func:`bind_sections` runs the
-binding step (:meth:`amortize.registry.Registry.bind`) on each of them once; the builders then
-call :meth:`~amortize.registry.Bound.build` once per component. Nothing is built to be checked.
+:data:`SECTIONS` lists every recipe key that names a component as ``{name, **options}`` (or, for
+``model`` and ``divergence``, the options of one constructor), the registry its name is looked up
+in or the constructor it is checked against, and the values the caller knows when it builds the
+component (the embedding width ``dim``, the dataset size ``num_samples``). :func:`bind_sections`
+runs the binding step (:meth:`amortize.registry.Registry.bind`) on each of them once; the builders
+then call :meth:`~amortize.registry.Bound.build` once per component. Nothing is built to be checked.
+
+The options of ``model``, ``data``, ``optimizer``, ``scheduler`` and ``divergence`` are the
+keyword arguments of their constructors, with the constructors' defaults: once bound, the recipe
+holds each of these sections *resolved* (an :class:`Options` mapping: what the recipe wrote, the
+constructor's default for the rest), so ``recipe.optimizer.lr`` reads the learning rate the run
+uses, and a checkpoint's stored recipe says every value.
 
 To add a component section: a field on :class:`amortize.train.schema.Recipe` (or one of its
 sections) typed :data:`~amortize.train.schema.SectionSpec`, and a :class:`Declared` line here.
@@ -16,14 +23,38 @@ This module imports neither Composer nor torch (the registries are imported when
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 
-from amortize.registry import Bound, Registry, bind
+from amortize.registry import Bound, bind
 
-__all__ = ["Declared", "SECTIONS", "Bindings", "bind_sections", "bindings", "MODEL_BUILDER"]
+__all__ = ["Declared", "SECTIONS", "Options", "Bindings", "bind_sections", "bind_section", "bindings"]
+
+
+class Options(dict):
+    """A resolved section (plain ``dict``) whose keys also read as attributes: ``recipe.data.batch_size``.
+
+    A nested mapping reads as :class:`Options` too (``recipe.model.lock_image.unlocked_groups``).
+    """
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            value = self[key]
+        except KeyError:
+            raise AttributeError(f"the section has no option {key!r}; it has {', '.join(self) or 'none'}") from None
+        return Options(value) if isinstance(value, dict) else value
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+    def __deepcopy__(self, memo: dict) -> "Options":
+        return Options(copy.deepcopy(dict(self), memo))
+
+
+def _load(target: str) -> Any:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -33,22 +64,32 @@ class Declared:
     Attributes:
         key: its dotted recipe key (``loss.estimator``); a list of sections (``callbacks``) binds
             each entry under ``key[i]``.
-        registry: ``"module:NAME"`` of the :class:`~amortize.registry.Registry` its name is looked up in.
+        registry: ``"module:NAME"`` of the :class:`~amortize.registry.Registry` its name is looked
+            up in, or None with ``ctor``.
+        ctor: ``"module:NAME"`` of the one constructor the section's options are checked against
+            (``model``: :func:`amortize.models.build_model`), instead of a registry.
         known: values the builder knows (offered to constructors that name them).
         passed: arguments the builder always passes itself (no section may set them).
         many: the key holds a list of sections.
+        resolved: the recipe holds the section resolved (:class:`Options`) once bound.
+        name_key: where an unknown name is reported (default ``key``).
     """
 
     key: str
-    registry: str
+    registry: Optional[str] = None
+    ctor: Optional[str] = None
     known: tuple[str, ...] = ()
     passed: tuple[str, ...] = ()
     many: bool = False
+    resolved: bool = False
+    name_key: Optional[str] = None
 
-    def resolve(self) -> Registry:
-        """The registry (importing its module)."""
-        module, name = self.registry.split(":")
-        return getattr(importlib.import_module(module), name)
+    def bind(self, section: Any, key: str) -> Bound:
+        """The binding step for this section (its registry or its constructor imported now)."""
+        if self.ctor is not None:
+            return bind(_load(self.ctor), section, key, what=key, passed=self.passed, known=self.known,
+                        source=section)
+        return _load(self.registry).bind(section, key, known=self.known, passed=self.passed, name_key=self.name_key)
 
 
 SECTIONS: tuple[Declared, ...] = (
@@ -56,15 +97,20 @@ SECTIONS: tuple[Declared, ...] = (
     Declared("loss.estimator", "amortize.estimators:ESTIMATORS", known=("dim", "num_samples")),
     Declared("loss.layout", "amortize.comm:LAYOUTS"),
     Declared("loss.rho", "amortize.schedules:SCHEDULES"),
+    Declared("data", "amortize.data:DATASETS", passed=("tokenizer", "image_size"),
+             known=("batch_size", "world_size", "seed", "num_workers", "drop_last"), resolved=True, name_key="data.name"),
+    Declared("optimizer", "amortize.train.optim:OPTIMIZERS", passed=("params",), resolved=True),
+    Declared("scheduler", "amortize.train.optim:SCHEDULERS", resolved=True),
+    Declared("divergence", ctor="amortize.train.guards:DivergenceGuard", passed=("save_folder",), resolved=True),
     Declared("loggers", "amortize.train.integrations:LOGGERS", many=True),
     Declared("callbacks", "amortize.train.integrations:CALLBACKS", many=True),
     Declared("algorithms", "amortize.train.integrations:ALGORITHMS", many=True),
     Declared("eval.tasks", "amortize.eval.user:EVAL_TASKS", passed=("image_size",), many=True),  # a list only
+    Declared("model", ctor="amortize.models:build_model", resolved=True),  # last: after the objective's preferences
 )
-"""Every component section of a recipe; the ``model`` section binds against :data:`MODEL_BUILDER`."""
+"""Every component section of a recipe, in binding order."""
 
-MODEL_BUILDER = "amortize.models:build_model"
-"""The constructor the ``model`` section is checked against and built with."""
+_BY_KEY = {d.key: d for d in SECTIONS}
 
 
 def _get(recipe: Any, key: str) -> Any:
@@ -74,8 +120,12 @@ def _get(recipe: Any, key: str) -> Any:
     return node
 
 
-def _model_options(recipe: Any) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(recipe.model).items() if v is not None}
+def _set(recipe: Any, key: str, value: Any) -> None:
+    *head, last = key.split(".")
+    node = recipe
+    for part in head:
+        node = getattr(node, part)
+    setattr(node, last, value)
 
 
 def section_keys(recipe: Any) -> list[str]:
@@ -87,20 +137,17 @@ def section_keys(recipe: Any) -> list[str]:
             keys.extend(f"{d.key}[{i}]" for i in range(len(value if isinstance(value, list) else [])))
         elif value is not None and not (d.key == "loss.rho" and isinstance(value, (int, float))):
             keys.append(d.key)  # a number for rho is a constant, not a section
-    keys.append("model")
     return keys
 
 
 def _source(recipe: Any, key: str) -> Any:
     """The section at ``key`` as the recipe holds it now (copied, so that a later change shows)."""
-    if key == "model":
-        return _model_options(recipe)
     base, _, index = key.partition("[")
     value = _get(recipe, base)
     if index:
         i = int(index[:-1])
         value = value[i] if value is not None and i < len(value) else None
-    return copy.deepcopy(value)
+    return copy.deepcopy(dict(value) if isinstance(value, Options) else value)
 
 
 class Bindings:
@@ -116,12 +163,17 @@ class Bindings:
 
     def get(self, key: str) -> Optional[Bound]:
         """The bound section at ``key`` (None: the recipe leaves it unset)."""
-        source = _source(self._recipe, key) if key == "model" or key in section_keys(self._recipe) else None
+        source = _source(self._recipe, key) if key in section_keys(self._recipe) else None
         if source is None:
             return None
         found = self._bound.get(key)
         if found is None or found.source != source:
-            found = self._bound[key] = _bind(key, source)
+            d = _BY_KEY[key.split("[")[0]]
+            found = d.bind(source, key)
+            if d.resolved:  # the recipe now holds every option the run uses
+                _set(self._recipe, key, Options(copy.deepcopy(dict(found.resolved))))
+                found = replace(found, source=copy.deepcopy(dict(found.resolved)))
+            self._bound[key] = found
         return found
 
     def many(self, key: str) -> list[Bound]:
@@ -130,13 +182,10 @@ class Bindings:
         return [self.get(f"{key}[{i}]") for i in range(len(value if isinstance(value, list) else []))]
 
 
-def _bind(key: str, source: Any) -> Bound:
-    if key == "model":
-        module, name = MODEL_BUILDER.split(":")
-        ctor = getattr(importlib.import_module(module), name)
-        return bind(ctor, source, "model", what="model", source=source)
-    d = {d.key: d for d in SECTIONS}[key.split("[")[0]]
-    return d.resolve().bind(source, key, known=d.known, passed=d.passed)
+def bind_section(key: str, section: Any) -> Bound:
+    """The binding step for one section outside a recipe, as the recipe's ``key`` is bound
+    (``bind_section("optimizer", {"name": "sgd", "lr": 0.1})``)."""
+    return _BY_KEY[key].bind(section, key)
 
 
 def bindings(recipe: Any) -> Bindings:

@@ -18,9 +18,7 @@ This module does not import Composer.
 from __future__ import annotations
 
 import math
-import os
 import string
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,8 +27,7 @@ import yaml
 from amortize.options import RecipeError
 
 __all__ = ["MAX_SEED", "NAME_FIELDS", "UniqueKeyLoader", "check_finite", "check_top_level", "check_values",
-           "read_recipe_text", "check_estimator_dim", "check_microbatch_model",
-           "check_shards_exist"]
+           "read_recipe_text", "check_estimator_dim"]
 
 MAX_SEED = 2**32 - 1
 """The largest ``seed``: Composer seeds NumPy, whose seeds are 32-bit."""
@@ -124,14 +121,15 @@ def check_values(recipe: Any) -> None:
     * ``seed``: in ``[0, MAX_SEED]``;
     * ``save_filename`` / ``save_latest_filename``: only the fields of :data:`NAME_FIELDS`.
     """
-    m = recipe.model
-    if m.image_size is not None:
-        patch = _patch_size(m.name)
-        if m.image_size < max(1, patch or 1) or (patch and m.image_size % patch):
+    m = recipe.model  # resolved by the binding step (build_model's options and defaults)
+    size, name, length = m.get("image_size"), m.get("name"), m.get("context_length")
+    if size is not None:
+        patch = _patch_size(name)
+        if size < max(1, patch or 1) or (patch and size % patch):
             need = f"a multiple of the patch size {patch}" if patch else ">= 1"
-            raise RecipeError(f"model.image_size: must be {need} (model {m.name!r}), got {m.image_size}")
-    if m.context_length is not None and m.context_length < 2:
-        raise RecipeError(f"model.context_length: must be >= 2 (the start and end tokens), got {m.context_length}")
+            raise RecipeError(f"model.image_size: must be {need} (model {name!r}), got {size}")
+    if length is not None and length < 2:
+        raise RecipeError(f"model.context_length: must be >= 2 (the start and end tokens), got {length}")
     if not 0 <= int(recipe.seed) <= MAX_SEED:
         raise RecipeError(f"seed: must be in [0, {MAX_SEED}] (NumPy's seeds are 32-bit), got {recipe.seed}")
     for key in ("save_filename", "save_latest_filename"):
@@ -159,32 +157,3 @@ def check_estimator_dim(section: Any, embed_dim: int) -> None:
     if isinstance(section, dict) and section.get("dim") is not None and int(section["dim"]) != int(embed_dim):
         raise RecipeError(f"loss.estimator.dim: {section['dim']} is not the model's embedding dimension {embed_dim}; "
                           "remove the key (it is set from the model)")
-
-
-def check_microbatch_model(recipe: Any, towers: Any) -> None:
-    """Refuse ``device_train_microbatch_size`` with towers the gradient cache cannot make exact
-    (BatchNorm in training mode, e.g. ``RN50``), before the run starts (``--dry-run`` included).
-
-    Raises:
-        RecipeError: ``device_train_microbatch_size: ... (clip.visual.bn1 is a BatchNorm2d) ...``.
-    """
-    from amortize.gradcache import check_microbatchable
-    if recipe.device_train_microbatch_size is None:
-        return
-    try:
-        check_microbatchable(towers)
-    except ValueError as e:
-        raise RecipeError(f"device_train_microbatch_size: model {recipe.model.name!r}: {e}") from None
-
-
-def check_shards_exist(urls: Sequence[str], pattern: Any = None) -> None:
-    """Refuse a shard list naming files that do not exist (before a run starts; a shard that
-    vanishes later is skipped and counted as ``missing_shard``).
-
-    Raises:
-        RecipeError: ``data.shards: 2 of the 3 shards do not exist (first: ...)``.
-    """
-    missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
-    if missing:
-        raise RecipeError(f"data.shards: {len(missing)} of the {len(urls)} shards do not exist (first: {missing[0]}); "
-                          f"fix the pattern {pattern if pattern is not None else urls!r} or leave those shards out of it")

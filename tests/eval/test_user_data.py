@@ -113,7 +113,7 @@ def test_eval_bad_user_data_is_one_line_exit_2(tmp_path, ckpt, capsys, case):
 
 
 def test_eval_tasks_sections_are_checked_at_load_and_built_later(tmp_path):
-    from amortize.train.components import build_eval_tasks
+    from amortize.train.builders import build_eval_tasks
 
     classes = write_class_folder(tmp_path / "classes", per_class=1)
     sections = [{"name": "zeroshot", "path": str(classes), "templates": ["a {}"]},

@@ -19,9 +19,9 @@ METHODS = ("clip", "siglip", "sogclr", "fastclip", "amorlip-log-l2", "amorlip-fd
 def tiny_overrides(batch: int, num_samples: int, tmp_path, duration: str) -> list[str]:
     """Overrides that turn any recipe into a CPU run of the tiny model on synthetic pairs."""
     return [
-        "model.name=tiny", "data.name=synthetic", f"data.batch_size={batch}", f"data.num_samples={num_samples}",
-        "data.num_workers=0", "precision=fp32", "device=cpu",
-        f"max_duration={duration}", "scheduler.t_warmup=0ba", "scheduler.name=constant",
+        # whole sections: another dataset and schedule take other options than the recipe's
+        "model.name=tiny", f"data={{name: synthetic, batch_size: {batch}, num_samples: {num_samples}, num_workers: 0}}",
+        "precision=fp32", "device=cpu", f"max_duration={duration}", "scheduler=constant",
         f"save_folder={tmp_path}", "save_interval=1000ep", "log_to_console=false", "progress_bar=false",
         "eval.tasks=none",
     ]
@@ -50,7 +50,7 @@ class RecordLoss(Callback):
 
 def global_batch(n: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     """A fixed global batch of synthetic pairs for the tiny model."""
-    from amortize.train.components import SyntheticPairs
+    from amortize.data.synthetic import SyntheticPairs
 
     ds = SyntheticPairs(n, 28, 16, num_classes=n, seed=seed)
     return {"image": ds.images, "text": ds.tokens, "index": torch.arange(n)}

@@ -71,7 +71,9 @@ def _snapshot(folder: Path) -> dict[str, tuple]:
     ("max_duration=0ba", "max_duration: must be > 0"),
     ("max_duration=-5ep", "max_duration: must be > 0"),
     ("optimizer.name=torch.optim.SGD", "optimizer: unknown optimizer 'torch.optim.SGD'"),
-    ("data.max_skip_fraction=2", "data.max_skip_fraction: must be in [0, 1]"),
+    ("data={name: webdataset, max_skip_fraction: 2}", "data.max_skip_fraction: must be in [0, 1]"),
+    ("data.shards=/d/0.tar", "data.shards: unknown option of dataset 'synthetic'"),  # an option of webdataset only
+    ("optimizer.momentum=0.9", "optimizer.momentum: unknown option of optimizer 'adamw'"),  # an option of sgd
     ("precision=amp_bf16", "precision: amp_bf16 needs a GPU"),
     ("data.name=imagenet", "data.name: unknown dataset 'imagenet'; valid: shipped, synthetic, webdataset"),
     ("load_mode=everything", "load_mode: 'everything' is not one of full, weights"),
@@ -143,8 +145,8 @@ def test_7_a_changed_model_in_an_old_save_folder_is_refused(tmp_path, capsys):
 
 
 def test_3_load_path_of_another_method_is_refused_unless_weights_only(tmp_path, capsys):
-    sogclr = [str(RECIPES / "sogclr-medium.yaml"), *_quiet(tmp_path / "sogclr", "data.name=synthetic",
-                                                           "data.batch_size=8", "data.num_samples=16",
+    sogclr = [str(RECIPES / "sogclr-medium.yaml"), *_quiet(tmp_path / "sogclr",
+                                                           "data={name: synthetic, batch_size: 8, num_samples: 16}",
                                                            "max_duration=2ba")]
     assert main(["train", *sogclr]) == 0
     ckpt = tmp_path / "sogclr" / "latest-rank0.pt"
@@ -187,7 +189,7 @@ def test_5_every_method_trains_on_shards_with_an_epoch_schedule(method, shards, 
 
 def test_5_resampled_shards_with_a_constant_schedule(shards, tmp_path):
     args = _on_shards("clip", shards, tmp_path, "max_duration=1ep", "data.sampling=resampled", "data.num_samples=24",
-                      "scheduler.name=constant")
+                      "scheduler=constant")
     assert main(["train", *args]) == 0
     assert "-ba2-" in os.readlink(tmp_path / "latest-rank0.pt")
 

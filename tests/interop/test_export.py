@@ -17,7 +17,7 @@ pytest.importorskip("safetensors")
 from amortize.cli import main, model_from_checkpoint
 from amortize.eval.features import encode_images, encode_texts
 from amortize.eval.user import retrieval_task
-from amortize.train.components import build_tokenizer
+from amortize.train.builders import build_tokenizer
 from tests.interop.userdata import write_caption_folder, write_class_folder, write_weights_export
 
 # run in a fresh interpreter: open_clip (and clip_benchmark) only; fails if amortize gets imported

@@ -9,7 +9,7 @@ pytest.importorskip("open_clip")
 
 from amortize.interop.pretrained import PretrainedError, apply_locks, load_pretrained, read_state_dict, tower_groups
 from amortize.models import build_model
-from amortize.train.components import build_two_tower
+from amortize.train.builders import build_two_tower
 from amortize.train.config import RecipeError, load_recipe_dict
 from tests.interop.userdata import write_weights_export
 

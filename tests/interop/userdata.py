@@ -57,7 +57,7 @@ def recipe_dict(**model) -> dict:
 
 def write_weights_export(path: Path, seed: int = 0, objective: str = "linearized") -> Path:
     """A ``model.pt`` as ``amortize train`` writes it, of tiny towers with random (not initial) weights."""
-    from amortize.train.components import build_two_tower
+    from amortize.train.builders import build_two_tower
     from amortize.train.config import load_recipe_dict, recipe_to_dict
 
     recipe = load_recipe_dict({"model": {"name": "tiny"}, "data": {"name": "synthetic"},

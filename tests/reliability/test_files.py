@@ -114,19 +114,15 @@ def test_recipe_yaml_cannot_construct_python_objects(tmp_path, tag):
 
 def test_recipe_names_only_registered_components(tmp_path):
     from amortize.train.builders import build_composer_model
-    from amortize.train.components import build_dataset
-    from amortize.train.optim import build_optimizer
 
-    r = load_recipe(DEFAULT_RECIPE, ["model.name=tiny", "optimizer.name=torch.optim.SGD"])
-    with pytest.raises(ValueError, match=r"torch\.optim\.SGD.*adamw"):
-        build_optimizer(build_composer_model(r, num_samples=8), r.optimizer)
+    with pytest.raises(RecipeError, match=r"optimizer: unknown optimizer 'torch\.optim\.SGD'.*adamw"):
+        load_recipe(DEFAULT_RECIPE, ["model.name=tiny", "optimizer.name=torch.optim.SGD"])
     with pytest.raises(RecipeError, match="loss.estimator: unknown estimator 'os.system'; valid: amorlip_code, amorlip_paper, amortized, in_batch, moving_average, neuclip, normalizer_network"):
         load_recipe(DEFAULT_RECIPE, ["loss.estimator=os.system"])
     with pytest.raises(RecipeError, match="unknown key 'loss._target_'.*valid keys of loss: objective"):
         load_recipe(DEFAULT_RECIPE, ["loss._target_=builtins.eval"])
-    r = load_recipe(DEFAULT_RECIPE, ["model.name=tiny", "data.name=pathlib.Path"])
-    with pytest.raises(ValueError, match="unknown dataset 'pathlib.Path'; valid: shipped, synthetic"):
-        build_dataset(r, None, 28)
+    with pytest.raises(RecipeError, match="data.name: unknown dataset 'pathlib.Path'; valid: shipped, synthetic"):
+        load_recipe(DEFAULT_RECIPE, ["model.name=tiny", "data.name=pathlib.Path"])
     r = load_recipe(DEFAULT_RECIPE, ["model.name=os.system"])
     with pytest.raises(ValueError, match="os.system"):
         build_composer_model(r, num_samples=8)

@@ -63,7 +63,7 @@ def test_mistyped_value_names_key_and_type():
 
 def _build_loss(data: dict):
     """Load (the binding step) and build the loss once, as the run and ``--dry-run`` do."""
-    from amortize.train.components import build_loss
+    from amortize.train.builders import build_loss
 
     return build_loss(load_recipe_dict(data), embed_dim=8, num_samples=16)
 
@@ -132,7 +132,12 @@ def test_repeated_override_key_is_refused_with_the_shell_hint(capsys):
         ("loss.estimator={name: amortized, inner_steps: 2.5}", r"loss.estimator.inner_steps: expected int, got float"),
         ("loss.objective={name: linearized, pos_weight: high}", r"loss.objective.pos_weight: expected float"),
         ("eval.tasks=datacmop", r"eval.tasks: 'datacmop' is not one of default, none"),
-        ("data.sampling=random", r"data.sampling: 'random' is not one of split, resampled"),
+        ("data={name: webdataset, sampling: random}", r"data.sampling: 'random' is not one of split, resampled"),
+        ("data.shards=/d/0.tar", r"^data.shards: unknown option of dataset 'shipped'; valid: batch_size, num_workers, "
+                                 r"drop_last, tokenizer$"),
+        ("data.name=imagenet", r"^data.name: unknown dataset 'imagenet'; valid: shipped, synthetic, webdataset$"),
+        ("divergence.policy=ignore", r"^divergence.policy: 'ignore' is not one of skip, stop, none$"),
+        ("model.lock_image={unlocked_groups: -1}", r"^model.lock_image.unlocked_groups: must be >= 0"),
         ("loss.chunk_size=0", r"loss.chunk_size: must be >= 1, got 0"),
         ("device_train_microbatch_size=0", r"device_train_microbatch_size: must be >= 1, got 0"),
     ],

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from amortize.models import build_model, model_config
-from amortize.train.config import OptimizerConfig
+from amortize.options import RecipeError
 from amortize.train.optim import OPTIMIZERS, build_optimizer, param_groups
 
 
@@ -14,7 +14,7 @@ def test_groups_follow_open_clip_and_skip_frozen_parameters():
     m = build_model("tiny")
     frozen = torch.nn.Linear(4, 4).requires_grad_(False)
     holder = torch.nn.ModuleDict({"model": m, "frozen": frozen})
-    groups = {g["name"]: g for g in param_groups(holder, OptimizerConfig(lr=1e-3, weight_decay=0.2, logit_scale_lr=1e-4))}
+    groups = {g["name"]: g for g in param_groups(holder, weight_decay=0.2, logit_scale_lr=1e-4)}
     ids = {n: {id(p) for p in g["params"]} for n, g in groups.items()}
     assert ids["logit_scale"] == {id(m.logit_scale)} and groups["logit_scale"]["lr"] == 1e-4
     assert groups["logit_scale"]["weight_decay"] == 0.0 and groups["no_decay"]["weight_decay"] == 0.0
@@ -31,7 +31,7 @@ def test_every_registered_optimizer_steps(name):
     scale) and leaves alone the text tower, which took no part in the loss (its grads stay None)."""
     torch.manual_seed(0)
     m = build_model("tiny")
-    opt = build_optimizer(m, OptimizerConfig(name=name, lr=1e-3))
+    opt = build_optimizer(m, {"name": name, "lr": 1e-3})
     before = {k: v.detach().clone() for k, v in m.named_parameters()}
     x = m.encode_image(torch.randn(2, 3, 28, 28)).sum() + m.logit_scale
     x.backward()
@@ -48,8 +48,34 @@ def test_every_registered_optimizer_steps(name):
 
 
 def test_unknown_optimizer_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown optimizer 'adamx'.*valid: .*adamw.*lamb"):
-        build_optimizer(build_model("tiny"), OptimizerConfig(name="adamx"))
+    with pytest.raises(RecipeError, match="^optimizer: unknown optimizer 'adamx'.*valid: .*adamw.*lamb"):
+        build_optimizer(build_model("tiny"), {"name": "adamx"})
+
+
+def test_an_optimizer_section_takes_its_class_options_with_its_defaults():
+    """``momentum`` is an option of sgd, not of adamw; defaults come from the class; ranges are declared once."""
+    from amortize.train.sections import bind_section
+
+    sgd = build_optimizer(build_model("tiny"), {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True})
+    assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["nesterov"] is True
+    assert bind_section("optimizer", "adamw").resolved["eps"] == 1e-8  # torch's AdamW default
+    with pytest.raises(RecipeError, match=r"^optimizer.momentum: unknown option of optimizer 'adamw'; valid: .*betas"):
+        bind_section("optimizer", {"name": "adamw", "momentum": 0.9})
+    with pytest.raises(RecipeError, match=r"^optimizer.momentum: must be in \[0, 1\), got 1.5"):
+        bind_section("optimizer", {"name": "sgd", "momentum": 1.5})
+    with pytest.raises(RecipeError, match=r"^optimizer.logit_scale_lr: must be >= 0"):
+        bind_section("optimizer", {"name": "lamb", "logit_scale_lr": -1.0})
+
+
+def test_a_scheduler_section_takes_its_functions_options():
+    from amortize.train.sections import bind_section
+
+    assert bind_section("scheduler", "cosine_with_warmup").resolved == {"name": "cosine_with_warmup", "t_warmup": "0ba",
+                                                                        "alpha_f": 0.0}
+    with pytest.raises(RecipeError, match=r"^scheduler.t_warmup: unknown option of scheduler 'constant'; valid: \(none\)"):
+        bind_section("scheduler", {"name": "constant", "t_warmup": "1ep"})
+    with pytest.raises(RecipeError, match=r"^scheduler.t_warmup: 'soon' is not a time string"):
+        bind_section("scheduler", {"name": "linear_with_warmup", "t_warmup": "soon"})
 
 
 @pytest.mark.parametrize("name", ["RN50", "ViT-B-32"])

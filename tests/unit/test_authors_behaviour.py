@@ -19,7 +19,7 @@ from amortize.estimators import AmortizedEstimator
 from amortize.estimators.amortized import CADENCES, EPOCH0_PREVIOUS, LR_SCALINGS, NORMALIZERS, REINIT_POLICIES
 from amortize.losses import ContrastiveLoss
 from amortize.schedules import BetaWarmup, build_schedule, piecewise
-from amortize.train.components import build_loss
+from amortize.train.builders import build_loss
 from amortize.train.config import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
