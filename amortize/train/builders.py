@@ -30,7 +30,6 @@ from amortize.registry import Bound
 from amortize.train.config import Recipe, recipe_to_dict
 from amortize.train.plan import decide_start
 from amortize.train.sections import Options, bindings
-from amortize.train.validate import check_estimator_dim
 
 __all__ = ["build_two_tower", "build_loss", "build_tokenizer", "build_eval_tasks", "per_process_batch_size",
            "build_dataloader", "build_composer_model", "build_trainer", "dry_run"]
@@ -68,10 +67,13 @@ def build_loss(recipe: Recipe, embed_dim: int, num_samples: Optional[int] = None
             is unknown or smaller than the dataset.
     """
     b, c = bindings(recipe), recipe.loss
-    check_estimator_dim(c.estimator, embed_dim)  # amortize.train.validate
     est = b.get("loss.estimator")
     estimator = None
     if est is not None:
+        dim = est.options.get("dim")  # the width is the model's; a section may only repeat it
+        if dim is not None and int(dim) != int(embed_dim):
+            raise RecipeError(f"{dim} is not the model's embedding dimension {embed_dim}; remove the key (it is set "
+                              "from the model)", key=f"{est.key}.dim")
         _check_estimator_size(est, num_samples)
         estimator = est.build(dim=embed_dim, num_samples=num_samples)
     objective = b.get("loss.objective").build()

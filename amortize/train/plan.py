@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from amortize.train.config import Recipe, RecipeError, recipe_to_dict
+from amortize.train.sections import SECTIONS
 
-__all__ = ["IDENTITY_KEYS", "NOT_COMPARED", "RESTORED_KEYS", "StartPlan", "resume_changes", "check_writable", "decide_start", "recipe_differences", "run_files"]
+__all__ = ["IDENTITY_KEYS", "NOT_COMPARED", "RESOLVED", "RESTORED_KEYS", "StartPlan", "resume_changes", "check_writable", "decide_start", "recipe_differences", "run_files"]
 
 IDENTITY_KEYS = ("method", "model", "loss", "optimizer.name")
 """Recipe keys (and sections) a checkpoint must share with the recipe that resumes it."""
@@ -35,6 +36,11 @@ would be stored but not applied, so resuming with one is refused, naming the key
 
 NOT_COMPARED = ("autoresume", "save_overwrite", "load_path", "load_mode")
 """Keys that say how a run starts, not what it trains; never compared on resume."""
+
+RESOLVED = tuple(d.key for d in SECTIONS if d.resolved)
+"""Sections a recipe stores resolved (every option of their constructor): an option present in one
+checkpoint's recipe and absent from the other's came from a constructor of another version
+(``optimizer.momentum`` of a 0.2 recipe), so it is not compared."""
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -55,6 +61,8 @@ def recipe_differences(old: dict, new: dict, keys: tuple[str, ...] = IDENTITY_KE
     a, b = _flat(old), _flat(new)
     out = []
     for k in sorted(set(a) | set(b)):
+        if (k in a) != (k in b) and k.count(".") == 1 and k.split(".")[0] in RESOLVED:
+            continue  # an option one version's constructor has and the other's lacks: nothing the recipe changed
         if any(k == p or k.startswith(p + ".") for p in keys) and a.get(k) != b.get(k):
             out.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
     return out

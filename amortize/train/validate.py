@@ -10,7 +10,7 @@ Each check raises :class:`~amortize.options.RecipeError` (or, for the YAML loade
 * :func:`check_top_level`: a top level that is not a mapping (a YAML list);
 * :func:`check_finite`: ``.nan``, ``.inf`` anywhere in the recipe;
 * :func:`check_values`: ``model.image_size``, ``model.context_length``, ``seed``, the file-name
-  templates and the loss's dimension.
+  templates.
 
 This module does not import Composer.
 """
@@ -27,7 +27,7 @@ import yaml
 from amortize.options import RecipeError
 
 __all__ = ["MAX_SEED", "NAME_FIELDS", "UniqueKeyLoader", "check_finite", "check_top_level", "check_values",
-           "read_recipe_text", "check_estimator_dim"]
+           "read_recipe_text"]
 
 MAX_SEED = 2**32 - 1
 """The largest ``seed``: Composer seeds NumPy, whose seeds are 32-bit."""
@@ -146,14 +146,3 @@ def _patch_size(name: str) -> Optional[int]:
         return model_config(name).get("vision_cfg", {}).get("patch_size")
     except Exception:  # an unknown model is named by the model check itself
         return None
-
-
-def check_estimator_dim(section: Any, embed_dim: int) -> None:
-    """Refuse an estimator section whose ``dim`` is not the model's embedding dimension.
-
-    Raises:
-        RecipeError: ``loss.estimator.dim: 7 is not the model's embedding dimension 32; ...``.
-    """
-    if isinstance(section, dict) and section.get("dim") is not None and int(section["dim"]) != int(embed_dim):
-        raise RecipeError(f"loss.estimator.dim: {section['dim']} is not the model's embedding dimension {embed_dim}; "
-                          "remove the key (it is set from the model)")

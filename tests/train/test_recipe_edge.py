@@ -66,3 +66,37 @@ def test_eval_rebuilds_the_towers_without_the_users_imports(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(out / "model.pt"), "--tasks", "emoji_heldout", "--device", "cpu", "--json"]) == 0
     assert '"task": "emoji_heldout"' in capsys.readouterr().out
+
+
+def test_a_users_imports_register_a_dataset_an_optimizer_and_a_scheduler(tmp_path, capsys, monkeypatch):
+    """The data, optimizer and scheduler sections are bound against registries a user's file extends."""
+    from amortize.data import DATASETS
+    from amortize.train.optim import OPTIMIZERS, SCHEDULERS
+
+    for registry in (DATASETS, OPTIMIZERS, SCHEDULERS):  # the user's names leave with this test
+        monkeypatch.setattr(registry, "_items", dict(registry._items))
+    (tmp_path / "mine.py").write_text(
+        "import torch\n"
+        "from amortize.data import DATASETS\n"
+        "from amortize.data.synthetic import SyntheticPairs\n"
+        "from amortize.train.optim import OPTIMIZERS, SCHEDULERS\n"
+        "def pairs(tokenizer, image_size, *, seed, size: int = 12):\n"
+        "    return SyntheticPairs(size, image_size, tokenizer.context_length, seed=seed)\n"
+        "def flat(level: float = 1.0):\n"
+        "    from composer.optim import ConstantScheduler\n"
+        "    return ConstantScheduler(alpha=level)\n"
+        "DATASETS.register('my_pairs', pairs)\n"
+        "OPTIMIZERS.register('my_sgd', torch.optim.SGD)\n"
+        "SCHEDULERS.register('my_flat', flat)\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("imports: [mine.py]\nmodel: {name: tiny}\ndata: {name: my_pairs, size: 12, batch_size: 4}\n"
+                      "optimizer: {name: my_sgd, lr: 0.1, momentum: 0.5}\nscheduler: {name: my_flat, level: 0.5}\n"
+                      "eval: {tasks: none}\n")
+    common = ["precision=fp32", "device=cpu", f"save_folder={tmp_path / 'run'}", "log_to_console=false"]
+    assert main(["train", str(recipe), *common, "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert "data: my_pairs, 3 batches of 4" in out.err and "optimizer: SGD" in out.err
+    assert "momentum: 0.5" in out.out and "size: 12" in out.out  # the resolved sections
+    assert main(["train", str(recipe), *common, "data.shards=x", "--dry-run"]) == 2
+    assert "data.shards: unknown option of dataset 'my_pairs'; valid: batch_size, num_workers, drop_last, " \
+           "tokenizer, seed, size" in capsys.readouterr().err
