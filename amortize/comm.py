@@ -438,7 +438,8 @@ class InProcessWorld:
         """``[fn(topology of rank 0), ..., fn(topology of rank W - 1)]``, the ranks run concurrently.
 
         Raises:
-            the first exception a rank raised (the others are released from their collectives).
+            Exception: the first exception a rank raised (the others are released from their
+                collectives rather than left waiting).
         """
         W = self.world_size
         self._barrier = threading.Barrier(W, timeout=self._timeout)
