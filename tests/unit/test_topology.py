@@ -136,3 +136,18 @@ def test_given_normalisers_keep_their_shape_errors():
     with pytest.raises(ValueError, match=r"log_norm_y must have shape \(B,\) = \(4,\), got \(5,\)"):
         F.amortized_loss(x, x, 1.0, torch.zeros(4), torch.zeros(5))  # a longer vector is not cut to fit
     assert F.GivenNormalizers(torch.zeros(4), torch.zeros(4)).state_dict() == {}  # stateless
+
+
+def test_an_estimator_returning_more_normalisers_than_the_layout_gives_it_is_refused():
+    from amortize.estimators import PartitionEstimate, PartitionEstimator
+
+    class OneTooMany(PartitionEstimator):
+        reads_features = False
+
+        def forward(self, x, y, log_z_x, log_z_y, index=None):
+            return PartitionEstimate(torch.zeros(log_z_x.shape[0] + 1), torch.zeros(log_z_y.shape[0]))
+
+    x = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)
+    with pytest.raises(ValueError, match=r"OneTooMany returned normalisers of shapes \(5,\) and \(4,\); "
+                                         r"the layout gives it 4 rows and 4 columns"):
+        ContrastiveLoss("linearized", OneTooMany())(x, x, torch.tensor(5.0))
