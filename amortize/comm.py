@@ -2,7 +2,19 @@
 
 A layout (``ContrastiveLoss(layout="gather" | "ring" | "local")``) knows no loss: it yields the
 column blocks a process scores its rows against, with their offsets, the weight of local negatives
-that the ``local`` layout needs, and the global combination of partition sums.
+that the ``local`` layout needs, the global combination of partition sums, and what an estimator
+reads (:meth:`Layout.all_rows`, :meth:`Layout.all_columns`).
+
+Every layout is built with its :class:`Topology`: the world size, this process's rank, the
+process group and an :class:`Exchanger` that runs the collectives. The default topology
+(``Topology()``, what ``layout="gather"`` builds) is lazy: it reads the world size and the rank from
+its group (the default one) each time a layout asks, through :class:`TorchDistributed`, so a loss
+built before the process group exists (Composer's trainer initialises it after the recipe's loss is
+built) spans the group once it does, and is one process while there is none. An explicit
+``Topology(world_size=W, rank=r)`` is fixed; ``Topology(1, 0)`` (:data:`ONE_PROCESS`) is this
+process's batch alone whatever ``torch.distributed`` says: ``Gather(ONE_PROCESS)`` is the
+one-process layout of the functional face. :class:`InProcessWorld` runs ``W`` ranks as threads of
+one process with an exchanger of its own, so a layout is testable without process groups.
 
 Every process holds ``B`` local pairs (rows ``x`` images, ``y`` texts); the global batch has
 ``N = W * B`` pairs (``W`` processes, equal ``B`` on every process). The loss each process
@@ -47,8 +59,9 @@ each process slices its own rows' normalisers for the loss.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Callable, ClassVar, Optional, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -57,6 +70,11 @@ from torch import Tensor
 from amortize.registry import Registry
 
 __all__ = [
+    "Exchanger",
+    "TorchDistributed",
+    "Topology",
+    "ONE_PROCESS",
+    "InProcessWorld",
     "world_size",
     "rank",
     "all_gather_with_grad",
@@ -65,7 +83,6 @@ __all__ = [
     "local_negative_weight",
     "Block",
     "Layout",
-    "ThisProcess",
     "Gather",
     "Ring",
     "Local",
@@ -73,39 +90,203 @@ __all__ = [
     "build_layout",
 ]
 
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# topology: who the processes are and how they talk
+
+
+class Exchanger:
+    """The collectives a :class:`Topology` runs, without gradients (an interface).
+
+    The gradients of :func:`all_gather_with_grad` and :func:`ring_blocks` are written once on top
+    of these three operations, so an exchanger only moves tensors. Every process calls the same
+    operations in the same order, as with ``torch.distributed``.
+    """
+
+    def world_size(self) -> int:
+        """The number of processes this exchanger spans."""
+        raise NotImplementedError
+
+    def rank(self) -> int:
+        """This process's rank among them."""
+        raise NotImplementedError
+
+    def all_gather(self, t: Tensor) -> list[Tensor]:
+        """Every process's ``t`` (the same shape everywhere), in rank order: ``W`` new tensors."""
+        raise NotImplementedError
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """The sum over processes of ``t``, identical on every process (a new tensor; ``t`` is kept)."""
+        raise NotImplementedError
+
+    def exchange(self, t: Tensor, to: int, frm: int) -> Tensor:
+        """Send ``t`` to rank ``to`` and return what rank ``frm`` sends this process (the same shape)."""
+        raise NotImplementedError
+
+
+class TorchDistributed(Exchanger):
+    """The collectives of ``torch.distributed`` over ``group`` (None: the default group).
+
+    The world size and rank are read from the group at every call: 1 and 0 while
+    ``torch.distributed`` is not initialised. Ring exchanges are point-to-point (``isend`` and
+    ``irecv`` in one batch), addressed by the group's ranks.
+    """
+
+    def __init__(self, group: Any = None):
+        self.group = group
+
+    def _running(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def world_size(self) -> int:
+        """``dist.get_world_size(group)``, or 1 when ``torch.distributed`` is not initialised."""
+        return dist.get_world_size(self.group) if self._running() else 1
+
+    def rank(self) -> int:
+        """``dist.get_rank(group)``, or 0 when ``torch.distributed`` is not initialised."""
+        return dist.get_rank(self.group) if self._running() else 0
+
+    def all_gather(self, t: Tensor) -> list[Tensor]:
+        """``dist.all_gather`` of ``t`` over the group."""
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.world_size())]
+        dist.all_gather(parts, t, group=self.group)
+        return parts
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """``dist.all_reduce`` (sum) of a copy of ``t`` over the group (gloo has no reduce-scatter)."""
+        t = t.contiguous().clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def exchange(self, t: Tensor, to: int, frm: int) -> Tensor:
+        """One ``isend`` to ``to`` and one ``irecv`` from ``frm`` (group ranks), waited for."""
+        out = torch.empty_like(t)
+        if self.group is not None:  # point-to-point ops address global ranks
+            to, frm = dist.get_global_rank(self.group, to), dist.get_global_rank(self.group, frm)
+        ops = [dist.P2POp(dist.isend, t.contiguous(), to, self.group), dist.P2POp(dist.irecv, out, frm, self.group)]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+        return out
+
+
+def _whole(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value >= hi):
+        span = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
+        raise ValueError(f"topology {name} must be a whole number {span}, got {value!r}")
+    return value
+
+
+class Topology:
+    """The processes a layout spans: world size, this process's rank, process group, exchanger.
+
+    Args:
+        world_size: the number of processes, fixed; None (with ``rank`` None): read from the
+            exchanger each time it is asked (lazy).
+        rank: this process's rank, fixed (given with ``world_size``); None: read from the exchanger.
+        group: the ``torch.distributed`` process group of the default exchanger (None: the
+            default group).
+        exchanger: the :class:`Exchanger` that runs the collectives (None:
+            :class:`TorchDistributed` over ``group``; give one or the other, not both).
+
+    The lazy default is what a loss built before the trainer initialises ``torch.distributed``
+    needs: ``Topology()`` is one process until the group exists and the group's size afterwards.
+    A fixed topology is checked against its exchanger before every collective (a mismatch is an
+    error naming both, not a hang); ``Topology(1, 0)`` runs no collective at all.
+
+    Raises:
+        ValueError: for only one of ``world_size`` and ``rank``, a rank outside ``[0, world_size)``,
+            or both ``group`` and ``exchanger``.
+    """
+
+    __slots__ = ("_world_size", "_rank", "group", "exchanger")
+
+    def __init__(self, world_size: Optional[int] = None, rank: Optional[int] = None, *, group: Any = None,
+                 exchanger: Optional[Exchanger] = None):
+        if (world_size is None) != (rank is None):
+            raise ValueError("give a topology both world_size and rank, or neither (both read from its group)")
+        if world_size is not None:
+            _whole("world_size", world_size, 1)
+            _whole("rank", rank, 0, world_size)
+        if group is not None and exchanger is not None:
+            raise ValueError("a topology takes a process group (for the torch.distributed exchanger) or an "
+                             "exchanger, not both")
+        self._world_size, self._rank = world_size, rank
+        self.group = group
+        self.exchanger: Exchanger = TorchDistributed(group) if exchanger is None else exchanger
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes: the fixed one, or the exchanger's now."""
+        return self.exchanger.world_size() if self._world_size is None else self._world_size
+
+    @property
+    def rank(self) -> int:
+        """This process's rank: the fixed one, or the exchanger's now."""
+        return self.exchanger.rank() if self._rank is None else self._rank
+
+    @property
+    def lazy(self) -> bool:
+        """Whether the world size and rank are read from the exchanger at each use."""
+        return self._world_size is None
+
+    def exchanger_for_collective(self) -> Exchanger:
+        """The exchanger, once a fixed topology has been checked against it (called before each collective).
+
+        Raises:
+            ValueError: when the exchanger is not the rank of the world size this topology fixes.
+        """
+        if self._world_size is not None:
+            w, r = self.exchanger.world_size(), self.exchanger.rank()
+            if (w, r) != (self._world_size, self._rank):
+                raise ValueError(f"the topology is rank {self._rank} of {self._world_size} but its exchanger "
+                                 f"({type(self.exchanger).__name__}) is rank {r} of {w}")
+        return self.exchanger
+
+    def __repr__(self) -> str:
+        size = "lazy" if self.lazy else f"world_size={self._world_size}, rank={self._rank}"
+        return f"Topology({size}, exchanger={type(self.exchanger).__name__})"
+
+
+ONE_PROCESS = Topology(1, 0)
+"""This process's batch alone, whatever ``torch.distributed`` says (``Gather(ONE_PROCESS)``: the functional face)."""
+
+_DEFAULT = Topology()  # the default group, lazily
+
 
 def world_size() -> int:
-    """Number of processes in the default group (1 when torch.distributed is not initialised)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """Number of processes in the default group (1 when torch.distributed is not initialised).
+
+    For estimators that synchronise their own state over the default group; layouts read their
+    :class:`Topology` instead.
+    """
+    return _DEFAULT.world_size
 
 
 def rank() -> int:
     """This process's rank in the default group (0 when torch.distributed is not initialised)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return _DEFAULT.rank
 
 
 # --------------------------------------------------------------------------------------------
-# collectives
+# collectives, with their gradients, over a topology
 
 
 class _AllGatherCat(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t: Tensor) -> Tensor:
-        W, r = world_size(), rank()
-        t = t.contiguous()
-        parts = [torch.empty_like(t) for _ in range(W)]
-        dist.all_gather(parts, t)
-        ctx.rows, ctx.rank = t.shape[0], r
-        return torch.cat(parts, dim=0)
+    def forward(ctx, t: Tensor, ex: Exchanger, r: int) -> Tensor:
+        ctx.ex, ctx.rows, ctx.rank = ex, t.shape[0], r
+        return torch.cat(ex.all_gather(t), dim=0)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
-        g = g.contiguous().clone()
-        dist.all_reduce(g, op=dist.ReduceOp.SUM)
-        return g[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+    def backward(ctx, g: Tensor):
+        g = ctx.ex.all_reduce(g)
+        return g[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None, None
 
 
-def all_gather_with_grad(t: Tensor) -> Tensor:
+def all_gather_with_grad(t: Tensor, topology: Optional[Topology] = None) -> Tensor:
     """Concatenate ``t`` from all processes in rank order; the backward SUMS the gradients.
 
     The gradient a process receives for its own slice is the sum over processes of the gradient
@@ -114,46 +295,38 @@ def all_gather_with_grad(t: Tensor) -> Tensor:
 
     Args:
         t: (B, ...) local tensor, the same shape on every process.
+        topology: the processes (None: the default group, lazily).
 
     Returns:
         (W * B, ...) gathered tensor.
     """
-    if world_size() == 1:
+    topo = _DEFAULT if topology is None else topology
+    if topo.world_size == 1:
         return t
-    return _AllGatherCat.apply(t)
+    return _AllGatherCat.apply(t, topo.exchanger_for_collective(), topo.rank)
 
 
 @torch.no_grad()
-def all_gather_no_grad(t: Tensor) -> Tensor:
+def all_gather_no_grad(t: Tensor, topology: Optional[Topology] = None) -> Tensor:
     """Concatenate a detached ``t`` (B, ...) from all processes in rank order: (W * B, ...)."""
-    if world_size() == 1:
+    topo = _DEFAULT if topology is None else topology
+    if topo.world_size == 1:
         return t.detach()
-    t = t.detach().contiguous()
-    parts = [torch.empty_like(t) for _ in range(world_size())]
-    dist.all_gather(parts, t)
-    return torch.cat(parts, dim=0)
-
-
-def _exchange(t: Tensor, to: int, frm: int) -> Tensor:
-    out = torch.empty_like(t)
-    ops = [dist.P2POp(dist.isend, t.contiguous(), to), dist.P2POp(dist.irecv, out, frm)]
-    for req in dist.batch_isend_irecv(ops):
-        req.wait()
-    return out
+    return torch.cat(topo.exchanger_for_collective().all_gather(t.detach()), dim=0)
 
 
 class _NeighbourExchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t: Tensor, to: int, frm: int) -> Tensor:
-        ctx.to, ctx.frm = to, frm
-        return _exchange(t, to, frm)
+    def forward(ctx, t: Tensor, ex: Exchanger, to: int, frm: int) -> Tensor:
+        ctx.ex, ctx.to, ctx.frm = ex, to, frm
+        return ex.exchange(t, to, frm)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        return _exchange(g.contiguous(), ctx.frm, ctx.to), None, None
+        return ctx.ex.exchange(g.contiguous(), ctx.frm, ctx.to), None, None, None
 
 
-def ring_blocks(t: Tensor) -> list[tuple[int, Tensor]]:
+def ring_blocks(t: Tensor, topology: Optional[Topology] = None) -> list[tuple[int, Tensor]]:
     """Pass ``t`` around the ring: block k comes from rank ``(rank - k) mod W``, with gradient.
 
     Each step sends the last block to rank + 1 and receives from rank - 1; the backward sends each
@@ -161,15 +334,20 @@ def ring_blocks(t: Tensor) -> list[tuple[int, Tensor]]:
 
     Args:
         t: (B, ...) local tensor.
+        topology: the processes (None: the default group, lazily).
 
     Returns:
         ``[(owner, block), ...]`` for k = 0 .. W - 1; block 0 is ``t`` itself.
     """
-    W, r = world_size(), rank()
+    topo = _DEFAULT if topology is None else topology
+    W, r = topo.world_size, topo.rank
     out = [(r, t)]
+    if W == 1:
+        return out
+    ex = topo.exchanger_for_collective()
     cur = t
     for k in range(1, W):
-        cur = _NeighbourExchange.apply(cur, (r + 1) % W, (r - 1) % W)
+        cur = _NeighbourExchange.apply(cur, ex, (r + 1) % W, (r - 1) % W)
         out.append(((r - k) % W, cur))
     return out
 
@@ -186,6 +364,105 @@ def local_negative_weight(local_batch: int, world: int) -> float:
     if local_batch < 2:
         raise ValueError("the local distributed mode needs at least 2 pairs per process")
     return (world * local_batch - 1) / (local_batch - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# W ranks in one process (tests)
+
+
+class _Member(Exchanger):
+    """Rank ``r`` of an :class:`InProcessWorld`."""
+
+    def __init__(self, world: "InProcessWorld", r: int):
+        self._world, self._r = world, r
+
+    def world_size(self) -> int:
+        return self._world.world_size
+
+    def rank(self) -> int:
+        return self._r
+
+    def all_gather(self, t: Tensor) -> list[Tensor]:
+        return [p.clone() for _, p in self._world._meet(self._r, None, t)]
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        parts = self._world._meet(self._r, None, t)
+        total = parts[0][1].clone()
+        for _, p in parts[1:]:  # rank order on every rank: identical sums
+            total += p
+        return total
+
+    def exchange(self, t: Tensor, to: int, frm: int) -> Tensor:
+        dest, got = self._world._meet(self._r, to, t)[frm]
+        if dest != self._r:
+            raise RuntimeError(f"rank {self._r} receives from rank {frm}, which sent to rank {dest}")
+        return got.clone()
+
+
+class InProcessWorld:
+    """``W`` ranks as threads of one process, with an exchanger that meets them at a barrier.
+
+    For tests: :meth:`run` calls ``fn(topology)`` on ``W`` threads, rank ``r`` getting
+    ``Topology(W, r, exchanger=...)``; a layout built with that topology runs its collectives
+    (forward and backward) between the threads, so per-rank losses and gradients of several
+    processes come out of one process. Each collective copies what it hands over, as a real one
+    does.
+
+    >>> world = InProcessWorld(2)
+    >>> world.run(lambda topo: all_gather_no_grad(torch.tensor([topo.rank]), topo).tolist())
+    [[0, 1], [0, 1]]
+
+    Args:
+        world_size: ``W`` (>= 1).
+        timeout: seconds a rank waits for the others at a collective before the run fails.
+    """
+
+    def __init__(self, world_size: int, timeout: float = 60.0):
+        self.world_size = _whole("world_size", world_size, 1)
+        self._timeout = timeout
+        self._barrier = threading.Barrier(world_size, timeout=timeout)
+        self._slots: list = [None] * world_size
+
+    def topology(self, rank: int) -> Topology:
+        """The fixed topology of rank ``rank``, with this world's exchanger."""
+        return Topology(self.world_size, rank, exchanger=_Member(self, rank))
+
+    def _meet(self, r: int, to: Optional[int], t: Tensor) -> list[tuple[Optional[int], Tensor]]:
+        self._slots[r] = (to, t.detach().clone())
+        self._barrier.wait()
+        got = list(self._slots)
+        self._barrier.wait()  # every rank has read before the next collective writes
+        return got
+
+    def run(self, fn: Callable[[Topology], T]) -> list[T]:
+        """``[fn(topology of rank 0), ..., fn(topology of rank W - 1)]``, the ranks run concurrently.
+
+        Raises:
+            Exception: the first exception a rank raised (the others are released from their
+                collectives rather than left waiting).
+        """
+        W = self.world_size
+        self._barrier = threading.Barrier(W, timeout=self._timeout)
+        results: list = [None] * W
+        errors: list = [None] * W
+
+        def one(r: int) -> None:
+            try:
+                results[r] = fn(self.topology(r))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller below
+                errors[r] = e
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=one, args=(r,), name=f"rank{r}") for r in range(W)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        first = [e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)]
+        first = first or [e for e in errors if e is not None]
+        if first:
+            raise first[0]
+        return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +497,10 @@ class Block:
 class Layout:
     """How the columns of the global batch reach this process (subclasses: one per mode).
 
-    Attributes:
+    Args:
+        topology: the processes it spans (None: ``Topology()``, the default group, read lazily).
+
+    Class attributes:
         name: the registered name.
         exact: whether every process sees all ``N`` global columns (``gather``, ``ring``).
         guarantee: what the loss of a sum of pair terms is under this layout: ``exact`` (equal to
@@ -229,13 +509,21 @@ class Layout:
             layout declares this and touches no objective.
     """
 
-    name = "this_process"
-    exact = True
-    guarantee = "exact"
+    name: ClassVar[str] = "layout"
+    exact: ClassVar[bool] = True
+    guarantee: ClassVar[str] = "exact"
+
+    def __init__(self, topology: Optional[Topology] = None):
+        if topology is not None and not isinstance(topology, Topology):
+            raise TypeError(f"a layout's topology must be an amortize.comm.Topology, got {type(topology).__name__}")
+        self.topology = _DEFAULT if topology is None else topology
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.topology!r})"
 
     def world(self) -> int:
-        """The number of processes the layout spans."""
-        return world_size()
+        """The number of processes the layout spans (its topology's, now)."""
+        return self.topology.world_size
 
     def columns(self, y: Tensor) -> list[Block]:
         """The column blocks for local columns ``y`` (B, d), with gradient.
@@ -245,21 +533,33 @@ class Layout:
         """
         return [Block(slice(0, y.shape[0]), y, 0)]
 
-    def num_columns(self, batch: int) -> int:
-        """How many columns the blocks hold in all, for ``batch`` local pairs."""
+    def num_rows(self, batch: int) -> int:
+        """How many rows the estimator sees (every process's in exact layouts), for ``batch`` local pairs."""
         return batch * self.world() if self.exact else batch
+
+    def num_columns(self, batch: int) -> int:
+        """How many columns the blocks hold in all: as many as the estimator's rows (their positives)."""
+        return self.num_rows(batch)
 
     def row_offset(self, batch: int) -> int:
         """Where this process's rows sit among the rows its estimator sees."""
-        return rank() * batch if self.exact and self.world() > 1 else 0
+        return self.topology.rank * batch if self.exact and self.world() > 1 else 0
 
     def negative_weight(self, batch: int) -> float:
         """Weight of each negative in partition sums (1 except in the ``local`` layout)."""
         return 1.0
 
+    def local_rows(self) -> bool:
+        """Whether the estimator sees this process's rows alone while other processes hold others.
+
+        An estimator that keeps its state identical on every process then synchronises it itself
+        (not exact, more than one process).
+        """
+        return not self.exact and self.world() > 1
+
     def all_rows(self, t: Tensor) -> Tensor:
         """The rows of every process, detached: (W * B, ...) in exact layouts, ``t`` otherwise."""
-        return all_gather_no_grad(t) if self.exact and self.world() > 1 else t.detach()
+        return all_gather_no_grad(t, self.topology) if self.exact and self.world() > 1 else t.detach()
 
     def all_columns(self, blocks: list[Block], y: Tensor) -> Tensor:
         """Every column's features as an estimator reads them: detached, in the estimator's row order.
@@ -283,34 +583,27 @@ class Layout:
         """
         if not self.exact or self.world() == 1:
             return row_lse, col_partial
-        rows_all = all_gather_no_grad(row_lse)
-        cols_all = torch.logsumexp(all_gather_no_grad(col_partial[None]), dim=0)
+        rows_all = all_gather_no_grad(row_lse, self.topology)
+        cols_all = torch.logsumexp(all_gather_no_grad(col_partial[None], self.topology), dim=0)
         return rows_all, cols_all
 
 
-class ThisProcess(Layout):
-    """This process's batch alone, whatever ``torch.distributed`` says (the functional face)."""
-
-    name = "this_process"
-    exact = True
-
-    def world(self) -> int:
-        """Always 1."""
-        return 1
-
-
 class Gather(Layout):
-    """``gather``: all-gather the text features with gradient; one (B, N) block (exact)."""
+    """``gather``: all-gather the text features with gradient; one (B, N) block (exact).
 
-    name = "gather"
-    exact = True
+    On a topology of one process (:data:`ONE_PROCESS`) it is the one-process layout: one block of
+    the local columns, no collective.
+    """
+
+    name: ClassVar[str] = "gather"
+    exact: ClassVar[bool] = True
 
     def columns(self, y: Tensor) -> list[Block]:
         """One block of all ``N`` columns; local row 0's positive at ``rank * B``."""
-        B = y.shape[0]
-        if self.world() == 1:
+        B, W = y.shape[0], self.world()
+        if W == 1:
             return [Block(slice(0, B), y, 0)]
-        return [Block(slice(0, self.world() * B), all_gather_with_grad(y), rank() * B)]
+        return [Block(slice(0, W * B), all_gather_with_grad(y, self.topology), self.topology.rank * B)]
 
     def all_columns(self, blocks: list[Block], y: Tensor) -> Tensor:
         """The one block already holds all ``N`` columns in order: detached, no second exchange."""
@@ -320,23 +613,25 @@ class Gather(Layout):
 class Ring(Layout):
     """``ring``: the text features travel around the ring in ``W - 1`` exchanges (exact)."""
 
-    name = "ring"
-    exact = True
+    name: ClassVar[str] = "ring"
+    exact: ClassVar[bool] = True
 
     def columns(self, y: Tensor) -> list[Block]:
         """``W`` blocks of ``B`` columns, the own block (positives on its diagonal) first."""
-        B, r = y.shape[0], rank()
+        B = y.shape[0]
         if self.world() == 1:
             return [Block(slice(0, B), y, 0)]
-        return [Block(slice(o * B, (o + 1) * B), blk, 0 if o == r else B) for o, blk in ring_blocks(y)]
+        r = self.topology.rank
+        return [Block(slice(o * B, (o + 1) * B), blk, 0 if o == r else B)
+                for o, blk in ring_blocks(y, self.topology)]
 
 
 class Local(Layout):
     """``local``: negatives are the local batch, weighted by ``k = (N - 1) / (B - 1)`` (unbiased)."""
 
-    name = "local"
-    exact = False
-    guarantee = "unbiased"
+    name: ClassVar[str] = "local"
+    exact: ClassVar[bool] = False
+    guarantee: ClassVar[str] = "unbiased"
 
     def negative_weight(self, batch: int) -> float:
         """:func:`local_negative_weight` of this process count."""
@@ -344,15 +639,15 @@ class Local(Layout):
 
 
 LAYOUTS: Registry[Layout] = Registry("layout")
-"""Process layouts by name: ``gather``, ``ring``, ``local``."""
+"""Process layouts by name: ``gather``, ``ring``, ``local`` (each built with a :class:`Topology`)."""
 for _cls in (Gather, Ring, Local):
     LAYOUTS.register(_cls.name, _cls)
 
 
-def build_layout(spec: Union[str, Layout, None]) -> Layout:
-    """A layout from its name or itself; None is :class:`ThisProcess`."""
-    if spec is None:
-        return ThisProcess()
+def build_layout(spec: Union[str, Layout], topology: Optional[Topology] = None) -> Layout:
+    """A layout from its registered name (built with ``topology``; None: the lazy default) or itself."""
     if isinstance(spec, Layout):
+        if topology is not None:
+            raise ValueError("a layout object brings its own topology; pass a layout name with a topology")
         return spec
-    return LAYOUTS.build(spec)
+    return LAYOUTS.build(spec, topology)

@@ -1,7 +1,11 @@
 """The functional face: spectral-EBM contrastive objectives as functions over tensors.
 
-Every function here runs the same objective modules that training uses
-(:mod:`amortize.objectives`) on this process's batch alone, and returns tensors; none holds state.
+Every loss function here calls the loss module that training uses
+(:class:`~amortize.losses.ContrastiveLoss`, with the same objective modules of
+:mod:`amortize.objectives`) on this process's batch alone: the one-process layout
+``Gather(ONE_PROCESS)``, whatever ``torch.distributed`` says. Normalisers the caller gives reach it
+through :class:`GivenNormalizers`, an estimator that returns them. The functions return tensors;
+none holds state.
 Shapes use ``B`` for the batch (rows are images, columns are texts) and ``d`` for the embedding
 width.
 
@@ -32,7 +36,10 @@ import torch
 from torch import Tensor
 
 from amortize import checks as K
-from amortize.objectives import InfoNCE, Linearized, Sigmoid, partition, rescale_temperature
+from amortize.comm import ONE_PROCESS, Gather
+from amortize.estimators.base import PartitionEstimate, PartitionEstimator
+from amortize.losses import ContrastiveLoss
+from amortize.objectives import InfoNCE, Linearized, Objective, Sigmoid, partition, rescale_temperature
 from amortize.objectives.stage1 import AMORTIZATION_OBJECTIVES, amortization_loss, register_amortization_objective
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "log_partition",
     "amortized_loss",
     "amortized_loss_terms",
+    "GivenNormalizers",
     "infonce_loss",
     "sigmoid_loss",
     "amortization_loss",
@@ -82,6 +90,57 @@ def checks(level: Checks) -> Iterator[None]:
         yield
     finally:
         set_checks(previous)
+
+
+_ALONE = Gather(ONE_PROCESS)  # this process's batch alone (a layout holds no state)
+
+
+class GivenNormalizers(PartitionEstimator):
+    """The estimator of normalisers the caller already has: it returns them as they are.
+
+    How :func:`amortized_loss` and :func:`amortized_loss_terms` hand their ``log_norm_x`` and
+    ``log_norm_y`` to :class:`~amortize.losses.ContrastiveLoss`: built for one call, it holds the
+    two tensors as plain attributes (no buffers, nothing in ``state_dict``: stateless) and reads
+    neither the features nor the in-batch sums, beyond their sizes. Not registered as a recipe
+    estimator: a recipe holds no tensors. On one process (``Gather(ONE_PROCESS)``, what the
+    functional face uses) the rows are the batch; under a layout over several processes the
+    normalisers must cover the rows and columns it gives the estimator.
+
+    Args:
+        log_norm_x: (rows,) log normaliser of each image row.
+        log_norm_y: (columns,) log normaliser of each text column.
+    """
+
+    reads_features = False
+
+    def __init__(self, log_norm_x: Tensor, log_norm_y: Tensor):
+        super().__init__()
+        self.log_norm_x, self.log_norm_y = log_norm_x, log_norm_y
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        log_z_x: Tensor,
+        log_z_y: Tensor,
+        index: Optional[Tensor] = None,
+    ) -> PartitionEstimate:
+        """The given normalisers, detached, once their shapes match the sums' (values: the objective checks them)."""
+        K.vector("log_norm_x", self.log_norm_x, log_z_x.shape[0], "shapes")
+        K.vector("log_norm_y", self.log_norm_y, log_z_y.shape[0], "shapes")
+        return PartitionEstimate(self.log_norm_x.detach(), self.log_norm_y.detach())
+
+
+class _OneProcessLoss(ContrastiveLoss):
+    """:class:`~amortize.losses.ContrastiveLoss` whose error messages name the features ``x`` and ``y``."""
+
+    input_names = ("x", "y")
+
+
+def _loss(objective: Objective, estimator: Optional[PartitionEstimator] = None, rho: Optional[float] = None,
+          chunk_size: Optional[int] = None) -> ContrastiveLoss:
+    """The loss module of one call, on this process's batch alone."""
+    return _OneProcessLoss(objective, estimator, layout=_ALONE, rho=rho, chunk_size=chunk_size)
 
 
 def scores(x: Tensor, y: Tensor, scale: Scalar, bias: Scalar = 0.0) -> Tensor:
@@ -130,7 +189,8 @@ def log_partition(
     with torch.no_grad():
         s = scale.detach() if isinstance(scale, Tensor) else scale
         b = bias.detach() if isinstance(bias, Tensor) else bias
-        pairs = Linearized().pairs(x.detach(), y.detach(), s, b, chunk_size=chunk_size, names=("x", "y"))
+        pairs = Linearized().pairs(x.detach(), y.detach(), s, b, layout=_ALONE, chunk_size=chunk_size,
+                                   names=("x", "y"))
         part = partition(pairs, pos_weight)
     return part.log_z_x, part.log_z_y
 
@@ -153,12 +213,12 @@ def amortized_loss_terms(
     * ``image``: ``mean_i sum_j w_ij exp(S_ij - log_norm_x[i])`` (image-to-text negatives)
     * ``text``: ``mean_j sum_i w_ij exp(S_ij - log_norm_y[j])`` (text-to-image negatives)
 
-    The normalisers are constants (detached). Shapes: ``x, y`` (B, d); ``log_norm_*`` (B,). This is
-    :class:`~amortize.objectives.Linearized`'s terms.
+    The normalisers are constants (detached). Shapes: ``x, y`` (B, d); ``log_norm_*`` (B,). These
+    are the terms of :class:`~amortize.objectives.Linearized` through
+    :meth:`ContrastiveLoss.terms <amortize.losses.ContrastiveLoss.terms>`, with gradients.
     """
-    out = Linearized(pos_weight)(x, y, scale, bias, log_norm_x, log_norm_y, chunk_size=chunk_size)
-    del out["loss"]
-    return out
+    loss_fn = _loss(Linearized(pos_weight), GivenNormalizers(log_norm_x, log_norm_y), chunk_size=chunk_size)
+    return loss_fn.terms(x, y, scale, bias)
 
 
 def amortized_loss(
@@ -196,8 +256,8 @@ def amortized_loss(
     Returns:
         0-d float32 loss.
     """
-    loss = Linearized(pos_weight)(x, y, scale, bias, log_norm_x, log_norm_y, chunk_size=chunk_size)["loss"]
-    return rescale_temperature(loss, scale, rho)
+    loss_fn = _loss(Linearized(pos_weight), GivenNormalizers(log_norm_x, log_norm_y), rho, chunk_size)
+    return loss_fn(x, y, scale, bias)["loss"]
 
 
 def infonce_loss(x: Tensor, y: Tensor, scale: Scalar, chunk_size: Optional[int] = None) -> Tensor:
@@ -214,7 +274,7 @@ def infonce_loss(x: Tensor, y: Tensor, scale: Scalar, chunk_size: Optional[int] 
     Returns:
         0-d float32 loss.
     """
-    return InfoNCE()(x, y, scale, chunk_size=chunk_size)["loss"]
+    return _loss(InfoNCE(), chunk_size=chunk_size)(x, y, scale)["loss"]
 
 
 def sigmoid_loss(x: Tensor, y: Tensor, scale: Scalar, bias: Scalar, chunk_size: Optional[int] = None) -> Tensor:
@@ -233,4 +293,4 @@ def sigmoid_loss(x: Tensor, y: Tensor, scale: Scalar, bias: Scalar, chunk_size: 
     Returns:
         0-d float32 loss.
     """
-    return Sigmoid()(x, y, scale, bias, chunk_size=chunk_size)["loss"]
+    return _loss(Sigmoid(), chunk_size=chunk_size)(x, y, scale, bias)["loss"]

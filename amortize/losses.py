@@ -17,13 +17,13 @@ what to backpropagate; the other entries are detached terms for logging.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Union
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from amortize import checks as K
-from amortize.comm import LAYOUTS, Layout, build_layout
+from amortize.comm import Layout, build_layout
 from amortize.estimators import ESTIMATORS
 from amortize.estimators.base import PartitionEstimator
 from amortize.estimators.in_batch import InBatchEstimator
@@ -54,9 +54,12 @@ class ContrastiveLoss(nn.Module):
             ``sigmoid``, ``linearized``) or a section ``{"name": ..., **options}``.
         estimator: a :class:`~amortize.estimators.PartitionEstimator` for objectives that accept
             normalisers (default: in-batch); must be None for the others.
-        layout: how the columns of the global batch reach each process when ``torch.distributed``
-            runs several: ``gather``, ``ring``, ``local`` (see :mod:`amortize.comm`) or a
-            :class:`~amortize.comm.Layout`.
+        layout: how the columns of the global batch reach each process: ``gather``, ``ring``,
+            ``local`` (see :mod:`amortize.comm`), built on the default group, whose size it reads
+            when it runs (one process while ``torch.distributed`` is not initialised); or a
+            :class:`~amortize.comm.Layout` built with its own :class:`~amortize.comm.Topology`
+            (``Gather(ONE_PROCESS)``: this process's batch alone, whatever ``torch.distributed``
+            says).
         rho: temperature-rescaling schedule over epochs (FastCLIP / AmorLIP), a float, a schedule
             section such as ``{"name": "piecewise", "values": [6.5, 6.5, 6.5, -8.0]}``, or None.
         chunk_size: None for one chunk (dense), or rows per chunk (exact, O(B * chunk) memory).
@@ -66,6 +69,9 @@ class ContrastiveLoss(nn.Module):
 
     Buffers ``epoch`` and ``max_epochs`` follow :meth:`start_epoch`, so the rho schedule resumes.
     """
+
+    input_names: ClassVar[tuple[str, str]] = ("image_features", "text_features")
+    """How error messages name the two feature inputs (the functional face's subclass: ``x``, ``y``)."""
 
     def __init__(
         self,
@@ -88,8 +94,6 @@ class ContrastiveLoss(nn.Module):
             section = {"name": objective} if isinstance(objective, str) else dict(objective)
             self.objective = OBJECTIVES.build_section({**section, **objective_options}, key="objective")
         self.layout = build_layout(layout)
-        if self.layout.name not in LAYOUTS:
-            raise ValueError(f"unknown layout {self.layout.name!r}; valid: {', '.join(LAYOUTS.names())}")
         self.objective.check_parts(self.layout, estimator=estimator is not None)
         if estimator is None and self.objective.accepts_normalizers:
             estimator = InBatchEstimator()
@@ -162,7 +166,8 @@ class ContrastiveLoss(nn.Module):
     def _estimate(self, pairs: Pairs, part: Partition, index: Optional[Tensor]):
         """The estimator's normalisers of this process's rows and of every column, and its terms."""
         assert self.estimator is not None
-        lay, n = pairs.layout, part.log_z_x.shape[0]
+        lay = pairs.layout
+        n = lay.num_rows(pairs.rows)  # the rows the layout gives the estimator (all_rows)
         if self.estimator.reads_features:
             xs = lay.all_rows(pairs.x)
             ys = lay.all_columns(pairs.blocks, pairs.y)  # declared by the layout, not guessed from shapes
@@ -174,11 +179,45 @@ class ContrastiveLoss(nn.Module):
         wants = getattr(self.estimator, "extra_inputs", ())  # duck-typed estimators may not declare it
         if wants:  # what the estimator declares it reads besides the features and sums
             given = {"scale": pairs.scale.detach(), "bias": None if pairs.bias is None else pairs.bias.detach(),
-                     "num_negatives": pairs.negative_weight * (n - 1), "local_rows": not lay.exact and lay.world() > 1}
+                     "num_negatives": pairs.negative_weight * (n - 1), "local_rows": lay.local_rows()}
             extra = {k: given[k] for k in wants}
         est = self.estimator(xs, ys, part.log_z_x, part.log_z_y, idx, **extra)
+        got = (tuple(est.log_norm_x.shape), tuple(est.log_norm_y.shape))
+        if pairs.checks != "off" and got != ((n,), (pairs.num_columns,)):  # a longer vector would be cut silently
+            raise ValueError(f"{type(self.estimator).__name__} returned normalisers of shapes {got[0]} and {got[1]}; "
+                             f"the layout gives it {n} rows and {pairs.num_columns} columns")
         off = pairs.row_offset
         return est.log_norm_x[off : off + pairs.rows], est.log_norm_y, est.terms
+
+    def _step(self, image_features: Tensor, text_features: Tensor, scale: Tensor, bias: Optional[Tensor],
+              index: Optional[Tensor]) -> tuple[Pairs, dict[str, Tensor], dict[str, Tensor]]:
+        """The step in order: the pairs, their in-batch sums, the estimator, the objective's terms."""
+        obj = self.objective
+        pairs = obj.pairs(image_features, text_features, scale, bias, layout=self.layout,
+                          chunk_size=self.chunk_size, checks=self.checks, names=self.input_names)
+        part = partition(pairs, obj.partition_weight()) if obj.needs_partition else None
+        lnx = lny = None
+        diagnostics: dict[str, Tensor] = {}
+        if self.estimator is not None:
+            assert part is not None
+            lnx, lny, diagnostics = self._estimate(pairs, part, index)
+        return pairs, obj.terms(pairs, part, lnx, lny), diagnostics
+
+    def terms(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        scale: Tensor,
+        bias: Optional[Tensor] = None,
+        index: Optional[Tensor] = None,
+    ) -> dict[str, Tensor]:
+        """The objective's named terms of this process's rows, WITH gradients (one step, as :meth:`forward`).
+
+        Their sum is the loss before the temperature rescaling; for objectives that weigh the
+        terms themselves (``amortize.functional.amortized_loss_terms``). The estimator runs (and
+        updates its state in training mode) as in :meth:`forward`. Arguments as :meth:`forward`.
+        """
+        return self._step(image_features, text_features, scale, bias, index)[1]
 
     def forward(
         self,
@@ -203,16 +242,7 @@ class ContrastiveLoss(nn.Module):
             loss); the rest are detached: the objective's terms, the estimator's diagnostics,
             ``scale``, ``bias`` and ``rho``.
         """
-        obj = self.objective
-        pairs = obj.pairs(image_features, text_features, scale, bias, layout=self.layout,
-                          chunk_size=self.chunk_size, checks=self.checks)
-        part = partition(pairs, obj.partition_weight()) if obj.needs_partition else None
-        lnx = lny = None
-        diagnostics: dict[str, Tensor] = {}
-        if self.estimator is not None:
-            assert part is not None
-            lnx, lny, diagnostics = self._estimate(pairs, part, index)
-        parts = obj.terms(pairs, part, lnx, lny)
+        pairs, parts, diagnostics = self._step(image_features, text_features, scale, bias, index)
         loss = sum(parts.values())
         terms = {k: v.detach() for k, v in parts.items()}
         terms.update(diagnostics)

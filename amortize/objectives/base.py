@@ -7,9 +7,9 @@ An objective sees its batch as :class:`Pairs` (this process's rows, the column b
 the manner of pytorch-metric-learning's ``compute_loss``). Dense is the same code with one chunk.
 
 :class:`~amortize.losses.ContrastiveLoss` orders a training step from these pieces
-(:meth:`Objective.pairs`, :func:`partition`, the estimator, :meth:`Objective.terms`); an
-objective's own ``forward`` runs the same pieces on this process's batch alone, which is what the
-functional face :mod:`amortize.functional` calls.
+(:meth:`Objective.pairs`, :func:`partition`, the estimator, :meth:`Objective.terms`), on several
+processes and on one alike: the functional face :mod:`amortize.functional` calls it with the
+one-process layout (``Gather(ONE_PROCESS)``). An objective has no ``forward`` of its own.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from amortize import checks as K
 from amortize import kernels
-from amortize.comm import Block, Layout, build_layout
+from amortize.comm import Block, Layout
 
 __all__ = ["CLIP_INIT_LOGIT_SCALE", "Pairs", "Partition", "Objective", "partition", "rescale_temperature"]
 
@@ -180,7 +180,7 @@ class Objective(nn.Module):
     def check_parts(cls, layout: Optional[Layout] = None, estimator: bool = False) -> None:
         """Refuse a layout or an estimator this objective cannot be joined with.
 
-        The one copy of these guards: the loss module and the template call it.
+        The one copy of these guards: the loss module calls it when it joins the parts.
 
         Args:
             layout: a layout, or None; accepted when its ``guarantee`` is what :attr:`needs` asks.
@@ -205,7 +205,7 @@ class Objective(nn.Module):
         scale: Scalar,
         bias: Optional[Scalar] = None,
         *,
-        layout: Union[str, Layout, None] = None,
+        layout: Layout,
         chunk_size: Optional[int] = None,
         checks: Optional[str] = None,
         names: tuple[str, str] = ("image_features", "text_features"),
@@ -217,7 +217,8 @@ class Objective(nn.Module):
             y: (B, d) text features; row i of ``y`` is the positive of row i of ``x``.
             scale: inverse temperature ``s`` (> 0), float or 0-d tensor (gradients flow).
             bias: logit bias, or None.
-            layout: a layout or its name; None: this process's batch alone.
+            layout: the :class:`~amortize.comm.Layout` (``Gather(ONE_PROCESS)``: this process's
+                batch alone); the loss module checked when it joined it that the objective may use it.
             chunk_size: rows per chunk, or None for one chunk.
             checks: validation level (None: the process default).
             names: the names of ``x`` and ``y`` in error messages.
@@ -232,15 +233,12 @@ class Objective(nn.Module):
         elif self.needs_bias:
             raise ValueError(f"the {self.name} objective needs a logit bias")
         K.chunk_size(chunk_size)
-        lay = build_layout(layout)
-        if not isinstance(layout, Layout):  # a layout object was checked when it was joined (ContrastiveLoss)
-            self.check_parts(lay)
         xf, yf = K.as_float32(x), K.as_float32(y)
         s = K.scalar_tensor(scale, xf)
         b = None if bias is None or not self.uses_bias else K.scalar_tensor(bias, xf)
         B = xf.shape[0]
-        return Pairs(xf, yf, s, b, lay.columns(yf), lay, chunk_size, lay.num_columns(B), lay.row_offset(B),
-                     lay.negative_weight(B), level)
+        return Pairs(xf, yf, s, b, layout.columns(yf), layout, chunk_size, layout.num_columns(B),
+                     layout.row_offset(B), layout.negative_weight(B), level)
 
     def terms(self, pairs: Pairs, part: Optional[Partition], log_norm_x: Optional[Tensor] = None,
               log_norm_y: Optional[Tensor] = None) -> dict[str, Tensor]:
@@ -253,36 +251,3 @@ class Objective(nn.Module):
             log_norm_y: (num_columns,) normalisers of the columns.
         """
         raise NotImplementedError
-
-    def forward(
-        self,
-        x: Tensor,
-        y: Tensor,
-        scale: Scalar,
-        bias: Optional[Scalar] = None,
-        log_norm_x: Optional[Tensor] = None,
-        log_norm_y: Optional[Tensor] = None,
-        *,
-        chunk_size: Optional[int] = None,
-        checks: Optional[str] = None,
-    ) -> dict[str, Tensor]:
-        """The objective on this process's batch alone: its terms and their sum ``"loss"``.
-
-        Args:
-            x: (B, d) image features.
-            y: (B, d) text features.
-            scale: inverse temperature ``s``.
-            bias: logit bias or None.
-            log_norm_x: (B,) image normalisers (objectives that accept them; None: in-batch).
-            log_norm_y: (B,) text normalisers.
-            chunk_size: rows per chunk, or None.
-            checks: validation level (None: the process default).
-
-        Returns:
-            ``{term: 0-d tensor, ..., "loss": their sum}`` with gradients.
-        """
-        pairs = self.pairs(x, y, scale, bias, chunk_size=chunk_size, checks=checks, names=("x", "y"))
-        part = partition(pairs, self.partition_weight()) if self.needs_partition else None
-        out = self.terms(pairs, part, log_norm_x, log_norm_y)
-        out["loss"] = sum(out.values())
-        return out

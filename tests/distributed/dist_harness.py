@@ -78,10 +78,15 @@ def _one_step(loss_fn, case, X, Y, index, rows):
     }
 
 
-def run_case(case: dict, rank: int = 0, world: int = 1) -> dict:
-    """Run ``case`` on this process; exact modes: ``steps`` steps; local mode: ``perms`` random splits."""
-    torch.manual_seed(0)
-    loss_fn = make_loss(case)
+def run_case(case: dict, rank: int = 0, world: int = 1, loss_fn: ContrastiveLoss | None = None) -> dict:
+    """Run ``case`` on this process; exact modes: ``steps`` steps; local mode: ``perms`` random splits.
+
+    ``loss_fn``: the case's loss built earlier (a worker builds it before the process group exists,
+    as a recipe's loss is built before Composer's trainer creates the group); None: built here.
+    """
+    if loss_fn is None:
+        torch.manual_seed(0)
+        loss_fn = make_loss(case)
     N = case["N"]
     B = N // world
     records = []

@@ -119,6 +119,16 @@ def test_local_mode_is_unbiased(world, tmp_path):
         assert losses.std() > 0
 
 
+def test_a_loss_built_before_the_process_group_spans_it(tmp_path):
+    """The default topology reads the group when the layout runs, not when it is built."""
+    cases = [dict(objective=obj, estimator=est, mode=mode, N=6, d=4, seed=3, steps=1, chunk=None, scale=9.0,
+                  bias=-2.0, pos_weight=1.0, prebuilt=True)
+             for mode in ("gather", "ring") for obj, est in (("infonce", None), ("amortized", "in_batch"))]
+    results = H.launch(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check_exact(case, [results[r][i] for r in range(2)], 2)
+
+
 def test_local_negative_weight():
     assert D.local_negative_weight(5, 1) == 1.0
     assert D.local_negative_weight(5, 4) == pytest.approx(19 / 4)

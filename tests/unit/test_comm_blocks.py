@@ -2,7 +2,7 @@
 
 import torch
 
-from amortize.comm import Block, build_layout
+from amortize.comm import ONE_PROCESS, Block, Gather
 
 
 def test_positive_mask_of_a_gathered_block_worked_by_hand():
@@ -19,6 +19,6 @@ def test_positive_mask_of_a_block_without_positives_is_empty():
     assert not Block(slice(3, 6), torch.zeros(3, 2), offset=3).positive_mask(3).any()
 
 
-def test_this_process_block_has_its_positives_on_the_diagonal():
-    (blk,) = build_layout(None).columns(torch.zeros(4, 2))
+def test_the_one_process_block_has_its_positives_on_the_diagonal():
+    (blk,) = Gather(ONE_PROCESS).columns(torch.zeros(4, 2))
     assert torch.equal(blk.positive_mask(4), torch.eye(4, dtype=torch.bool))
