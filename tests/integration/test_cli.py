@@ -31,7 +31,8 @@ def test_bad_recipe_exits_2_with_the_key(capsys):
 
 
 def test_import_amortize_does_not_import_composer():
-    code = "import amortize, amortize.losses, amortize.models, amortize.train, amortize.train.config, amortize.cli, sys; " \
+    code = "import amortize, amortize.losses, amortize.models, amortize.train, amortize.train.config, amortize.cli, " \
+           "amortize.train.builders, amortize.train.optim, amortize.data, sys; " \
            "print('composer' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
