@@ -12,9 +12,9 @@
 token embeddings for text, 64-d). **Loop**: plain PyTorch, AdamW with warm-up and cosine decay,
 clip 1.0, ``s <= 100``, equal epochs at every batch; the loss is
 ``ContrastiveLoss.from_sections(**section)`` with each method's ``loss:`` section
-(:data:`METHODS`, data: a new estimator is one more entry). AmorLIP's section is read from
-``recipes/amorlip-small-batch.yaml`` and adapted to the run by :func:`adapt_small_batch` (what a
-recipe knows: batch, epochs, steps per epoch).
+(:data:`METHODS`, data: a new estimator is one more entry). AmorLIP's and NeuCLIP's sections are
+read from ``recipes/amorlip-small-batch.yaml`` and ``recipes/neuclip-small-batch.yaml`` and adapted
+to the run by :func:`adapt_small_batch` (what a recipe knows: batch, epochs, steps per epoch).
 
 **Learning rate**: per (dataset, method, batch) the best of ``LR_MULTS`` times
 ``2e-3 * sqrt(B / 16)`` on the validation split at seed 0 (``--stage lr``); the test stage uses it.
@@ -52,7 +52,8 @@ from benchmarks.small_batch import SmallTwoTower, _lr_at, encode_split, encoder_
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
-SMALL_BATCH_RECIPE = ROOT / "recipes" / "amorlip-small-batch.yaml"
+RECIPES = ROOT / "recipes"
+SMALL_BATCH_RECIPE = RECIPES / "amorlip-small-batch.yaml"
 
 DATASET_NAMES = ("emoji", "fashion", "glyphs")
 BATCHES = (16, 64, 256)
@@ -72,10 +73,12 @@ METHODS: dict[str, dict[str, Any]] = {
                           "estimator": {"name": "moving_average", "init": "first_batch",
                                         "gamma": {"name": "cosine_decay", "start": 1.0, "end": 0.2,
                                                   "decay_epochs": "half"}}}},
-    "amorlip": {"loss": "recipe"},  # recipes/amorlip-small-batch.yaml, adapted by adapt_small_batch
-    "neuclip": {"loss": {"objective": _LIN, "estimator": {"name": "neuclip"}}, "needs": "neuclip"},
+    # the shipped small-batch recipes' loss sections, adapted to the run by adapt_small_batch
+    "amorlip": {"loss": "recipe", "recipe": "amorlip-small-batch.yaml"},
+    "neuclip": {"loss": "recipe", "recipe": "neuclip-small-batch.yaml", "needs": "neuclip"},
 }
-"""The methods as ``loss:`` sections. ``needs``: an estimator that must be registered for the row to run."""
+"""The methods as ``loss:`` sections (``"recipe"``: the ``loss:`` section of ``recipes/<recipe>``).
+``needs``: an estimator that must be registered for the row to run."""
 
 
 def available_methods() -> list[str]:
@@ -135,7 +138,7 @@ def method_section(method: str, batch: int, epochs: int, steps_per_epoch: int,
     spec = METHODS[method]
     sec = spec["loss"]
     if sec == "recipe":
-        sec = adapt_small_batch(recipe_loss_section(), batch, epochs, steps_per_epoch)
+        sec = adapt_small_batch(recipe_loss_section(RECIPES / spec["recipe"]), batch, epochs, steps_per_epoch)
     sec = copy.deepcopy(sec)
     est = sec.get("estimator")
     if isinstance(est, dict) and isinstance(est.get("gamma"), dict) and est["gamma"].get("decay_epochs") == "half":
@@ -175,6 +178,8 @@ VARIANTS: dict[str, dict] = {
     "beta_0.8": {"estimator": {"beta": {"final": 0.8}}},  # the recipe before the suite (the paper's beta_T)
     "ema_target": {"estimator": {"normalizer": "ema_target"}},
     "in_batch_control": {"estimator": {"name": "in_batch"}},
+    # the in-batch estimator with the positive in the partition: InfoNCE's gradient through the linearized objective
+    "in_batch_pos_weight_1": {"estimator": {"name": "in_batch"}, "objective": {"name": "linearized", "pos_weight": 1.0}},
 }
 
 
@@ -200,8 +205,9 @@ class Run:
         """A key that identifies the run in a jsonl file."""
         d = asdict(self)
         d.pop("max_steps")
-        if METHODS[self.method]["loss"] == "recipe":  # a changed recipe is a different run
-            d["recipe"] = recipe_loss_section()
+        spec = METHODS[self.method]
+        if spec["loss"] == "recipe":  # a changed recipe is a different run
+            d["recipe"] = recipe_loss_section(RECIPES / spec["recipe"])
         return json.dumps(d, sort_keys=True)
 
     def tag(self) -> str:
@@ -254,10 +260,15 @@ def normaliser_error(model: SmallTwoTower, loss_fn, split, batch: int, rows: int
     sub = torch.randperm(n, generator=g)[: min(rows, n)]
     ar = torch.arange(len(sub))
     off = math.log((batch - 1) / (n - 1))
+    log_c = math.log(c) if c > 0 else -math.inf  # c = 0: the positive left out (NeuCLIP)
+    wants = getattr(est, "extra_inputs", ())
+    given = {"scale": model.logit_scale.exp().detach(), "bias": None, "num_negatives": float(batch - 1),
+             "local_rows": False}
+    extra = {k: given[k] for k in wants}  # what the estimator declares it reads, as the loss gives it
 
     def exact(a, b):  # rows a[sub] against all of b
         S = s * (a[sub] @ b.T) + off
-        S[ar, sub] = s * (a[sub] * b[sub]).sum(1) + math.log(c)
+        S[ar, sub] = s * (a[sub] * b[sub]).sum(1) + log_c
         return torch.logsumexp(S, 1)
 
     ref_x, ref_y = exact(x, y), exact(y, x)
@@ -270,10 +281,10 @@ def normaliser_error(model: SmallTwoTower, loss_fn, split, batch: int, rows: int
             p = torch.randperm(len(sub), generator=g)[:batch]
             idx = sub[p]
             S = s * (x[idx] @ y[idx].T)
-            S.diagonal().add_(math.log(c))
+            S.diagonal().add_(log_c)
             lzx, lzy = torch.logsumexp(S, 1), torch.logsumexp(S, 0)
             if est is not None:
-                out = est(x[idx], y[idx], lzx, lzy, idx)
+                out = est(x[idx], y[idx], lzx, lzy, idx, **extra)
                 nx, ny = out.log_norm_x, out.log_norm_y
             else:
                 nx, ny = lzx, lzy

@@ -62,6 +62,9 @@ def test_every_method_section_builds_and_the_recipe_is_adapted():
             assert est["beta"]["warmup_epochs"] == 3
             assert sec == tf.method_section(m, 64, 12, 50)[0]
             assert type(loss.estimator).__name__ == "AmortizedEstimator"
+        if m == "neuclip":  # the shipped small-batch recipe's section, not the preset's defaults
+            assert sec == tf.recipe_loss_section(tf.RECIPES / "neuclip-small-batch.yaml")
+            assert type(loss.estimator).__name__ == "NormalizerNetworkEstimator"
     over = tf.method_section("amorlip", 16, 12, 50, tf.VARIANTS["inner_lr_1e-3"])[0]
     assert over["estimator"]["lr"] == 1e-3 and over["estimator"]["objective"]  # merged, not replaced
     assert tf.method_section("amorlip", 16, 12, 50, tf.VARIANTS["in_batch_control"])[0]["estimator"] == {"name": "in_batch"}
@@ -69,12 +72,12 @@ def test_every_method_section_builds_and_the_recipe_is_adapted():
         tf.method_section("nope", 16, 1, 1)
 
 
-@pytest.mark.parametrize("method", ["clip", "siglip", "sogclr", "fastclip", "amorlip"])
+@pytest.mark.parametrize("method", ["clip", "siglip", "sogclr", "fastclip", "amorlip", "neuclip"])
 def test_two_steps_of_every_method_on_fashion(fashion, method):
     row = tf.train(tf.Run("fashion", method, 16, 0, "val", epochs=1, max_steps=2), fashion)
     assert row["steps"] == 2 and 0.0 <= row["quality"] <= 1.0
     assert row["epochs_log"][0]["scale"] == pytest.approx(row["scale"])
-    if method in ("sogclr", "fastclip", "amorlip"):
+    if method in ("sogclr", "fastclip", "amorlip", "neuclip"):
         assert math.isfinite(row["norm_err"]) and math.isfinite(row["batch_err"])
         assert "w_mean" in row and "r2_last" in row["epochs_log"][0]
 
