@@ -162,7 +162,8 @@ def test_sigkill_during_a_checkpoint_write_leaves_latest_whole(reference, tmp_pa
     _compare(reference(), _final(tmp_path))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+# SIGINT's path through the CLI is also tested in the default suite by test_user_path's Ctrl-C test
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_stop_signal_at_a_random_step_saves_says_how_to_resume_and_resumes_exactly(signum, reference, tmp_path):
     """SIGTERM (a scheduler's preemption) or SIGINT: the batch finishes, a checkpoint and model.pt
     are written, the resume command is printed, exit 128 + signum; the resumed run is exact."""
