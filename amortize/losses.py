@@ -17,7 +17,7 @@ what to backpropagate; the other entries are detached terms for logging.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Optional, Union
+from typing import Annotated, Any, ClassVar, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from amortize.estimators import ESTIMATORS
 from amortize.estimators.base import PartitionEstimator
 from amortize.estimators.in_batch import InBatchEstimator
 from amortize.objectives import OBJECTIVES, Objective, Pairs, Partition, partition, rescale_temperature
-from amortize.options import keyed
+from amortize.options import Range, keyed
 from amortize.registry import Section
 from amortize.schedules import Schedule, build_schedule
 
@@ -113,16 +113,17 @@ class ContrastiveLoss(nn.Module):
         *,
         layout: str = DEFAULT_LAYOUT,
         rho: Union[None, float, dict] = None,
-        chunk_size: Optional[int] = None,
+        chunk_size: Annotated[Optional[int], Range(lo=1)] = None,
         context: Optional[Mapping[str, Any]] = None,
     ) -> "ContrastiveLoss":
         """Build from recipe sections (``{name, **options}`` or names), as ``loss:`` in a recipe.
 
         Args:
-            objective: the objective's section.
-            estimator: the estimator's section, or None (in-batch where the objective takes one).
-            layout: the layout's name.
-            rho: the rescaling schedule.
+            objective: the objective's section (or a built :class:`~amortize.objectives.Objective`).
+            estimator: the estimator's section (or a built estimator), or None (in-batch where
+                the objective takes one).
+            layout: the layout's name (or a built :class:`~amortize.comm.Layout`).
+            rho: the rescaling schedule (or a built :class:`~amortize.schedules.Schedule`).
             chunk_size: rows per chunk, or None.
             context: values the caller knows (``dim``: the embedding width, ``num_samples``: the
                 dataset size); each is passed to an estimator constructor that names it in its
@@ -133,8 +134,8 @@ class ContrastiveLoss(nn.Module):
                 or a required option that neither the section nor the context gives.
         """
         known = dict(context or {})
-        built = None
-        if estimator is not None:
+        built = estimator  # a built estimator (a recipe's loss.estimator, bound and built as its own section)
+        if isinstance(estimator, (str, Mapping)):
             built = ESTIMATORS.bind(estimator, "loss.estimator", known=tuple(known)).build(**known)
         if not isinstance(objective, Objective):
             objective = OBJECTIVES.bind(objective, "loss.objective").build()

@@ -125,6 +125,15 @@ class Bound(Generic[T]):
         """Whether the constructor names the caller-known value ``param`` (``num_samples``)."""
         return param in self.known
 
+    def with_parts(self, **built: Any) -> "Bound[T]":
+        """This section with the values of some options replaced by the components built from them.
+
+        For a section whose options are sections bound on their own (``loss.objective`` inside
+        ``loss``): the caller builds those once and :meth:`build` hands the constructor the built
+        components instead of their sections.
+        """
+        return replace(self, options={**self.options, **built})
+
     def build(self, *args: Any, **values: Any) -> T:
         """Call the constructor once: ``ctor(*args, **passed, **known values it names, **options)``.
 

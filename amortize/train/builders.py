@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 from amortize.losses import ContrastiveLoss
 from amortize.models import TwoTowerModel
-from amortize.options import RecipeError, keyed
+from amortize.options import RecipeError
 from amortize.registry import Bound
 from amortize.train.config import Recipe, recipe_to_dict
 from amortize.train.plan import decide_start
@@ -66,7 +66,7 @@ def build_loss(recipe: Recipe, embed_dim: int, num_samples: Optional[int] = None
         RecipeError: naming the ``loss.*`` key of a bad value, or a per-sample estimator whose size
             is unknown or smaller than the dataset.
     """
-    b, c = bindings(recipe), recipe.loss
+    b = bindings(recipe)
     est = b.get("loss.estimator")
     estimator = None
     if est is not None:
@@ -76,14 +76,13 @@ def build_loss(recipe: Recipe, embed_dim: int, num_samples: Optional[int] = None
                               "from the model)", key=f"{est.key}.dim")
         _check_estimator_size(est, num_samples)
         estimator = est.build(dim=embed_dim, num_samples=num_samples)
-    objective = b.get("loss.objective").build()
-    layout = b.get("loss.layout").build()
-    rho = b.get("loss.rho")
-    try:
-        return ContrastiveLoss(objective, estimator, layout=layout, rho=rho.build() if rho is not None else c.rho,
-                               chunk_size=c.chunk_size)
-    except (TypeError, ValueError) as e:
-        raise keyed("loss", e) from None
+    parts = {"objective": b.get("loss.objective").build(), "layout": b.get("loss.layout").build()}
+    if estimator is not None:
+        parts["estimator"] = estimator
+    rho = b.get("loss.rho")  # None: no schedule, or a constant the loss section holds
+    if rho is not None:
+        parts["rho"] = rho.build()
+    return b.get("loss").with_parts(**parts).build(context={"dim": embed_dim, "num_samples": num_samples})
 
 
 def _check_estimator_size(est: Bound, num_samples: Optional[int]) -> None:

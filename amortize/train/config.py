@@ -14,7 +14,8 @@ This module imports neither Composer nor open_clip.
 The component sections choose components by name with their constructor options, as in
 llm-foundry: ``loss.objective: {name: linearized, pos_weight: 0.001}``, ``loss.estimator: {name:
 amortized, lr: 0.001, amortizer: {name: residual_mlp, width_factor: 0.5}}``, ``callbacks:
-[lr_monitor]``. Each is bound once at load (:mod:`amortize.train.sections`): its name looked up,
+[lr_monitor]``; ``loss`` itself holds the options of
+:meth:`amortize.losses.ContrastiveLoss.from_sections`. Each is bound once at load (:mod:`amortize.train.sections`): its name looked up,
 its options checked against the constructor's signature (names, types, ranges) under its dotted
 key. Nothing is built at load: the constructors' own checks of their values run when the run (or
 ``--dry-run``) builds each component, once, and their errors carry the same key. A recipe's
@@ -37,7 +38,7 @@ import yaml
 
 from amortize.options import Range, RecipeError, TimeString
 from amortize.train.imports import run_imports
-from amortize.train.schema import EvalConfig, LossConfig, Recipe, build_schema
+from amortize.train.schema import EvalConfig, Recipe, build_schema
 from amortize.train.sections import Bindings, bind_sections
 from amortize.train.validate import check_finite, check_top_level, check_values, read_recipe_text
 from amortize.train.yaml_input import apply_overrides, check_unique_overrides, read_yaml
@@ -46,7 +47,6 @@ __all__ = [
     "RecipeError",
     "Range",
     "TimeString",
-    "LossConfig",
     "EvalConfig",
     "Recipe",
     "load_recipe",
@@ -71,15 +71,6 @@ def _resolve_logit_params(recipe: Recipe, bound: Bindings) -> None:
     bias = getattr(objective, "init_logit_bias", Objective.init_logit_bias)
     if m.get("init_logit_bias") is None and bias is not None:
         m["init_logit_bias"] = float(bias)
-
-
-def _resolve_loss_defaults(recipe: Recipe) -> None:
-    """Write the loss module's default objective and layout into a recipe that names none."""
-    from amortize.losses import DEFAULT_LAYOUT, DEFAULT_OBJECTIVE
-
-    c = recipe.loss
-    c.objective = DEFAULT_OBJECTIVE if c.objective is None else c.objective
-    c.layout = DEFAULT_LAYOUT if c.layout is None else c.layout
 
 
 def _check_consistency(r: Recipe) -> None:
@@ -118,7 +109,6 @@ def load_recipe_dict(data: Optional[dict], base: Optional[Path] = None, *, bind:
     recipe = build_schema(Recipe, data)
     _check_consistency(recipe)
     if bind:
-        _resolve_loss_defaults(recipe)
         bind_sections(recipe, resolve=_resolve_logit_params)
         d = recipe.data  # resolved: the dataset's options with their defaults
         if d.get("sampling") == "resampled" and not d.get("num_samples"):

@@ -1,6 +1,6 @@
 """The recipe schema: the typed keys of a recipe that are not a component's constructor options.
 
-A component section (``model``, ``data``, ``optimizer``, ``scheduler``, ``divergence``,
+A component section (``model``, ``loss``, ``data``, ``optimizer``, ``scheduler``, ``divergence``,
 ``loss.objective``, ``loss.estimator``, ``loss.rho``, ``loggers`` ...) is a :data:`SectionSpec`
 here, plain data checked by the binding step against its constructor
 (:mod:`amortize.train.sections`); its options and their defaults live only in the constructor
@@ -35,7 +35,6 @@ from amortize.train.sections import Options
 __all__ = [
     "SectionSpec",
     "ScheduleSpec",
-    "LossConfig",
     "EvalConfig",
     "Recipe",
     "build_schema",
@@ -61,33 +60,6 @@ def _opt(default: Any = dataclasses.MISSING, *, check: Any = None, factory: Any 
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
-
-
-@dataclass
-class LossConfig:
-    """The objective, its partition-function estimator and the process layout (see :class:`amortize.losses.ContrastiveLoss`).
-
-    Attributes:
-        objective: a section naming a registered objective (:data:`amortize.objectives.OBJECTIVES`:
-            ``infonce`` for CLIP, ``sigmoid`` for SigLIP, ``linearized``) with its options, e.g.
-            ``{name: linearized, pos_weight: 0.001}``; None: the loss module's default
-            (:data:`amortize.losses.DEFAULT_OBJECTIVE`), written into the recipe when it loads.
-        estimator: for objectives that take normalisers (``linearized``), a section naming a
-            registered estimator (:data:`amortize.estimators.ESTIMATORS`: ``in_batch``,
-            ``moving_average`` for SogCLR/FastCLIP, ``amortized`` for AmorLIP) with its options;
-            None: in-batch. The builder offers ``dim`` (the embedding width) and ``num_samples``
-            (the dataset size) to constructors that name them, unless the section sets them.
-        layout: how negatives travel between processes: ``gather``, ``ring`` or ``local``; None:
-            :data:`amortize.losses.DEFAULT_LAYOUT`, written into the recipe when it loads.
-        rho: temperature-rescaling schedule (FastCLIP/AmorLIP), or None.
-        chunk_size: rows per chunk (exact, ``O(B * chunk)`` memory), or None (one chunk).
-    """
-
-    objective: Optional[SectionSpec] = None
-    estimator: Optional[SectionSpec] = None
-    layout: Optional[str] = None
-    rho: ScheduleSpec = None
-    chunk_size: Optional[int] = _opt(None, check=Range(lo=1))
 
 
 @dataclass
@@ -123,7 +95,10 @@ class Recipe:
             ``tiny``, ``cpu-small`` or an open_clip name; ``image_size``, ``context_length``,
             ``init_logit_scale`` and ``init_logit_bias`` (None: the objective's preference,
             written in when the recipe loads), ``pretrained``, ``lock_image``, ``lock_text``).
-        loss: objective and estimator.
+        loss: the options of :meth:`amortize.losses.ContrastiveLoss.from_sections` (``objective``
+            and ``estimator``, each a section of its own; ``layout``, ``rho``, ``chunk_size``), with
+            its defaults (:data:`amortize.losses.DEFAULT_OBJECTIVE`, :data:`~amortize.losses.DEFAULT_LAYOUT`)
+            written in when the recipe loads.
         data: training data, a section of :data:`amortize.data.DATASETS` (``shipped``,
             ``webdataset``, ``synthetic``) with its dataset's options and the loader's
             (:func:`amortize.data.loader_options`: the GLOBAL ``batch_size``, ``num_workers``,
@@ -178,7 +153,7 @@ class Recipe:
     method: str = "custom"
     imports: list[str] = field(default_factory=list)
     model: SectionSpec = field(default_factory=dict)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: dict = field(default_factory=Options)
     data: SectionSpec = "shipped"
     optimizer: SectionSpec = "adamw"
     scheduler: SectionSpec = "cosine_with_warmup"
@@ -242,6 +217,9 @@ def build_schema(cls: type, data: dict, prefix: str = "") -> Any:
                 raise RecipeError(f"expected a mapping, got {type(v).__name__} {v!r}", key=key)
             value = build_schema(tp, v, key)
         else:
+            for sub in v if isinstance(v, dict) else ():  # a section's keys of recipes before 0.2
+                if moved(f"{key}.{sub}"):
+                    raise RecipeError(moved(f"{key}.{sub}"))
             value = conform(v, tp, key, convert=True)
             if isinstance(value, dict):  # a section: its keys read as attributes too
                 value = Options(value)

@@ -7,7 +7,7 @@ component (the embedding width ``dim``, the dataset size ``num_samples``). :func
 runs the binding step (:meth:`amortize.registry.Registry.bind`) on each of them once; the builders
 then call :meth:`~amortize.registry.Bound.build` once per component. Nothing is built to be checked.
 
-The options of ``model``, ``data``, ``optimizer``, ``scheduler`` and ``divergence`` are the
+The options of ``model``, ``loss``, ``data``, ``optimizer``, ``scheduler`` and ``divergence`` are the
 keyword arguments of their constructors, with the constructors' defaults: once bound, the recipe
 holds each of these sections *resolved* (an :class:`Options` mapping: what the recipe wrote, the
 constructor's default for the rest), so ``recipe.optimizer.lr`` reads the learning rate the run
@@ -54,7 +54,10 @@ class Options(dict):
 
 def _load(target: str) -> Any:
     module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
+    found = importlib.import_module(module)
+    for part in name.split("."):  # a class's constructor method: "amortize.losses:ContrastiveLoss.from_sections"
+        found = getattr(found, part)
+    return found
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class Declared:
         registry: ``"module:NAME"`` of the :class:`~amortize.registry.Registry` its name is looked
             up in, or None with ``ctor``.
         ctor: ``"module:NAME"`` of the one constructor the section's options are checked against
-            (``model``: :func:`amortize.models.build_model`), instead of a registry.
+            (``model``: :func:`amortize.models.build_model`; ``loss``:
+            ``ContrastiveLoss.from_sections``), instead of a registry.
         known: values the builder knows (offered to constructors that name them).
         passed: arguments the builder always passes itself (no section may set them).
         many: the key holds a list of sections.
@@ -93,6 +97,7 @@ class Declared:
 
 
 SECTIONS: tuple[Declared, ...] = (
+    Declared("loss", ctor="amortize.losses:ContrastiveLoss.from_sections", passed=("context",), resolved=True),
     Declared("loss.objective", "amortize.objectives:OBJECTIVES"),
     Declared("loss.estimator", "amortize.estimators:ESTIMATORS", known=("dim", "num_samples")),
     Declared("loss.layout", "amortize.comm:LAYOUTS"),
@@ -108,15 +113,16 @@ SECTIONS: tuple[Declared, ...] = (
     Declared("eval.tasks", "amortize.eval.user:EVAL_TASKS", passed=("image_size",), many=True),  # a list only
     Declared("model", ctor="amortize.models:build_model", resolved=True),  # last: after the objective's preferences
 )
-"""Every component section of a recipe, in binding order."""
+"""Every component section of a recipe, in binding order (``loss`` before the sections inside it:
+once bound it holds its constructor's defaults, the default objective and layout among them)."""
 
 _BY_KEY = {d.key: d for d in SECTIONS}
 
 
 def _get(recipe: Any, key: str) -> Any:
     node = recipe
-    for part in key.split("."):
-        node = getattr(node, part)
+    for part in key.split("."):  # an option a section leaves out (``loss.estimator``) is unset
+        node = node.get(part) if isinstance(node, dict) else getattr(node, part)
     return node
 
 

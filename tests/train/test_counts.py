@@ -28,7 +28,7 @@ from composer.callbacks import LRMonitor, SpeedMonitor
 DEFAULT = str(Path(__file__).resolve().parents[2] / "recipes" / "default.yaml")
 
 # the default recipe's component sections, each checked once and built once
-SECTIONS = ("model", "loss.objective", "loss.estimator", "loss.layout", "loss.rho", "data", "optimizer", "scheduler",
+SECTIONS = ("model", "loss", "loss.objective", "loss.estimator", "loss.layout", "loss.rho", "data", "optimizer", "scheduler",
             "divergence", "callbacks[0]", "callbacks[1]")
 
 
