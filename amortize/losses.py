@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from amortize import checks as K
 from amortize.comm import Layout, build_layout
 from amortize.estimators import ESTIMATORS
-from amortize.estimators.base import PartitionEstimator
+from amortize.estimators.base import PartitionEstimator, declared_inputs
 from amortize.estimators.in_batch import InBatchEstimator
 from amortize.objectives import OBJECTIVES, Objective, Pairs, Partition, partition, rescale_temperature
 from amortize.options import Range, keyed
@@ -177,11 +177,10 @@ class ContrastiveLoss(nn.Module):
             ys = pairs.y.detach()[:1].expand(n, pairs.y.shape[1])
         idx = None if index is None else lay.all_rows(index)
         extra = {}
-        wants = getattr(self.estimator, "extra_inputs", ())  # duck-typed estimators may not declare it
-        if wants:  # what the estimator declares it reads besides the features and sums
-            given = {"scale": pairs.scale.detach(), "bias": None if pairs.bias is None else pairs.bias.detach(),
-                     "num_negatives": pairs.negative_weight * (n - 1), "local_rows": lay.local_rows()}
-            extra = {k: given[k] for k in wants}
+        if getattr(self.estimator, "extra_inputs", ()):  # what it declares it reads besides the features and sums
+            extra = declared_inputs(self.estimator, pairs.scale.detach(),
+                                    None if pairs.bias is None else pairs.bias.detach(),
+                                    pairs.negative_weight * (n - 1), lay.local_rows())
         est = self.estimator(xs, ys, part.log_z_x, part.log_z_y, idx, **extra)
         got = (tuple(est.log_norm_x.shape), tuple(est.log_norm_y.shape))
         if pairs.checks != "off" and got != ((n,), (pairs.num_columns,)):  # a longer vector would be cut silently

@@ -248,6 +248,8 @@ def normaliser_error(model: SmallTwoTower, loss_fn, split, batch: int, rows: int
     The estimator is queried in eval mode (its state does not change) on ``rounds`` random batches
     drawn from ``rows`` random training rows. Empty for objectives without a normaliser.
     """
+    from amortize.estimators.base import declared_inputs
+
     est = loss_fn.estimator
     obj = loss_fn.objective
     if not getattr(obj, "accepts_normalizers", False):
@@ -261,10 +263,8 @@ def normaliser_error(model: SmallTwoTower, loss_fn, split, batch: int, rows: int
     ar = torch.arange(len(sub))
     off = math.log((batch - 1) / (n - 1))
     log_c = math.log(c) if c > 0 else -math.inf  # c = 0: the positive left out (NeuCLIP)
-    wants = getattr(est, "extra_inputs", ())
-    given = {"scale": model.logit_scale.exp().detach(), "bias": None, "num_negatives": float(batch - 1),
-             "local_rows": False}
-    extra = {k: given[k] for k in wants}  # what the estimator declares it reads, as the loss gives it
+    # what the estimator declares it reads, as the loss gives it on one process
+    extra = declared_inputs(est, model.logit_scale.exp().detach(), None, float(batch - 1), False)
 
     def exact(a, b):  # rows a[sub] against all of b
         S = s * (a[sub] @ b.T) + off

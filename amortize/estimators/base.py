@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from torch import Tensor, nn
 
 from amortize import checks as K
 
-__all__ = ["PartitionEstimate", "PartitionEstimator", "StateRule", "CROSS_PROCESS_RULES", "RESUME_RULES"]
+__all__ = ["PartitionEstimate", "PartitionEstimator", "StateRule", "CROSS_PROCESS_RULES", "RESUME_RULES",
+           "declared_inputs"]
 
 CROSS_PROCESS_RULES = ("identical", "per_process")
 """How a piece of estimator state relates across processes: ``identical`` (every process applies
@@ -146,6 +147,26 @@ class PartitionEstimator(nn.Module):
             )
         K.unique_index(index, type(self).__name__)
         return index.long()
+
+
+def declared_inputs(estimator: Any, scale: Any, bias: Any, num_negatives: float, local_rows: bool) -> dict[str, Any]:
+    """The keyword inputs ``estimator`` declares in ``extra_inputs``, picked from what a caller knows.
+
+    The one place these inputs are named: the loss module passes them on every step, and a caller
+    that queries an estimator outside the loss (a benchmark's diagnostic) passes the same.
+
+    Args:
+        estimator: an estimator (duck-typed ones without ``extra_inputs`` get nothing).
+        scale: 0-d inverse temperature, detached.
+        bias: 0-d logit bias, detached, or None.
+        num_negatives: how many negatives each in-batch sum weighs.
+        local_rows: whether the rows are this process's alone on several processes.
+    """
+    wants = getattr(estimator, "extra_inputs", ())
+    if not wants:
+        return {}
+    given = {"scale": scale, "bias": bias, "num_negatives": num_negatives, "local_rows": local_rows}
+    return {k: given[k] for k in wants}
 
 
 def _long_dtypes():
