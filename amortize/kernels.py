@@ -13,6 +13,7 @@ between forward and backward, which makes dense the same code with one chunk.
   a sum (spec section 2), and InfoNCE's gradient is one with ``a`` its own logsumexp.
 * :func:`sigmoid_pair_sum`: SigLIP's pairwise sum.
 * :func:`positive_term`: ``-2 s mean_i <x_i, y_i>``.
+* :func:`positive_scores`: the positives' scores ``S_ii = s <x_i, y_i> + b`` (no gradient).
 
 Kernels know no objective and no process: :mod:`amortize.comm` hands them column blocks and
 :mod:`amortize.objectives` combines them. Computation is float32 (float64 inputs stay float64).
@@ -36,6 +37,7 @@ __all__ = [
     "exp_sums",
     "sigmoid_pair_sum",
     "positive_term",
+    "positive_scores",
 ]
 
 Scalar = Union[float, Tensor]
@@ -392,3 +394,24 @@ def positive_term(x: Tensor, y: Tensor, scale: Scalar) -> Tensor:
     xf, yf = _f32(x), _f32(y)
     s = scale if isinstance(scale, Tensor) else _as_tensor(scale, xf)
     return -2.0 * s.reshape(()).to(xf.dtype) * (xf * yf).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def positive_scores(x: Tensor, y: Tensor, scale: Scalar, bias: Optional[Scalar] = None) -> Tensor:
+    """The positives' scores ``S_ii = s <x_i, y_i> + b``, detached (rows of ``x`` and ``y`` paired).
+
+    Args:
+        x: (R, d) rows.
+        y: (R, d) their positives.
+        scale: inverse temperature ``s``.
+        bias: logit bias ``b``, or None.
+
+    Returns:
+        (R,) float32 scores (float64 for float64 inputs).
+    """
+    xf, yf = _f32(x.detach()), _f32(y.detach())
+    s = _as_tensor(scale.detach() if isinstance(scale, Tensor) else scale, xf).reshape(())
+    out = s * (xf * yf).sum(dim=1)
+    if bias is not None:
+        out = out + _as_tensor(bias.detach() if isinstance(bias, Tensor) else bias, xf).reshape(())
+    return out

@@ -3,6 +3,8 @@
 * ``in_batch``: CLIP's in-batch sums (:class:`InBatchEstimator`).
 * ``moving_average``: SogCLR / FastCLIP per-sample moving averages (:class:`MovingAverageEstimator`).
 * ``amortized``: AmorLIP's amortizer networks with today's flat keys (:class:`AmortizedEstimator`).
+* ``exact_positive``: any of these for the negatives, the positive's term exact
+  (:class:`~amortize.estimators.exact_positive.ExactPositive`).
 * ``normalizer_network``: a normaliser-network estimator spelled out part by part
   (:class:`~amortize.estimators.normalizer.NormalizerNetworkEstimator`).
 * ``neuclip``, ``amorlip_code``, ``amorlip_paper``: the presets of
@@ -19,6 +21,7 @@ from amortize.estimators.amortized import AmortizedEstimator, blend_log_targets
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator, StateRule
 from amortize.estimators.normalizer import PRESETS, NormalizerNetworkEstimator, from_preset, neuclip
 from amortize.estimators.in_batch import InBatchEstimator
+from amortize.estimators.exact_positive import ExactPositive
 from amortize.estimators.moving_average import MovingAverageEstimator, moving_average_update
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "MovingAverageEstimator",
     "AmortizedEstimator",
     "NormalizerNetworkEstimator",
+    "ExactPositive",
     "StateRule",
     "PRESETS",
     "from_preset",
@@ -45,6 +49,7 @@ for _name, _cls in (("in_batch", InBatchEstimator), ("moving_average", MovingAve
     ESTIMATORS.register(_name, _cls)
 ESTIMATORS.register("normalizer_network", NormalizerNetworkEstimator)
 ESTIMATORS.register("neuclip", neuclip)
+ESTIMATORS.register("exact_positive", ExactPositive)
 
 
 def _preset_ctor(preset: str):

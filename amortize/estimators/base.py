@@ -77,7 +77,7 @@ class PartitionEstimator(nn.Module):
     reads_features: bool = True
 
     #: extra keyword inputs :meth:`forward` reads, passed by the loss module (``scale``, ``bias``,
-    #: ``num_negatives``, ``local_rows``); none by default
+    #: ``num_negatives``, ``local_rows``, ``pos_weight``: see :func:`declared_inputs`); none by default
     extra_inputs: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ declared state
@@ -149,7 +149,8 @@ class PartitionEstimator(nn.Module):
         return index.long()
 
 
-def declared_inputs(estimator: Any, scale: Any, bias: Any, num_negatives: float, local_rows: bool) -> dict[str, Any]:
+def declared_inputs(estimator: Any, scale: Any, bias: Any, num_negatives: float, local_rows: bool,
+                    pos_weight: float = 1.0) -> dict[str, Any]:
     """The keyword inputs ``estimator`` declares in ``extra_inputs``, picked from what a caller knows.
 
     The one place these inputs are named: the loss module passes them on every step, and a caller
@@ -161,11 +162,13 @@ def declared_inputs(estimator: Any, scale: Any, bias: Any, num_negatives: float,
         bias: 0-d logit bias, detached, or None.
         num_negatives: how many negatives each in-batch sum weighs.
         local_rows: whether the rows are this process's alone on several processes.
+        pos_weight: ``c``, the positive's weight in the in-batch sums (the objective's).
     """
     wants = getattr(estimator, "extra_inputs", ())
     if not wants:
         return {}
-    given = {"scale": scale, "bias": bias, "num_negatives": num_negatives, "local_rows": local_rows}
+    given = {"scale": scale, "bias": bias, "num_negatives": num_negatives, "local_rows": local_rows,
+             "pos_weight": pos_weight}
     return {k: given[k] for k in wants}
 
 

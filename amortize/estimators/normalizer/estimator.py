@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from amortize import checks as K
 from amortize import comm as D
+from amortize import kernels
 from amortize.amortizers import AMORTIZERS
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator
 from amortize.estimators.normalizer.fit import MODALITIES, Fit
@@ -287,7 +288,7 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         bias = torch.zeros((), device=scale.device) if bias is None else torch.as_tensor(bias).detach().float()
         n = u["image"].shape[0]
         negatives = float(inputs.get("num_negatives", n - 1))
-        pos = scale * (u["image"] * u["text"]).sum(-1) + bias  # S_ii, the positive's score
+        pos = kernels.positive_scores(u["image"], u["text"], scale, bias)  # S_ii, the positive's score
         return {m: {"pos": pos, "scale": scale, "bias": bias, "num_negatives": negatives} for m in MODALITIES}
 
     @torch.no_grad()
