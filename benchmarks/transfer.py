@@ -116,6 +116,8 @@ def adapt_small_batch(section: dict, batch: int, epochs: int, steps_per_epoch: i
     """
     sec = copy.deepcopy(section)
     est = sec.get("estimator")
+    while isinstance(est, dict) and isinstance(est.get("inner"), dict):  # a wrapper (exact_positive): its inner
+        est = est["inner"]
     if isinstance(est, dict) and est.get("name") == "amortized":
         amort = est.get("amortizer")
         if isinstance(amort, dict):
@@ -144,7 +146,11 @@ def method_section(method: str, batch: int, epochs: int, steps_per_epoch: int,
     if isinstance(est, dict) and isinstance(est.get("gamma"), dict) and est["gamma"].get("decay_epochs") == "half":
         est["gamma"]["decay_epochs"] = max(1, epochs // 2)
     if overrides:
+        overrides = dict(overrides)
+        wrap = overrides.pop("wrap", None)
         sec = _merge(sec, overrides)
+        if wrap is not None:  # the recipe's estimator becomes the inner estimator of a wrapper
+            sec["estimator"] = {"name": wrap, "inner": sec["estimator"]}
     return sec, spec.get("init_scale", CLIP_SCALE), spec.get("init_bias")
 
 
@@ -180,6 +186,11 @@ VARIANTS: dict[str, dict] = {
     "in_batch_control": {"estimator": {"name": "in_batch"}},
     # the in-batch estimator with the positive in the partition: InfoNCE's gradient through the linearized objective
     "in_batch_pos_weight_1": {"estimator": {"name": "in_batch"}, "objective": {"name": "linearized", "pos_weight": 1.0}},
+    # the positive's term exact (c = 1, as InfoNCE), the amortizer fitting the negatives' sums only
+    "exact_positive": {"wrap": "exact_positive", "objective": {"name": "linearized", "pos_weight": 1.0}},
+    **{f"exact_positive_c{c}": {"wrap": "exact_positive", "objective": {"name": "linearized", "pos_weight": c}}
+       for c in (0.3, 0.1, 0.03, 0.01)},
+    "pos_weight_0.03": {"objective": {"name": "linearized", "pos_weight": 0.03}},  # c = 0.03, the positive fitted
 }
 
 
@@ -264,7 +275,7 @@ def normaliser_error(model: SmallTwoTower, loss_fn, split, batch: int, rows: int
     off = math.log((batch - 1) / (n - 1))
     log_c = math.log(c) if c > 0 else -math.inf  # c = 0: the positive left out (NeuCLIP)
     # what the estimator declares it reads, as the loss gives it on one process
-    extra = declared_inputs(est, model.logit_scale.exp().detach(), None, float(batch - 1), False)
+    extra = declared_inputs(est, model.logit_scale.exp().detach(), None, float(batch - 1), False, c)
 
     def exact(a, b):  # rows a[sub] against all of b
         S = s * (a[sub] @ b.T) + off

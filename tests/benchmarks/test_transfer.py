@@ -68,6 +68,13 @@ def test_every_method_section_builds_and_the_recipe_is_adapted():
     over = tf.method_section("amorlip", 16, 12, 50, tf.VARIANTS["inner_lr_1e-3"])[0]
     assert over["estimator"]["lr"] == 1e-3 and over["estimator"]["objective"]  # merged, not replaced
     assert tf.method_section("amorlip", 16, 12, 50, tf.VARIANTS["in_batch_control"])[0]["estimator"] == {"name": "in_batch"}
+    wrapped = tf.method_section("amorlip", 64, 12, 50, tf.VARIANTS["exact_positive_c0.03"])[0]
+    assert wrapped["objective"]["pos_weight"] == 0.03 and wrapped["estimator"]["name"] == "exact_positive"
+    assert wrapped["estimator"]["inner"]["name"] == "amortized"  # the recipe's estimator, adapted, inside
+    inner = tf.adapt_small_batch({"estimator": {"name": "exact_positive", "inner": {
+        "name": "amortized", "amortizer": {"name": "residual_mlp"}, "beta": {"name": "beta_warmup"}}}}, 64, 12, 50)
+    assert inner["estimator"]["inner"]["amortizer"]["init_log_z"] == pytest.approx(math.log(64))  # found inside the wrapper
+    assert type(tf.build_loss(wrapped, 100, 64).estimator).__name__ == "ExactPositive"
     with pytest.raises(ValueError, match="unknown method"):
         tf.method_section("nope", 16, 1, 1)
 

@@ -115,3 +115,15 @@ def test_bad_input_is_refused_by_name():
                         known=("dim",)).build(dim=8)
     with pytest.raises(ValueError, match="floor"):
         ExactPositive(InBatchEstimator(), floor=0.0)
+
+
+def test_ddp_and_the_rollback_read_the_inner_estimators_declared_state():
+    """DDP's ignore list holds every tensor of the inner amortizer (its nets and counters), under loss_fn.estimator.inner."""
+    from amortize.train.compat import loss_state_to_ignore
+
+    loss = ContrastiveLoss.from_sections({"name": "linearized", "pos_weight": 0.03},
+                                         {"name": "exact_positive", "inner": "amortized"}, context={"dim": 8})
+    ignored = set(loss_state_to_ignore(loss))
+    inner = {f"loss_fn.estimator.inner.{n}" for n, _ in loss.estimator.inner.named_parameters()}
+    inner |= {f"loss_fn.estimator.inner.{n}" for n, _ in loss.estimator.inner.named_buffers()}
+    assert inner and inner <= ignored
