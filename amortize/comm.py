@@ -74,6 +74,7 @@ __all__ = [
     "TorchDistributed",
     "Topology",
     "ONE_PROCESS",
+    "DEFAULT_TOPOLOGY",
     "InProcessWorld",
     "world_size",
     "rank",
@@ -253,21 +254,22 @@ class Topology:
 ONE_PROCESS = Topology(1, 0)
 """This process's batch alone, whatever ``torch.distributed`` says (``Gather(ONE_PROCESS)``: the functional face)."""
 
-_DEFAULT = Topology()  # the default group, lazily
+DEFAULT_TOPOLOGY = Topology()
+"""The default group, read lazily: what a layout built without a topology spans (``Topology()``)."""
 
 
 def world_size() -> int:
     """Number of processes in the default group (1 when torch.distributed is not initialised).
 
-    For estimators that synchronise their own state over the default group; layouts read their
+    What :data:`DEFAULT_TOPOLOGY` reads now; layouts and the estimators they feed read their
     :class:`Topology` instead.
     """
-    return _DEFAULT.world_size
+    return DEFAULT_TOPOLOGY.world_size
 
 
 def rank() -> int:
     """This process's rank in the default group (0 when torch.distributed is not initialised)."""
-    return _DEFAULT.rank
+    return DEFAULT_TOPOLOGY.rank
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +302,7 @@ def all_gather_with_grad(t: Tensor, topology: Optional[Topology] = None) -> Tens
     Returns:
         (W * B, ...) gathered tensor.
     """
-    topo = _DEFAULT if topology is None else topology
+    topo = DEFAULT_TOPOLOGY if topology is None else topology
     if topo.world_size == 1:
         return t
     return _AllGatherCat.apply(t, topo.exchanger_for_collective(), topo.rank)
@@ -309,7 +311,7 @@ def all_gather_with_grad(t: Tensor, topology: Optional[Topology] = None) -> Tens
 @torch.no_grad()
 def all_gather_no_grad(t: Tensor, topology: Optional[Topology] = None) -> Tensor:
     """Concatenate a detached ``t`` (B, ...) from all processes in rank order: (W * B, ...)."""
-    topo = _DEFAULT if topology is None else topology
+    topo = DEFAULT_TOPOLOGY if topology is None else topology
     if topo.world_size == 1:
         return t.detach()
     return torch.cat(topo.exchanger_for_collective().all_gather(t.detach()), dim=0)
@@ -339,7 +341,7 @@ def ring_blocks(t: Tensor, topology: Optional[Topology] = None) -> list[tuple[in
     Returns:
         ``[(owner, block), ...]`` for k = 0 .. W - 1; block 0 is ``t`` itself.
     """
-    topo = _DEFAULT if topology is None else topology
+    topo = DEFAULT_TOPOLOGY if topology is None else topology
     W, r = topo.world_size, topo.rank
     out = [(r, t)]
     if W == 1:
@@ -516,7 +518,7 @@ class Layout:
     def __init__(self, topology: Optional[Topology] = None):
         if topology is not None and not isinstance(topology, Topology):
             raise TypeError(f"a layout's topology must be an amortize.comm.Topology, got {type(topology).__name__}")
-        self.topology = _DEFAULT if topology is None else topology
+        self.topology = DEFAULT_TOPOLOGY if topology is None else topology
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.topology!r})"

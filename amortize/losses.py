@@ -180,7 +180,8 @@ class ContrastiveLoss(nn.Module):
         if getattr(self.estimator, "extra_inputs", ()):  # what it declares it reads besides the features and sums
             extra = declared_inputs(self.estimator, pairs.scale.detach(),
                                     None if pairs.bias is None else pairs.bias.detach(),
-                                    pairs.negative_weight * (n - 1), lay.local_rows(), part.pos_weight)
+                                    pairs.negative_weight * (n - 1), lay.local_rows(), part.pos_weight,
+                                    lay.topology)
         est = self.estimator(xs, ys, part.log_z_x, part.log_z_y, idx, **extra)
         got = (tuple(est.log_norm_x.shape), tuple(est.log_norm_y.shape))
         if pairs.checks != "off" and got != ((n,), (pairs.num_columns,)):  # a longer vector would be cut silently

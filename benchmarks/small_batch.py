@@ -447,6 +447,10 @@ def estimator_error(model: SmallTwoTower, loss_fn, split: Split, batch: int, sca
     w.diagonal().fill_(log_c)
     ref_x = torch.logsumexp(S + w, dim=1)
     ref_y = torch.logsumexp(S + w, dim=0)
+    from amortize.estimators.base import declared_inputs
+
+    # what the estimator declares it reads, as the loss gives it on one process
+    extra = declared_inputs(est, torch.tensor(scale), None, batch - 1, False, c, loss_fn.layout.topology)
     was = est.training
     est.eval()
     err_est, err_batch = [], []
@@ -457,8 +461,7 @@ def estimator_error(model: SmallTwoTower, loss_fn, split: Split, batch: int, sca
             wb = torch.zeros_like(s)
             wb.diagonal().fill_(log_c)
             lzx, lzy = torch.logsumexp(s + wb, 1), torch.logsumexp(s + wb, 0)
-            given = {"scale": torch.tensor(scale), "bias": None, "num_negatives": batch - 1, "local_rows": False}
-            out = est(x[idx], y[idx], lzx, lzy, idx, **{k: given[k] for k in getattr(est, "extra_inputs", ())})
+            out = est(x[idx], y[idx], lzx, lzy, idx, **extra)
             err_est.append(0.5 * ((out.log_norm_x - ref_x[idx]).square().mean()
                                   + (out.log_norm_y - ref_y[idx]).square().mean()))
             err_batch.append(0.5 * ((lzx - ref_x[idx]).square().mean() + (lzy - ref_y[idx]).square().mean()))

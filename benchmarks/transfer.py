@@ -275,7 +275,8 @@ def normaliser_error(model: SmallTwoTower, loss_fn, split, batch: int, rows: int
     off = math.log((batch - 1) / (n - 1))
     log_c = math.log(c) if c > 0 else -math.inf  # c = 0: the positive left out (NeuCLIP)
     # what the estimator declares it reads, as the loss gives it on one process
-    extra = declared_inputs(est, model.logit_scale.exp().detach(), None, float(batch - 1), False, c)
+    extra = declared_inputs(est, model.logit_scale.exp().detach(), None, float(batch - 1), False, c,
+                            topology=loss_fn.layout.topology)
 
     def exact(a, b):  # rows a[sub] against all of b
         S = s * (a[sub] @ b.T) + off

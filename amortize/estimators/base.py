@@ -8,6 +8,7 @@ from typing import Any, Iterator, Optional
 from torch import Tensor, nn
 
 from amortize import checks as K
+from amortize.comm import Topology
 
 __all__ = ["PartitionEstimate", "PartitionEstimator", "StateRule", "CROSS_PROCESS_RULES", "RESUME_RULES",
            "declared_inputs"]
@@ -77,7 +78,8 @@ class PartitionEstimator(nn.Module):
     reads_features: bool = True
 
     #: extra keyword inputs :meth:`forward` reads, passed by the loss module (``scale``, ``bias``,
-    #: ``num_negatives``, ``local_rows``, ``pos_weight``: see :func:`declared_inputs`); none by default
+    #: ``num_negatives``, ``local_rows``, ``pos_weight``, ``topology``: see :func:`declared_inputs`);
+    #: none by default
     extra_inputs: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ declared state
@@ -150,7 +152,7 @@ class PartitionEstimator(nn.Module):
 
 
 def declared_inputs(estimator: Any, scale: Any, bias: Any, num_negatives: float, local_rows: bool,
-                    pos_weight: float = 1.0) -> dict[str, Any]:
+                    pos_weight: float = 1.0, topology: Optional[Topology] = None) -> dict[str, Any]:
     """The keyword inputs ``estimator`` declares in ``extra_inputs``, picked from what a caller knows.
 
     The one place these inputs are named: the loss module passes them on every step, and a caller
@@ -163,12 +165,19 @@ def declared_inputs(estimator: Any, scale: Any, bias: Any, num_negatives: float,
         num_negatives: how many negatives each in-batch sum weighs.
         local_rows: whether the rows are this process's alone on several processes.
         pos_weight: ``c``, the positive's weight in the in-batch sums (the objective's).
+        topology: the processes of the layout the rows come from (the loss passes its layout's
+            :class:`~amortize.comm.Topology`); an estimator that synchronises its own state runs
+            its collectives through it and reads its world size. None: not known to the caller
+            (an estimator keeps the topology it was last called with).
+
+    Returns:
+        ``{name: value}`` for each name in ``estimator.extra_inputs``, in that order.
     """
     wants = getattr(estimator, "extra_inputs", ())
     if not wants:
         return {}
     given = {"scale": scale, "bias": bias, "num_negatives": num_negatives, "local_rows": local_rows,
-             "pos_weight": pos_weight}
+             "pos_weight": pos_weight, "topology": topology}
     return {k: given[k] for k in wants}
 
 

@@ -138,7 +138,7 @@ class ExactPositive(PartitionEstimator):
         log_pos = log_pos.to(lzx.dtype)
         neg_x, neg_y = remove_positive(lzx, log_pos, self.floor), remove_positive(lzy, log_pos, self.floor)
         own = declared_inputs(self.inner, inputs.get("scale"), inputs.get("bias"), inputs.get("num_negatives", 0.0),
-                              inputs.get("local_rows", False), c)
+                              inputs.get("local_rows", False), c, inputs.get("topology"))
         est = self.inner(x, y, neg_x, neg_y, index, **own)
         nx, ny = add_positive(est.log_norm_x, log_pos), add_positive(est.log_norm_y, log_pos)
         terms = dict(est.terms)

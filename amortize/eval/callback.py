@@ -6,6 +6,7 @@ This is the only module of ``amortize.eval`` that imports Composer.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Annotated
 
 import torch
 from composer.core import Callback, Event, State
@@ -13,6 +14,7 @@ from composer.loggers import Logger
 
 from amortize.eval import evaluate
 from amortize.eval.report import format_markdown
+from amortize.options import NONNEGATIVE, Range
 
 
 def unwrap_clip_model(model):
@@ -46,8 +48,9 @@ class EvalCallback(Callback):
     """
 
     def __init__(self, tokenizer: Callable[[Sequence[str]], torch.Tensor], tasks: Sequence | None = None, *,
-                 every_n_epochs: int = 1, at_fit_end: bool = True, batch_size: int = 256,
-                 prefix: str = "eval", print_table: bool = False, every_n_batches: int = 0):
+                 every_n_epochs: Annotated[int, NONNEGATIVE] = 1, at_fit_end: bool = True,
+                 batch_size: Annotated[int, Range(lo=1)] = 256, prefix: str = "eval", print_table: bool = False,
+                 every_n_batches: Annotated[int, NONNEGATIVE] = 0):
         self.tokenizer = tokenizer
         self._tasks = list(tasks) if tasks is not None else None
         self.every_n_epochs = every_n_epochs

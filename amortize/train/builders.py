@@ -271,13 +271,10 @@ def build_trainer(
     if counter is not None:
         cbs.append(DataSkipReport(counter))
     install_atomic_checkpoint_writes()
-    e = recipe.eval
+    e = recipe.eval  # resolved: the callback's options with its defaults, and tasks
     if e.tasks != "none" and (e.every_n_epochs > 0 or e.every_n_batches > 0 or e.at_fit_end):
-        from amortize.eval.callback import EvalCallback
-
         tasks = build_eval_tasks(recipe, image_size=unwrap(model).model.image_size)
-        cbs.append(EvalCallback(tokenizer, tasks, every_n_epochs=e.every_n_epochs, every_n_batches=e.every_n_batches,
-                                at_fit_end=e.at_fit_end, batch_size=e.batch_size, print_table=True))
+        cbs.append(bindings(recipe).get("eval").build(tokenizer=tokenizer, tasks=tasks, print_table=True))
     extra = _recipe_extras(recipe)
     algorithms.extend(extra["algorithms"])
     cbs.extend([*extra["callbacks"], *callbacks])

@@ -38,7 +38,7 @@ import yaml
 
 from amortize.options import Range, RecipeError, TimeString
 from amortize.train.imports import run_imports
-from amortize.train.schema import EvalConfig, Recipe, build_schema
+from amortize.train.schema import Recipe, build_schema
 from amortize.train.sections import Bindings, bind_sections
 from amortize.train.validate import check_finite, check_top_level, check_values, read_recipe_text
 from amortize.train.yaml_input import apply_overrides, check_unique_overrides, read_yaml
@@ -47,7 +47,6 @@ __all__ = [
     "RecipeError",
     "Range",
     "TimeString",
-    "EvalConfig",
     "Recipe",
     "load_recipe",
     "load_recipe_dict",
@@ -71,14 +70,6 @@ def _resolve_logit_params(recipe: Recipe, bound: Bindings) -> None:
     bias = getattr(objective, "init_logit_bias", Objective.init_logit_bias)
     if m.get("init_logit_bias") is None and bias is not None:
         m["init_logit_bias"] = float(bias)
-
-
-def _check_consistency(r: Recipe) -> None:
-    """Checks that join two keys (each key's own range is declared beside it, in the schema or the constructor)."""
-    tasks = r.eval.tasks  # a list of sections is bound with the others (train/sections.py)
-    if (isinstance(tasks, str) and tasks not in ("default", "none")) or tasks == []:
-        raise RecipeError(f"{tasks!r} is not one of default, none, or a list of task sections (retrieval, "
-                          "zeroshot, default)", key="eval.tasks")
 
 
 def load_recipe_dict(data: Optional[dict], base: Optional[Path] = None, *, bind: bool = True) -> Recipe:
@@ -107,7 +98,6 @@ def load_recipe_dict(data: Optional[dict], base: Optional[Path] = None, *, bind:
         data["imports"] = run_imports(data["imports"], base)
     check_finite(data)  # amortize.train.validate
     recipe = build_schema(Recipe, data)
-    _check_consistency(recipe)
     if bind:
         bind_sections(recipe, resolve=_resolve_logit_params)
         d = recipe.data  # resolved: the dataset's options with their defaults

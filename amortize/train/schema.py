@@ -1,19 +1,21 @@
 """The recipe schema: the typed keys of a recipe that are not a component's constructor options.
 
 A component section (``model``, ``loss``, ``data``, ``optimizer``, ``scheduler``, ``divergence``,
-``loss.objective``, ``loss.estimator``, ``loss.rho``, ``loggers`` ...) is a :data:`SectionSpec`
-here, plain data checked by the binding step against its constructor
-(:mod:`amortize.train.sections`); its options and their defaults live only in the constructor
-(the schema names only which component a recipe gets when it names none: ``data: shipped``,
-``optimizer: adamw``, ``scheduler: cosine_with_warmup``; a section without ``name`` gets that one).
-The remaining keys are fields of the dataclasses below, each with its default and, beside it, its
-allowed range (``_opt(check=Range(...))``) or set of choices (:data:`_CHOICES`).
+``eval``, ``loss.objective``, ``loss.estimator``, ``loss.rho``, ``loggers`` ...) is a
+:data:`SectionSpec` (or a mapping) here, plain data checked by the binding step against its
+constructor (:mod:`amortize.train.sections`); its options and their defaults live only in the
+constructor (the schema names only which component a recipe gets when it names none: ``data:
+shipped``, ``optimizer: adamw``, ``scheduler: cosine_with_warmup``; a section without ``name`` gets
+that one), and an option a section holds beside its constructor's is declared by a signature of its
+own (``eval.tasks``: :func:`eval_tasks`). The remaining keys are fields of :class:`Recipe`, each
+with its default and, beside it, its allowed range (``_opt(check=Range(...))``) or set of choices
+(:data:`_CHOICES`).
 
 Keys that Composer's ``Trainer`` names keep its names (``max_duration``, ``seed``, ``save_folder``,
 ``save_interval``, ``precision``, ``device_train_microbatch_size`` ...).
 
-To add a recipe key: a field on the dataclass of its section (with ``_opt(check=...)`` for a
-range). To add a component section: a :data:`SectionSpec` field here and its line in
+To add a recipe key: a field on :class:`Recipe` (with ``_opt(check=...)`` for a range). To add a
+component section: a :data:`SectionSpec` field here and its line in
 :data:`amortize.train.sections.SECTIONS`.
 
 This module imports neither Composer nor torch.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 from amortize.options import NONNEGATIVE as _NONNEG
 from amortize.options import POSITIVE as _POS
@@ -35,7 +37,8 @@ from amortize.train.sections import Options
 __all__ = [
     "SectionSpec",
     "ScheduleSpec",
-    "EvalConfig",
+    "EVAL_TASK_CHOICES",
+    "eval_tasks",
     "Recipe",
     "build_schema",
 ]
@@ -62,26 +65,34 @@ def _opt(default: Any = dataclasses.MISSING, *, check: Any = None, factory: Any 
     return field(default=default, metadata=meta)
 
 
-@dataclass
-class EvalConfig:
-    """Evaluation during training and by ``amortize eval``.
+EVAL_TASK_CHOICES = ("default", "none")
+"""The names ``eval.tasks`` takes instead of a list of task sections."""
 
-    Attributes:
+
+class _TaskChoice:
+    """``eval.tasks``: one of :data:`EVAL_TASK_CHOICES` or a non-empty list of task sections."""
+
+    def check(self, value: Any, key: str) -> None:
+        if (isinstance(value, str) and value not in EVAL_TASK_CHOICES) or value == []:
+            raise RecipeError(f"{value!r} is not one of {', '.join(EVAL_TASK_CHOICES)}, or a list of task sections "
+                              "(retrieval, zeroshot, default)", key=key)
+
+
+def eval_tasks(tasks: Annotated[Union[str, list[SectionSpec]], _TaskChoice()] = "none") -> None:
+    """The option the ``eval`` section holds beside :class:`~amortize.eval.callback.EvalCallback`'s own.
+
+    The section's other options (``every_n_epochs``, ``every_n_batches``, ``at_fit_end``,
+    ``batch_size``, ``prefix``) are the callback's keyword arguments, with its defaults; the builder
+    passes the callback the tokenizer and the tasks built from this option, and builds no callback
+    when it is ``none`` or when the callback would never run.
+
+    Args:
         tasks: ``default`` (Fashion-MNIST zero-shot and emoji retrieval), ``none``, or a list of
-            sections of :data:`amortize.eval.user.EVAL_TASKS` (your files), e.g.
-            ``[{name: retrieval, path: pairs.csv}, {name: zeroshot, path: classes/}, default]``. The
-            DataComp suite needs its data directory: run ``amortize eval CKPT --tasks datacomp --datacomp-root DIR``.
-        every_n_epochs: evaluate at the end of every n-th epoch (0: never during training).
-        every_n_batches: evaluate after every n-th batch (0: never).
-        at_fit_end: evaluate when training ends.
-        batch_size: images or texts per forward pass.
+            sections of :data:`amortize.eval.user.EVAL_TASKS` (your files), each bound as
+            ``eval.tasks[i]``, e.g. ``[{name: retrieval, path: pairs.csv}, {name: zeroshot, path:
+            classes/}, default]``. The DataComp suite needs its data directory: run ``amortize eval
+            CKPT --tasks datacomp --datacomp-root DIR``.
     """
-
-    tasks: Union[str, list[SectionSpec]] = "none"
-    every_n_epochs: int = _opt(0, check=_NONNEG)
-    every_n_batches: int = _opt(0, check=_NONNEG)
-    at_fit_end: bool = False
-    batch_size: int = _opt(256, check=Range(lo=1))
 
 
 @dataclass
@@ -108,7 +119,10 @@ class Recipe:
             ``adamw``; ``momentum`` for ``sgd`` ...) and ``logit_scale_lr``.
         scheduler: learning-rate schedule, a section of :data:`amortize.train.optim.SCHEDULERS`
             (``cosine_with_warmup`` with ``t_warmup`` and ``alpha_f`` ...).
-        eval: evaluation.
+        eval: evaluation during training: the options of
+            :class:`~amortize.eval.callback.EvalCallback` (``every_n_epochs``, ``every_n_batches``,
+            ``at_fit_end``, ``batch_size``, ``prefix``), with its defaults, and ``tasks``
+            (:func:`eval_tasks`, default ``none``: no evaluation).
         divergence: what a non-finite loss or gradient does: the options of
             :class:`amortize.train.guards.DivergenceGuard` (``policy``: ``skip``, ``stop``, ``none``;
             ``max_consecutive_skips``, ``restore_estimator``).
@@ -157,7 +171,7 @@ class Recipe:
     data: SectionSpec = "shipped"
     optimizer: SectionSpec = "adamw"
     scheduler: SectionSpec = "cosine_with_warmup"
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: dict = field(default_factory=Options)
     divergence: SectionSpec = field(default_factory=dict)
     loggers: list[SectionSpec] = field(default_factory=list)
     callbacks: list[SectionSpec] = field(default_factory=list)

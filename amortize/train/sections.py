@@ -1,14 +1,15 @@
 """The recipe's component sections: declared once here, each bound once when the recipe loads.
 
 :data:`SECTIONS` lists every recipe key that names a component as ``{name, **options}`` (or, for
-``model`` and ``divergence``, the options of one constructor), the registry its name is looked up
+``model``, ``loss``, ``divergence`` and ``eval``, the options of one constructor), the registry its name is looked up
 in or the constructor it is checked against, and the values the caller knows when it builds the
 component (the embedding width ``dim``, the dataset size ``num_samples``). :func:`bind_sections`
 runs the binding step (:meth:`amortize.registry.Registry.bind`) on each of them once; the builders
 then call :meth:`~amortize.registry.Bound.build` once per component. Nothing is built to be checked.
 
-The options of ``model``, ``loss``, ``data``, ``optimizer``, ``scheduler`` and ``divergence`` are the
-keyword arguments of their constructors, with the constructors' defaults: once bound, the recipe
+The options of ``model``, ``loss``, ``data``, ``optimizer``, ``scheduler``, ``divergence`` and
+``eval`` are the keyword arguments of their constructors, with the constructors' defaults (and, for
+``eval``, its ``tasks``: :func:`amortize.train.schema.eval_tasks`): once bound, the recipe
 holds each of these sections *resolved* (an :class:`Options` mapping: what the recipe wrote, the
 constructor's default for the rest), so ``recipe.optimizer.lr`` reads the learning rate the run
 uses, and a checkpoint's stored recipe says every value.
@@ -73,7 +74,11 @@ class Declared:
             (``model``: :func:`amortize.models.build_model`; ``loss``:
             ``ContrastiveLoss.from_sections``), instead of a registry.
         known: values the builder knows (offered to constructors that name them).
-        passed: arguments the builder always passes itself (no section may set them).
+        passed: arguments the builder always passes itself (no section may set them, unless
+            ``shared`` declares them as options of the section's own).
+        shared: ``"module:NAME"`` of a signature declaring the options the section holds beside
+            its constructor's (with ``ctor``): checked against it with its defaults, and read by
+            the builder instead of passed to the constructor (``eval.tasks``).
         many: the key holds a list of sections.
         resolved: the recipe holds the section resolved (:class:`Options`) once bound.
         name_key: where an unknown name is reported (default ``key``).
@@ -84,6 +89,7 @@ class Declared:
     ctor: Optional[str] = None
     known: tuple[str, ...] = ()
     passed: tuple[str, ...] = ()
+    shared: Optional[str] = None
     many: bool = False
     resolved: bool = False
     name_key: Optional[str] = None
@@ -92,7 +98,7 @@ class Declared:
         """The binding step for this section (its registry or its constructor imported now)."""
         if self.ctor is not None:
             return bind(_load(self.ctor), section, key, what=key, passed=self.passed, known=self.known,
-                        source=section)
+                        source=section, shared=None if self.shared is None else _load(self.shared))
         return _load(self.registry).bind(section, key, known=self.known, passed=self.passed, name_key=self.name_key)
 
 
@@ -110,6 +116,8 @@ SECTIONS: tuple[Declared, ...] = (
     Declared("loggers", "amortize.train.integrations:LOGGERS", many=True),
     Declared("callbacks", "amortize.train.integrations:CALLBACKS", many=True),
     Declared("algorithms", "amortize.train.integrations:ALGORITHMS", many=True),
+    Declared("eval", ctor="amortize.eval.callback:EvalCallback", passed=("tokenizer", "tasks", "print_table"),
+             shared="amortize.train.schema:eval_tasks", resolved=True),
     Declared("eval.tasks", "amortize.eval.user:EVAL_TASKS", passed=("image_size",), many=True),  # a list only
     Declared("model", ctor="amortize.models:build_model", resolved=True),  # last: after the objective's preferences
 )

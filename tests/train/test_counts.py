@@ -23,6 +23,7 @@ from amortize.losses import ContrastiveLoss
 from amortize.models import TwoTowerModel
 from amortize.objectives import Objective
 from amortize.train import sections
+from amortize.eval.callback import EvalCallback
 from composer.callbacks import LRMonitor, SpeedMonitor
 
 DEFAULT = str(Path(__file__).resolve().parents[2] / "recipes" / "default.yaml")
@@ -30,6 +31,8 @@ DEFAULT = str(Path(__file__).resolve().parents[2] / "recipes" / "default.yaml")
 # the default recipe's component sections, each checked once and built once
 SECTIONS = ("model", "loss", "loss.objective", "loss.estimator", "loss.layout", "loss.rho", "data", "optimizer", "scheduler",
             "divergence", "callbacks[0]", "callbacks[1]")
+# checked once, built by a run that evaluates (eval.tasks none: no callback)
+CHECKED_ONLY = ("eval",)
 
 
 @pytest.fixture()
@@ -51,7 +54,7 @@ def counts(monkeypatch):
     monkeypatch.setattr(registry, "bind", counting_bind)
     monkeypatch.setattr(sections, "bind", counting_bind)
     monkeypatch.setattr(registry.Bound, "build", counting_build)
-    for cls in (TwoTowerModel, ContrastiveLoss, AmortizedEstimator, Gather, LRMonitor, SpeedMonitor):
+    for cls in (TwoTowerModel, ContrastiveLoss, AmortizedEstimator, Gather, LRMonitor, SpeedMonitor, EvalCallback):
         init = cls.__init__
 
         @functools.wraps(init)  # the binding step reads the constructor's signature through it
@@ -85,7 +88,8 @@ def test_default_recipe_sections_are_checked_once_and_built_once_in_a_short_run(
     # its parts (normaliser, cadence, re-initialisation, epoch-0 rule, restart) are bound and built once,
     # and its fit's inner-optimiser section is bound once (the optimiser itself is rebuilt per epoch)
     parts = {"normalizer": 1, "cadence": 1, "reinit": 1, "epoch0_previous": 1, "restart": 1}
-    assert dict(checked) == {**{k: 1 for k in SECTIONS}, "amortizer": 1, "schedule": 1, **parts, "fit.optimizer": 1}
+    assert dict(checked) == {**{k: 1 for k in SECTIONS + CHECKED_ONLY}, "amortizer": 1, "schedule": 1, **parts,
+                             "fit.optimizer": 1}
     assert dict(built) == {**{k: 1 for k in SECTIONS}, "amortizer": 2 * 3, "schedule": 1, **parts}
     assert dict(constructed) == {"TwoTowerModel": 1, "ContrastiveLoss": 1, "AmortizedEstimator": 1, "Gather": 1,
                                  "LRMonitor": 1, "SpeedMonitor": 1}
@@ -95,7 +99,7 @@ def test_default_recipe_sections_are_checked_once_and_built_once_in_a_short_run(
 def test_dry_run_binds_what_the_run_binds_once(counts, tmp_path):
     checked, built, constructed, _ = counts
     assert main(_run(tmp_path, "--dry-run")) == 0
-    assert all(checked[k] == 1 for k in SECTIONS) and max(checked.values()) == 1
+    assert all(checked[k] == 1 for k in SECTIONS + CHECKED_ONLY) and max(checked.values()) == 1
     assert all(built[k] == 1 for k in SECTIONS)
     assert constructed["TwoTowerModel"] == 1 and constructed["AmortizedEstimator"] == 1
 
@@ -107,3 +111,22 @@ def test_eval_binds_the_model_section_only(counts, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "model.pt"), "--tasks", "emoji_heldout", "--device", "cpu"]) == 0
     assert dict(checked) == {"model": 1} and dict(built) == {"model": 1}
     assert constructed == {"TwoTowerModel": 1}
+
+
+def test_an_evaluating_run_builds_its_callback_once_from_the_bound_eval_section(counts, tmp_path, monkeypatch):
+    checked, built, constructed, _ = counts
+    made = []
+    init = EvalCallback.__init__
+
+    @functools.wraps(init)  # the binding step reads the callback's signature through it
+    def keeping(self, *args, **kwargs):
+        made.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(EvalCallback, "__init__", keeping)
+    args = [a if a != "eval.tasks=none" else "eval.tasks=default" for a in _run(tmp_path, "max_duration=1ba")]
+    assert main(args) == 0
+    assert checked["eval"] == 1 and built["eval"] == 1 and constructed["EvalCallback"] == 1
+    (cb,) = made  # the timing left unset: the callback's own defaults
+    assert (cb.every_n_epochs, cb.every_n_batches, cb.at_fit_end, cb.batch_size, cb.print_table) == (1, 0, True, 256, True)
+    assert [t.name for t in cb.tasks] == ["fashion_mnist_test", "emoji_heldout"]

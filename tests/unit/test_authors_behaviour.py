@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from amortize import comm as D
+from amortize.comm import Topology
 from amortize import functional as F
 from amortize.estimators import AmortizedEstimator
 from amortize.estimators.amortized import CADENCES, EPOCH0_PREVIOUS, LR_SCALINGS, NORMALIZERS, REINIT_POLICIES
@@ -57,17 +57,16 @@ def test_piecewise_with_fewer_epochs_than_values_takes_the_last_value_throughout
 # ------------------------------------------------------------------ 2. inner lr x world size
 
 
-def test_world_size_lr_scaling_recreates_adam_with_lr_times_w(monkeypatch):
+def test_world_size_lr_scaling_recreates_adam_with_lr_times_w():
+    two = Topology(2, 0)  # the layout's processes, which the loss passes as `topology`
     est = AmortizedEstimator(dim=4, lr=1e-3, lr_scaling="world_size")
     plain = AmortizedEstimator(dim=4, lr=1e-3)  # lr_scaling="none"
-    monkeypatch.setattr(D, "world_size", lambda: 2)
-    est.start_epoch(0, 2)  # epoch 0 re-creates the optimiser too
-    plain.start_epoch(0, 2)
+    x, z = unit(8, 4), torch.full((8,), 3.0)
+    est(x, x, z, z, topology=two)  # the first step starts epoch 0 (a new optimiser) on 2 processes
+    plain(x, x, z, z, topology=two)
     assert est._optimizer.param_groups[0]["lr"] == 0.002  # 1e-3 x 2
     assert est.inner_lr == 0.002
     assert plain._optimizer.param_groups[0]["lr"] == 0.001
-    x, z = unit(8, 4), torch.full((8,), 3.0)
-    est(x, x, z, z)
     first = est._optimizer
     assert len(first.state) > 0
     est.start_epoch(1, 2)
@@ -75,19 +74,32 @@ def test_world_size_lr_scaling_recreates_adam_with_lr_times_w(monkeypatch):
     assert est._optimizer.param_groups[0]["lr"] == 0.002
 
 
-def test_world_size_lr_follows_the_world_size_of_a_resumed_run(monkeypatch):
-    monkeypatch.setattr(D, "world_size", lambda: 4)
-    a = AmortizedEstimator(dim=4, lr=1e-3, lr_scaling="world_size")
-    a.start_epoch(0, 1)
-    assert a._optimizer.param_groups[0]["lr"] == 0.004
+def test_world_size_lr_follows_the_world_size_of_a_resumed_run():
     x, z = unit(8, 4), torch.full((8,), 3.0)
-    a(x, x, z, z)
+    a = AmortizedEstimator(dim=4, lr=1e-3, lr_scaling="world_size")
+    a(x, x, z, z, topology=Topology(4, 0))  # the first call starts epoch 0 on 4 processes
+    assert a._optimizer.param_groups[0]["lr"] == 0.004
     saved = copy.deepcopy(a.state_dict())
-    monkeypatch.setattr(D, "world_size", lambda: 2)  # resumed on 2 processes
     b = AmortizedEstimator(dim=4, lr=1e-3, lr_scaling="world_size")
+    b.eval()
+    b(x, x, z, z, topology=Topology(2, 1))  # resumed on 2 processes (the state is then replaced by the load)
     b.load_state_dict(saved)
     assert b._optimizer.param_groups[0]["lr"] == 0.002
     assert len(b._optimizer.state) > 0  # the moments came back
+
+
+def test_the_lr_of_an_estimator_loaded_before_its_first_call_is_set_at_the_call():
+    x, z = unit(8, 4), torch.full((8,), 3.0)
+    a = AmortizedEstimator(dim=4, lr=1e-3, lr_scaling="world_size")
+    a(x, x, z, z, topology=Topology(4, 0))
+    b = AmortizedEstimator(dim=4, lr=1e-3, lr_scaling="world_size")
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # before any call: the default group, one process here
+    assert b.inner_lr == 0.001 and b._optimizer.param_groups[0]["lr"] == 0.001
+    fit = b.fit.run
+    seen = []
+    b.fit.run = lambda *args, **kw: (seen.append(b._optimizer.param_groups[0]["lr"]), fit(*args, **kw))[1]
+    b(x, x, z, z, topology=Topology(3, 2))  # a step on 3 processes fits at lr x 3
+    assert seen == [0.003] and b.inner_lr == 0.003
 
 
 # ------------------------------------------------------------------ 3. fit and EMA cadence

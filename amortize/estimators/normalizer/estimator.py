@@ -12,6 +12,15 @@ Per training step (AmorLIP spec section 7, NeuCLIP spec section 3), in this orde
 
 At an epoch start the EMA network becomes ``previous`` and, when the ``reinit`` part says so, the
 online network, its optimiser and its EMA are re-initialised.
+
+The processes are those of the layout the loss runs: the loss passes its layout's
+:class:`~amortize.comm.Topology` as the declared input ``topology`` at every step, and the
+estimator remembers the topology it was last called with. Its exchanger averages the fit's
+gradients and gathers the restart rows when the rows are local (``local_rows``), and its world
+size scales the inner learning rate (the fit's ``lr_scaling``) at an epoch start, on a load, and
+at the first step with a topology other than the remembered one (before the estimator is first
+called: :data:`~amortize.comm.DEFAULT_TOPOLOGY`, the default group read lazily, as the layout a
+loss builds by default).
 """
 
 from __future__ import annotations
@@ -24,9 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from amortize import checks as K
-from amortize import comm as D
 from amortize import kernels
 from amortize.amortizers import AMORTIZERS
+from amortize.comm import DEFAULT_TOPOLOGY, Topology, all_gather_no_grad
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator
 from amortize.estimators.normalizer.fit import MODALITIES, Fit
 from amortize.estimators.normalizer.parts import (
@@ -79,7 +88,8 @@ class NormalizerNetworkEstimator(PartitionEstimator):
     epoch), ``epoch``, ``max_epochs``, ``has_previous``, and the inner optimiser's state (extra
     state). All are identical on every process (each computes the same update from the same
     gathered rows) and restored on resume. No network parameter requires grad outside the fit, so
-    the outer optimiser, DDP and the encoders' clipping never see them.
+    the outer optimiser, DDP and the encoders' clipping never see them. The topology it was last
+    called with (:attr:`topology`) is not state: it is the calling loss's, and never saved.
 
     Args:
         dim: embedding width ``d``.
@@ -139,8 +149,10 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         # checked once here (an unknown network or option fails, named), built at every re-initialisation
         self._network = AMORTIZERS.bind(self.network, self._network_key, passed=("dim",))
         ctor = self._network.ctor
-        #: the extra inputs the loss module passes (see ContrastiveLoss._estimate)
-        self.extra_inputs = ("scale", "bias", "num_negatives", "local_rows") if getattr(ctor, "reads", ()) else ()
+        #: whether the network reads more than the embedding (the positive score, the scale, ...)
+        self._reads = bool(getattr(ctor, "reads", ()))
+        #: the extra inputs the loss module passes (see :func:`~amortize.estimators.base.declared_inputs`)
+        self.extra_inputs = ("scale", "bias", "num_negatives", "local_rows", "topology") if self._reads else ("topology",)
         if self._restart.every is not None and not hasattr(ctor, "restart"):
             raise ValueError(f"restart {self.restart!r} needs a network with a restart(rows) method; "
                              f"{self.network if isinstance(self.network, str) else self.network.get('name')!r} has none")
@@ -164,7 +176,8 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         for copy_name in self._normalizer.copies:
             self.declare_state(copy_name)
         self.declare_state("_extra_state")  # the inner optimiser
-        self._optimizer = self.fit.new_optimizer(self.online.parameters())
+        self._topology: Topology = DEFAULT_TOPOLOGY  # until a loss calls it with its layout's
+        self._optimizer = self._new_optimizer()
         self._params = list(self.online.parameters())
         self._host: Optional[list[int]] = None
         self.register_load_state_dict_post_hook(self._invalidate_counters)
@@ -182,22 +195,43 @@ class NormalizerNetworkEstimator(PartitionEstimator):
             return nn.ModuleDict({m: self._network.build(dim=self.dim) for m in MODALITIES})
 
     @property
+    def topology(self) -> Topology:
+        """The processes of the layout that last called the estimator (before any call: the default group, lazily)."""
+        return self._topology
+
+    @property
     def inner_lr(self) -> float:
-        """The inner optimiser's learning rate now (the fit's ``lr`` times its ``lr_scaling`` factor)."""
-        return self.fit.inner_lr
+        """The inner optimiser's learning rate now: the fit's ``lr`` times its ``lr_scaling`` factor
+        for the world size of :attr:`topology`."""
+        return self.fit.inner_lr(self._topology.world_size)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return self.fit.new_optimizer(self.online.parameters())
+        return self.fit.new_optimizer(self.online.parameters(), self._topology.world_size)
+
+    def _use_topology(self, topology: Optional[Topology]) -> Topology:
+        """Remember the step's ``topology`` (None: keep the remembered one); a new one sets the inner lr."""
+        if topology is None or topology is self._topology:
+            return self._topology
+        if not isinstance(topology, Topology):
+            raise TypeError(f"{type(self).__name__}: the topology input must be an amortize.comm.Topology "
+                            f"(the loss passes its layout's), got {type(topology).__name__}")
+        self._topology = topology
+        self.fit.set_lr(self._optimizer, topology.world_size)
+        return topology
 
     def get_extra_state(self) -> dict:
         """The inner optimiser's state, saved with the module's ``state_dict``."""
         return {"optimizer": self._optimizer.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
-        """Restore the inner optimiser's state."""
+        """Restore the inner optimiser's state, at the inner lr of :attr:`topology`'s world size.
+
+        The saved lr may come from another number of processes; an estimator loaded before a loss
+        on other processes first calls it gets that loss's lr at the call.
+        """
         self._optimizer = self._new_optimizer()
         self._optimizer.load_state_dict(state["optimizer"])
-        self.fit.set_lr(self._optimizer)  # the saved lr may come from another world size
+        self.fit.set_lr(self._optimizer, self._topology.world_size)
 
     # ---------------------------------------------------------------- schedule
 
@@ -213,9 +247,9 @@ class NormalizerNetworkEstimator(PartitionEstimator):
     def start_epoch(self, epoch: int, max_epochs: int) -> None:
         """Epoch start: the EMA network becomes ``previous``; re-initialise per the ``reinit`` part.
 
-        The within-epoch step counter restarts, and the inner learning rate is set from the current
-        world size (the fit's ``lr_scaling``). Idempotent: calling it again for the current epoch
-        (as a resumed run does) changes nothing.
+        The within-epoch step counter restarts, and the inner learning rate is set from the world
+        size of :attr:`topology` (the fit's ``lr_scaling``). Idempotent: calling it again for the
+        current epoch (as a resumed run does) changes nothing.
 
         Raises:
             ValueError: for a negative or fractional ``epoch``, or ``max_epochs < 1``.
@@ -236,7 +270,7 @@ class NormalizerNetworkEstimator(PartitionEstimator):
                     if net is not getattr(self, "previous", None):
                         net.load_state_dict(fresh.state_dict())
                 self._optimizer = self._new_optimizer()
-        self.fit.set_lr(self._optimizer)
+        self.fit.set_lr(self._optimizer, self._topology.world_size)
         self.epoch_step.zero_()
         self.epoch.fill_(epoch)
         self._host = None
@@ -265,11 +299,12 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         return {m: nets[m](u[m], **ctx[m]) for m in MODALITIES}
 
     def _fit(self, u: dict[str, Tensor], targets: dict[str, Tensor], batch: dict[str, Tensor],
-             ctx: Optional[dict] = None, sync_grads: bool = False) -> tuple[Tensor, Tensor]:
-        """The fit part's inner steps; returns the last fit loss and the online networks' RMSE
-        against the in-batch targets before the fit (read off the first forward)."""
+             ctx: Optional[dict] = None, average_over: Optional[Topology] = None) -> tuple[Tensor, Tensor]:
+        """The fit part's inner steps (gradients averaged over ``average_over``, if given); returns
+        the last fit loss and the online networks' RMSE against the in-batch targets before the fit
+        (read off the first forward)."""
         return self.fit.run(self.online, self._params, self._optimizer,
-                            lambda nets: self._predict(nets, u, ctx), targets, batch, sync_grads=sync_grads)
+                            lambda nets: self._predict(nets, u, ctx), targets, batch, average_over=average_over)
 
     @torch.no_grad()
     def _ema_update(self, decay: float) -> None:
@@ -278,7 +313,7 @@ class NormalizerNetworkEstimator(PartitionEstimator):
 
     def _context(self, u: dict[str, Tensor], inputs: dict[str, Any]) -> Optional[dict]:
         """Per-modality keyword inputs of a network that reads more than the embedding (``prototypes``)."""
-        if not self.extra_inputs:
+        if not self._reads:
             return None
         if "scale" not in inputs:
             raise ValueError(f"network {self.network!r} reads the scale: call the estimator with scale=... "
@@ -292,9 +327,17 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         return {m: {"pos": pos, "scale": scale, "bias": bias, "num_negatives": negatives} for m in MODALITIES}
 
     @torch.no_grad()
-    def _restart_from(self, u: dict[str, Tensor], step: int, local_rows: bool) -> None:
-        """Restart each modality's network from the OTHER modality's embeddings (the same draw everywhere)."""
-        rows = {m: D.all_gather_no_grad(u[m]) if local_rows and D.world_size() > 1 else u[m] for m in MODALITIES}
+    def _restart_from(self, u: dict[str, Tensor], step: int, gather_over: Optional[Topology]) -> None:
+        """Restart each modality's network from the OTHER modality's embeddings (the same draw everywhere).
+
+        Args:
+            u: ``{modality: (B, d)}`` this step's embeddings.
+            step: the training step, which seeds the draw.
+            gather_over: the processes whose rows the draw is from (local rows: each process holds
+                its own ``B``; the draw is from the ``W * B`` gathered through its exchanger); None:
+                ``u`` is every row already.
+        """
+        rows = {m: u[m] if gather_over is None else all_gather_no_grad(u[m], gather_over) for m in MODALITIES}
         other = {"image": "text", "text": "image"}
         for m in MODALITIES:
             net = self.online[m]
@@ -321,9 +364,12 @@ class NormalizerNetworkEstimator(PartitionEstimator):
             log_z_x: (B,) in-batch log partition sums of the image rows.
             log_z_y: (B,) in-batch log partition sums of the text columns.
             index: unused (no per-sample state).
-            **inputs: the extra inputs named by :attr:`extra_inputs` (``scale``, ``bias``,
-                ``num_negatives``: how many negatives each in-batch sum weighs, ``local_rows``:
-                whether the rows are this process's only), for networks that read them.
+            **inputs: the extra inputs named by :attr:`extra_inputs`: ``topology``, the processes
+                of the layout (remembered: see the module docstring; omitted: the remembered one),
+                and, for networks that read them, ``scale``, ``bias``, ``num_negatives`` (how many
+                negatives each in-batch sum weighs) and ``local_rows`` (whether the rows are this
+                process's only: the fit's gradients are then averaged and the restart rows
+                gathered over the topology).
 
         Terms: ``amortizer_fit`` (the last inner step's Stage I loss) and ``amortizer_rmse`` (the
         online networks' RMSE against the in-batch log sums, before this step's fit) on the steps
@@ -331,6 +377,7 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         the normalisers that read a network.
         """
         K.feature_dim(("x", "y"), (x, y), self.dim, type(self).__name__)
+        topology = self._use_topology(inputs.get("topology"))  # before an epoch start here builds an optimiser
         epoch, max_epochs, step, epoch_step, has_previous = self._counters()
         if epoch < 0:
             self.start_epoch(0, max_epochs)
@@ -339,9 +386,10 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         u = {"image": x.detach().float(), "text": y.detach().float()}
         batch = {"image": log_z_x.detach().float(), "text": log_z_y.detach().float()}
         ctx = self._context(u, inputs)
-        local_rows = bool(inputs.get("local_rows", False))
+        # local rows: this process's alone, so the fit and the restart span the topology's processes
+        spread = topology if bool(inputs.get("local_rows", False)) else None
         if self.training and self._restart.due(step):
-            self._restart_from(u, step, local_rows)
+            self._restart_from(u, step, spread)
         with torch.no_grad():
             if has_previous and self._normalizer.blends_targets:
                 beta = self.beta_schedule(epoch, max_epochs)
@@ -351,10 +399,7 @@ class NormalizerNetworkEstimator(PartitionEstimator):
                 comb = batch
         terms: dict[str, Tensor] = {}
         if self.training and fit_now:
-            if ctx is None and not local_rows:
-                terms["amortizer_fit"], terms["amortizer_rmse"] = self._fit(u, comb, batch)
-            else:
-                terms["amortizer_fit"], terms["amortizer_rmse"] = self._fit(u, comb, batch, ctx, local_rows)
+            terms["amortizer_fit"], terms["amortizer_rmse"] = self._fit(u, comb, batch, ctx, spread)
         norm = self._normalizer.encoder(self, comb, u, batch, ctx, terms)
         if self.training:
             self.step.add_(1)

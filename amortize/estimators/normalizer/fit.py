@@ -3,7 +3,9 @@
 A :class:`Fit` is a Stage I objective (:data:`amortize.objectives.stage1.AMORTIZATION_OBJECTIVES`),
 an inner optimiser section (:data:`INNER_OPTIMIZERS`: ``{name: adam, lr: ...}`` or
 ``{name: adagrad, lr: ...}``), a number of inner steps, a gradient-norm clip and an ``lr_scaling``
-rule (:data:`LR_SCALINGS`). It holds no tensors: the estimator owns the networks and the optimiser.
+rule (:data:`LR_SCALINGS`). It holds no tensors and no processes: the estimator owns the networks
+and the optimiser, and passes the number of processes (for the lr scaling) and the topology (for
+the gradient average) of the layout that feeds it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from amortize import comm as D
+from amortize.comm import Topology
 from amortize.objectives.stage1 import AMORTIZATION_OBJECTIVES, amortization_loss
 from amortize.registry import Registry, Section, section_name
 
@@ -54,16 +56,16 @@ class _NoScaling:
     """``none``: the inner learning rate is ``lr`` on any number of processes."""
 
     @staticmethod
-    def factor() -> int:
+    def factor(world_size: int) -> int:
         return 1
 
 
 class _WorldSize:
-    """``world_size`` (the AmorLIP authors' code): ``lr * W``, ``W`` the torch.distributed world size."""
+    """``world_size`` (the AmorLIP authors' code): ``lr * W``, ``W`` the number of processes of the layout."""
 
     @staticmethod
-    def factor() -> int:
-        return D.world_size()
+    def factor(world_size: int) -> int:
+        return world_size
 
 
 LR_SCALINGS: Registry[Any] = Registry("lr_scaling")
@@ -119,19 +121,22 @@ class Fit:
         self.lr_scaling = lr_scaling
         self._scaling = LR_SCALINGS.build(lr_scaling)
 
-    @property
-    def inner_lr(self) -> float:
-        """The inner learning rate now: ``lr`` times the ``lr_scaling`` factor."""
-        return self.lr * self._scaling.factor()
+    def inner_lr(self, world_size: int) -> float:
+        """The inner learning rate on ``world_size`` processes: ``lr`` times the ``lr_scaling`` factor."""
+        return self.lr * self._scaling.factor(world_size)
 
-    def new_optimizer(self, params) -> torch.optim.Optimizer:
-        """A fresh inner optimiser over ``params`` at :attr:`inner_lr`."""
-        return INNER_OPTIMIZERS.build(self.optimizer_name, params, lr=self.inner_lr, **self.optimizer_options)
+    def new_optimizer(self, params, world_size: int) -> torch.optim.Optimizer:
+        """A fresh inner optimiser over ``params`` at :meth:`inner_lr` of ``world_size`` processes."""
+        return INNER_OPTIMIZERS.build(self.optimizer_name, params, lr=self.inner_lr(world_size),
+                                      **self.optimizer_options)
 
-    def set_lr(self, optimizer: torch.optim.Optimizer) -> None:
-        """Set every group's learning rate to :attr:`inner_lr` (a restored state may come from another world size)."""
+    def set_lr(self, optimizer: torch.optim.Optimizer, world_size: int) -> None:
+        """Set every group's learning rate to :meth:`inner_lr` of ``world_size`` processes.
+
+        A restored optimiser state may come from a run on another number of processes.
+        """
         for group in optimizer.param_groups:
-            group["lr"] = self.inner_lr
+            group["lr"] = self.inner_lr(world_size)
 
     def run(
         self,
@@ -141,7 +146,7 @@ class Fit:
         predict: Callable[[nn.ModuleDict], dict[str, Tensor]],
         targets: Mapping[str, Tensor],
         batch: Mapping[str, Tensor],
-        sync_grads: bool = False,
+        average_over: Optional[Topology] = None,
     ) -> tuple[Tensor, Tensor]:
         """``inner_steps`` optimiser steps of the Stage I objective, summed over the modalities.
 
@@ -152,8 +157,9 @@ class Fit:
             predict: ``nets -> {modality: (B,) log lambda}``.
             targets: ``{modality: (B,)}`` Stage I targets (detached).
             batch: ``{modality: (B,)}`` in-batch log sums, for the RMSE diagnostic.
-            sync_grads: average the gradients over processes (rows that differ per process, the
-                ``local`` layout), so the networks stay identical on every process.
+            average_over: the processes to average each inner step's gradients over, through the
+                topology's exchanger (rows that differ per process, the ``local`` layout), so the
+                networks stay identical on every process; None (or one process): no collective.
 
         Returns:
             The last step's loss and the networks' RMSE against ``batch`` before the fit, both 0-d detached.
@@ -161,7 +167,8 @@ class Fit:
         # the inputs come from the loss module, which validated the features: no value checks
         # (and no host synchronisation) here; a non-finite step is the divergence guard's to handle
         loss = rmse = torch.zeros(())
-        world = D.world_size() if sync_grads else 1
+        world = 1 if average_over is None else average_over.world_size
+        exchanger = average_over.exchanger_for_collective() if world > 1 else None
         device = next(iter(batch.values())).device
         nets.requires_grad_(True)
         try:
@@ -175,10 +182,9 @@ class Fit:
                     grads = torch.autograd.grad(loss, params)
                     for p, g in zip(params, grads):
                         p.grad = g
-                    if world > 1:
+                    if exchanger is not None:
                         for p in params:
-                            torch.distributed.all_reduce(p.grad)
-                            p.grad.div_(world)
+                            p.grad = exchanger.all_reduce(p.grad).div_(world)
                     if self.clip_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, self.clip_norm, foreach=True)
                     optimizer.step()
