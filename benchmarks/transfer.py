@@ -4,6 +4,8 @@
     python -m benchmarks.transfer --stage lr                  # lr grid on val (seed 0)
     python -m benchmarks.transfer --stage test                # chosen lr, seeds 0 1 2, test split
     python -m benchmarks.transfer --stage variants            # AmorLIP estimator variants, val, B = 16
+    python -m benchmarks.transfer --stage convergence         # CLIP and AmorLIP at 24 / 48 epochs (val, seed 0)
+    python -m benchmarks.transfer --stage long                # CLIP and AmorLIP at B = 16, 24 epochs, seeds 0 1 2 (test)
     python -m benchmarks.transfer --stage report              # tables + plot from the jsonl files
     python -m benchmarks.transfer --stage all                 # lr, test, variants, report (the full run)
 
@@ -503,6 +505,24 @@ def variant_runs(lr_rows, datasets, variants, batch, seeds, epochs) -> list[Run]
     return out
 
 
+def convergence_runs(lr_rows, datasets, methods=("clip", "amorlip"), batches=(256, 16),
+                     epochs=(24, 48), max_small_epochs=24) -> list[Run]:
+    """Is the epoch budget enough? ``methods`` on validation at seed 0, each at its lr chosen at the
+    suite's epochs, trained ``epochs`` (at most ``max_small_epochs`` at the smallest batch, whose runs
+    cost the most); the suite's own epochs are its lr-stage rows."""
+    small = min(batches)
+    return [Run(d, m, b, 0, "val", lr=chosen_lr(lr_rows, d, m, b) or base_lr(b), epochs=e)
+            for e in epochs for b in batches for d in datasets for m in methods
+            if not (b == small and e > max_small_epochs)]
+
+
+def long_runs(lr_rows, datasets, seeds, batch=16, epochs=24, methods=("clip", "amorlip")) -> list[Run]:
+    """The headline comparison trained longer: ``methods`` at ``batch`` on the test split, each at its
+    lr chosen at the suite's epochs."""
+    return [Run(d, m, batch, s, "test", lr=chosen_lr(lr_rows, d, m, batch) or base_lr(batch), epochs=epochs)
+            for s in seeds for d in datasets for m in methods]
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -616,7 +636,8 @@ def plot(rows: Sequence[dict], path: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     """Command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--stage", choices=("lr", "test", "variants", "report", "all"), default="all")
+    p.add_argument("--stage", choices=("lr", "test", "variants", "convergence", "long", "report", "all"),
+                   default="all")
     p.add_argument("--datasets", nargs="*", default=list(DATASET_NAMES))
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     p.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
@@ -658,6 +679,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if a.stage in ("variants", "all"):
         run_all(variant_runs(lr_rows, a.datasets, a.variants, min(a.batches), a.variant_seeds, a.epochs),
                 var_path, a.jobs)
+    if a.stage == "convergence":  # not part of "all": a check of the epoch budget
+        run_all(convergence_runs(lr_rows, a.datasets), HERE / f"{a.out}_convergence.runs.jsonl", a.jobs)
+    if a.stage == "long":
+        run_all(long_runs(lr_rows, a.datasets, a.seeds), HERE / f"{a.out}_long.runs.jsonl", a.jobs)
     if a.stage in ("report", "all"):
         report(a.out)
 
