@@ -558,6 +558,29 @@ def vs_clip(cs: dict, dataset: str, tag: str, batch: int) -> Optional[tuple[floa
     return _ms(d) if d else None
 
 
+def convergence_table(lr_rows: Sequence[dict], conv_rows: Sequence[dict]) -> str:
+    """Validation quality against epochs (seed 0, each cell at its chosen lr): the lr stage's rows
+    give the suite's own epochs, the convergence stage's the longer runs."""
+    from benchmarks.common import markdown_table
+
+    def q(rows, d, m, b, lr, e):
+        hit = [r for r in rows if (r["dataset"], r["method"], r["batch"], r["seed"], r["lr"], r["epochs"]) ==
+               (d, m, b, 0, lr, e) and r["split"] == "val" and not r["variant"]]
+        return f"{hit[0]['quality']:.3f}" if hit else "-"
+
+    epochs = sorted({r["epochs"] for r in conv_rows} | {r["epochs"] for r in lr_rows})
+    body = []
+    for d in DATASET_NAMES:
+        for m in sorted({r["method"] for r in conv_rows}, key=list(METHODS).index):
+            for b in sorted({r["batch"] for r in conv_rows}):
+                lr = chosen_lr(lr_rows, d, m, b)
+                if lr is not None:
+                    body.append([d, m, str(b), f"{lr:.2g}"] + [q(list(lr_rows) + list(conv_rows), d, m, b, lr, e)
+                                                             for e in epochs])
+    return ("## Convergence (validation split, seed 0, lr chosen at the suite's epochs)\n\n"
+            + markdown_table(["dataset", "method", "B", "lr"] + [f"{e} epochs" for e in epochs], body))
+
+
 def markdown_report(rows: Sequence[dict], title: str = "") -> str:
     """One table per dataset (method x batch, with the difference to CLIP) and the average table."""
     from benchmarks.common import markdown_table
@@ -701,6 +724,12 @@ def report(out: str = "transfer") -> None:
                and r["lr"] == chosen_lr(lr_rows, r["dataset"], r["method"], r["batch"])]
         md += "\n" + markdown_report(var_rows + [r for r in ref if r["batch"] == min(x["batch"] for x in var_rows)],
                                      "## AmorLIP variants (validation split)")
+    long_rows = list(load_rows(HERE / f"{out}_long.runs.jsonl").values())
+    if long_rows:
+        md += "\n" + markdown_report(long_rows, f"## Trained longer ({long_rows[0]['epochs']} epochs, test split)")
+    conv_rows = list(load_rows(HERE / f"{out}_convergence.runs.jsonl").values())
+    if conv_rows:
+        md += "\n" + convergence_table(lr_rows, conv_rows)
     (HERE / f"{out}.md").write_text(md)
     write_json(out, {"test": [{k: v for k, v in r.items() if k != "epochs_log"} for r in test_rows],
                      "cells": {"|".join(map(str, k)): v for k, v in cells(test_rows).items()}})
