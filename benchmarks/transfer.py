@@ -674,6 +674,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="AmorLIP variants also run on the test split (smallest batch, --seeds), after the methods")
     p.add_argument("--scale-lr-from", type=int, default=None,
                    help="test cells without an lr search use the lr chosen at this batch, scaled by sqrt(B / it)")
+    p.add_argument("--convergence-epochs", type=int, nargs="*", default=[24, 48],
+                   help="epochs of the convergence stage (at most 24 at the smallest batch)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default="transfer", help="results prefix benchmarks/<out>*")
     p.add_argument("--quick", action="store_true", help="emoji, CLIP and AmorLIP, B 16 and 64, 2 epochs, seed 0")
@@ -703,7 +705,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         run_all(variant_runs(lr_rows, a.datasets, a.variants, min(a.batches), a.variant_seeds, a.epochs),
                 var_path, a.jobs)
     if a.stage == "convergence":  # not part of "all": a check of the epoch budget
-        run_all(convergence_runs(lr_rows, a.datasets), HERE / f"{a.out}_convergence.runs.jsonl", a.jobs)
+        run_all(convergence_runs(lr_rows, a.datasets, epochs=a.convergence_epochs),
+                HERE / f"{a.out}_convergence.runs.jsonl", a.jobs)
     if a.stage == "long":
         run_all(long_runs(lr_rows, a.datasets, a.seeds), HERE / f"{a.out}_long.runs.jsonl", a.jobs)
     if a.stage in ("report", "all"):
