@@ -563,20 +563,17 @@ def convergence_table(lr_rows: Sequence[dict], conv_rows: Sequence[dict]) -> str
     give the suite's own epochs, the convergence stage's the longer runs."""
     from benchmarks.common import markdown_table
 
-    def q(rows, d, m, b, lr, e):
-        hit = [r for r in rows if (r["dataset"], r["method"], r["batch"], r["seed"], r["lr"], r["epochs"]) ==
-               (d, m, b, 0, lr, e) and r["split"] == "val" and not r["variant"]]
-        return f"{hit[0]['quality']:.3f}" if hit else "-"
-
-    epochs = sorted({r["epochs"] for r in conv_rows} | {r["epochs"] for r in lr_rows})
+    quality = {(r["dataset"], r["method"], r["batch"], r["lr"], r["epochs"]): r["quality"]
+               for r in (*lr_rows, *conv_rows) if r["split"] == "val" and not r["variant"] and r["seed"] == 0}
+    epochs = sorted({k[4] for k in quality})
     body = []
     for d in DATASET_NAMES:
         for m in sorted({r["method"] for r in conv_rows}, key=list(METHODS).index):
             for b in sorted({r["batch"] for r in conv_rows}):
                 lr = chosen_lr(lr_rows, d, m, b)
                 if lr is not None:
-                    body.append([d, m, str(b), f"{lr:.2g}"] + [q(list(lr_rows) + list(conv_rows), d, m, b, lr, e)
-                                                             for e in epochs])
+                    q = [quality.get((d, m, b, lr, e)) for e in epochs]
+                    body.append([d, m, str(b), f"{lr:.2g}"] + ["-" if v is None else f"{v:.3f}" for v in q])
     return ("## Convergence (validation split, seed 0, lr chosen at the suite's epochs)\n\n"
             + markdown_table(["dataset", "method", "B", "lr"] + [f"{e} epochs" for e in epochs], body))
 

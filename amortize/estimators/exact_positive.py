@@ -92,9 +92,13 @@ class ExactPositive(PartitionEstimator):
             raise ValueError("inner is itself an exact_positive estimator: wrap the negatives' estimator once")
         self.inner = built
         self.floor = float(floor)
-        self.needs_index = built.needs_index
         self.reads_features = True  # S_ii is read off the features
         self.extra_inputs = tuple(dict.fromkeys(("scale", "bias", "pos_weight", *getattr(built, "extra_inputs", ()))))
+
+    @property
+    def needs_index(self) -> bool:
+        """Whether the inner estimator needs the dataset indices."""
+        return self.inner.needs_index
 
     def state_rules(self):
         """The inner estimator's declared state, under ``inner.``."""
