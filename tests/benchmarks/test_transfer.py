@@ -130,3 +130,22 @@ def test_an_lr_search_run_is_reused_as_the_test_run_of_its_seed(fashion, tmp_pat
     got = tf.load_rows(jsonl)[test.key()]
     assert got["quality"] == row["quality_test"] and got["quality_val"] == row["quality"] and got["split"] == "test"
     assert tf.reuse_lr_runs([row], [test, other], jsonl) == 0  # already there
+
+
+def test_epochs_per_dataset_reach_every_run_and_the_lr_choice():
+    assert tf.parse_epochs(["converged"], tf.DATASET_NAMES) == tf.CONVERGED_EPOCHS
+    assert tf.parse_epochs(["12", "emoji=96"], ("emoji", "fashion")) == {"emoji": 96, "fashion": 12}
+    for bad, msg in ((["emoj=3"], "unknown dataset 'emoj'"), (["emoji=96"], "no epochs for fashion"),
+                     (["0"], "must be >= 1")):
+        with pytest.raises(ValueError, match=msg):
+            tf.parse_epochs(bad, ("emoji", "fashion"))
+    ep = {"emoji": 96, "fashion": 12}
+    runs = tf.lr_runs(("emoji", "fashion"), ("clip",), (16, 256), ep)
+    assert {(r.dataset, r.epochs) for r in runs} == {("emoji", 96), ("fashion", 12)}
+    assert runs[0].batch == 256  # the cheap runs first
+    # an lr search at two budgets: the choice is made among the runs of the asked epochs
+    rows = [{**_row("emoji", "clip", 16, 0, q, "val", lr), "epochs": e}
+            for e, lr, q in ((12, 1e-3, 0.3), (12, 2e-3, 0.2), (96, 1e-3, 0.4), (96, 2e-3, 0.5))]
+    assert tf.chosen_lr(rows, "emoji", "clip", 16, 12) == 1e-3 and tf.chosen_lr(rows, "emoji", "clip", 16, 96) == 2e-3
+    test = tf.test_runs(rows, ("emoji",), ("clip",), (16,), (0, 1), ep)
+    assert [(r.epochs, r.lr, r.seed) for r in test] == [(96, 2e-3, 0), (96, 2e-3, 1)]
