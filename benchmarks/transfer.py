@@ -7,12 +7,14 @@
     python -m benchmarks.transfer --stage convergence         # CLIP and AmorLIP at 24 / 48 epochs (val, seed 0)
     python -m benchmarks.transfer --stage long                # CLIP and AmorLIP at B = 16, 24 epochs, seeds 0 1 2 (test)
     python -m benchmarks.transfer --stage report              # tables + plot from the jsonl files
-    python -m benchmarks.transfer --stage all                 # lr, test, variants, report (the full run)
+    python -m benchmarks.transfer --stage all                 # lr, test, variants, report (12 epochs everywhere)
+    python -m benchmarks.transfer --stage lr --epochs converged --out converged   # the full run: CLIP at B = 256 converged
 
 **Data**: :mod:`benchmarks.suite_data` (``emoji``, ``fashion``, ``glyphs``), splits by image.
 **Towers**: :class:`benchmarks.small_batch.SmallTwoTower` (an MLP per image or tile, a mean of
 token embeddings for text, 64-d). **Loop**: plain PyTorch, AdamW with warm-up and cosine decay,
-clip 1.0, ``s <= 100``, equal epochs at every batch; the loss is
+clip 1.0, ``s <= 100``, equal epochs at every batch (``--epochs``: per dataset, :data:`CONVERGED_EPOCHS`
+where CLIP at B = 256 has converged); the loss is
 ``ContrastiveLoss.from_sections(**section)`` with each method's ``loss:`` section
 (:data:`METHODS`, data: a new estimator is one more entry). AmorLIP's and NeuCLIP's sections are
 read from ``recipes/amorlip-small-batch.yaml`` and ``recipes/neuclip-small-batch.yaml`` and adapted
@@ -30,7 +32,7 @@ gives row ``i``'s negatives relative to InfoNCE's (0 for in-batch); ``scale``: t
 ``s``; and the :class:`amortize.diagnostics.EstimatorMonitor` verdict.
 
 Results: ``benchmarks/transfer*.runs.jsonl`` (one line per finished run, resumed on rerun),
-``benchmarks/transfer.{json,md}``, ``docs/assets/transfer_batch.png``.
+``benchmarks/transfer.{json,md}``, ``docs/assets/transfer_batch.png`` (``--out``: the prefix of all three).
 """
 
 from __future__ import annotations
@@ -658,7 +660,9 @@ def markdown_report(rows: Sequence[dict], title: str = "") -> str:
             row.append(f"{c16['scale']:.0f}" if "scale" in c16 else "-")
             body.append(row)
         split = "/".join(sorted({r["split"] for r in rows if r["dataset"] == d}))
-        parts.append(f"**{d}** ({metric}, {split} split, mean ± sd over seeds)\n\n" + markdown_table(head, body))
+        epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in rows if r["dataset"] == d and "epochs" in r}))
+        budget = f", {epochs} epochs" if epochs else ""
+        parts.append(f"**{d}** ({metric}{budget}, {split} split, mean ± sd over seeds)\n\n" + markdown_table(head, body))
     if len(datasets) > 1:
         head = ["method"] + [f"mean over datasets B={b}" for b in batches] + [f"mean vs CLIP B={b}" for b in batches] + ["worst vs CLIP B=16"]
         body = []
@@ -767,7 +771,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def report(out: str = "transfer") -> None:
-    """Write ``benchmarks/<out>.md`` / ``.json`` and the plot from the jsonl files."""
+    """Write ``benchmarks/<out>.md`` / ``.json`` and the plot ``docs/assets/<out>_batch.png`` from the jsonl files."""
     from benchmarks.common import write_json
 
     test_rows = list(load_rows(HERE / f"{out}_test.runs.jsonl").values())
@@ -790,7 +794,7 @@ def report(out: str = "transfer") -> None:
     write_json(out, {"test": [{k: v for k, v in r.items() if k != "epochs_log"} for r in test_rows],
                      "cells": {"|".join(map(str, k)): v for k, v in cells(test_rows).items()}})
     if test_rows:
-        plot(test_rows, ROOT / "docs" / "assets" / "transfer_batch.png")
+        plot(test_rows, ROOT / "docs" / "assets" / f"{out}_batch.png")
     print(md)
 
 
