@@ -770,13 +770,24 @@ def main(argv: Optional[list[str]] = None) -> None:
         report(a.out)
 
 
+def at_chosen_lr(rows, lr_rows: Sequence[dict]) -> list[dict]:
+    """``rows`` less those of a method (no variant) at another lr than its cell's chosen one: a
+    grid extended after a test stage moves the choice, and the runs at the old lr drop out."""
+    keep = []
+    for r in rows:
+        lr = None if r["variant"] else chosen_lr(lr_rows, r["dataset"], r["method"], r["batch"], r["epochs"])
+        if lr is None or lr == r["lr"]:
+            keep.append(r)
+    return keep
+
+
 def report(out: str = "transfer") -> None:
     """Write ``benchmarks/<out>.md`` / ``.json`` and the plot ``docs/assets/<out>_batch.png`` from the jsonl files."""
     from benchmarks.common import write_json
 
-    test_rows = list(load_rows(HERE / f"{out}_test.runs.jsonl").values())
-    var_rows = list(load_rows(HERE / f"{out}_variants.runs.jsonl").values())
     lr_rows = list(load_rows(HERE / f"{out}_lr.runs.jsonl").values())
+    test_rows = at_chosen_lr(load_rows(HERE / f"{out}_test.runs.jsonl").values(), lr_rows)
+    var_rows = list(load_rows(HERE / f"{out}_variants.runs.jsonl").values())
     md = markdown_report(test_rows, "## Test split (lr chosen on validation)") if test_rows else ""
     if var_rows:
         # references: CLIP and the recipe's AmorLIP at their chosen lr, seed 0 (the lr stage's rows)

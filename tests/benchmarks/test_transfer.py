@@ -149,3 +149,13 @@ def test_epochs_per_dataset_reach_every_run_and_the_lr_choice():
     assert tf.chosen_lr(rows, "emoji", "clip", 16, 12) == 1e-3 and tf.chosen_lr(rows, "emoji", "clip", 16, 96) == 2e-3
     test = tf.test_runs(rows, ("emoji",), ("clip",), (16,), (0, 1), ep)
     assert [(r.epochs, r.lr, r.seed) for r in test] == [(96, 2e-3, 0), (96, 2e-3, 1)]
+
+
+def test_the_report_keeps_the_test_runs_at_each_cells_chosen_lr():
+    lr_rows = [{**_row("emoji", "clip", 16, 0, q, "val", lr), "epochs": 96} for lr, q in ((1e-3, 0.3), (5e-4, 0.4))]
+    test = [{**_row("emoji", "clip", 16, s, 0.3, "test", lr), "epochs": 96} for s in (1, 2) for lr in (1e-3, 5e-4)]
+    test += [{**_row("glyphs", "clip", 16, 1, 0.3), "epochs": 96},  # a cell without an lr search stays
+             {**_row("emoji", "amorlip", 16, 1, 0.3, "test", 1e-3), "epochs": 96, "variant": "beta_0"}]
+    kept = tf.at_chosen_lr(test, lr_rows)
+    assert [(r["dataset"], r["lr"], r["seed"]) for r in kept[:2]] == [("emoji", 5e-4, 1), ("emoji", 5e-4, 2)]
+    assert len(kept) == 4
