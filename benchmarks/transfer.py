@@ -538,6 +538,14 @@ def test_runs(lr_rows, datasets, methods, batches, seeds, epochs, scale_from: Op
     return out
 
 
+def test_priority(run: Run) -> tuple:
+    """The test stage's order, so that a cut-short run has the rows that matter most: the smallest
+    batch (the headline comparison), then the largest (the converged reference), then the others;
+    within one, CLIP and AmorLIP first (the comparison of issue 21's done-when), the longest runs first."""
+    rank = {min(BATCHES): 0, max(BATCHES): 1}.get(run.batch, 2)
+    return (rank, run.method not in ("clip", "amorlip"), -run.epochs, run.seed, run.method != "amorlip")
+
+
 def variant_runs(lr_rows, datasets, variants, batch, seeds, epochs) -> list[Run]:
     """AmorLIP variants on validation at AmorLIP's chosen lr (CLIP's reference rows come from the lr stage)."""
     out = []
@@ -757,7 +765,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                      lr=chosen_lr(lr_rows, d, "amorlip", b0, epochs[d]) or base_lr(b0))
                  for s in a.seeds for d in a.datasets for v in a.test_variants]
         reuse_lr_runs(lr_rows, runs, test_path)
-        run_all(runs, test_path, a.jobs)
+        run_all(sorted(runs, key=test_priority), test_path, a.jobs)
     if a.stage in ("variants", "all"):
         run_all(variant_runs(lr_rows, a.datasets, a.variants, min(a.batches), a.variant_seeds, epochs),
                 var_path, a.jobs)

@@ -159,3 +159,12 @@ def test_the_report_keeps_the_test_runs_at_each_cells_chosen_lr():
     kept = tf.at_chosen_lr(test, lr_rows)
     assert [(r["dataset"], r["lr"], r["seed"]) for r in kept[:2]] == [("emoji", 5e-4, 1), ("emoji", 5e-4, 2)]
     assert len(kept) == 4
+
+
+def test_the_test_stage_runs_the_headline_comparison_first():
+    runs = [tf.Run(d, m, b, s, "test", epochs=e) for b in (64, 256, 16) for m in ("neuclip", "clip", "amorlip")
+            for d, e in (("fashion", 12), ("emoji", 96)) for s in (2, 1)]
+    order = sorted(runs, key=tf.test_priority)
+    assert [(r.batch, r.method, r.dataset, r.seed) for r in order[:3]] == [
+        (16, "amorlip", "emoji", 1), (16, "clip", "emoji", 1), (16, "amorlip", "emoji", 2)]
+    assert [r.batch for r in order[::12]] == [16, 256, 64]
