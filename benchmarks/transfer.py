@@ -8,7 +8,9 @@
     python -m benchmarks.transfer --stage long                # CLIP and AmorLIP at B = 16, 24 epochs, seeds 0 1 2 (test)
     python -m benchmarks.transfer --stage report              # tables + plot from the jsonl files
     python -m benchmarks.transfer --stage all                 # lr, test, variants, report (12 epochs everywhere)
-    python -m benchmarks.transfer --stage lr --epochs converged --out converged   # the full run: CLIP at B = 256 converged
+    python -m benchmarks.transfer --stage lr --epochs converged --out converged     # the full run (CLIP at B = 256
+    python -m benchmarks.transfer --stage test --epochs converged --out converged   #   converged): lr, test, report
+    python -m benchmarks.transfer --stage report --out converged
 
 **Data**: :mod:`benchmarks.suite_data` (``emoji``, ``fashion``, ``glyphs``), splits by image.
 **Towers**: :class:`benchmarks.small_batch.SmallTwoTower` (an MLP per image or tile, a mean of
@@ -63,6 +65,8 @@ DATASET_NAMES = ("emoji", "fashion", "glyphs")
 BATCHES = (16, 64, 256)
 SEEDS = (0, 1, 2)
 EPOCHS = 12
+LR_MULTS = (0.5, 1.0, 2.0)
+CLIP_SCALE = math.log(1 / 0.07)
 CONVERGED_EPOCHS = {"emoji": 96, "fashion": 12, "glyphs": 96}
 """Epochs per dataset at which CLIP at B = 256 has converged on validation (``--epochs converged``).
 
@@ -103,8 +107,7 @@ def parse_epochs(tokens: Sequence[str], datasets: Sequence[str]) -> dict[str, in
     if bad or (default is not None and default < 1):
         raise ValueError(f"--epochs: epochs must be >= 1, got {bad or default}")
     return {d: out.get(d, default) for d in datasets}
-LR_MULTS = (0.5, 1.0, 2.0)
-CLIP_SCALE = math.log(1 / 0.07)
+
 
 _LIN = {"name": "linearized", "pos_weight": 0.001}
 METHODS: dict[str, dict[str, Any]] = {
