@@ -2,6 +2,7 @@
 
 * ``in_batch``: CLIP's in-batch sums (:class:`InBatchEstimator`).
 * ``moving_average``: SogCLR / FastCLIP per-sample moving averages (:class:`MovingAverageEstimator`).
+* ``scent``: SCENT's per-sample estimates with a state-dependent weight (:class:`ScentEstimator`).
 * ``amortized``: AmorLIP's amortizer networks with today's flat keys (:class:`AmortizedEstimator`).
 * ``exact_positive``: any of these for the negatives, the positive's term exact
   (:class:`~amortize.estimators.exact_positive.ExactPositive`).
@@ -22,13 +23,16 @@ from amortize.estimators.base import PartitionEstimate, PartitionEstimator, Stat
 from amortize.estimators.normalizer import PRESETS, NormalizerNetworkEstimator, from_preset, neuclip
 from amortize.estimators.in_batch import InBatchEstimator
 from amortize.estimators.exact_positive import ExactPositive
-from amortize.estimators.moving_average import MovingAverageEstimator, moving_average_update
+from amortize.estimators.moving_average import (MovingAverageEstimator, PerSampleEstimator, ScentEstimator,
+                                                moving_average_update, scent_update)
 
 __all__ = [
     "PartitionEstimate",
     "PartitionEstimator",
     "InBatchEstimator",
+    "PerSampleEstimator",
     "MovingAverageEstimator",
+    "ScentEstimator",
     "AmortizedEstimator",
     "NormalizerNetworkEstimator",
     "ExactPositive",
@@ -37,6 +41,7 @@ __all__ = [
     "from_preset",
     "blend_log_targets",
     "moving_average_update",
+    "scent_update",
     "ESTIMATORS",
     "register_estimator",
     "build_estimator",
@@ -45,7 +50,7 @@ __all__ = [
 ESTIMATORS: Registry[PartitionEstimator] = Registry("estimator")
 """Registry of estimators: name -> constructor."""
 for _name, _cls in (("in_batch", InBatchEstimator), ("moving_average", MovingAverageEstimator),
-                    ("amortized", AmortizedEstimator)):
+                    ("scent", ScentEstimator), ("amortized", AmortizedEstimator)):
     ESTIMATORS.register(_name, _cls)
 ESTIMATORS.register("normalizer_network", NormalizerNetworkEstimator)
 ESTIMATORS.register("neuclip", neuclip)

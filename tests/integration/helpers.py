@@ -13,7 +13,7 @@ from amortize.train.config import Recipe, load_recipe
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 
-METHODS = ("clip", "siglip", "sogclr", "fastclip", "amorlip-log-l2", "amorlip-fdiv")
+METHODS = ("clip", "siglip", "sogclr", "fastclip", "scent", "amorlip-log-l2", "amorlip-fdiv")
 
 
 def tiny_overrides(batch: int, num_samples: int, tmp_path, duration: str) -> list[str]:

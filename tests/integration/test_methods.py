@@ -79,3 +79,22 @@ def test_composer_microbatching_is_refused_at_run_time(tmp_path):
     with pytest.raises(ValueError, match="shrinks the negatives"):
         trainer.fit()
     trainer.close()
+
+
+def test_scent_trains_by_name_on_the_default_recipe(tmp_path):
+    """``loss.estimator=scent`` on the shipped data: its tables fill at the dataset indices trained."""
+    from amortize.train.config import load_recipe
+    from tests.integration.helpers import RECIPES
+
+    recipe = load_recipe(RECIPES / "default.yaml", [
+        "loss.estimator=scent", "model.name=tiny", "data.batch_size=32", "max_duration=4ba", "device=cpu",
+        "precision=fp32", f"save_folder={tmp_path}", "save_interval=1000ep", "log_to_console=false",
+        "progress_bar=false", "scheduler=constant"])
+    rec = RecordLoss()
+    trainer = build_trainer(recipe, callbacks=[rec])
+    trainer.fit()
+    est = unwrap(trainer.state.model).loss_fn.estimator
+    trainer.close()
+    assert type(est).__name__ == "ScentEstimator" and est.alpha == 10.0 and est.reference_frame == "positive"
+    assert len(rec.losses) == 4 and all(math.isfinite(v) for v in rec.losses)
+    assert int(torch.isfinite(est.log_u_x).sum()) == 4 * 32 == int(torch.isfinite(est.log_u_y).sum())

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from amortize.comm import ONE_PROCESS, Gather, InProcessWorld, Local, Ring, Topology
-from amortize.estimators import MovingAverageEstimator, PartitionEstimate, PartitionEstimator
+from amortize.estimators import MovingAverageEstimator, PartitionEstimate, PartitionEstimator, ScentEstimator
 from amortize.losses import ContrastiveLoss
 
 OBJECTIVES = ("infonce", "sigmoid", "linearized")
@@ -80,23 +80,26 @@ def test_exact_layouts_on_simulated_ranks_equal_one_process(layout, objective, w
             _close(torch.stack([r[4][k] for r in per_rank]).mean(), ref_terms[k], f"{label} term {k}")
 
 
+@pytest.mark.parametrize("per_sample", ["moving_average", "scent"])
 @pytest.mark.parametrize("layout", sorted(EXACT))
-def test_estimator_state_on_simulated_ranks_is_the_one_process_state(layout):
+def test_estimator_state_on_simulated_ranks_is_the_one_process_state(layout, per_sample):
     """Exact layouts give every rank the global rows: each applies the one-process update."""
     world, b, n = 3, 2, 20
     X, Y = _batch(world * b, 4, 5)
     index = torch.tensor([3, 17, 0, 9, 11, 4])
 
     def fresh():
-        return MovingAverageEstimator(n, gamma=0.5)
+        return MovingAverageEstimator(n, gamma=0.5) if per_sample == "moving_average" else ScentEstimator(n, alpha=2.0)
 
     ref = _loss("linearized", Gather(ONE_PROCESS), estimator=fresh())
-    ref_out = _step(ref, X, Y, 6.0, 0.0, index)
+    _step(ref, X, Y, 6.0, 0.0, index)  # a first visit takes the batch's value, the second updates
+    ref_out = _step(ref, X.flip(1), Y, 6.0, 0.0, index)
 
     def rank(topo):
         loss_fn = _loss("linearized", EXACT[layout](topo), estimator=fresh())
         rows = slice(topo.rank * b, (topo.rank + 1) * b)
-        out = _step(loss_fn, X[rows], Y[rows], 6.0, 0.0, index[rows])
+        _step(loss_fn, X[rows], Y[rows], 6.0, 0.0, index[rows])
+        out = _step(loss_fn, X.flip(1)[rows], Y[rows], 6.0, 0.0, index[rows])
         return out, loss_fn.estimator.state_dict()
 
     per_rank = InProcessWorld(world).run(rank)

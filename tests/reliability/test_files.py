@@ -117,7 +117,7 @@ def test_recipe_names_only_registered_components(tmp_path):
 
     with pytest.raises(RecipeError, match=r"optimizer: unknown optimizer 'torch\.optim\.SGD'.*adamw"):
         load_recipe(DEFAULT_RECIPE, ["model.name=tiny", "optimizer.name=torch.optim.SGD"])
-    with pytest.raises(RecipeError, match="loss.estimator: unknown estimator 'os.system'; valid: amorlip_code, amorlip_paper, amortized, exact_positive, in_batch, moving_average, neuclip, normalizer_network"):
+    with pytest.raises(RecipeError, match="loss.estimator: unknown estimator 'os.system'; valid: amorlip_code, amorlip_paper, amortized, exact_positive, in_batch, moving_average, neuclip, normalizer_network, scent"):
         load_recipe(DEFAULT_RECIPE, ["loss.estimator=os.system"])
     with pytest.raises(RecipeError, match=r"loss._target_: unknown option of loss; valid: objective, estimator, layout, rho, chunk_size$"):
         load_recipe(DEFAULT_RECIPE, ["loss._target_=builtins.eval"])
