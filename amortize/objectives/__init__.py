@@ -1,6 +1,7 @@
 """Encoder objectives as modules, one implementation each, and the Stage I amortization objectives.
 
 * ``infonce``: :class:`InfoNCE` (CLIP).
+* ``dcl``: :class:`DCL` (decoupled contrastive learning: InfoNCE without the positive in its normaliser).
 * ``sigmoid``: :class:`Sigmoid` (SigLIP).
 * ``linearized``: :class:`Linearized`, the spectral-EBM objective normalised by an estimate of the
   partition sums (in-batch: CLIP's gradient; moving averages: SogCLR / FastCLIP; amortizer
@@ -16,7 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 from amortize.objectives.base import Objective, Pairs, Partition, partition, rescale_temperature
-from amortize.objectives.infonce import InfoNCE
+from amortize.objectives.infonce import DCL, InfoNCE
 from amortize.objectives.linearized import Linearized
 from amortize.objectives.sigmoid import Sigmoid
 from amortize.objectives.stage1 import (
@@ -33,6 +34,7 @@ __all__ = [
     "partition",
     "rescale_temperature",
     "InfoNCE",
+    "DCL",
     "Sigmoid",
     "Linearized",
     "OBJECTIVES",
@@ -43,8 +45,8 @@ __all__ = [
 ]
 
 OBJECTIVES: Registry[Objective] = Registry("objective")
-"""Encoder objectives by name: ``infonce``, ``sigmoid``, ``linearized``."""
-for _cls in (InfoNCE, Sigmoid, Linearized):
+"""Encoder objectives by name: ``infonce``, ``dcl``, ``sigmoid``, ``linearized``."""
+for _cls in (InfoNCE, DCL, Sigmoid, Linearized):
     OBJECTIVES.register(_cls.name, _cls)
 OBJECTIVES.renamed("amortized", "linearized")
 

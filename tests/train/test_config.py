@@ -55,7 +55,7 @@ def test_mistyped_value_names_key_and_type():
         load_recipe_dict({"optimizer": {"lr": "fast"}})
     with pytest.raises(RecipeError, match=r"data.batch_size: expected int"):
         load_recipe_dict({"data": {"batch_size": 1.5}})
-    with pytest.raises(RecipeError, match=r"loss.objective: unknown objective 'clip'; valid: infonce, linearized, sigmoid"):
+    with pytest.raises(RecipeError, match=r"loss.objective: unknown objective 'clip'; valid: dcl, infonce, linearized, sigmoid"):
         load_recipe_dict({"loss": {"objective": "clip"}})
     with pytest.raises(RecipeError, match=r"optimizer.betas\[1\]: expected float"):
         load_recipe_dict({"optimizer": {"betas": [0.9, "x"]}})
