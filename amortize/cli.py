@@ -189,8 +189,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if dist.get_global_rank() == 0:
         from amortize.interop.pretrained import locked_summary
         from amortize.train.model import unwrap
+        from amortize.train.optim import describe_optimizer
 
         print(f"amortize train: {trainer.amortize_plan.describe()}", flush=True)
+        print(f"amortize train: optimizer {describe_optimizer(trainer.state.optimizers[0], recipe.data.batch_size)}",
+              flush=True)
         print(f"amortize train: {locked_summary(unwrap(trainer.state.model).model)}", flush=True)
     try:
         trainer.fit()

@@ -338,7 +338,7 @@ def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optio
     if train_dataloader is None:
         train_dataloader, num_samples = build_dataloader(recipe, tokenizer, towers.image_size)
     model = _composer_model(recipe, towers, num_samples, microbatch_size)
-    optimizer = build_optimizer(model, bindings(recipe).get("optimizer"))
+    optimizer = build_optimizer(model, bindings(recipe).get("optimizer"), recipe.data.batch_size)
     scheduler = bindings(recipe).get("scheduler").build()
     return model, tokenizer, train_dataloader, optimizer, scheduler
 
@@ -360,6 +360,7 @@ def dry_run(recipe: Recipe) -> list[str]:
         RecipeError: naming the recipe key of anything that would fail when the run starts.
     """
     from amortize.interop.pretrained import locked_summary
+    from amortize.train.optim import describe_optimizer
 
     per = per_process_batch_size(recipe)
     plan = decide_start(recipe)
@@ -376,7 +377,7 @@ def dry_run(recipe: Recipe) -> list[str]:
         f"model: {recipe.model.name}, {n_params:,} encoder parameters; loss: {recipe.loss.objective}, estimator {est}",
         f"data: {recipe.data.name}, {batches if batches is not None else 'unknown'} batches of {per} per process "
         f"and epoch",
-        f"optimizer: {type(optimizer).__name__}; scheduler: {type(scheduler).__name__ if scheduler else 'none'}; "
+        f"optimizer: {describe_optimizer(optimizer, recipe.data.batch_size)}; scheduler: {type(scheduler).__name__ if scheduler else 'none'}; "
         f"divergence: {guard.policy}",
         *(f"{key}: {', '.join(type(x).__name__ for x in built)}" for key, built in extra.items() if built),
         f"start: {plan.describe()}; checkpoints in {recipe.resolved_save_folder()}/",

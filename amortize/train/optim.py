@@ -14,6 +14,7 @@ Composer and torch-optimizer are imported when a recipe names one of theirs.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Optional
 
 from torch import nn
@@ -21,15 +22,45 @@ from torch import nn
 from amortize.options import NONNEGATIVE, POSITIVE, UNIT, Range, RecipeError, TimeString
 from amortize.registry import Registry
 
-__all__ = ["OPTIMIZERS", "OPTIMIZER_OPTIONS", "SCHEDULERS", "group_options", "is_no_decay", "param_groups", "build_optimizer"]
+__all__ = ["OPTIMIZERS", "OPTIMIZER_OPTIONS", "SCHEDULERS", "group_options", "is_no_decay", "param_groups",
+           "build_optimizer", "beta2_at_batch", "beta2_half_life", "describe_optimizer"]
 
 
-def group_options(logit_scale_lr: Annotated[Optional[float], NONNEGATIVE] = None) -> None:
-    """The option every ``optimizer`` section takes beside its class's own (see :func:`param_groups`).
+def group_options(logit_scale_lr: Annotated[Optional[float], NONNEGATIVE] = None,
+                  beta2_reference_batch: Annotated[Optional[int], POSITIVE] = None) -> None:
+    """The options every ``optimizer`` section takes beside its class's own.
 
     Args:
-        logit_scale_lr: the logit scale's learning rate (None: the optimiser's ``lr``).
+        logit_scale_lr: the logit scale's learning rate (None: the optimiser's ``lr``; see
+            :func:`param_groups`).
+        beta2_reference_batch: the global batch at which the section's ``betas[1]`` is right;
+            the run's ``beta2`` is then :func:`beta2_at_batch` of it at ``data.batch_size``, so a
+            changed batch keeps the second moment's half-life in samples. None: ``betas`` as written.
     """
+
+
+def beta2_at_batch(beta2: float, reference_batch: int, batch: int) -> float:
+    """Adam's ``beta2`` at ``batch`` with the half-life in samples it has at ``reference_batch``.
+
+    ``beta2 ** (batch / reference_batch)`` (Marek et al., NeurIPS 2025, arXiv 2507.07101: small
+    batches train as well per sample when the second moment averages over a fixed number of samples,
+    not of steps). 0.98 at 256 is 0.99874 at 16.
+
+    Args:
+        beta2: the value at ``reference_batch``, in [0, 1).
+        reference_batch: the batch it was set for (> 0).
+        batch: the run's global batch (> 0).
+    """
+    if not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
+    if reference_batch < 1 or batch < 1:
+        raise ValueError(f"batches must be >= 1, got reference_batch={reference_batch}, batch={batch}")
+    return float(beta2 ** (batch / reference_batch))
+
+
+def beta2_half_life(beta2: float, batch: int) -> float:
+    """The half-life in samples of Adam's second moment: ``batch * ln(1/2) / ln(beta2)`` (0 for ``beta2 = 0``)."""
+    return 0.0 if beta2 == 0.0 else batch * math.log(0.5) / math.log(beta2)
 
 
 OPTIMIZER_OPTIONS: dict[str, Any] = {
@@ -99,26 +130,51 @@ def param_groups(module: nn.Module, weight_decay: float, logit_scale_lr: Optiona
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(module: nn.Module, section: Any) -> Any:
+def build_optimizer(module: nn.Module, section: Any, batch_size: Optional[int] = None) -> Any:
     """The encoder optimiser of an ``optimizer`` section over :func:`param_groups`.
 
     Args:
         module: the model whose trainable parameters are grouped.
         section: the recipe's bound section (:class:`~amortize.registry.Bound`), or a section
             (``{name: adamw, lr: 0.002}``), bound here.
+        batch_size: the run's global batch, for ``beta2_reference_batch``.
 
     Raises:
         RecipeError: under ``optimizer`` for an unknown optimiser (listing the valid ones), a bad
-            option, or a model with nothing to train.
+            option, ``beta2_reference_batch`` with an optimiser without ``betas`` or no batch
+            known, or a model with nothing to train.
     """
     from amortize.registry import Bound
     from amortize.train.sections import bind_section
 
     bound = section if isinstance(section, Bound) else bind_section("optimizer", section)
-    groups = param_groups(module, bound.resolved.get("weight_decay", 0.0), **bound.shared)
+    shared = dict(bound.shared)
+    reference = shared.pop("beta2_reference_batch", None)
+    if reference is not None:
+        betas = bound.resolved.get("betas")
+        if betas is None:
+            raise RecipeError(f"beta2_reference_batch scales Adam's betas, and optimizer {bound.name!r} has none; "
+                              "remove it", key=f"{bound.key}.beta2_reference_batch")
+        if batch_size is None:
+            raise RecipeError("beta2_reference_batch needs the run's batch size, which is not known here",
+                              key=f"{bound.key}.beta2_reference_batch")
+        bound = bound.with_parts(betas=(float(betas[0]), beta2_at_batch(float(betas[1]), reference, batch_size)))
+    groups = param_groups(module, bound.resolved.get("weight_decay", 0.0), **shared)
     if not groups:
         raise RecipeError("the model has no parameter with requires_grad=True", key=bound.key)
     return bound.build(groups)
+
+
+def describe_optimizer(optimizer: Any, batch_size: Optional[int] = None) -> str:
+    """One line naming the optimiser, its lr and, where it has them, its betas with beta2's half-life in samples."""
+    group = optimizer.param_groups[0]
+    out = f"{type(optimizer).__name__} (lr {group['lr']:g}"
+    betas = group.get("betas")
+    if betas is not None:
+        out += f", betas {betas[0]:g} / {betas[1]:.6g}"
+        if batch_size:
+            out += f": beta2's half-life {beta2_half_life(betas[1], batch_size):,.0f} samples at batch {batch_size}"
+    return out + ")"
 
 
 _WARMUP = TimeString(("ep", "ba", "sp", "dur"), positive=False)

@@ -89,3 +89,38 @@ def test_paper_towers_build_offline(name):
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match="unknown model 'ViT-Q'"):
         model_config("ViT-Q")
+
+
+def test_beta2_follows_the_batch_from_its_reference_batch():
+    """``beta2_reference_batch``: the section's beta2 is right at that batch; the run's keeps its half-life in samples."""
+    from amortize.train.optim import beta2_at_batch, beta2_half_life
+
+    section = {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.98], "beta2_reference_batch": 256}
+    opt = build_optimizer(build_model("tiny"), section, batch_size=16)
+    b1, b2 = opt.param_groups[0]["betas"]
+    assert b1 == 0.9 and b2 == pytest.approx(0.98 ** (16 / 256)) and b2 == pytest.approx(0.998738, abs=1e-6)
+    assert beta2_half_life(b2, 16) == pytest.approx(beta2_half_life(0.98, 256))
+    assert beta2_at_batch(0.98, 256, 256) == 0.98
+    same = build_optimizer(build_model("tiny"), {**section, "beta2_reference_batch": None}, batch_size=16)
+    assert tuple(same.param_groups[0]["betas"]) == (0.9, 0.98)  # without the option: betas as written
+
+
+@pytest.mark.parametrize("section, batch, message", [
+    ({"name": "sgd", "lr": 0.1, "beta2_reference_batch": 256}, 16, "optimizer.beta2_reference_batch: .*'sgd' has none"),
+    ({"name": "adamw", "beta2_reference_batch": 256}, None, "optimizer.beta2_reference_batch: .*batch size"),
+    ({"name": "adamw", "beta2_reference_batch": 0}, 16, "beta2_reference_batch"),
+])
+def test_beta2_reference_batch_errors_name_the_key(section, batch, message):
+    with pytest.raises(RecipeError, match=message):
+        build_optimizer(build_model("tiny"), section, batch_size=batch)
+
+
+def test_the_resolved_betas_are_printed_by_the_dry_run(tmp_path):
+    from amortize.train.builders import dry_run
+    from amortize.train.config import load_recipe
+    from tests.integration.helpers import RECIPES, tiny_overrides
+
+    recipe = load_recipe(RECIPES / "clip-medium.yaml", tiny_overrides(16, 32, tmp_path, "1ba")
+                         + ["optimizer.betas=[0.9, 0.98]", "optimizer.beta2_reference_batch=256"])
+    line = next(x for x in dry_run(recipe) if x.startswith("optimizer:"))
+    assert "betas 0.9 / 0.998738" in line and "half-life 8,783 samples at batch 16" in line, line
