@@ -165,7 +165,7 @@ def log_partition(
     x: Tensor,
     y: Tensor,
     scale: Scalar,
-    bias: Scalar = 0.0,
+    bias: Optional[Scalar] = None,
     pos_weight: float = 1.0,
     chunk_size: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
@@ -179,7 +179,7 @@ def log_partition(
         x: (B, d) image features.
         y: (B, d) text features; row i of ``y`` is the positive of row i of ``x``.
         scale: inverse temperature ``s`` (> 0).
-        bias: logit bias ``b``.
+        bias: logit bias ``b`` (None: none).
         pos_weight: ``c``, weight of the positive pair in each sum (>= 0).
         chunk_size: None, or rows per chunk (the (B, B) matrix is never held).
 
