@@ -499,12 +499,12 @@ def encoder_lr(batch: int) -> float:
     """
     return 2e-3 * math.sqrt(batch / 16)
 
-def make_optimizer(model: SmallTwoTower, lr: float) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9 / 0.98, eps 1e-6), weight decay 0.1 on matrices except the token embeddings."""
+def make_optimizer(model: SmallTwoTower, lr: float, beta2: float = 0.98) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9 / ``beta2``, eps 1e-6), weight decay 0.1 on matrices except the token embeddings."""
     decay = [p for name, p in model.named_parameters() if p.dim() >= 2 and "embed" not in name]
     no_decay = [p for name, p in model.named_parameters() if p.dim() < 2 or "embed" in name]
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.98), eps=1e-6, foreach=True)
+                             lr=lr, betas=(0.9, beta2), eps=1e-6, foreach=True)
 
 
 def encoder_step(model: SmallTwoTower, opt: torch.optim.Optimizer, loss: Tensor) -> None:

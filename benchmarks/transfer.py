@@ -67,6 +67,13 @@ SEEDS = (0, 1, 2)
 EPOCHS = 12
 LR_MULTS = (0.5, 1.0, 2.0)
 CLIP_SCALE = math.log(1 / 0.07)
+BETA2 = 0.98
+"""AdamW's beta2 of every run unless a run says otherwise (CLIP's large-batch value)."""
+BETA2_REFERENCE_BATCH = 256
+"""The batch at which :data:`BETA2` is taken to be right: the rule's beta2 at batch B is
+``BETA2 ** (B / BETA2_REFERENCE_BATCH)`` (:func:`amortize.train.optim.beta2_at_batch`)."""
+BETA2_SEARCH_BATCHES = (16, 64)
+"""Batches whose lr search also tries the rule's beta2 (every method alike); at 256 the two are one."""
 CONVERGED_EPOCHS = {"emoji": 96, "fashion": 12, "glyphs": 96}
 """Epochs per dataset at which CLIP at B = 256 has converged on validation (``--epochs converged``).
 
@@ -120,6 +127,10 @@ METHODS: dict[str, dict[str, Any]] = {
                           "estimator": {"name": "moving_average", "init": "first_batch",
                                         "gamma": {"name": "cosine_decay", "start": 1.0, "end": 0.2,
                                                   "decay_epochs": "half"}}}},
+    # SCENT: FastCLIP's run with the state-dependent weight (recipes/scent-*.yaml: alpha 10, reference positive)
+    "scent": {"loss": {"objective": _LIN, "rho": 6.5, "estimator": {"name": "scent", "alpha": 10.0}}},
+    # DCL: InfoNCE without the positive in its own normaliser
+    "dcl": {"loss": {"objective": "dcl"}},
     # the shipped small-batch recipes' loss sections, adapted to the run by adapt_small_batch
     "amorlip": {"loss": "recipe", "recipe": "amorlip-small-batch.yaml"},
     "neuclip": {"loss": "recipe", "recipe": "neuclip-small-batch.yaml", "needs": "neuclip"},
@@ -238,6 +249,9 @@ VARIANTS: dict[str, dict] = {
     **{f"exact_positive_c{c}": {"wrap": "exact_positive", "objective": {"name": "linearized", "pos_weight": c}}
        for c in (0.3, 0.1, 0.03, 0.01)},
     "pos_weight_0.03": {"objective": {"name": "linearized", "pos_weight": 0.03}},  # c = 0.03, the positive fitted
+    # SCENT's small-batch setting (--variant-method scent): alpha, and the frame its weight is read in
+    **{f"alpha_{a:g}": {"estimator": {"alpha": a}} for a in (0.0, 5.0, 20.0)},
+    "reference_none": {"estimator": {"reference": "none"}},
 }
 
 
@@ -258,11 +272,14 @@ class Run:
     variant: str = ""
     overrides: dict = field(default_factory=dict)
     max_steps: Optional[int] = None
+    beta2: Optional[float] = None  # None: BETA2
 
     def key(self) -> str:
-        """A key that identifies the run in a jsonl file."""
+        """A key that identifies the run in a jsonl file (runs at the default beta2 keep the keys they had)."""
         d = asdict(self)
         d.pop("max_steps")
+        if d["beta2"] is None:
+            d.pop("beta2")
         spec = METHODS[self.method]
         if spec["loss"] == "recipe":  # a changed recipe is a different run
             d["recipe"] = recipe_loss_section(RECIPES / spec["recipe"])
@@ -276,6 +293,13 @@ class Run:
 def base_lr(batch: int) -> float:
     """The centre of the lr grid: ``2e-3 * sqrt(batch / 16)`` (CLIP's best on the emoji benchmark)."""
     return 2e-3 * math.sqrt(batch / 16)
+
+
+def rule_beta2(batch: int) -> float:
+    """The beta2 that keeps :data:`BETA2`'s half-life in samples at ``batch`` (0.99874 at 16, 0.99496 at 64)."""
+    from amortize.train.optim import beta2_at_batch
+
+    return beta2_at_batch(BETA2, BETA2_REFERENCE_BATCH, batch)
 
 
 @torch.no_grad()
@@ -369,7 +393,7 @@ def train(run: Run, data=None) -> dict:
     loss_fn = build_loss(section, n, 64)
     model = SmallTwoTower(data.pixels, data.vocab_size, init_logit_scale=ls0, init_logit_bias=lb0)
     lr = run.lr or base_lr(run.batch)
-    opt = make_optimizer(model, lr)
+    opt = make_optimizer(model, lr, run.beta2 or BETA2)
     total = spe * run.epochs
     warmup = max(1, min(spe, total // 10))
     gen = torch.Generator().manual_seed(run.seed)
@@ -419,7 +443,8 @@ def train(run: Run, data=None) -> dict:
             break
     wall = time.perf_counter() - t0
     model.eval()
-    row = {**asdict(run), "key": run.key(), "tag": run.tag(), "lr": lr, "steps": step, "wall_s": wall,
+    row = {**asdict(run), "key": run.key(), "tag": run.tag(), "lr": lr, "beta2": run.beta2 or BETA2, "steps": step,
+           "wall_s": wall,
            "section": section, "epochs_log": per_epoch, "warnings": monitor.warnings}
     row.update(evaluate(model, data, run.split))
     for other in ("val", "test"):  # the same model on the other split: a seed's lr-search run is its test run
@@ -481,33 +506,50 @@ def run_all(runs: Sequence[Run], jsonl: Path, jobs: int = 2, log=print) -> list[
 # ------------------------------------------------------------------------------------------ stages
 
 
-def lr_runs(datasets, methods, batches, epochs, mults=LR_MULTS) -> list[Run]:
-    """The lr grid on validation, seed 0 (the largest batch first: its runs are the cheapest)."""
-    return [Run(d, m, b, 0, "val", lr=base_lr(b) * k, epochs=epochs_of(epochs, d))
-            for b in sorted(batches, reverse=True) for d in datasets for m in methods for k in mults]
+def lr_runs(datasets, methods, batches, epochs, mults=LR_MULTS, beta2_batches=BETA2_SEARCH_BATCHES) -> list[Run]:
+    """The lr grid on validation, seed 0 (the largest batch first: its runs are the cheapest); at
+    ``beta2_batches`` every lr also with the rule's beta2 (:func:`rule_beta2`), after the default's."""
+    return [Run(d, m, b, 0, "val", lr=base_lr(b) * k, epochs=epochs_of(epochs, d), beta2=b2)
+            for b in sorted(batches, reverse=True)
+            for b2 in ((None, rule_beta2(b)) if b in beta2_batches else (None,))
+            for d in datasets for m in methods for k in mults]
 
 
-def chosen_lr(rows: Sequence[dict], dataset: str, method: str, batch: int,
-              epochs: Optional[int] = None) -> Optional[float]:
-    """The best validation lr of a (dataset, method, batch) cell (ties: the smaller), or None;
+def _beta2(row: dict) -> float:
+    return row.get("beta2") or BETA2
+
+
+def chosen_setting(rows: Sequence[dict], dataset: str, method: str, batch: int,
+                   epochs: Optional[int] = None) -> Optional[tuple[float, Optional[float]]]:
+    """The best validation ``(lr, beta2)`` of a (dataset, method, batch) cell, or None; ties: the
+    smaller lr, then the default beta2; ``beta2`` is None for the default (:data:`BETA2`);
     ``epochs``: among the runs of that many epochs only."""
     cand = [r for r in rows if r["dataset"] == dataset and r["method"] == method and r["batch"] == batch
             and r["split"] == "val" and not r["variant"] and r["seed"] == 0
             and (epochs is None or r["epochs"] == epochs)]
     if not cand:
         return None
-    return max(cand, key=lambda r: (round(r["quality"], 6), -r["lr"]))["lr"]
+    best = max(cand, key=lambda r: (round(r["quality"], 6), -r["lr"], _beta2(r) == BETA2))
+    return best["lr"], (None if _beta2(best) == BETA2 else _beta2(best))
+
+
+def chosen_lr(rows: Sequence[dict], dataset: str, method: str, batch: int,
+              epochs: Optional[int] = None) -> Optional[float]:
+    """The lr of :func:`chosen_setting`, or None."""
+    got = chosen_setting(rows, dataset, method, batch, epochs)
+    return None if got is None else got[0]
 
 
 def reuse_lr_runs(lr_rows: Sequence[dict], runs: Sequence[Run], jsonl: Path) -> int:
     """Write the test rows that an lr-search run already measured (same model: dataset, method,
     batch, seed, lr and epochs; it evaluated the test split too) into ``jsonl``; returns how many."""
     have = load_rows(jsonl)
-    by = {(r["dataset"], r["method"], r["batch"], r["seed"], r["lr"], r["epochs"], r.get("variant", "")): r
+    by = {(r["dataset"], r["method"], r["batch"], r["seed"], r["lr"], _beta2(r), r["epochs"], r.get("variant", "")): r
           for r in lr_rows if "quality_test" in r}
     n = 0
     for run in runs:
-        src = by.get((run.dataset, run.method, run.batch, run.seed, run.lr, run.epochs, run.variant))
+        src = by.get((run.dataset, run.method, run.batch, run.seed, run.lr, run.beta2 or BETA2, run.epochs,
+                      run.variant))
         if src is None or run.key() in have or (run.method == "amorlip" and src["section"] != method_section(
                 run.method, run.batch, run.epochs, src["steps"] // max(1, run.epochs), run.overrides)[0]):
             continue
@@ -521,10 +563,10 @@ def reuse_lr_runs(lr_rows: Sequence[dict], runs: Sequence[Run], jsonl: Path) -> 
 
 
 def test_runs(lr_rows, datasets, methods, batches, seeds, epochs, scale_from: Optional[int] = None) -> list[Run]:
-    """Test-split runs at the chosen lr of each cell (cells without a chosen lr are skipped).
+    """Test-split runs at the chosen setting (lr, beta2) of each cell (cells without one are skipped).
 
     ``scale_from``: for a cell without an lr search, the lr chosen at batch ``scale_from`` times
-    ``sqrt(batch / scale_from)`` (the rule of :func:`base_lr`).
+    ``sqrt(batch / scale_from)`` (the rule of :func:`base_lr`), at the default beta2.
     """
     out = []
     for s in seeds:
@@ -532,12 +574,12 @@ def test_runs(lr_rows, datasets, methods, batches, seeds, epochs, scale_from: Op
             for d in datasets:
                 for m in methods:
                     e = epochs_of(epochs, d)
-                    lr = chosen_lr(lr_rows, d, m, b, e)
-                    if lr is None and scale_from is not None:
+                    got = chosen_setting(lr_rows, d, m, b, e)
+                    if got is None and scale_from is not None:
                         lr0 = chosen_lr(lr_rows, d, m, scale_from, e)
-                        lr = None if lr0 is None else lr0 * math.sqrt(b / scale_from)
-                    if lr is not None:
-                        out.append(Run(d, m, b, s, "test", lr=lr, epochs=e))
+                        got = None if lr0 is None else (lr0 * math.sqrt(b / scale_from), None)
+                    if got is not None:
+                        out.append(Run(d, m, b, s, "test", lr=got[0], epochs=e, beta2=got[1]))
     return out
 
 
@@ -549,19 +591,19 @@ def test_priority(run: Run) -> tuple:
     return (rank, run.method not in ("clip", "amorlip"), -run.epochs, run.seed, run.method != "amorlip")
 
 
-def variant_runs(lr_rows, datasets, variants, batch, seeds, epochs) -> list[Run]:
-    """AmorLIP variants on validation at AmorLIP's chosen lr (CLIP's reference rows come from the lr stage)."""
+def variant_runs(lr_rows, datasets, variants, batch, seeds, epochs, method: str = "amorlip") -> list[Run]:
+    """``method``'s variants on validation at its chosen setting (CLIP's reference rows come from the lr stage)."""
     out = []
     for s in seeds:
         for d in datasets:
             e = epochs_of(epochs, d)
-            lr = chosen_lr(lr_rows, d, "amorlip", batch, e) or base_lr(batch)
+            lr, b2 = chosen_setting(lr_rows, d, method, batch, e) or (base_lr(batch), None)
             for v in variants:
-                out.append(Run(d, "amorlip", batch, s, "val", lr=lr, epochs=e, variant=v,
-                               overrides=VARIANTS[v]))
-            lr_c = chosen_lr(lr_rows, d, "clip", batch, e) or base_lr(batch)
-            if s != 0:  # seed 0 of CLIP at its chosen lr is in the lr stage
-                out.append(Run(d, "clip", batch, s, "val", lr=lr_c, epochs=e))
+                out.append(Run(d, method, batch, s, "val", lr=lr, epochs=e, variant=v, overrides=VARIANTS[v],
+                               beta2=b2))
+            lr_c, b2_c = chosen_setting(lr_rows, d, "clip", batch, e) or (base_lr(batch), None)
+            if s != 0:  # seed 0 of CLIP at its chosen setting is in the lr stage
+                out.append(Run(d, "clip", batch, s, "val", lr=lr_c, epochs=e, beta2=b2_c))
     return out
 
 
@@ -602,7 +644,7 @@ def cells(rows: Sequence[dict]) -> dict[tuple[str, str, int], dict]:
     for k, rs in by.items():
         m, sd = _ms([r["quality"] for r in rs])
         c = {"mean": m, "sd": sd, "n": len(rs), "by_seed": {r["seed"]: r["quality"] for r in rs},
-             "lr": rs[0]["lr"]}
+             "lr": rs[0]["lr"], "beta2": _beta2(rs[0])}
         for d in ("norm_err", "batch_err", "w_mean", "w_sd", "scale"):
             vals = [r[d] for r in rs if d in r]
             if vals:
@@ -652,7 +694,7 @@ def markdown_report(rows: Sequence[dict], title: str = "") -> str:
     parts = [title] if title else []
     for d in datasets:
         metric = "zero-shot top-1" if d == "fashion" else "mean R@1"
-        head = ["method"] + [f"B={b}" for b in batches] + [f"vs CLIP B={b}" for b in batches] + ["lr (B=16/64/256)", "normaliser err B=16", "in-batch err B=16", "scale B=16"]
+        head = ["method"] + [f"B={b}" for b in batches] + [f"vs CLIP B={b}" for b in batches] + ["lr (B=16/64/256)", "beta2 (B=16/64/256)", "normaliser err B=16", "in-batch err B=16", "scale B=16"]
         body = []
         for t in tags:
             row = [t]
@@ -666,6 +708,7 @@ def markdown_report(rows: Sequence[dict], title: str = "") -> str:
                 n = cs.get((d, t, b), {}).get("n", 0)
                 row.append("-" if v is None or t == "clip" else pm(v[0], v[1], n, "+"))
             row.append(" / ".join(f"{cs[(d, t, b)]['lr']:.2g}" if (d, t, b) in cs else "-" for b in batches))
+            row.append(" / ".join(f"{cs[(d, t, b)]['beta2']:.4g}" if (d, t, b) in cs else "-" for b in batches))
             c16 = cs.get((d, t, batches[0]), {})
             row += [f"{c16[k]:.2f}" if k in c16 else "-" for k in ("norm_err", "batch_err")]
             row.append(f"{c16['scale']:.0f}" if "scale" in c16 else "-")
@@ -732,7 +775,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "(CONVERGED_EPOCHS: where CLIP at B = 256 has converged)")
     p.add_argument("--lr-mults", type=float, nargs="*", default=list(LR_MULTS),
                    help="the lr grid, as multiples of base_lr(batch)")
+    p.add_argument("--beta2-batches", type=int, nargs="*", default=list(BETA2_SEARCH_BATCHES),
+                   help="batches whose lr search also tries the rule's beta2 (none: the default beta2 only)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--variant-method", default="amorlip", help="the method the variants override")
     p.add_argument("--variant-seeds", type=int, nargs="*", default=[0, 1])
     p.add_argument("--test-variants", nargs="*", default=[],
                    help="AmorLIP variants also run on the test split (smallest batch, --seeds), after the methods")
@@ -759,19 +805,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     lr_path, test_path, var_path = (HERE / f"{a.out}_{s}.runs.jsonl" for s in ("lr", "test", "variants"))
     if a.stage in ("lr", "all"):
-        run_all(lr_runs(a.datasets, methods, a.batches, epochs, a.lr_mults), lr_path, a.jobs)
+        run_all(lr_runs(a.datasets, methods, a.batches, epochs, a.lr_mults, a.beta2_batches), lr_path, a.jobs)
     lr_rows = list(load_rows(lr_path).values())
     if a.stage in ("test", "all"):
         runs = test_runs(lr_rows, a.datasets, methods, a.batches, a.seeds, epochs, a.scale_lr_from)
         b0 = min(a.batches)
         runs += [Run(d, "amorlip", b0, s, "test", epochs=epochs[d], variant=v, overrides=VARIANTS[v],
-                     lr=chosen_lr(lr_rows, d, "amorlip", b0, epochs[d]) or base_lr(b0))
+                     lr=(chosen_setting(lr_rows, d, "amorlip", b0, epochs[d]) or (base_lr(b0), None))[0],
+                     beta2=(chosen_setting(lr_rows, d, "amorlip", b0, epochs[d]) or (base_lr(b0), None))[1])
                  for s in a.seeds for d in a.datasets for v in a.test_variants]
         reuse_lr_runs(lr_rows, runs, test_path)
         run_all(sorted(runs, key=test_priority), test_path, a.jobs)
     if a.stage in ("variants", "all"):
-        run_all(variant_runs(lr_rows, a.datasets, a.variants, min(a.batches), a.variant_seeds, epochs),
-                var_path, a.jobs)
+        run_all(variant_runs(lr_rows, a.datasets, a.variants, min(a.batches), a.variant_seeds, epochs,
+                             a.variant_method), var_path, a.jobs)
     if a.stage == "convergence":  # not part of "all": a check of the epoch budget
         run_all(convergence_runs(lr_rows, a.datasets, epochs=a.convergence_epochs, suite_epochs=epochs),
                 HERE / f"{a.out}_convergence.runs.jsonl", a.jobs)
@@ -786,8 +833,8 @@ def at_chosen_lr(rows, lr_rows: Sequence[dict]) -> list[dict]:
     grid extended after a test stage moves the choice, and the runs at the old lr drop out."""
     keep = []
     for r in rows:
-        lr = None if r["variant"] else chosen_lr(lr_rows, r["dataset"], r["method"], r["batch"], r["epochs"])
-        if lr is None or lr == r["lr"]:
+        got = None if r["variant"] else chosen_setting(lr_rows, r["dataset"], r["method"], r["batch"], r["epochs"])
+        if got is None or (got[0] == r["lr"] and (got[1] or BETA2) == _beta2(r)):
             keep.append(r)
     return keep
 
@@ -802,8 +849,8 @@ def report(out: str = "transfer") -> None:
     md = markdown_report(test_rows, "## Test split (lr chosen on validation)") if test_rows else ""
     if var_rows:
         # references: CLIP and the recipe's AmorLIP at their chosen lr, seed 0 (the lr stage's rows)
-        ref = [r for r in lr_rows if r["method"] in ("clip", "amorlip")
-               and r["lr"] == chosen_lr(lr_rows, r["dataset"], r["method"], r["batch"])]
+        ref = [r for r in at_chosen_lr(lr_rows, lr_rows) if r["method"] in ("clip", "amorlip", *{
+               x["method"] for x in var_rows}) and not r["variant"]]
         md += "\n" + markdown_report(var_rows + [r for r in ref if r["batch"] == min(x["batch"] for x in var_rows)],
                                      "## AmorLIP variants (validation split)")
     long_rows = list(load_rows(HERE / f"{out}_long.runs.jsonl").values())

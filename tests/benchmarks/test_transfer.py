@@ -79,12 +79,12 @@ def test_every_method_section_builds_and_the_recipe_is_adapted():
         tf.method_section("nope", 16, 1, 1)
 
 
-@pytest.mark.parametrize("method", ["clip", "siglip", "sogclr", "fastclip", "amorlip", "neuclip"])
+@pytest.mark.parametrize("method", ["clip", "siglip", "dcl", "sogclr", "fastclip", "scent", "amorlip", "neuclip"])
 def test_two_steps_of_every_method_on_fashion(fashion, method):
     row = tf.train(tf.Run("fashion", method, 16, 0, "val", epochs=1, max_steps=2), fashion)
     assert row["steps"] == 2 and 0.0 <= row["quality"] <= 1.0
     assert row["epochs_log"][0]["scale"] == pytest.approx(row["scale"])
-    if method in ("sogclr", "fastclip", "amorlip", "neuclip"):
+    if method in ("sogclr", "fastclip", "scent", "amorlip", "neuclip"):
         assert math.isfinite(row["norm_err"]) and math.isfinite(row["batch_err"])
         assert "w_mean" in row and "r2_last" in row["epochs_log"][0]
 
@@ -168,3 +168,31 @@ def test_the_test_stage_runs_the_headline_comparison_first():
     assert [(r.batch, r.method, r.dataset, r.seed) for r in order[:3]] == [
         (16, "amorlip", "emoji", 1), (16, "clip", "emoji", 1), (16, "amorlip", "emoji", 2)]
     assert [r.batch for r in order[::12]] == [16, 256, 64]
+
+
+def test_beta2_joins_the_search_at_small_batches_and_keeps_the_old_keys():
+    """Every method's lr grid runs at the default beta2 and, at B = 16 and 64, at the rule's; runs at the
+    default keep the keys they had (their rows are reused), and the choice is over (lr, beta2)."""
+    ep = {"emoji": 96}
+    runs = tf.lr_runs(("emoji",), ("clip", "dcl"), (16, 64, 256), ep)
+    arms = {(r.batch, r.beta2) for r in runs}
+    assert arms == {(256, None), (64, None), (64, tf.rule_beta2(64)), (16, None), (16, tf.rule_beta2(16))}
+    assert tf.rule_beta2(16) == pytest.approx(0.98 ** (1 / 16)) and len(runs) == 2 * 3 * 5
+    plain = tf.Run("emoji", "clip", 16, 0, "val", lr=1e-3, epochs=96)
+    assert '"beta2"' not in plain.key() and '"beta2"' in tf.Run("emoji", "clip", 16, 0, "val", lr=1e-3, epochs=96,
+                                                                 beta2=0.999).key()
+    b2 = tf.rule_beta2(16)
+    rows = [{**_row("emoji", "clip", 16, 0, q, "val", lr), "epochs": 96, "beta2": b}
+            for lr, b, q in ((1e-3, 0.98, 0.30), (2e-3, 0.98, 0.32), (1e-3, b2, 0.35), (2e-3, b2, 0.31))]
+    assert tf.chosen_setting(rows, "emoji", "clip", 16, 96) == (1e-3, b2)
+    test = tf.test_runs(rows, ("emoji",), ("clip",), (16,), (1,), ep)
+    assert [(r.lr, r.beta2) for r in test] == [(1e-3, b2)]
+    kept = tf.at_chosen_lr([{**rows[0], "split": "test", "seed": 1}, {**rows[2], "split": "test", "seed": 1}], rows)
+    assert [r["beta2"] for r in kept] == [b2]  # the other beta2 at the same lr drops out
+    md = tf.markdown_report([{**rows[2], "split": "test"}])
+    assert "beta2 (B=16/64/256)" in md and "0.9987" in md
+
+
+def test_an_optimizer_run_uses_its_beta2(fashion):
+    row = tf.train(tf.Run("fashion", "clip", 16, 0, "val", epochs=1, max_steps=1, beta2=0.999), fashion)
+    assert row["beta2"] == 0.999
