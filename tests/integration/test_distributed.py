@@ -11,7 +11,8 @@ from tests.integration.helpers import build_for_distributed, distributed_worker,
 
 @pytest.mark.multiprocess
 # InfoNCE on two gloo processes is also tested in tests/distributed (exact layouts equal one process)
-@pytest.mark.parametrize("method", [pytest.param("clip", marks=pytest.mark.slow), "amorlip-log-l2"])
+@pytest.mark.parametrize("method", [pytest.param("clip", marks=pytest.mark.slow), pytest.param("scent", marks=pytest.mark.slow),
+                                    "amorlip-log-l2"])
 def test_two_processes_match_one(method, tmp_path):
     ctx = mp.start_processes(distributed_worker, args=(2, method, str(tmp_path / "init"), str(tmp_path)),
                              nprocs=2, join=True, start_method="spawn")
