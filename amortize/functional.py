@@ -201,7 +201,7 @@ def amortized_loss_terms(
     scale: Scalar,
     log_norm_x: Tensor,
     log_norm_y: Tensor,
-    bias: Scalar = 0.0,
+    bias: Optional[Scalar] = None,
     pos_weight: float = 1.0,
     chunk_size: Optional[int] = None,
 ) -> dict[str, Tensor]:
@@ -227,7 +227,7 @@ def amortized_loss(
     scale: Scalar,
     log_norm_x: Tensor,
     log_norm_y: Tensor,
-    bias: Scalar = 0.0,
+    bias: Optional[Scalar] = None,
     pos_weight: float = 1.0,
     rho: Optional[float] = None,
     chunk_size: Optional[int] = None,
@@ -247,7 +247,7 @@ def amortized_loss(
         scale: inverse temperature ``s`` (> 0), float or 0-d tensor (gradients flow to it).
         log_norm_x: (B,) log normaliser of each image row; treated as a constant.
         log_norm_y: (B,) log normaliser of each text column; treated as a constant.
-        bias: logit bias ``b`` inside the scores of the negative terms.
+        bias: logit bias ``b`` inside the scores of the negative terms (None: none).
         pos_weight: ``c``, weight of the positive pair in the negative terms.
         rho: temperature-rescaling constant (FastCLIP), or None.
         chunk_size: None for one chunk, or a number of rows per chunk (exact; the (B, B) matrix is

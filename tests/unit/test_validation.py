@@ -112,3 +112,18 @@ def test_identical_batch_is_finite_and_uninformative():
     torch.testing.assert_close(loss, torch.tensor(math.log(8.0)))
     (g,) = torch.autograd.grad(loss, x)
     assert torch.isfinite(g).all()
+
+
+def test_the_functional_linearized_loss_does_not_warn_of_a_bias_nobody_passed():
+    """The README's functional example passes no bias: no 'the bias passed has no effect' warning."""
+    import warnings
+
+    import amortize.functional as F
+
+    x = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lzx, lzy = F.log_partition(x, y, scale=14.3, pos_weight=1e-3)
+        F.amortized_loss(x, y, 14.3, lzx, lzy, pos_weight=1e-3)
+        F.amortized_loss_terms(x, y, 14.3, lzx, lzy, pos_weight=1e-3)
