@@ -25,9 +25,10 @@ import re
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Iterable, Literal, Optional, Union
 
-__all__ = ["RecipeError", "keyed", "Range", "TimeString", "POSITIVE", "NONNEGATIVE", "UNIT", "conform", "type_name", "did_you_mean"]
+__all__ = ["RecipeError", "keyed", "Range", "TimeString", "POSITIVE", "NONNEGATIVE", "UNIT", "conform", "conform_section",
+           "type_name", "did_you_mean"]
 
 
 class RecipeError(ValueError):
@@ -284,3 +285,25 @@ def conform(value: Any, tp: Any, key: str, *, convert: bool = False) -> Any:
         return _conform(value, tp, key, convert)
     except _Unknown:
         return value
+
+
+def conform_section(items: Iterable[tuple[Any, Any, str]], checks: Iterable[tuple[Any, Any, str]] = (), *,
+                    convert: bool = False) -> list[Any]:
+    """:func:`conform` every value of one section, then run its declared checks: one call a section.
+
+    Args:
+        items: ``(value, annotation, dotted key)`` of each option the section sets.
+        checks: ``(checker, value, dotted key)`` of each option with a check declared beside it
+            (a :class:`Range` or :class:`TimeString` whose ``check(value, key)`` raises).
+        convert: as :func:`conform`.
+
+    Returns:
+        The values of ``items``, in order, as :func:`conform` returns them.
+
+    Raises:
+        RecipeError: for the first value that does not conform or check, naming its key.
+    """
+    out = [conform(v, tp, key, convert=convert) for v, tp, key in items]
+    for checker, value, key in checks:
+        checker.check(value, key)
+    return out

@@ -35,7 +35,7 @@ import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Optional, TypeVar, Union
 
-from amortize.options import RecipeError, conform, did_you_mean, keyed
+from amortize.options import RecipeError, conform_section, did_you_mean, keyed
 
 __all__ = ["Registry", "RecipeError", "SectionError", "Section", "Bound", "bind", "section_name"]
 
@@ -219,13 +219,18 @@ def bind(ctor: Callable[..., T], options: Mapping[str, Any], key: str, *, name: 
     settable = [*common, *(n for n in params if n not in passed and n not in common)]
     types = dict(annotations or {})
     mine = {k: v for k, v in options.items() if k not in common}  # the constructor's own; the rest is shared
+    typed = []
     for k, v in options.items():
         p = common.get(k) or params.get(k)
         if (k in mine and k in passed) or (p is None and not open_kwargs):
             raise RecipeError(f"unknown option of {what}{did_you_mean(k, settable)}; valid: "
                               f"{', '.join(settable) or '(none)'}", key=f"{key}.{k}")
         if p is not None:
-            conform(v, types.get(k, p.annotation), f"{key}.{k}")
+            typed.append((v, types.get(k, p.annotation), f"{key}.{k}"))
+    # the shared defaults hold for every value (a range beside an option)
+    typed += [(p.default, types.get(n, p.annotation), f"{key}.{n}") for n, p in common.items()
+              if n not in options and p.default is not p.empty]
+    conform_section(typed)
     takes = tuple(k for k in known if k in params)
     unset = [n for n, p in params.items() if p.default is p.empty and n not in mine and n not in passed]
     missing = [n for n in [*unset, *(n for n, p in common.items() if p.default is p.empty and n not in options)]
@@ -241,9 +246,6 @@ def bind(ctor: Callable[..., T], options: Mapping[str, Any], key: str, *, name: 
         if value is not _NOT_PLAIN and value is not inspect.Parameter.empty:
             resolved[n] = value
     resolved.update({k: v for k, v in mine.items() if k not in params})  # through **kwargs
-    for n, p in common.items():  # the shared defaults hold for every value (a range beside an option)
-        if n not in options and p.default is not p.empty:
-            conform(p.default, types.get(n, p.annotation), f"{key}.{n}")
     return Bound(key, name, what, ctor, mine, passed, takes, tuple(needs), source=source,
                  shared={n: options.get(n, p.default) for n, p in common.items()}, resolved=resolved)
 

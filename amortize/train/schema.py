@@ -30,8 +30,8 @@ from typing import Annotated, Any, Optional, Union
 
 from amortize.options import NONNEGATIVE as _NONNEG
 from amortize.options import POSITIVE as _POS
-from amortize.options import Range, RecipeError, TimeString, conform, did_you_mean
-from amortize.train.migration import moved
+from amortize.options import Range, RecipeError, TimeString, conform_section, did_you_mean
+from amortize.train.migration import MOVED, moved
 from amortize.train.sections import Options
 
 __all__ = [
@@ -212,10 +212,11 @@ def build_schema(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     names = list(fields)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    typed: list[tuple[Any, Any, str]] = []  # the plain values, conformed together below
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if moved(key):
+        if key in MOVED:
             raise RecipeError(moved(key))
         if k not in hints or k not in names:
             raise RecipeError(f"unknown key {key!r}{did_you_mean(k, names)}; valid keys{' of ' + prefix if prefix else ''}: "
@@ -229,20 +230,20 @@ def build_schema(cls: type, data: dict, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             if not isinstance(v, dict):
                 raise RecipeError(f"expected a mapping, got {type(v).__name__} {v!r}", key=key)
-            value = build_schema(tp, v, key)
-        else:
-            for sub in v if isinstance(v, dict) else ():  # a section's keys of recipes before 0.2
-                if moved(f"{key}.{sub}"):
-                    raise RecipeError(moved(f"{key}.{sub}"))
-            value = conform(v, tp, key, convert=True)
-            if isinstance(value, dict):  # a section: its keys read as attributes too
-                value = Options(value)
+            kwargs[k] = build_schema(tp, v, key)
+            continue
+        old = next((f"{key}.{sub}" for sub in (v if isinstance(v, dict) else ()) if f"{key}.{sub}" in MOVED), None)
+        if old is not None:  # a section's key of recipes before 0.2
+            raise RecipeError(moved(old))
+        typed.append((v, tp, key))
+        kwargs[k] = v
+    for (_, _, key), value in zip(typed, conform_section(typed, convert=True)):
+        k = key.rpartition(".")[2]
         if key in _CHOICES and value is not None and value not in _CHOICES[key]:
             raise RecipeError(f"{value!r} is not one of {', '.join(_CHOICES[key])}", key=key)
-        kwargs[k] = value
+        kwargs[k] = Options(value) if isinstance(value, dict) else value  # a section: its keys read as attributes too
     obj = cls(**kwargs)
-    for f in fields.values():  # defaults included: a range declared next to an option holds for every value
-        check = f.metadata.get("check")
-        if check is not None:
-            check.check(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    # defaults included: a range declared next to an option holds for every value
+    conform_section((), [(f.metadata["check"], getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+                         for f in fields.values() if f.metadata.get("check") is not None])
     return obj
