@@ -28,30 +28,35 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "parse_args", "load_checkpoint", "model_from_checkpoint", "resume_command"]
+__all__ = ["main", "parse_args", "load_checkpoint", "model_from_checkpoint", "read_export_folder", "resume_command",
+           "final_message"]
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint with ``torch.load(..., weights_only=True)``.
 
     Accepts a Composer checkpoint (``ep1-ba5-rank0.pt``, ``latest-rank0.pt``), the plain export
-    written by :class:`amortize.train.algorithms.ExportWeights` (``model.pt``), or a run folder
-    (its ``model.pt``).
+    written by :class:`amortize.train.algorithms.ExportWeights` (``model.pt``), a run folder
+    (its ``model.pt``, else its ``latest-rank0.pt``), or an ``amortize export`` folder (its
+    ``open_clip_config.json`` and ``open_clip_model.safetensors``; see :func:`read_export_folder`).
 
     Returns:
-        ``{"recipe": dict, "model": state_dict of the two-tower model, "source": "composer" | "export"}``.
+        ``{"recipe": dict, "model": state_dict of the two-tower model,
+        "source": "composer" | "export" | "open_clip export"}``.
 
     Raises:
-        FileNotFoundError: if nothing is at ``path``.
+        FileNotFoundError: if nothing is at ``path``, or a folder holds none of those files.
         CorruptCheckpointError: (a ValueError) if the file is not a checkpoint, or holds no recipe,
             no model weights or weights with NaN or Inf.
     """
     p = Path(path)
     if p.is_dir():
-        # the export; a run stopped before writing it still has Composer's latest checkpoint
-        p = p / "model.pt" if (p / "model.pt").is_file() or not (p / "latest-rank0.pt").is_file() else p / "latest-rank0.pt"
+        p = _checkpoint_in_folder(p)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if p.name == "open_clip_config.json":
+        recipe, weights, source = *read_export_folder(p.parent), "open_clip export"
+        return {"recipe": recipe, "model": _finite(weights, p.parent), "source": source}
     from amortize.checkpoints import CorruptCheckpointError, safe_load  # weights_only; names a refused global
 
     ck = safe_load(p)
@@ -71,13 +76,71 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CorruptCheckpointError(f"{p} stores no recipe; it was not written by `amortize train`")
     if not weights:
         raise CorruptCheckpointError(f"{p} holds no two-tower model weights")
+    return {"recipe": recipe, "model": _finite(weights, p), "source": source}
+
+
+def _finite(weights: dict, where: Path) -> dict:
+    """``weights``, refused when a tensor holds NaN or Inf (a diverged run's)."""
+    from amortize.checkpoints import CorruptCheckpointError
     from amortize.checks import non_finite_tensors
 
     bad = non_finite_tensors(weights)
     if bad:
-        raise CorruptCheckpointError(f"{p} holds weights that are not finite ({len(bad)} tensors with NaN or Inf, "
+        raise CorruptCheckpointError(f"{where} holds weights that are not finite ({len(bad)} tensors with NaN or Inf, "
                                      f"first: {', '.join(bad[:3])}); the run diverged")
-    return {"recipe": recipe, "model": weights, "source": source}
+    return weights
+
+
+def _checkpoint_in_folder(folder: Path) -> Path:
+    """The file a folder is read through: a run's ``model.pt``, else its ``latest-rank0.pt`` (a run
+    stopped before its export), else an ``amortize export`` folder's ``open_clip_config.json``.
+
+    Raises:
+        FileNotFoundError: naming the folder and what to pass instead.
+    """
+    from amortize.interop.export import CONFIG_NAME
+
+    for name in ("model.pt", "latest-rank0.pt", CONFIG_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{folder} holds no model.pt, latest-rank0.pt or {CONFIG_NAME}: pass a run folder "
+                            "(save_folder), a checkpoint file, or a folder written by `amortize export`")
+
+
+def read_export_folder(folder: Path) -> tuple[dict, dict]:
+    """(recipe, two-tower weights) of an ``amortize export`` folder.
+
+    The recipe holds what rebuilds the towers: the model name the export records, its image side
+    and context length, its logit bias, and the tokenizer; the weights get the ``clip.`` prefix of
+    :class:`~amortize.models.TwoTowerModel`.
+
+    Raises:
+        CorruptCheckpointError: for a config that is not an export's, or missing or unreadable weights.
+    """
+    import json
+
+    from amortize.checkpoints import CorruptCheckpointError
+    from amortize.interop.export import CONFIG_NAME, WEIGHTS_NAME
+
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        cfg, name = config["model_cfg"], config["amortize"]["model_name"]
+        model = {"name": name, "image_size": cfg["vision_cfg"]["image_size"],
+                 "context_length": cfg["text_cfg"]["context_length"], "init_logit_bias": cfg.get("init_logit_bias")}
+        tokenizer = (config.get("tokenizer") or {}).get("name") or "simple"
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"{folder / CONFIG_NAME} is not the config of an `amortize export` folder "
+                                     f"({type(e).__name__}: {e})") from None
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise CorruptCheckpointError(f"{folder} holds {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        weights = {f"clip.{k}": v for k, v in load_file(str(folder / WEIGHTS_NAME)).items()}
+    except SafetensorError as e:
+        raise CorruptCheckpointError(f"{folder / WEIGHTS_NAME} is not a readable safetensors file: {e}") from None
+    return {"model": model, "data": {"name": "synthetic", "tokenizer": tokenizer}}, weights
 
 
 def model_from_checkpoint(path: str | Path | dict):
@@ -175,11 +238,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
         from amortize.train.builders import dry_run
+        from amortize.train.lock import check_run_lock
 
-        lines = dry_run(recipe)
+        stale = check_run_lock(recipe.resolved_save_folder())  # a live run's lock is refused; nothing written
+        lines = dry_run(recipe) + ([f"lock: {stale}"] if stale else [])
         sys.stdout.write(recipe_to_yaml(recipe))
         print("\n".join(f"# {line}" for line in lines), file=sys.stderr)
         return 0
+    from composer.utils import dist
+
+    from amortize.train.lock import acquire_run_lock
+    from amortize.train.plan import check_writable
+
+    lock = None
+    if dist.get_global_rank() == 0:  # one run per save folder (amortize.train.lock)
+        check_writable(recipe.resolved_save_folder())
+        lock = acquire_run_lock(recipe.resolved_save_folder())
+    try:
+        if lock is not None and lock.note:
+            print(f"amortize train: {lock.note}", file=sys.stderr, flush=True)
+        return _train(args, recipe)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args: argparse.Namespace, recipe: Any) -> int:
+    """Build the trainer of ``recipe`` and train (the save folder's lock is held by the caller)."""
     from amortize.train.builders import build_trainer
     from amortize.train.guards import TrainingInterrupted
 
@@ -205,11 +290,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return e.exit_status
 
     if dist.get_global_rank() == 0:
-        folder = recipe.resolved_save_folder()
-        print(f"checkpoints in {folder}/ ({recipe.save_latest_filename.format(rank=0)}); "
-              f"weights export {os.path.join(folder, 'model.pt')}", flush=True)
+        print(final_message(recipe), flush=True)
     trainer.close()
     return 0
+
+
+def final_message(recipe: Any) -> str:
+    """The line a finished run ends with, naming only files that exist: the folder, its ``latest``
+    checkpoint (or that none was kept: ``save_num_checkpoints_to_keep=0``) and the weights export."""
+    from amortize.train.plan import shown_folder
+
+    folder = recipe.resolved_save_folder()
+    shown = shown_folder(folder)
+    latest = recipe.save_latest_filename.format(rank=0)
+    if os.path.exists(os.path.join(folder, latest)):
+        kept = f"checkpoints in {shown} ({latest})"
+    else:
+        kept = (f"no checkpoint kept in {shown} (save_num_checkpoints_to_keep="
+                f"{recipe.save_num_checkpoints_to_keep}): the run cannot be resumed")
+    export = "weights export " + shown + "model.pt" if os.path.isfile(os.path.join(folder, "model.pt")) else \
+        "no weights export written"
+    return f"{kept}; {export}"
 
 
 def _user_tasks(args: argparse.Namespace, image_size: int) -> list:
@@ -225,14 +326,36 @@ def _user_tasks(args: argparse.Namespace, image_size: int) -> list:
     return tasks
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from amortize.eval import evaluate, format_jsonl, format_markdown
-    from amortize.train.builders import build_tokenizer
+def _check_eval_options(args: argparse.Namespace) -> None:
+    """Refuse ``amortize eval`` options that cannot work, before the checkpoint is read.
+
+    Raises:
+        CommandError: naming the option (``--template '{} and {}': has 2 '{}' fields ...``,
+            ``--separator ';;': must be one character ...``).
+    """
+    from amortize.eval.user import UserDataError, csv_separator
+    from amortize.eval.zeroshot import template_problem
 
     if (args.retrieval or args.zeroshot) and args.tasks == ["datacomp"]:
         raise CommandError("--retrieval/--zeroshot run your files; give them without --tasks datacomp")
     if args.template and not args.zeroshot:
         raise CommandError("--template applies to --zeroshot FOLDER, which is not given")
+    for template in args.template or []:
+        problem = template_problem(template)
+        if problem:
+            raise CommandError(f"--template {template!r}: {problem}")
+    if args.separator is not None:
+        try:
+            csv_separator(args.separator, Path("given.csv"))
+        except UserDataError as e:
+            raise CommandError(f"--{e}") from None
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from amortize.eval import evaluate, format_jsonl, format_markdown
+    from amortize.train.builders import build_tokenizer
+
+    _check_eval_options(args)
     device = eval_device(args.device)
     model, recipe = model_from_checkpoint(args.checkpoint)
     model.to(device)

@@ -27,6 +27,7 @@ the column or the folder. The tasks are those of :mod:`amortize.eval` and print 
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -38,7 +39,8 @@ from amortize.eval.zeroshot import ZeroShotTask
 from amortize.registry import Registry
 
 __all__ = ["IMAGE_SUFFIXES", "UserDataError", "ImageFiles", "read_caption_csv", "read_caption_folder",
-           "read_class_folder", "retrieval_task", "zeroshot_task", "EVAL_TASKS"]
+           "read_class_folder", "read_text", "csv_separator", "rgb_image", "retrieval_task", "zeroshot_task",
+           "EVAL_TASKS"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 """File suffixes read as images (case-insensitive)."""
@@ -46,6 +48,61 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 class UserDataError(ValueError):
     """An evaluation dataset on disk that cannot be read as asked (names the file, column or folder)."""
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """The text of a caption CSV or sidecar file: UTF-8, a leading byte-order mark dropped (as
+    spreadsheet programs save "CSV UTF-8").
+
+    Raises:
+        UserDataError: naming the file and the first byte that is not UTF-8.
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserDataError(f"{what} {path} is not UTF-8 text (byte {e.start}, line {line}: "
+                            f"{data[e.start:e.start + 1]!r}); save it as UTF-8") from None
+
+
+def csv_separator(separator: Optional[str], path: Path) -> str:
+    """The field separator of a CSV: ``separator`` checked (the two characters ``\\t`` read as a
+    tab), or tab for ``.tsv`` and comma otherwise when it is None.
+
+    Raises:
+        UserDataError: ``separator ';;': must be one character ...``.
+    """
+    if separator is None:
+        return "\t" if path.suffix.lower() == ".tsv" else ","
+    if separator == "\\t":
+        return "\t"
+    if len(separator) != 1 or separator in '"\r\n':
+        raise UserDataError(f"separator {separator!r}: must be one character other than a quote or a line break "
+                            "(',', ';', a tab written \\t ...)")
+    return separator
+
+
+def rgb_image(im, path: Path):
+    """``im`` as 8-bit RGB; 16-bit and 32-bit integer greyscale (PNG's ``I;16``, ``I``) scaled to 8 bit.
+
+    Pillow's own ``convert("RGB")`` clips such pixels at 255, which turns every 16-bit image white.
+
+    Raises:
+        UserDataError: for integer pixels outside 0..65535 (naming the file).
+    """
+    import numpy as np
+    from PIL import Image
+
+    if not (im.mode == "I" or im.mode.startswith("I;16")):
+        return im.convert("RGB")
+    pixels = np.asarray(im, dtype=np.int64)
+    low, high = (int(pixels.min()), int(pixels.max())) if pixels.size else (0, 0)
+    if low < 0 or high > 65535:
+        raise UserDataError(f"cannot read image {path}: its {im.mode} pixels span {low}..{high}, outside 0..65535")
+    sixteen = im.mode.startswith("I;16") or im.format == "PNG" or high > 255  # PNG's I is its 16-bit greyscale
+    scaled = np.round(pixels * (255 / 65535)) if sixteen else pixels
+    return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -85,9 +142,24 @@ class ImageFiles:
 
         try:
             with Image.open(path) as im:
-                return self.transform(im.convert("RGB"))
+                return self.transform(rgb_image(im, path))
         except (OSError, UnidentifiedImageError) as e:
             raise UserDataError(f"cannot read image {path}: {e}") from None
+
+    def check(self) -> None:
+        """Open and decode every file once (no transform): an unreadable one is found before a run.
+
+        Raises:
+            UserDataError: ``cannot read image PATH: ...`` for the first file that cannot be decoded.
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        for path in self.paths:
+            try:
+                with Image.open(path) as im:
+                    rgb_image(im, path)
+            except (OSError, UnidentifiedImageError) as e:
+                raise UserDataError(f"cannot read image {path}: {e}") from None
 
     def __getitem__(self, idx) -> torch.Tensor:
         if isinstance(idx, slice):
@@ -103,40 +175,53 @@ def read_caption_csv(path: Path, image_column: str = "filepath", caption_column:
         path: the file; image paths in it are relative to its folder (or absolute).
         image_column: the column of image paths.
         caption_column: the column of captions.
-        separator: the field separator (None: tab for ``.tsv``, else comma).
+        separator: the field separator (None: tab for ``.tsv``, else comma; see :func:`csv_separator`).
+
+    The file is read as UTF-8; a byte-order mark before the header is dropped.
 
     Raises:
-        UserDataError: for a missing column (listing those present), an empty caption, no rows.
+        UserDataError: for a file that is not UTF-8, a separator that is not one character, a line
+            the csv module cannot split, a missing column (listing those present), an empty
+            caption, no rows.
         FileNotFoundError: for an image the CSV names that does not exist.
     """
-    sep = separator if separator is not None else ("\t" if path.suffix.lower() == ".tsv" else ",")
+    sep = csv_separator(separator, path)
     order: dict[Path, list[str]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=sep)
+    reader = csv.DictReader(io.StringIO(read_text(path, "caption file"), newline=""), delimiter=sep)
+    try:
         columns = reader.fieldnames or []
         for col, option in ((image_column, "image column"), (caption_column, "caption column")):
             if col not in columns:
                 raise UserDataError(f"{path} has no {option} {col!r} (its columns: {', '.join(columns) or 'none'}); "
                                     f"name the columns with --image-column / --caption-column")
-        for line, row in enumerate(reader, start=2):
-            name, caption = (row.get(image_column) or "").strip(), (row.get(caption_column) or "").strip()
-            if not name or not caption:
-                raise UserDataError(f"{path} line {line}: empty {'image path' if not name else 'caption'}")
-            image = Path(name).expanduser()
-            image = image if image.is_absolute() else path.parent / image
-            if not image.is_file():
-                raise FileNotFoundError(f"{path} line {line}: image {image} does not exist")
-            order.setdefault(image, []).append(caption)
+        for row in reader:
+            _add_row(order, row, path, reader.line_num, image_column, caption_column)
+    except csv.Error as e:
+        raise UserDataError(f"{path} line {reader.line_num}: {e}") from None
     if not order:
         raise UserDataError(f"{path} has a header but no rows")
     return list(order), list(order.values())
+
+
+def _add_row(order: dict[Path, list[str]], row: dict, path: Path, line: int, image_column: str,
+             caption_column: str) -> None:
+    """Add one CSV row's caption to its image (paths relative to the CSV's folder)."""
+    name, caption = (row.get(image_column) or "").strip(), (row.get(caption_column) or "").strip()
+    if not name or not caption:
+        raise UserDataError(f"{path} line {line}: empty {'image path' if not name else 'caption'}")
+    image = Path(name).expanduser()
+    image = image if image.is_absolute() else path.parent / image
+    if not image.is_file():
+        raise FileNotFoundError(f"{path} line {line}: image {image} does not exist")
+    order.setdefault(image, []).append(caption)
 
 
 def read_caption_folder(folder: Path) -> tuple[list[Path], list[list[str]]]:
     """Images of a folder and the captions of their sidecar ``.txt`` files (one per line).
 
     Raises:
-        UserDataError: for a folder without images, an image without a caption file, an empty one.
+        UserDataError: for a folder without images, an image without a caption file, an empty one
+            or one that is not UTF-8 (a byte-order mark is dropped).
     """
     images = _images_in(folder)
     if not images:
@@ -146,7 +231,7 @@ def read_caption_folder(folder: Path) -> tuple[list[Path], list[list[str]]]:
         side = im.with_suffix(".txt")
         if not side.is_file():
             raise UserDataError(f"image {im} has no caption file {side.name}")
-        lines = [ln.strip() for ln in side.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in read_text(side, "caption file").splitlines() if ln.strip()]
         if not lines:
             raise UserDataError(f"caption file {side} is empty")
         captions.append(lines)
@@ -208,15 +293,21 @@ def zeroshot_task(path: str | Path, *, image_size: int, label: Optional[str] = N
         templates: prompt templates with ``{}`` (or ``{c}``) where the class name goes.
 
     Raises:
-        UserDataError: for a template without ``{}``/``{c}``, or a bad folder (see :func:`read_class_folder`).
+        UserDataError: for a template that cannot take a class name (see
+            :func:`~amortize.eval.zeroshot.template_problem`), or a bad folder (see :func:`read_class_folder`).
     """
+    from amortize.eval.zeroshot import template_problem
+
     p = _existing(path, "zero-shot folder")
     if not p.is_dir():
         raise UserDataError(f"zero-shot data {p} is a file; give a folder with one sub-folder of images per class")
     templates = [templates] if isinstance(templates, str) else list(templates)
-    bad = next((t for t in templates if "{}" not in t and "{c}" not in t), None)
-    if not templates or bad is not None:
-        raise UserDataError(f"template {bad!r} has no '{{}}' where the class name goes")
+    if not templates:
+        raise UserDataError("templates: give at least one template with '{}' where the class name goes")
+    for t in templates:
+        problem = template_problem(t)
+        if problem:
+            raise UserDataError(f"template {t!r} {problem}")
     paths, labels, classnames = read_class_folder(p)
     return ZeroShotTask(name=label or p.name, images=ImageFiles(paths, image_size),
                         labels=torch.tensor(labels, dtype=torch.long), classnames=classnames, templates=templates)

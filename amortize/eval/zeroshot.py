@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from string import Formatter
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,37 @@ def fill_template(template: str, classname: str) -> str:
     if "{c}" in template:
         return template.replace("{c}", classname)
     return template.format(classname)
+
+
+def template_problem(template: str) -> Optional[str]:
+    """What keeps ``template`` from taking one class name (None: nothing).
+
+    A template holds ``{c}`` (replaced as it is) or ``str.format`` fields that all take the one
+    class name: ``{}`` (once) or ``{0}`` (any number of times); a literal brace is ``{{`` or ``}}``.
+
+    >>> template_problem("a photo of a {}.") is None
+    True
+    >>> template_problem("{} and {}")
+    "has 2 '{}' fields but there is one class name; use '{0}' to repeat it"
+    """
+    if "{c}" in template:
+        return None
+    try:
+        fields = [f for _, f, _, _ in Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        return f"is not a format string ({e}); write a literal brace as '{{{{' or '}}}}'"
+    if not fields:
+        return "has no '{}' where the class name goes"
+    other = next((f for f in fields if f not in ("", "0")), None)
+    if other is not None:
+        return f"names the field {{{other}}}; the class name goes at '{{}}' (or '{{c}}')"
+    if fields.count("") > 1:
+        return f"has {fields.count('')} '{{}}' fields but there is one class name; use '{{0}}' to repeat it"
+    try:
+        template.format("class name")
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError) as e:
+        return f"cannot take a class name ({type(e).__name__}: {e})"
+    return None
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:

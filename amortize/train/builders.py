@@ -28,7 +28,7 @@ from amortize.models import TwoTowerModel
 from amortize.options import RecipeError
 from amortize.registry import Bound
 from amortize.train.config import Recipe, recipe_to_dict
-from amortize.train.plan import decide_start
+from amortize.train.plan import decide_start, shown_folder
 from amortize.train.sections import Options, bindings
 
 __all__ = ["build_two_tower", "build_loss", "build_tokenizer", "build_eval_tasks", "per_process_batch_size",
@@ -105,12 +105,20 @@ def build_tokenizer(recipe: Recipe, context_length: int):
     return get_tokenizer(None if name == "simple" else name, context_length=context_length)
 
 
-def build_eval_tasks(recipe: Recipe, image_size: int) -> Optional[list]:
+def build_eval_tasks(recipe: Recipe, image_size: int, check_images: bool = False) -> Optional[list]:
     """The evaluation tasks of ``eval.tasks``: None for ``none``, the shipped ones for ``default``,
     else each bound section built (its folder or CSV read now, its images when evaluated).
 
+    Args:
+        recipe: the recipe.
+        image_size: the model's input side.
+        check_images: also open and decode every image file of the sections once (``--dry-run``
+            and the start of training), so an unreadable one stops the run before it trains, not
+            at its first evaluation.
+
     Raises:
-        RecipeError: under ``eval.tasks[i]`` for a missing file or a folder that cannot be read.
+        RecipeError: under ``eval.tasks[i]`` for a missing file, a folder that cannot be read or
+            (``check_images``) an image that cannot be decoded, naming it.
     """
     tasks = recipe.eval.tasks
     if tasks == "none":
@@ -125,8 +133,34 @@ def build_eval_tasks(recipe: Recipe, image_size: int) -> Optional[list]:
             built = bound.build(image_size=image_size)
         except OSError as e:
             raise RecipeError(str(e), key=bound.key) from None
-        out.extend(built if isinstance(built, list) else [built])
+        built = built if isinstance(built, list) else [built]
+        if check_images:
+            _check_task_images(built, bound.key)
+        out.extend(built)
     return out
+
+
+def _check_task_images(tasks: list, key: str) -> None:
+    """Decode every image file of ``tasks`` (those read from disk) once.
+
+    Raises:
+        RecipeError: ``eval.tasks[i]: cannot read image PATH: ...``.
+    """
+    from amortize.eval.user import ImageFiles, UserDataError
+
+    for task in tasks:
+        images = getattr(task, "images", None)
+        if isinstance(images, ImageFiles):
+            try:
+                images.check()
+            except UserDataError as e:
+                raise RecipeError(f"{e}; fix or remove the file before training", key=key) from None
+
+
+def _evaluates(recipe: Recipe) -> bool:
+    """Whether the run evaluates at all (tasks other than ``none``, at some point)."""
+    e = recipe.eval  # resolved: the callback's options with its defaults, and tasks
+    return e.tasks != "none" and (e.every_n_epochs > 0 or e.every_n_batches > 0 or e.at_fit_end)
 
 
 def per_process_batch_size(recipe: Recipe) -> int:
@@ -271,9 +305,8 @@ def build_trainer(
     if counter is not None:
         cbs.append(DataSkipReport(counter))
     install_atomic_checkpoint_writes()
-    e = recipe.eval  # resolved: the callback's options with its defaults, and tasks
-    if e.tasks != "none" and (e.every_n_epochs > 0 or e.every_n_batches > 0 or e.at_fit_end):
-        tasks = build_eval_tasks(recipe, image_size=unwrap(model).model.image_size)
+    if _evaluates(recipe):
+        tasks = build_eval_tasks(recipe, image_size=unwrap(model).model.image_size, check_images=True)
         cbs.append(bindings(recipe).get("eval").build(tokenizer=tokenizer, tasks=tasks, print_table=True))
     extra = _recipe_extras(recipe)
     algorithms.extend(extra["algorithms"])
@@ -351,7 +384,8 @@ def _recipe_extras(recipe: Recipe) -> dict[str, list[Any]]:
 
 def dry_run(recipe: Recipe) -> list[str]:
     """Build everything the run would (model, loss and estimator, data loader, optimizer, scheduler,
-    the start decision) without training or writing a file.
+    the evaluation tasks with every image of their files decoded once, the start decision) without
+    training or writing a file.
 
     Returns:
         Lines describing what was built, for the console.
@@ -366,6 +400,8 @@ def dry_run(recipe: Recipe) -> list[str]:
     plan = decide_start(recipe)
     model, _, loader, optimizer, scheduler = _components(recipe)
     guard = bindings(recipe).get("divergence").build(save_folder=recipe.resolved_save_folder())
+    evaluates, shipped = _evaluates(recipe), recipe.eval.tasks == "default"  # the shipped tasks need no check
+    tasks = build_eval_tasks(recipe, model.model.image_size, check_images=True) if evaluates and not shipped else None
     extra = _recipe_extras(recipe)
     try:
         batches = len(loader)
@@ -380,7 +416,8 @@ def dry_run(recipe: Recipe) -> list[str]:
         f"optimizer: {describe_optimizer(optimizer, recipe.data.batch_size)}; scheduler: {type(scheduler).__name__ if scheduler else 'none'}; "
         f"divergence: {guard.policy}",
         *(f"{key}: {', '.join(type(x).__name__ for x in built)}" for key, built in extra.items() if built),
-        f"start: {plan.describe()}; checkpoints in {recipe.resolved_save_folder()}/",
+        f"eval: {'default' if evaluates and shipped else ', '.join(t.name for t in tasks) if tasks else 'none'}",
+        f"start: {plan.describe()}; checkpoints in {shown_folder(recipe.resolved_save_folder())}",
         f"towers: {'from ' + recipe.model.pretrained if recipe.model.pretrained else 'initialised'}; "
         f"{locked_summary(model.model)}",
     ]

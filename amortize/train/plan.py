@@ -24,7 +24,7 @@ from typing import Any, Optional
 from amortize.train.config import Recipe, RecipeError, recipe_to_dict
 from amortize.train.sections import SECTIONS
 
-__all__ = ["IDENTITY_KEYS", "NOT_COMPARED", "RESOLVED", "RESTORED_KEYS", "StartPlan", "resume_changes", "check_writable", "decide_start", "recipe_differences", "run_files"]
+__all__ = ["shown_folder", "IDENTITY_KEYS", "NOT_COMPARED", "RESOLVED", "RESTORED_KEYS", "StartPlan", "resume_changes", "check_writable", "decide_start", "recipe_differences", "run_files"]
 
 IDENTITY_KEYS = ("method", "model", "loss", "optimizer.name")
 """Recipe keys (and sections) a checkpoint must share with the recipe that resumes it."""
@@ -195,6 +195,13 @@ def resume_changes(old: dict, new: dict, source: str) -> list[str]:
             f"({'; '.join(refused)}); the new values would be stored but not applied. Resume with the saved "
             "values, or start a new run from its weights with load_path=CHECKPOINT load_mode=weights")
     return changed
+
+
+def shown_folder(folder: str) -> str:
+    """A save folder as messages name it, ending in ``/``: ``runs/mine/``; the empty ``save_folder``
+    (Composer writes into the current folder) as the current folder's absolute path, not ``/``."""
+    real = folder if folder not in ("", ".") else os.getcwd()
+    return real if real.endswith("/") else real + "/"
 
 
 def check_writable(folder: str) -> None:

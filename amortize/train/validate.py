@@ -26,8 +26,8 @@ import yaml
 
 from amortize.options import RecipeError
 
-__all__ = ["MAX_SEED", "NAME_FIELDS", "UniqueKeyLoader", "check_finite", "check_top_level", "check_values",
-           "read_recipe_text"]
+__all__ = ["MAX_SEED", "NAME_FIELDS", "UniqueKeyLoader", "check_finite", "check_retention", "check_top_level",
+           "check_values", "read_recipe_text"]
 
 MAX_SEED = 2**32 - 1
 """The largest ``seed``: Composer seeds NumPy, whose seeds are 32-bit."""
@@ -119,7 +119,8 @@ def check_values(recipe: Any) -> None:
     * ``model.image_size``: >= 1, and a multiple of the vision tower's patch size;
     * ``model.context_length``: >= 2 (the start and end tokens);
     * ``seed``: in ``[0, MAX_SEED]``;
-    * ``save_filename`` / ``save_latest_filename``: only the fields of :data:`NAME_FIELDS`.
+    * ``save_filename`` / ``save_latest_filename``: only the fields of :data:`NAME_FIELDS`;
+    * ``save_num_checkpoints_to_keep`` with ``autoresume`` (:func:`check_retention`).
     """
     m = recipe.model  # resolved by the binding step (build_model's options and defaults)
     size, name, length = m.get("image_size"), m.get("name"), m.get("context_length")
@@ -132,11 +133,25 @@ def check_values(recipe: Any) -> None:
         raise RecipeError(f"model.context_length: must be >= 2 (the start and end tokens), got {length}")
     if not 0 <= int(recipe.seed) <= MAX_SEED:
         raise RecipeError(f"seed: must be in [0, {MAX_SEED}] (NumPy's seeds are 32-bit), got {recipe.seed}")
+    check_retention(recipe)
     for key in ("save_filename", "save_latest_filename"):
         unknown = [f for f in _template_fields(getattr(recipe, key)) if f.split(".")[0].split("[")[0] not in NAME_FIELDS]
         if unknown:
             raise RecipeError(f"{key}: unknown field {{{unknown[0]}}} in {getattr(recipe, key)!r}; "
                               f"valid: {', '.join('{' + f + '}' for f in NAME_FIELDS)}")
+
+
+def check_retention(recipe: Any) -> None:
+    """Refuse ``save_num_checkpoints_to_keep=0`` with ``autoresume=true``: Composer then keeps no
+    checkpoint, so a stopped run would have nothing to resume from (its work lost).
+
+    Raises:
+        RecipeError: naming both keys and the values that keep the latest checkpoint.
+    """
+    if recipe.autoresume and recipe.save_num_checkpoints_to_keep == 0:
+        raise RecipeError("save_num_checkpoints_to_keep=0 with autoresume=true keeps no checkpoint to resume from, "
+                          "so a stopped run would lose its work; keep the latest with save_num_checkpoints_to_keep=1 "
+                          "(-1 keeps all), or set autoresume=false")
 
 
 def _patch_size(name: str) -> Optional[int]:
