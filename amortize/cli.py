@@ -280,6 +280,12 @@ def _train(args: argparse.Namespace, recipe: Any) -> int:
         print(f"amortize train: optimizer {describe_optimizer(trainer.state.optimizers[0], recipe.data.batch_size)}",
               flush=True)
         print(f"amortize train: {locked_summary(unwrap(trainer.state.model).model)}", flush=True)
+        from amortize.train.builders import warmup_warning
+
+        length = trainer.state.dataloader_len
+        warm = warmup_warning(recipe, None if length is None else int(length))
+        if warm:
+            print(f"amortize train: warning: {warm}", flush=True)
     try:
         trainer.fit()
     except TrainingInterrupted as e:

@@ -286,13 +286,16 @@ class Registry(Generic[T]):
         annotations: types and ranges by option name for entries whose constructors are not
             ours (torch's optimisers): they replace the constructor's annotations when a section
             is bound, so each range is declared once, beside the registry.
+        name_alias: a key a section may say instead of ``name`` (schedules: ``kind``, their
+            spelling before 0.2).
     """
 
     def __init__(self, kind: str, *, shared: Optional[Callable] = None,
-                 annotations: Optional[Mapping[str, Any]] = None):
+                 annotations: Optional[Mapping[str, Any]] = None, name_alias: Optional[str] = None):
         self.kind = kind
         self.shared = shared
         self.annotations = dict(annotations or {})
+        self.name_alias = name_alias
         self._items: dict[str, Callable[..., T]] = {}
         self._renamed: dict[str, str] = {}
 
@@ -356,6 +359,9 @@ class Registry(Generic[T]):
             RecipeError: naming ``key`` for an unknown name (valid ones listed, did-you-mean hint),
                 or ``key.option`` for a bad option.
         """
+        alias = self.name_alias
+        if alias and isinstance(section, Mapping) and alias in section and "name" not in section:
+            section = {("name" if k == alias else k): v for k, v in section.items()}
         name, options = section_name(section, key)
         try:
             ctor = self.get(name)

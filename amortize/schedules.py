@@ -141,7 +141,7 @@ def _piecewise(values: Sequence[float]) -> Piecewise:
     return Piecewise(tuple(float(v) for v in values))
 
 
-SCHEDULES: Registry[Schedule] = Registry("schedule")
+SCHEDULES: Registry[Schedule] = Registry("schedule", name_alias="kind")
 """Registry of schedules, built by :func:`build_schedule`: ``constant``, ``cosine_decay``,
 ``beta_warmup`` and ``piecewise`` (a section ``{name: piecewise, values: [...]}``)."""
 for _name, _ctor in (("constant", Constant), ("cosine_decay", CosineDecay), ("beta_warmup", BetaWarmup),
@@ -164,8 +164,5 @@ def build_schedule(spec: Union[float, int, dict, Schedule, None]) -> Schedule | 
     if isinstance(spec, (Constant, CosineDecay, BetaWarmup, Piecewise)) or callable(spec):
         return spec  # a schedule object (a registered one included)
     if isinstance(spec, dict) or hasattr(spec, "items"):
-        options = dict(spec)
-        if "kind" in options and "name" not in options:
-            options["name"] = options.pop("kind")
-        return SCHEDULES.build_section(options, key="schedule")
+        return SCHEDULES.build_section(dict(spec), key="schedule")
     raise TypeError(f"cannot build a schedule from {type(spec).__name__}")

@@ -42,6 +42,14 @@ class Tokenizer:
         else:
             import open_clip
 
+            config = open_clip.get_model_config(self.model_name)
+            if config is None:  # open_clip would fall back to the CLIP BPE without a word
+                raise ValueError(f"unknown tokenizer {self.model_name!r}: 'simple' (the bundled CLIP BPE) or an "
+                                 "open_clip model name whose tokenizer ships with open_clip (e.g. ViT-B-32)")
+            hf = (config.get("text_cfg") or {}).get("hf_tokenizer_name")
+            if hf:
+                raise ValueError(f"tokenizer {self.model_name!r} is the Hugging Face tokenizer {hf!r}, which needs a "
+                                 "download; use 'simple' or a model whose tokenizer ships with open_clip")
             self._tok = open_clip.get_tokenizer(self.model_name, context_length=self.context_length)
 
     @property

@@ -102,7 +102,10 @@ def build_tokenizer(recipe: Recipe, context_length: int):
     from amortize.data.tokenizer import get_tokenizer
 
     name = recipe.data.tokenizer
-    return get_tokenizer(None if name == "simple" else name, context_length=context_length)
+    try:
+        return get_tokenizer(None if name == "simple" else name, context_length=context_length)
+    except ValueError as e:
+        raise RecipeError(str(e), key="data.tokenizer") from None
 
 
 def build_eval_tasks(recipe: Recipe, image_size: int, check_images: bool = False) -> Optional[list]:
@@ -382,6 +385,15 @@ def _recipe_extras(recipe: Recipe) -> dict[str, list[Any]]:
     return {key: [bound.build() for bound in b.many(key)] for key in ("loggers", "callbacks", "algorithms")}
 
 
+def warmup_warning(recipe: Recipe, batches_per_epoch: Optional[int]) -> Optional[str]:
+    """:func:`amortize.train.optim.warmup_note` of the recipe's scheduler and run (``--dry-run`` and the
+    start of training say it), or None."""
+    from amortize.train.optim import warmup_note
+
+    return warmup_note(bindings(recipe).get("scheduler").resolved.get("t_warmup"), recipe.max_duration,
+                       batches_per_epoch, recipe.data.batch_size)
+
+
 def dry_run(recipe: Recipe) -> list[str]:
     """Build everything the run would (model, loss and estimator, data loader, optimizer, scheduler,
     the evaluation tasks with every image of their files decoded once, the start decision) without
@@ -409,7 +421,9 @@ def dry_run(recipe: Recipe) -> list[str]:
         batches = None
     n_params = sum(p.numel() for p in model.model.parameters())
     est = type(model.loss_fn.estimator).__name__ if getattr(model.loss_fn, "estimator", None) is not None else "none"
+    warm = warmup_warning(recipe, batches)
     return [
+        *([f"warning: {warm}"] if warm else []),
         f"model: {recipe.model.name}, {n_params:,} encoder parameters; loss: {recipe.loss.objective}, estimator {est}",
         f"data: {recipe.data.name}, {batches if batches is not None else 'unknown'} batches of {per} per process "
         f"and epoch",

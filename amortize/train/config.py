@@ -39,7 +39,7 @@ import yaml
 from amortize.options import Range, RecipeError, TimeString
 from amortize.train.imports import run_imports
 from amortize.train.schema import Recipe, build_schema
-from amortize.train.sections import Bindings, bind_sections
+from amortize.train.sections import Bindings, Options, bind_sections
 from amortize.train.validate import check_finite, check_top_level, check_values, read_recipe_text
 from amortize.train.yaml_input import apply_overrides, check_unique_overrides, read_yaml
 
@@ -65,6 +65,10 @@ def _resolve_logit_params(recipe: Recipe, bound: Bindings) -> None:
     # a registered factory need not be an Objective class: it then has the base class's preferences
     objective = bound.get("loss.objective").ctor
     m = recipe.model
+    if isinstance(m, str):  # `model: tiny`, the section's name alone
+        m = recipe.model = Options({"name": m})
+    elif not isinstance(m, dict):
+        return  # the binding step names the key
     if m.get("init_logit_scale") is None:
         m["init_logit_scale"] = float(getattr(objective, "init_logit_scale", Objective.init_logit_scale))
     bias = getattr(objective, "init_logit_bias", Objective.init_logit_bias)
@@ -124,10 +128,13 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
+    text = read_recipe_text(path)  # names the file itself
     try:
-        data = read_yaml(read_recipe_text(path))
+        data = read_yaml(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: invalid YAML: {e}") from None
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
     if data is None or data == {}:
         raise RecipeError(f"{path} is empty; a recipe names at least its run (start from a file in recipes/, "
                           "e.g. recipes/default.yaml)")

@@ -23,7 +23,7 @@ from amortize.options import NONNEGATIVE, POSITIVE, UNIT, Range, RecipeError, Ti
 from amortize.registry import Registry
 
 __all__ = ["OPTIMIZERS", "OPTIMIZER_OPTIONS", "SCHEDULERS", "group_options", "is_no_decay", "param_groups",
-           "build_optimizer", "beta2_at_batch", "beta2_half_life", "describe_optimizer"]
+           "build_optimizer", "beta2_at_batch", "beta2_half_life", "describe_optimizer", "in_batches", "warmup_note"]
 
 
 def group_options(logit_scale_lr: Annotated[Optional[float], NONNEGATIVE] = None,
@@ -214,3 +214,52 @@ SCHEDULERS: Registry[Any] = Registry("scheduler")
 
 for _fn in (cosine_with_warmup, linear_with_warmup, constant_with_warmup, constant):
     SCHEDULERS.register(_fn.__name__, _fn)
+
+
+def in_batches(time: str, batches_per_epoch: Optional[int], batch_size: int, total: Optional[float] = None) -> Optional[float]:
+    """A Composer time string (``20ba``, ``2ep``, ``512sp``, ``0.1dur``) in batches, or None when
+    it cannot be known here (epochs of a loader of unknown length; ``dur`` without ``total``).
+
+    Args:
+        time: the time string (checked already: a number and a unit).
+        batches_per_epoch: the training loader's length, or None.
+        batch_size: the global batch, for samples.
+        total: the run's length in batches, for ``dur``.
+    """
+    import re
+
+    m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*([a-z]+)\s*", str(time))
+    if m is None:
+        return None
+    n, unit = float(m.group(1)), m.group(2)
+    if unit == "ba":
+        return n
+    if unit == "sp":
+        return n / batch_size
+    if unit == "ep":
+        return None if batches_per_epoch is None else n * batches_per_epoch
+    if unit == "dur":
+        return None if total is None else n * total
+    return None
+
+
+def warmup_note(t_warmup: Optional[str], max_duration: str, batches_per_epoch: Optional[int],
+                batch_size: int) -> Optional[str]:
+    """A line saying that the warm-up does not end before the run does (the lr never reaches the
+    optimiser's), or None.
+
+    Args:
+        t_warmup: the scheduler's warm-up (None: the scheduler has none).
+        max_duration: the run's length.
+        batches_per_epoch: the training loader's length (None: unknown).
+        batch_size: the global batch.
+    """
+    if t_warmup is None:
+        return None
+    total = in_batches(max_duration, batches_per_epoch, batch_size)
+    warm = in_batches(t_warmup, batches_per_epoch, batch_size, total)
+    if total is None or warm is None or warm < total:
+        return None
+    return (f"scheduler.t_warmup={t_warmup} ({warm:,.0f} batches) does not end before the run does "
+            f"(max_duration={max_duration}, {total:,.0f} batches): the learning rate never reaches optimizer.lr; "
+            f"set a shorter scheduler.t_warmup")

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
+from amortize.options import RecipeError
 from amortize.registry import Bound, bind
 
 __all__ = ["Declared", "SECTIONS", "Options", "Bindings", "bind_sections", "bind_section", "bindings"]
@@ -95,9 +98,23 @@ class Declared:
     name_key: Optional[str] = None
 
     def bind(self, section: Any, key: str) -> Bound:
-        """The binding step for this section (its registry or its constructor imported now)."""
+        """The binding step for this section (its registry or its constructor imported now).
+
+        A section of one constructor given as a string (``model: tiny``) is that constructor's
+        ``name`` where it takes one; otherwise it is refused naming the key.
+        """
         if self.ctor is not None:
-            return bind(_load(self.ctor), section, key, what=key, passed=self.passed, known=self.known,
+            ctor = _load(self.ctor)
+            options = section
+            if isinstance(section, str):
+                params = [n for n in inspect.signature(ctor).parameters if n not in self.passed and n != "self"]
+                if "name" not in params:
+                    raise RecipeError(f"expected a mapping of options ({', '.join(params)}), got the string "
+                                      f"{section!r}", key=key)
+                options = {"name": section}
+            elif not isinstance(section, Mapping):
+                raise RecipeError(f"expected a mapping of options, got {type(section).__name__} {section!r}", key=key)
+            return bind(ctor, options, key, what=key, passed=self.passed, known=self.known,
                         source=section, shared=None if self.shared is None else _load(self.shared))
         return _load(self.registry).bind(section, key, known=self.known, passed=self.passed, name_key=self.name_key)
 

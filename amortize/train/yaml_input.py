@@ -38,8 +38,25 @@ def read_yaml(text: str) -> Any:
 
     Raises:
         yaml.YAMLError: for invalid YAML or a tag that names a Python object.
+        RecipeError: for an anchor that refers to itself (``a: &x {b: *x}``), naming the key.
     """
-    return yaml.load(text, Loader=_Loader)
+    data = yaml.load(text, Loader=_Loader)
+    _refuse_cycles(data, "", set())
+    return data
+
+
+def _refuse_cycles(node: Any, key: str, open_ids: set[int]) -> None:
+    """Refuse a mapping or list that contains itself (a recursive YAML alias), naming where."""
+    if not isinstance(node, (dict, list)):
+        return
+    if id(node) in open_ids:
+        raise RecipeError(f"a YAML anchor refers to itself at {key or 'the top level'}; a recipe is a tree: "
+                          "copy the values instead of aliasing an enclosing section")
+    open_ids.add(id(node))
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for k, v in items:
+        _refuse_cycles(v, f"{key}.{k}" if key and isinstance(k, str) else f"{key}[{k}]" if key else str(k), open_ids)
+    open_ids.discard(id(node))
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -288,3 +288,54 @@ def test_8_the_readme_says_make_demo_replaces_runs_default():
     after = (root / "README.md").read_text().split("<!-- demo-table:end -->")[1].split("\n\n")[1]
     assert "`make demo`" in after and "save_overwrite=true" in after and "replaces" in after
     assert "`runs/default`" in after and "move that folder away first" in after
+
+
+@pytest.mark.parametrize("recipe_text, overrides, expected", [
+    ("run_name: x\nmodel: tiny\n", [], None),  # the string shorthand of a section: its name
+    ("run_name: x\n", ["model=tiny"], None),
+    ("run_name: x\na: &a\n  b: *a\n", [], "a YAML anchor refers to itself at a.b"),
+    ("run_name: x\n", ["divergence=stop"], "divergence: expected a mapping of options (policy, "),
+])
+def test_9_section_shorthands_and_recursive_anchors_are_one_line(tmp_path, capsys, recipe_text, overrides, expected):
+    """Issue 30, item 9: `model: tiny` (a section's name alone) loads; a recursive YAML anchor and a
+    string for a section without names are one line naming the key, exit 2."""
+    from amortize.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text)
+    code = main(["train", str(path), *overrides, f"save_folder={tmp_path / 'run'}", "--dry-run"])
+    out, err = capsys.readouterr()
+    if expected is None:
+        assert code == 0 and "model:\n  name: tiny\n" in out, err
+    else:
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_11_a_schedule_section_may_say_kind_as_before_0_2(tmp_path):
+    """Issue 30, item 11: `kind:` is documented as the pre-0.2 spelling of `name:` in schedule sections."""
+    from amortize.train.config import load_recipe
+    from amortize.train.sections import bindings
+
+    r = load_recipe(RECIPES / "default.yaml", ["model.name=tiny", "loss.rho={kind: piecewise, values: [6.5, -8.0]}"])
+    assert bindings(r).get("loss.rho").name == "piecewise"
+
+
+def test_2_a_warm_up_longer_than_the_run_is_said_by_dry_run_and_at_start(tmp_path, capsys):
+    """Issue 30, item 2: the lr would never reach optimizer.lr; --dry-run and the start of training say so."""
+    args = _synthetic(tmp_path / "run", "scheduler={name: cosine_with_warmup, t_warmup: 1ep}", "max_duration=2ba")
+    assert main(["train", *args, "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: scheduler.t_warmup=1ep" in err and "max_duration=2ba, 2 batches" in err, err
+    assert main(["train", *args]) == 0
+    out, err = capsys.readouterr()
+    assert "amortize train: warning: scheduler.t_warmup=1ep" in out, out  # beside the start lines; stderr is for errors
+    ok = _synthetic(tmp_path / "run2", "scheduler={name: cosine_with_warmup, t_warmup: 1ba}", "max_duration=2ba")
+    assert main(["train", *ok, "--dry-run"]) == 0 and "t_warmup" not in capsys.readouterr().err
+
+
+def test_4_an_unknown_tokenizer_is_refused_naming_the_key(tmp_path, capsys):
+    """Issue 30, item 4: `data.tokenizer=nope` trained with the CLIP BPE without a word."""
+    assert main(["train", *_synthetic(tmp_path / "run", "data.tokenizer=nope"), "--dry-run"]) == 2
+    err = _one_line_error(capsys, "train")
+    assert "data.tokenizer: unknown tokenizer 'nope'" in err
+    assert main(["train", *_synthetic(tmp_path / "run", "data.tokenizer=ViT-B-32"), "--dry-run"]) == 0
