@@ -37,6 +37,7 @@ import torch
 from amortize.eval.retrieval import RetrievalTask
 from amortize.eval.zeroshot import ZeroShotTask
 from amortize.registry import Registry
+from amortize.textfiles import NotUTF8, read_utf8
 
 __all__ = ["IMAGE_SUFFIXES", "UserDataError", "ImageFiles", "read_caption_csv", "read_caption_folder",
            "read_class_folder", "read_text", "csv_separator", "rgb_image", "retrieval_task", "zeroshot_task",
@@ -57,13 +58,10 @@ def read_text(path: Path, what: str = "file") -> str:
     Raises:
         UserDataError: naming the file and the first byte that is not UTF-8.
     """
-    data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise UserDataError(f"{what} {path} is not UTF-8 text (byte {e.start}, line {line}: "
-                            f"{data[e.start:e.start + 1]!r}); save it as UTF-8") from None
+        return read_utf8(path, bom=True)
+    except NotUTF8 as e:
+        raise UserDataError(f"{what} {e}; save it as UTF-8") from None
 
 
 def csv_separator(separator: Optional[str], path: Path) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import yaml
 
 from amortize.options import RecipeError
+from amortize.textfiles import NotUTF8, read_utf8
 
 __all__ = ["MAX_SEED", "NAME_FIELDS", "UniqueKeyLoader", "check_finite", "check_retention", "check_top_level",
            "check_values", "read_recipe_text"]
@@ -72,13 +73,10 @@ def read_recipe_text(path: Path) -> str:
     Raises:
         RecipeError: naming the file and the first byte that is not UTF-8.
     """
-    data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise RecipeError(f"{path}: not a UTF-8 text file (byte {e.start}, line {line}: {data[e.start:e.start + 1]!r}); "
-                          "save the recipe as UTF-8") from None
+        return read_utf8(path)
+    except NotUTF8 as e:
+        raise RecipeError(f"{e}; save the recipe as UTF-8") from None
 
 
 def check_top_level(data: Any, path: Path) -> None:

@@ -371,7 +371,7 @@ def test_19_6_a_duplicate_key_in_a_recipe_file_is_refused_naming_it_and_its_line
 
 
 @pytest.mark.parametrize("content, named", [
-    (b"run_name: caf\xe9\n", "not a UTF-8 text file (byte 13, line 1"),
+    (b"run_name: caf\xe9\n", "is not UTF-8 text (byte 13, line 1"),
     (b"- model\n- loss\n", "a recipe must be a mapping of keys"),
 ])
 def test_19_files_that_are_not_recipes_are_one_line(content, named, tmp_path, capsys):
