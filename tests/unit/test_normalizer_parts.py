@@ -89,3 +89,32 @@ def test_the_declared_state_is_what_ddp_ignores_and_the_guard_rolls_back():
         assert all(r.cross_process == "identical" and r.resume == "restore" for r in declared.values())
     assert set(AmortizedEstimator(dim=6).state_rules()) == {
         "step", "epoch_step", "epoch", "max_epochs", "has_previous", "online", "target", "previous", "_extra_state"}
+
+
+def test_reset_state_rows_resets_only_the_named_rows_to_the_initial_state():
+    from amortize.estimators.normalizer.parts import reset_state_rows
+
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    for opt, key, fill in ((torch.optim.Adagrad([p], lr=0.1, initial_accumulator_value=0.5), "sum", 0.5),
+                           (torch.optim.Adam([p], lr=0.1), "exp_avg_sq", 0.0)):
+        p.grad = torch.full((4, 3), 2.0)
+        opt.step()
+        before = opt.state[p][key].clone()
+        reset_state_rows(opt, p, torch.tensor([1, 3]))
+        assert torch.equal(opt.state[p][key][[0, 2]], before[[0, 2]])
+        assert torch.all(opt.state[p][key][[1, 3]] == fill)
+        reset_state_rows(opt, p, None)
+        assert torch.all(opt.state[p][key] == fill)
+    with pytest.raises(ValueError, match="not optimised by this optimizer"):
+        reset_state_rows(torch.optim.Adagrad([torch.nn.Parameter(torch.ones(2))]), p, torch.tensor([0]))
+
+
+def test_the_restart_reset_rule_is_named_and_bools_map_onto_it():
+    from amortize.estimators.normalizer.parts import BatchEmbeddingRestart
+
+    assert BatchEmbeddingRestart(reset_optimizer=True).reset_optimizer == "restarted"
+    assert BatchEmbeddingRestart(reset_optimizer=False).reset_optimizer == "none"
+    assert BatchEmbeddingRestart().reset_optimizer == "restarted"
+    assert build_estimator("neuclip", dim=6, restart={"reset_optimizer": "all"})._restart.reset_optimizer == "all"
+    with pytest.raises(ValueError, match="unknown restart.reset_optimizer 'sometimes'; valid: restarted, all, none"):
+        BatchEmbeddingRestart(reset_optimizer="sometimes")

@@ -44,6 +44,7 @@ from amortize.estimators.normalizer.parts import (
     NORMALIZERS,
     REINIT_POLICIES,
     RESTARTS,
+    reset_state_rows,
     restart_draw,
 )
 from amortize.registry import Section, section_name
@@ -339,13 +340,35 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         """
         rows = {m: u[m] if gather_over is None else all_gather_no_grad(u[m], gather_over) for m in MODALITIES}
         other = {"image": "text", "text": "image"}
+        restarted = {}
         for m in MODALITIES:
             net = self.online[m]
             at, idx = restart_draw(rows[other[m]].shape[0], net.restart_size, self.seed, step,
                                    self._restart.short_batch)
             net.restart(rows[other[m]][idx.to(rows[m].device)], at.to(rows[m].device))
-        if self._restart.reset_optimizer:
+            restarted[m] = at
+        self._reset_after_restart(restarted)
+
+    def _reset_after_restart(self, restarted: dict[str, Tensor]) -> None:
+        """The restart part's ``reset_optimizer`` rule, given the prototypes ``{modality: (k,)}`` that restarted.
+
+        ``restarted``: a fresh optimiser when every prototype restarted, else the restarted rows'
+        state only (:func:`~amortize.estimators.normalizer.parts.reset_state_rows`); the others keep
+        their AdaGrad sums, so their next steps stay as small as their history makes them.
+        """
+        rule = self._restart.reset_optimizer
+        if rule == "none":
+            return
+        every_row = all(torch.unique(at).numel() == self.online[m].restart_size for m, at in restarted.items())
+        if rule == "all" or every_row:
             self._optimizer = self._new_optimizer()
+            return
+        for m, at in restarted.items():
+            net = self.online[m]
+            for p in net.parameters():
+                # a parameter not indexed by the prototypes has its whole state reset
+                indexed = p.dim() >= 1 and p.shape[0] == net.restart_size
+                reset_state_rows(self._optimizer, p, at if indexed else None)
 
     def forward(
         self,

@@ -28,6 +28,7 @@ Estimator = Any
 __all__ = [
     "Normalizer",
     "NORMALIZERS",
+    "mean_log_ratio",
     "CADENCES",
     "REINIT_POLICIES",
     "EPOCH0_PREVIOUS",
@@ -35,6 +36,9 @@ __all__ = [
     "BatchEmbeddingRestart",
     "restart_draw",
     "SHORT_BATCH_RULES",
+    "RESET_RULES",
+    "reset_rule",
+    "reset_state_rows",
 ]
 
 
@@ -113,7 +117,18 @@ class Online(Normalizer):
         with torch.no_grad():
             norm = est._predict(est.online, u, ctx)
             terms["online_rmse"] = rmse_over_modalities(norm, batch)
+            terms["normalizer_vs_batch"] = mean_log_ratio(norm, batch)
         return norm
+
+
+def mean_log_ratio(pred: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
+    """``mean over both modalities and the rows of (pred - target)``, detached, 0-d.
+
+    With ``pred`` the fitted network's log normalisers and ``target`` the in-batch log sums, it is
+    minus the mean log weight the encoder gradient gives the negatives relative to InfoNCE's (0 for
+    in-batch): a drift of the fit shows as a growing positive value.
+    """
+    return 0.5 * sum((pred[m].detach() - target[m].detach()).mean() for m in MODALITIES)
 
 
 NORMALIZERS: Registry[Normalizer] = Registry("normalizer")
@@ -231,24 +246,74 @@ class NoRestart:
         return False
 
 
+RESET_RULES = ("restarted", "all", "none")
+"""What a restart does to the inner optimiser's state (``restart.reset_optimizer``): ``restarted``
+resets the state of the prototypes that restarted and keeps the others' (with ``m <= B`` every
+prototype restarts, so it is a fresh optimiser); ``all`` builds a fresh optimiser even when only
+some prototypes restarted (``partial``), which throws away the kept prototypes' AdaGrad sums: their
+next step is then ``lr`` times the sign of the gradient in every coordinate, whatever the gradient's
+size; ``none`` keeps every state."""
+
+
+def reset_rule(value: Any) -> str:
+    """The name in :data:`RESET_RULES` of a ``reset_optimizer`` option (True: ``restarted``; False: ``none``)."""
+    if value is True:
+        return "restarted"
+    if value is False or value is None:
+        return "none"
+    if value not in RESET_RULES:
+        raise ValueError(f"unknown restart.reset_optimizer {value!r}; valid: {', '.join(RESET_RULES)}, true, false")
+    return value
+
+
+@torch.no_grad()
+def reset_state_rows(optimizer: torch.optim.Optimizer, param: Tensor, rows: Optional[Tensor]) -> None:
+    """Reset the inner optimiser's per-coordinate state of rows ``rows`` of ``param`` to its initial value.
+
+    Every state tensor of ``param``'s shape is reset along its first dimension: AdaGrad's ``sum`` to
+    the group's ``initial_accumulator_value``, any other (Adam's moments) to zero. Scalar state (the
+    step count) is shared by the rows and kept. A parameter with no state yet is left alone.
+
+    Args:
+        optimizer: the inner optimiser over ``param``.
+        param: a parameter whose first dimension indexes the prototypes.
+        rows: (k,) int64 indices of the rows to reset; None: every coordinate.
+
+    Raises:
+        ValueError: ``param`` is not one of ``optimizer``'s parameters.
+    """
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    if group is None:
+        raise ValueError("reset_state_rows: the parameter is not optimised by this optimizer")
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    where = ... if rows is None else rows.to(param.device)
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value[where] = float(group.get("initial_accumulator_value", 0.0)) if key == "sum" else 0.0
+
+
 class BatchEmbeddingRestart(NoRestart):
     """``batch_embeddings`` (NeuCLIP, ``T_r``): every ``every`` steps (the first at step 0) the
     network of each modality restarts from the OTHER modality's batch embeddings (a network with a
-    ``restart(rows)`` method, e.g. ``prototypes``), and the inner optimiser's state is reset.
+    ``restart(rows)`` method, e.g. ``prototypes``), and the inner optimiser's state of the restarted
+    prototypes is reset (:data:`RESET_RULES`).
 
     Args:
         every: ``T_r``, steps between restarts (NeuCLIP: 500).
-        reset_optimizer: reset the inner optimiser at a restart (an open point of NeuCLIP; default yes).
+        reset_optimizer: a name in :data:`RESET_RULES` (an open point of NeuCLIP; default
+            ``restarted``); True means ``restarted``, False ``none``.
         short_batch: a name in :data:`SHORT_BATCH_RULES`, for more prototypes than rows.
     """
 
-    def __init__(self, every: int = 500, reset_optimizer: bool = True, short_batch: str = "partial"):
+    def __init__(self, every: int = 500, reset_optimizer: Any = "restarted", short_batch: str = "partial"):
         if int(every) < 1:
             raise ValueError(f"restart.every must be >= 1, got {every}")
         if short_batch not in SHORT_BATCH_RULES:
             raise ValueError(f"unknown short_batch rule {short_batch!r}; valid: {', '.join(SHORT_BATCH_RULES)}")
         self.every = int(every)
-        self.reset_optimizer = bool(reset_optimizer)
+        self.reset_optimizer = reset_rule(reset_optimizer)
         self.short_batch = short_batch
 
     def due(self, step: int) -> bool:
