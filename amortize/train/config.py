@@ -40,8 +40,8 @@ from amortize.options import Range, RecipeError, TimeString
 from amortize.train.imports import run_imports
 from amortize.train.schema import Recipe, build_schema
 from amortize.train.sections import Bindings, Options, bind_sections
-from amortize.train.validate import check_finite, check_top_level, check_values, read_recipe_text
-from amortize.train.yaml_input import apply_overrides, check_unique_overrides, read_yaml
+from amortize.train.validate import check_finite, check_values
+from amortize.train.yaml_input import apply_overrides, check_top_level, check_unique_overrides, read_recipe_text, read_yaml
 
 __all__ = [
     "RecipeError",

@@ -1,13 +1,11 @@
-"""Recipe checks that need more than one option's range: the file's text, its keys, and values
-whose valid set depends on another option (the model's patch size, the name template's fields).
+"""Recipe checks on the parsed recipe that need more than one option's range: values that are not
+finite, and values whose valid set depends on another option (the model's patch size, the name
+template's fields). The file's text and its keys are read and checked before, by
+:mod:`amortize.train.yaml_input`.
 
-Each check raises :class:`~amortize.options.RecipeError` (or, for the YAML loader, a
-``yaml.YAMLError`` that the recipe reader names its file in) with one line naming the key, so
+Each check raises :class:`~amortize.options.RecipeError` with one line naming the key, so
 ``amortize train --dry-run`` refuses the recipe before anything is built or written:
 
-* :class:`UniqueKeyLoader`: a mapping key given twice (``lr:`` on two lines of a section);
-* :func:`read_recipe_text`: a file that is not UTF-8;
-* :func:`check_top_level`: a top level that is not a mapping (a YAML list);
 * :func:`check_finite`: ``.nan``, ``.inf`` anywhere in the recipe;
 * :func:`check_values`: ``model.image_size``, ``model.context_length``, ``seed``, the file-name
   templates.
@@ -19,16 +17,11 @@ from __future__ import annotations
 
 import math
 import string
-from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from amortize.options import RecipeError
-from amortize.textfiles import NotUTF8, read_utf8
 
-__all__ = ["MAX_SEED", "NAME_FIELDS", "UniqueKeyLoader", "check_finite", "check_retention", "check_top_level",
-           "check_values", "read_recipe_text"]
+__all__ = ["MAX_SEED", "NAME_FIELDS", "check_finite", "check_retention", "check_values"]
 
 MAX_SEED = 2**32 - 1
 """The largest ``seed``: Composer seeds NumPy, whose seeds are 32-bit."""
@@ -36,54 +29,6 @@ MAX_SEED = 2**32 - 1
 NAME_FIELDS = ("run_name", "rank", "local_rank", "world_size", "local_world_size", "node_rank", "epoch", "batch",
                "sample", "token", "batch_in_epoch", "sample_in_epoch", "token_in_epoch")
 """The ``{fields}`` Composer fills in ``save_filename`` and ``save_latest_filename``."""
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping key given twice (plain YAML keeps the last one).
-
-    >>> yaml.load("a: 1\\na: 2\\n", Loader=UniqueKeyLoader)
-    Traceback (most recent call last):
-    ...
-    yaml.constructor.ConstructorError: key 'a' is given twice (line 1 and line 2); give each key once
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        """Build the mapping after checking that no key repeats."""
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    hash(key)
-                except TypeError:
-                    continue  # the base class names an unhashable key
-                line = key_node.start_mark.line + 1
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice (line {seen[key]} and line {line}); give each key once")
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_recipe_text(path: Path) -> str:
-    """The text of a recipe file, which must be UTF-8.
-
-    Raises:
-        RecipeError: naming the file and the first byte that is not UTF-8.
-    """
-    try:
-        return read_utf8(path)
-    except NotUTF8 as e:
-        raise RecipeError(f"{e}; save the recipe as UTF-8") from None
-
-
-def check_top_level(data: Any, path: Path) -> None:
-    """Refuse a recipe whose top level is not a mapping (before overrides are applied to it)."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of keys (run_name: ..., model: ...) at the top level, "
-                          f"got a {type(data).__name__}")
 
 
 def check_finite(data: Any, prefix: str = "") -> None:

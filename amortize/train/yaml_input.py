@@ -1,4 +1,5 @@
-"""Recipe text in: the safe YAML reader and ``key.sub=value`` command-line overrides.
+"""Recipe text in: the file's text (UTF-8), the safe YAML reader (a key given twice, a recursive
+anchor and a top level that is not a mapping refused) and ``key.sub=value`` command-line overrides.
 
 >>> read_yaml("lr: 2e-3")
 {'lr': 0.002}
@@ -10,27 +11,74 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from amortize.train.validate import UniqueKeyLoader
-
 from amortize.options import RecipeError
+from amortize.textfiles import NotUTF8, read_utf8
 
-__all__ = ["read_yaml", "apply_overrides", "check_unique_overrides"]
-
-
-class _Loader(UniqueKeyLoader):
-    """``yaml.SafeLoader`` that refuses a repeated key (:class:`~amortize.train.validate.UniqueKeyLoader`)
-    and reads exponent floats without a dot (``2e-3``, ``1e5``) as floats."""
+__all__ = ["RecipeLoader", "read_recipe_text", "read_yaml", "check_top_level", "apply_overrides",
+           "check_unique_overrides"]
 
 
-_Loader.add_implicit_resolver(
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice (plain YAML keeps the last one) and
+    reads exponent floats without a dot (``2e-3``, ``1e5``) as floats, as YAML 1.2 does.
+
+    >>> yaml.load("a: 1\\na: 2\\n", Loader=RecipeLoader)
+    Traceback (most recent call last):
+    ...
+    yaml.constructor.ConstructorError: key 'a' is given twice (line 1 and line 2); give each key once
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """Build the mapping after checking that no key repeats."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base class names an unhashable key
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (line {seen[key]} and line {line}); give each key once")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+def read_recipe_text(path: Path) -> str:
+    """The text of a recipe file, which must be UTF-8.
+
+    Raises:
+        RecipeError: naming the file and the first byte that is not UTF-8.
+    """
+    try:
+        return read_utf8(path)
+    except NotUTF8 as e:
+        raise RecipeError(f"{e}; save the recipe as UTF-8") from None
+
+
+def check_top_level(data: Any, path: Path) -> None:
+    """Refuse a recipe whose top level is not a mapping (before overrides are applied to it)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys (run_name: ..., model: ...) at the top level, "
+                          f"got a {type(data).__name__}")
+
+
 
 
 def read_yaml(text: str) -> Any:
@@ -40,7 +88,7 @@ def read_yaml(text: str) -> Any:
         yaml.YAMLError: for invalid YAML or a tag that names a Python object.
         RecipeError: for an anchor that refers to itself (``a: &x {b: *x}``), naming the key.
     """
-    data = yaml.load(text, Loader=_Loader)
+    data = yaml.load(text, Loader=RecipeLoader)
     _refuse_cycles(data, "", set())
     return data
 
