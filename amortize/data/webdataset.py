@@ -1,8 +1,13 @@
 """Webdataset pipeline for img2dataset-style shards (CC3M, CC12M): ``KEY.jpg`` + ``KEY.txt`` per sample.
 
-Pipeline: shard list (shuffled, or resampled with replacement for multi-node) -> split by node and
-worker -> tolerant tar reader -> sample shuffle buffer -> decode + open_clip transform + tokenise
--> batches of ``{"image": (B, 3, S, S), "text": (B, L), "index": (B,)}``.
+Training reads whole epochs through [`ShardEpochs`][amortize.data.webdataset.ShardEpochs]: the
+order of an epoch is a function of (seed, epoch, position) (:mod:`amortize.data.resume`), each
+process and DataLoader worker builds its own batches of it, and the data's state is a few integers,
+so a resume starts at its batch. ``sampling: resampled`` (and epochs cut short by ``num_samples``)
+use the webdataset pipeline of :func:`make_pipeline`: shard list (shuffled, or resampled with
+replacement for multi-node) -> split by node and worker -> tolerant tar reader -> sample shuffle
+buffer -> decode + open_clip transform + tokenise. Both yield batches of
+``{"image": (B, 3, S, S), "text": (B, L), "index": (B,)}``.
 
 ``index`` is a dense sample index in ``[0, N)``: the shard's offset (from img2dataset's
 ``*_stats.json``, a ``sizes.json``, or a scan of the tar) plus the sample's ordinal inside its
@@ -25,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import torch
 
 from amortize.options import NONNEGATIVE, UNIT, Range
@@ -271,39 +277,7 @@ def read_tar_samples(shard: str, counter: SkipCounter | None = None) -> Iterator
     Yields:
         ``{"__key__", "__url__", "__pos__" (ordinal in the shard), ext: bytes, ...}``.
     """
-    if not os.path.isfile(shard):
-        if counter is not None:
-            counter.record_skip("missing_shard")
-        return
-    sample: dict | None = None
-    pos = -1
-    try:
-        with tarfile.open(shard, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_key(member.name)
-                if key is None:
-                    continue
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"{shard}: {member.name} truncated")
-                if sample is None or key != sample["__key__"]:
-                    if sample is not None:
-                        yield sample
-                    pos += 1
-                    sample = {"__key__": key, "__url__": shard, "__pos__": pos}
-                sample[ext] = data
-            # a complete archive ends with two zero blocks; tarfile stops silently without them
-            if os.path.getsize(shard) < tar.offset + 2 * tarfile.BLOCKSIZE:
-                raise tarfile.ReadError(f"{shard}: archive truncated after {tar.offset} bytes")
-        if counter is not None:
-            counter.record_shard()
-    except (OSError, tarfile.TarError, EOFError):
-        if counter is not None:
-            counter.record_skip("corrupt_shard")
-        sample = None  # the last sample may be truncated: drop it
-    if sample is not None:
+    for _, sample in read_wanted_samples(shard, lambda ordinal: True, counter):
         yield sample
 
 
@@ -495,6 +469,208 @@ def make_pipeline(
     return pipeline
 
 
+def read_wanted_samples(shard: str, wanted: Callable[[int], bool], counter: SkipCounter | None = None
+                        ) -> Iterator[tuple[int, dict]]:
+    """Yield ``(ordinal, raw sample)`` of the samples of one shard that ``wanted(ordinal)`` accepts.
+
+    The tar is opened for random access (``r:*``: plain or compressed): the data of a sample that is
+    not wanted is skipped, not read. A missing file or a truncated/corrupt tar is counted in ``counter`` as
+    ``missing_shard`` / ``corrupt_shard`` and ends the shard (its last sample may be lost).
+    """
+    if not os.path.isfile(shard):
+        if counter is not None:
+            counter.record_skip("missing_shard")
+        return
+    sample: dict | None = None
+    pos, last_key = -1, None
+    try:
+        with tarfile.open(shard, "r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_key(member.name)
+                if key is None:
+                    continue
+                if key != last_key:
+                    if sample is not None:
+                        yield sample["__pos__"], sample
+                    pos, last_key = pos + 1, key
+                    sample = {"__key__": key, "__url__": shard, "__pos__": pos} if wanted(pos) else None
+                if sample is not None:
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"{shard}: {member.name} truncated")
+                    sample[ext] = data
+            # a complete archive ends with two zero blocks; tarfile stops silently without them
+            if os.path.getsize(shard) < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"{shard}: archive truncated after {tar.offset} bytes")
+        if counter is not None:
+            counter.record_shard()
+    except (OSError, tarfile.TarError, EOFError):
+        if counter is not None:
+            counter.record_skip("corrupt_shard")
+        sample = None  # the last sample may be truncated: drop it
+    if sample is not None:
+        yield sample["__pos__"], sample
+
+
+class ShardEpochs(torch.utils.data.IterableDataset):
+    """The shards' epochs as a function of (seed, epoch, position): per-process batches, resumable anywhere.
+
+    The order of an epoch is :func:`amortize.data.resume.stream_positions` (the shards in a seeded
+    order, the stream shuffled in windows); global batch ``j`` is the positions ``[j B, (j + 1) B)``,
+    process ``r`` of ``W`` takes its contiguous slice of it, and DataLoader worker ``k`` of ``K``
+    builds the batches ``start + k, start + k + K, ...`` (the loader hands them out round-robin, so
+    in order). A worker opens only the shards holding its samples from the first batch on and
+    decodes only its own samples; each sample's augmentation is seeded by (seed, epoch, index).
+    Every batch carries its global index as ``"batch"`` (taken out by
+    :class:`~amortize.data.resume.EpochLoader`).
+
+    Args:
+        urls: shard paths, in the order of the dense index.
+        sizes: samples of each shard (the index's offsets follow).
+        transform: the image transform, as :func:`decode_sample`.
+        tokenizer: the caption tokenizer, as :func:`decode_sample`.
+        batch_size: the GLOBAL batch.
+        world_size: processes.
+        epoch_samples: positions of an epoch (at most the shards' samples).
+        seed: the order's seed.
+        shuffle_buffer: 0 keeps the shards and samples in order; else see :func:`~amortize.data.resume.shuffle_window`.
+        drop_last: see :func:`~amortize.data.resume.batch_bounds`.
+        counter: where skips are counted.
+    """
+
+    def __init__(self, urls: Sequence[str], sizes: Sequence[int], *, transform: Callable, tokenizer: Callable,
+                 batch_size: int, world_size: int, epoch_samples: int, seed: int, shuffle_buffer: int,
+                 drop_last: bool, counter: SkipCounter):
+        from amortize.data.resume import EpochPosition, epoch_batches, shuffle_window
+
+        self.urls, self.sizes = list(urls), [int(n) for n in sizes]
+        self.offsets = dict(zip(self.urls, np.cumsum([0] + self.sizes[:-1]).tolist()))
+        self.transform, self.tokenizer, self.counter = transform, tokenizer, counter
+        self.batch_size, self.world_size, self.seed = int(batch_size), int(world_size), int(seed)
+        self.epoch_samples, self.drop_last, self.shuffle = int(epoch_samples), bool(drop_last), shuffle_buffer > 0
+        self.window = shuffle_window(shuffle_buffer)
+        self.num_batches = epoch_batches(self.epoch_samples, self.batch_size, self.world_size, self.drop_last)
+        self.position = EpochPosition(self.batch_size, self.world_size, self.seed, self.num_batches)
+        self.dataset_size = sum(self.sizes)
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        """The epoch the next pass yields, from global batch ``start_batch`` (set by the loader)."""
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def state_dict(self, num_samples: int = 0, from_beginning: bool = True) -> dict[str, int]:
+        """See :meth:`amortize.data.resume.EpochPosition.state_dict`."""
+        return self.position.state_dict(num_samples, from_beginning)
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """See :meth:`amortize.data.resume.EpochPosition.load_state_dict`."""
+        self.position.load_state_dict(state)
+
+    def stream(self, epoch: int) -> tuple[list[int], np.ndarray]:
+        """``(shard order, stream offset of each shard in that order)`` of ``epoch``."""
+        from amortize.data.resume import shard_order
+
+        order = shard_order(self.seed, epoch, len(self.urls)).tolist() if self.shuffle else list(range(len(self.urls)))
+        return order, np.cumsum([0] + [self.sizes[s] for s in order])
+
+    def worker_batches(self, epoch: int, start: int, worker: int, workers: int, rank: int
+                       ) -> list[tuple[int, np.ndarray]]:
+        """``[(global batch, stream positions of this process's samples)]`` that one worker builds."""
+        from amortize.data.resume import batch_bounds, rank_slice, stream_positions
+
+        out = []
+        for j in range(start + worker, self.num_batches, workers):
+            s, e = rank_slice(*batch_bounds(j, self.epoch_samples, self.batch_size, self.world_size, self.drop_last),
+                              rank, self.world_size)
+            p = np.arange(s, e)
+            q = stream_positions(p, seed=self.seed, epoch=epoch, window=self.window,
+                                 stream_len=self.dataset_size) if self.shuffle else p
+            out.append((j, q))
+        return out
+
+    def shard_reader(self, base: int, n: int, epoch: int, start: int, workers: int) -> tuple[int, int] | None:
+        """``(rank, worker)`` that reads the first sample of the shard at stream ``[base, base + n)`` that the
+        epoch trains from batch ``start`` on (None: none): the one reader that counts the shard as opened,
+        missing or corrupt, however many read it."""
+        from amortize.data.resume import batch_bounds, global_positions, rank_slice
+
+        q = np.arange(base, base + n)
+        p = global_positions(q, seed=self.seed, epoch=epoch, window=self.window,
+                             stream_len=self.dataset_size) if self.shuffle else q
+        first = batch_bounds(start, self.epoch_samples, self.batch_size, self.world_size, self.drop_last)[0] \
+            if start < self.num_batches else self.epoch_samples
+        last = batch_bounds(self.num_batches - 1, self.epoch_samples, self.batch_size, self.world_size,
+                            self.drop_last)[1]
+        p = p[(p >= first) & (p < last)]
+        if not len(p):
+            return None
+        p0 = int(p[0])
+        j = min(p0 // self.batch_size, self.num_batches - 1)
+        s, e = batch_bounds(j, self.epoch_samples, self.batch_size, self.world_size, self.drop_last)
+        rank = next(r for r in range(self.world_size) if p0 < rank_slice(s, e, r, self.world_size)[1])
+        return rank, (j - start) % workers
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        from amortize.data.resume import process_rank, sample_seed
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch
+        rank = process_rank()
+        batches = self.worker_batches(epoch, self.start_batch, worker, workers, rank)
+        if not batches:
+            return
+        wanted = np.zeros(self.dataset_size, dtype=bool)
+        for _, q in batches:
+            wanted[q] = True
+        order, bases = self.stream(epoch)
+        raw = self._raw_samples(order, bases, wanted,
+                                lambda base, n: self.shard_reader(base, n, epoch, self.start_batch, workers)
+                                == (rank, worker))
+        cache: dict[int, tuple[str, dict]] = {}
+        done = -1  # the stream is read up to here
+        for j, qs in batches:
+            samples = []
+            for q in qs.tolist():
+                while q not in cache and done < q:
+                    try:
+                        got, url, sample = next(raw)
+                    except StopIteration:
+                        done = self.dataset_size
+                        break
+                    cache[got], done = (url, sample), got
+                if q not in cache:
+                    continue  # in a shard that ended early (counted as corrupt or missing)
+                url, sample = cache.pop(q)
+                index = self.offsets[url] + sample["__pos__"]
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, epoch, index))
+                    out = decode_sample(sample, self.transform, self.tokenizer, self.offsets[url], self.counter)
+                if out is not None:
+                    samples.append(out)
+            if len(samples) >= MIN_BATCH:
+                yield {**collate(samples), "batch": torch.tensor(j)}
+
+    def _raw_samples(self, order: list[int], bases: np.ndarray, wanted: np.ndarray,
+                     counts: Callable[[int, int], bool]) -> Iterator[tuple[int, str, dict]]:
+        """``(stream position, shard, raw sample)`` of the wanted stream positions, in stream order;
+        a shard without a wanted sample is not opened; ``counts(base, n)``: this reader records the
+        shard's events (opened, missing, corrupt)."""
+        for s, base in zip(order, bases[:-1].tolist()):
+            n = self.sizes[s]
+            if not wanted[base:base + n].any():
+                continue
+            mask = wanted[base:base + n]
+            counter = self.counter if counts(base, n) else None
+            for pos, sample in read_wanted_samples(self.urls[s], lambda o: o < n and bool(mask[o]), counter):
+                yield base + pos, self.urls[s], sample
+
+
 def shards_from_folder(src: str | Path, dest: str | Path, samples_per_shard: int = 10000) -> str:
     """Write img2dataset-style shards from a folder of images with one caption file each.
 
@@ -573,18 +749,25 @@ def webdataset_train(
         drop_last: drop an incomplete final batch (without it, a lone final sample joins the one before).
         shards: brace pattern of ``.tar`` shards, e.g. ``/data/cc3m/{00000..00331}.tar``.
         num_samples: samples of an epoch (None: every sample of the shards once); the estimators
-            are sized by the shards' count either way.
-        shuffle_buffer: sample shuffle buffer (0: no shuffling).
+            are sized by the shards' count either way. With ``split``, a number below the shards'
+            count keeps the one-pass pipeline cut at ``num_samples // batch_size`` batches, which
+            has no data state (a resume spins the loader).
+        shuffle_buffer: how far samples are shuffled (0: no shuffling). ``split``: the shards are
+            read in a seeded order and the stream is shuffled in windows of ``3 * shuffle_buffer``
+            samples (a sample moves ``shuffle_buffer`` places on average); ``resampled``: a sample buffer.
         max_skip_fraction: largest tolerated fraction of skipped samples, and of unreadable
             shards; past it the run stops with :class:`TooManySkippedError`.
         skip_min_seen: samples seen before the fraction is checked.
-        sampling: ``split``: each epoch reads every shard once, shards split over nodes and
-            workers; ``resampled``: every worker draws shards with replacement and an epoch is
+        sampling: ``split``: each epoch trains every sample once, in an order that is a function
+            of (seed, epoch, position) (:mod:`amortize.data.resume`): exact and elastic mid-epoch
+            resume, whatever ``num_workers`` is (``num_samples`` at least the shards' count);
+            ``resampled``: every worker draws shards with replacement and an epoch is
             ``num_samples / batch_size`` batches (multi-node runs, uneven shard counts).
 
     Returns:
-        The pipeline (iterate it in ``DataLoader(pipeline, batch_size=None, ...)``), with ``len()``
-        the batches of an epoch per process, ``.counter`` (its :class:`SkipCounter`) and
+        ``split`` over whole epochs: a :class:`ShardEpochs`; else a webdataset pipeline. Iterate it in
+        ``DataLoader(pipeline, batch_size=None, ...)`` (``split``: an
+        :class:`~amortize.data.resume.EpochLoader`); ``len()`` is the batches of an epoch per process, ``.counter`` (its :class:`SkipCounter`) and
         ``.dataset_size`` (the samples of all shards, the indices' range).
 
     Raises:
@@ -616,15 +799,22 @@ def webdataset_train(
     if epoch_samples < batch_size:
         raise RecipeError(f"{batch_size} exceeds the {epoch_samples} samples of an epoch (data.num_samples or the "
                           "shards' count)", key="batch_size")
-    # batches per process and epoch, split over its DataLoader workers (each counts its own); the
-    # loader's length lets Composer convert epochs (max_duration, warmup, save_interval)
+    counter = SkipCounter(max_skip_fraction, min_seen=skip_min_seen)
+    if sampling == "split" and epoch_samples >= total:
+        # the epoch's order is a function of (seed, epoch, position): every sample trains once an epoch
+        # whatever num_workers is, and a resume starts at its batch without reading what came before
+        return ShardEpochs(urls, [sizes[u] for u in urls], transform=open_clip_transform(image_size, is_train=True),
+                           tokenizer=tokenizer, batch_size=batch_size, world_size=world_size, epoch_samples=total,
+                           seed=seed, shuffle_buffer=shuffle_buffer, drop_last=drop_last, counter=counter)
+    # resampled, or split epochs shorter than the shards (one pass, cut at num_samples): batches per process and
+    # epoch, split over its DataLoader workers (each counts its own); the loader's length lets Composer convert
+    # epochs (max_duration, warmup, save_interval). No data state: a resume spins the loader.
     per_worker, epoch_len = epoch_batches(epoch_samples, batch_size, num_workers, len(urls), world_size,
                                           sampling == "resampled")
     pipeline = make_pipeline(
         urls, transform=open_clip_transform(image_size, is_train=True), tokenizer=tokenizer,
         batch_size=batch_size // world_size, resampled=sampling == "resampled", shuffle_buffer=shuffle_buffer,
-        seed=seed, epoch_batches=per_worker, offsets=offsets, drop_last=drop_last,
-        counter=SkipCounter(max_skip_fraction, min_seen=skip_min_seen),
+        seed=seed, epoch_batches=per_worker, offsets=offsets, drop_last=drop_last, counter=counter,
     ).with_length(epoch_len, silent=True)
     pipeline.dataset_size = total
     return pipeline

@@ -179,7 +179,9 @@ def per_process_batch_size(recipe: Recipe) -> int:
 
     world, batch = dist.get_world_size(), recipe.data.batch_size
     if batch % world:
-        raise RecipeError(f"data.batch_size={batch} is not divisible by the {world} processes")
+        raise RecipeError(f"data.batch_size={batch} is not divisible by the {world} processes: set data.batch_size to "
+                          f"a multiple of {world} (e.g. {-(-batch // world) * world}), or run on a number of processes "
+                          f"that divides {batch} (a resumed run keeps its checkpoint's global batch)")
     return batch // world
 
 
@@ -187,12 +189,17 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
     """The training DataLoader of a recipe's ``data`` section and the dataset size (None if unknown).
 
     The section's dataset (:data:`amortize.data.DATASETS`) is built once. A map-style dataset is
-    sharded over processes by a seeded ``DistributedSampler`` (Composer sets its epoch); an
-    iterable one (``webdataset``) yields per-process batches itself (its shards split by node
-    and worker) and says its size as ``dataset_size``.
+    sharded over processes by :class:`~amortize.data.resume.EpochSampler` (``DistributedSampler``'s
+    order; Composer sets its epoch); an iterable one (``webdataset``) yields per-process batches
+    itself and says its size as ``dataset_size``. Both are read through an
+    :class:`~amortize.data.resume.EpochLoader`, which keeps the data's position (the epoch and
+    the next global batch) for Composer's dataset protocol, so a mid-epoch resume starts at its
+    batch instead of spinning (the ``resampled`` shard pipeline has no state and is spun).
     """
     from composer.utils import dist
     from torch.utils.data import DataLoader, IterableDataset
+
+    from amortize.data.resume import EpochLoader, EpochPosition, EpochSampler, ResumableDataset
 
     per = per_process_batch_size(recipe)
     bound = bindings(recipe).get("data")
@@ -201,6 +208,12 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
     data = bound.build(tokenizer, image_size, batch_size=loader["batch_size"], world_size=dist.get_world_size(),
                        seed=recipe.seed, num_workers=workers, drop_last=drop_last)
     if isinstance(data, IterableDataset):
+        position = getattr(data, "position", None)
+        if isinstance(position, EpochPosition) and hasattr(data, "set_position"):
+            # the shard pipeline: told its epoch and first batch by the loader before each pass (workers
+            # are started per epoch, so they see it), resumable through Composer's dataset protocol
+            return (EpochLoader(data, position=position, batch_size=None, num_workers=workers,
+                                persistent_workers=False), getattr(data, "dataset_size", None))
         return (DataLoader(data, batch_size=None, num_workers=workers, persistent_workers=workers > 0),
                 getattr(data, "dataset_size", None))
     if len(data) < loader["batch_size"]:
@@ -209,9 +222,13 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
         # the sampler pads every process to ceil(N / W) samples: one left over is a batch without a negative
         raise RecipeError(f"data.drop_last=false would end every epoch with a one-sample batch ({len(data)} samples, "
                           f"{per} a batch per process), which has no negative: keep drop_last=true or change data.batch_size")
-    sampler = dist.get_sampler(data, shuffle=True, drop_last=drop_last, seed=recipe.seed)
-    return (DataLoader(data, batch_size=per, sampler=sampler, drop_last=drop_last, num_workers=workers,
-                       persistent_workers=workers > 0), len(data))
+    # DistributedSampler's order (the shipped data trains as every earlier release did), able to start mid-epoch
+    sampler = EpochSampler(data, num_replicas=dist.get_world_size(), rank=dist.get_global_rank(), shuffle=True,
+                           seed=recipe.seed, drop_last=drop_last)
+    per_rank = len(sampler) // per if drop_last else -(-len(sampler) // per)
+    position = EpochPosition(loader["batch_size"], dist.get_world_size(), recipe.seed, per_rank)
+    return (EpochLoader(ResumableDataset(data, position), position=position, batch_size=per, sampler=sampler,
+                        drop_last=drop_last, num_workers=workers, persistent_workers=workers > 0), len(data))
 
 
 def _microbatch_size(recipe: Recipe, towers: TwoTowerModel) -> Optional[int]:
@@ -355,7 +372,27 @@ def build_trainer(
             deterministic_mode=recipe.deterministic_mode,
         )
     trainer.amortize_plan = plan  # type: ignore[attr-defined]
+    _resume_data(trainer)
     return trainer
+
+
+def _resume_data(trainer: Any) -> None:
+    """After a checkpoint was loaded: a checkpoint without the data's state (written before the data
+    had one) resumes as it did, by spinning the loader to its batch, and says so."""
+    state = trainer.state
+    position = getattr(getattr(state.train_dataloader, "dataset", None), "position", None)
+    if position is None or not getattr(position, "legacy_resume", False):
+        return
+    state.dataset_resumption.pop("train", None)  # Composer spins the loader again
+    position.legacy_resume = False
+    import sys
+
+    from composer.utils import dist
+
+    if dist.get_global_rank() == 0:
+        print(f"resuming: the checkpoint holds no data state (written before exact data resume); spinning the "
+              f"loader through the {int(state.timestamp.batch_in_epoch)} batches of epoch {int(state.timestamp.epoch)} "
+              "already trained, as before", file=sys.stderr, flush=True)
 
 
 def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optional[int] = None) -> tuple:

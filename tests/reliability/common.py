@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -90,3 +94,19 @@ class PoisonBatch(Callback):
         elif event == Event.AFTER_LOSS and self.what == "grads":
             p = unwrap(state.model).model.logit_scale
             state.loss = state.loss + torch.sqrt(p.sum() - p.sum().detach())
+
+
+def wait_for(folder: Path, pattern: str, proc: subprocess.Popen, timeout: float = 120.0, poll: float = 0.01) -> None:
+    """Wait until a file matching ``pattern`` appears in ``folder`` (checkpoints are renamed into place);
+    fail if the run ends first, or after ``timeout`` s, killing the run (its process group when it leads one)."""
+    t0 = time.monotonic()
+    while not any(folder.glob(pattern)):
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {pattern} appeared:\n{proc.stdout.read()[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+            raise AssertionError(f"{folder / pattern} did not appear in {timeout} s")
+        time.sleep(poll)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from amortize.checkpoints import is_complete, safe_load
-from tests.reliability.common import DEFAULT_RECIPE, ROOT, assert_same
+from tests.reliability.common import DEFAULT_RECIPE, ROOT, assert_same, wait_for
 
 STEPS = 16  # 3 batches per epoch: the run crosses epoch starts (AmorLIP re-initialises there)
 TIMEOUT = 120
@@ -54,18 +54,6 @@ def _final(folder: Path) -> dict:
     st = ck["state"]
     model = {k: v for k, v in st["model"].items() if k != "_extra_state"}
     return {"model": model, "optimizers": st["optimizers"], "export": safe_load(folder / "model.pt")}
-
-
-def _wait_for(folder: Path, pattern: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    """Wait until a file matching ``pattern`` is in ``folder`` (checkpoints are renamed into place)."""
-    t0 = time.monotonic()
-    while not any(folder.glob(pattern)):
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before {pattern} appeared:\n{proc.stdout.read()[-3000:]}")
-        if time.monotonic() - t0 > timeout:
-            proc.kill()
-            raise AssertionError(f"{folder / pattern} did not appear in {timeout} s")
-        time.sleep(0.01)
 
 
 def _compare(a: dict, b: dict) -> None:
@@ -115,7 +103,7 @@ def test_sigkill_at_a_random_step_then_autoresume_is_exact(reference, tmp_path):
     after = rng.choice(range(2, STEPS - 5, 2))  # a checkpointed batch at least 6 steps before the end
     delay = rng.uniform(0.0, 0.1)  # under 6 steps of at least 20 ms each: the kill lands mid-run
     proc = _start(tmp_path, prelude=SLOW_STEPS)
-    _wait_for(tmp_path, f"ep*-ba{after}-rank0.pt", proc)
+    wait_for(tmp_path, f"ep*-ba{after}-rank0.pt", proc, timeout=90.0)
     time.sleep(delay)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=TIMEOUT)
@@ -146,7 +134,7 @@ torch.save = _slow_save
 
 def test_sigkill_during_a_checkpoint_write_leaves_latest_whole(reference, tmp_path):
     proc = _start(tmp_path, prelude=SLOW_SAVE)
-    _wait_for(tmp_path, "WRITING", proc)
+    wait_for(tmp_path, "WRITING", proc, timeout=90.0)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=TIMEOUT)
     (tmp_path / "WRITING").unlink()
@@ -170,7 +158,7 @@ def test_stop_signal_at_a_random_step_saves_says_how_to_resume_and_resumes_exact
     seed = int(os.environ.get("AMORTIZE_KILL_SEED", random.randrange(1 << 30)))
     after = random.Random(seed).choice(range(2, STEPS - 5, 2))
     proc = _start(tmp_path, prelude=SLOW_STEPS)
-    _wait_for(tmp_path, f"ep*-ba{after}-rank0.pt", proc)
+    wait_for(tmp_path, f"ep*-ba{after}-rank0.pt", proc, timeout=90.0)
     os.kill(proc.pid, signum)
     out, _ = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 128 + signum, f"seed {seed}: exit {proc.returncode}\n{out[-3000:]}"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from amortize.checkpoints import is_complete, safe_load
-from tests.reliability.common import DEFAULT_RECIPE, ROOT, assert_same
+from tests.reliability.common import DEFAULT_RECIPE, ROOT, assert_same, wait_for
 
 COMPOSER = Path(sys.executable).with_name("composer")
 STEPS = 12  # 8 samples per process and batch, 32 samples: 2 batches per epoch
@@ -60,22 +60,11 @@ def _launch(folder: Path, logs: Path, slow: bool = False) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_for(folder: Path, pattern: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
-    t0 = time.monotonic()
-    while not any(folder.glob(pattern)):
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before {pattern} appeared:\n{proc.stdout.read()[-3000:]}")
-        if time.monotonic() - t0 > timeout:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"{folder / pattern} did not appear in {timeout} s")
-        time.sleep(0.02)
-
-
 def _stop(folder: Path, logs: Path, signum: int, after: int = 2) -> tuple[int, str, int]:
     """Start a slowed two-process run, signal its process group after checkpoint ``after``."""
     proc = _launch(folder, logs, slow=True)
     try:
-        _wait_for(folder, f"ep*-ba{after}-rank0.pt", proc)
+        wait_for(folder, f"ep*-ba{after}-rank0.pt", proc, timeout=180.0, poll=0.02)
         os.killpg(proc.pid, signum)
         out, _ = proc.communicate(timeout=TIMEOUT)  # the pipe closes when rank 0 (which shares it) exits too
     finally:
