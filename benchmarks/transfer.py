@@ -466,15 +466,24 @@ def _worker(run: Run) -> dict:
     return train(run)
 
 
+def is_current(row: dict) -> bool:
+    """False for a row of a method read from a recipe file (:data:`METHODS`) that was run with another
+    version of that recipe's ``loss:`` section: it measured a method the suite no longer runs."""
+    spec = METHODS.get(row["method"], {})
+    if spec.get("loss") != "recipe":
+        return True
+    return json.loads(row["key"]).get("recipe") == recipe_loss_section(RECIPES / spec["recipe"])
+
+
 def load_rows(path: Path) -> dict[str, dict]:
-    """The rows of a jsonl file by key (later lines win)."""
+    """The rows of a jsonl file by key (later lines win), less those of a recipe since changed (:func:`is_current`)."""
     rows: dict[str, dict] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
                 rows[r["key"]] = r
-    return rows
+    return {k: r for k, r in rows.items() if is_current(r)}
 
 
 def run_all(runs: Sequence[Run], jsonl: Path, jobs: int = 2, log=print) -> list[dict]:
@@ -851,8 +860,9 @@ def report(out: str = "transfer") -> None:
         # references: CLIP and the recipe's AmorLIP at their chosen lr, seed 0 (the lr stage's rows)
         ref = [r for r in at_chosen_lr(lr_rows, lr_rows) if r["method"] in ("clip", "amorlip", *{
                x["method"] for x in var_rows}) and not r["variant"]]
+        names = sorted({x["method"] for x in var_rows})
         md += "\n" + markdown_report(var_rows + [r for r in ref if r["batch"] == min(x["batch"] for x in var_rows)],
-                                     "## AmorLIP variants (validation split)")
+                                     f"## Variants of {', '.join(names)} (validation split)")
     long_rows = list(load_rows(HERE / f"{out}_long.runs.jsonl").values())
     if long_rows:
         md += "\n" + markdown_report(long_rows, f"## Trained longer ({long_rows[0]['epochs']} epochs, test split)")

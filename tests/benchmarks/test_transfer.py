@@ -196,3 +196,18 @@ def test_beta2_joins_the_search_at_small_batches_and_keeps_the_old_keys():
 def test_an_optimizer_run_uses_its_beta2(fashion):
     row = tf.train(tf.Run("fashion", "clip", 16, 0, "val", epochs=1, max_steps=1, beta2=0.999), fashion)
     assert row["beta2"] == 0.999
+
+
+def test_rows_of_a_recipe_since_changed_are_left_out(tmp_path):
+    import json
+
+    now = tf.Run("fashion", "neuclip", 16, 0, "val", lr=1e-3, epochs=2)
+    old = json.loads(now.key())
+    old["recipe"] = {**old["recipe"], "rho": {"name": "constant", "value": 6.5}}  # the recipe as it was
+    rows = [{"key": now.key(), "method": "neuclip", "quality": 0.5},
+            {"key": json.dumps(old, sort_keys=True), "method": "neuclip", "quality": 0.9},
+            {"key": tf.Run("fashion", "clip", 16, 0, "val", lr=1e-3, epochs=2).key(), "method": "clip"}]
+    path = tmp_path / "x.runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = tf.load_rows(path)
+    assert sorted(r.get("quality", 0) for r in kept.values()) == [0, 0.5]
