@@ -166,9 +166,12 @@ def build_optimizer(module: nn.Module, section: Any, batch_size: Optional[int] =
 
 
 def describe_optimizer(optimizer: Any, batch_size: Optional[int] = None) -> str:
-    """One line naming the optimiser, its lr and, where it has them, its betas with beta2's half-life in samples."""
+    """One line naming the optimiser, its lr and, where it has them, its betas with beta2's half-life in samples.
+
+    The lr is the one the recipe set (a scheduler's ``initial_lr``), not the schedule's value at step 0
+    (0 at the start of a warm-up)."""
     group = optimizer.param_groups[0]
-    out = f"{type(optimizer).__name__} (lr {group['lr']:g}"
+    out = f"{type(optimizer).__name__} (lr {group.get('initial_lr', group['lr']):g}"
     betas = group.get("betas")
     if betas is not None:
         out += f", betas {betas[0]:g} / {betas[1]:.6g}"
