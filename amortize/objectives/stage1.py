@@ -72,7 +72,7 @@ def register_amortization_objective(name: str, fn: Callable[[Tensor], Tensor]) -
 def amortization_loss(
     log_lambda: Tensor,
     log_target: Tensor,
-    kind: str = "log_l2",
+    kind: str | Callable[[Tensor], Tensor] = "log_l2",
     log_l2_weight: float = 0.0,
     checks: str | None = None,
 ) -> Tensor:
@@ -92,14 +92,16 @@ def amortization_loss(
     Args:
         log_lambda: (B,) the amortizer's predictions (gradients flow).
         log_target: (B,) targets (detached), e.g. from :func:`amortize.functional.log_partition`.
-        kind: a name in :data:`AMORTIZATION_OBJECTIVES`.
+        kind: a name in :data:`AMORTIZATION_OBJECTIVES`, or the penalty registered under it (a
+            caller running every step looks the name up once, at construction:
+            :class:`amortize.estimators.normalizer.fit.Fit`).
         log_l2_weight: weight of an added log-L2 regulariser (the paper uses 0.1 with ``kl``/``js``).
         checks: validation level (None: the process default).
 
     Returns:
         0-d loss (float32).
     """
-    penalty = AMORTIZATION_OBJECTIVES.get(kind)
+    penalty = AMORTIZATION_OBJECTIVES.get(kind) if isinstance(kind, str) else kind
     level = K.resolve(checks)
     if level != "off":
         if not isinstance(log_lambda, Tensor) or log_lambda.dim() != 1:

@@ -90,12 +90,12 @@ class ClampLogitScale(Algorithm):
     """After every optimiser step (BATCH_END), clamp the logit scale to ``s <= max_scale``.
 
     Args:
-        max_scale: the largest inverse temperature (100 as in CLIP).
+        max_scale: the largest inverse temperature, > 0: the recipe's ``max_scale``, whose default
+            (100 as in CLIP) and range are declared once, on :class:`amortize.train.schema.Recipe`,
+            and checked when the recipe loads.
     """
 
-    def __init__(self, max_scale: float = 100.0):
-        if max_scale <= 0:
-            raise ValueError(f"max_scale must be > 0, got {max_scale}")
+    def __init__(self, max_scale: float):
         self.max_scale = float(max_scale)
 
     def match(self, event: Event, state: State) -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from amortize.losses import ContrastiveLoss
 from amortize.models import TwoTowerModel
@@ -196,12 +196,16 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
     the next global batch) for Composer's dataset protocol, so a mid-epoch resume starts at its
     batch instead of spinning (the ``resampled`` shard pipeline has no state and is spun).
     """
+    return _dataloader(recipe, tokenizer, image_size, per_process_batch_size(recipe))
+
+
+def _dataloader(recipe: Recipe, tokenizer: Any, image_size: int, per: int) -> tuple[Any, Optional[int]]:
+    """:func:`build_dataloader` with the per-process batch already checked (``per``)."""
     from composer.utils import dist
     from torch.utils.data import DataLoader, IterableDataset
 
     from amortize.data.resume import EpochLoader, EpochPosition, EpochSampler, ResumableDataset
 
-    per = per_process_batch_size(recipe)
     bound = bindings(recipe).get("data")
     loader = bound.shared  # batch_size, num_workers, drop_last, tokenizer
     workers, drop_last = loader["num_workers"], loader["drop_last"]
@@ -231,9 +235,12 @@ def build_dataloader(recipe: Recipe, tokenizer: Any, image_size: int) -> tuple[A
                         drop_last=drop_last, num_workers=workers, persistent_workers=workers > 0), len(data))
 
 
-def _microbatch_size(recipe: Recipe, towers: TwoTowerModel) -> Optional[int]:
+def _microbatch_size(recipe: Recipe, towers: TwoTowerModel, per_process_batch: Optional[int]) -> Optional[int]:
     """Rows per microbatch of the gradient cache: ``device_train_microbatch_size`` when it is
     smaller than the per-process batch, else None (the batch is encoded at once).
+
+    The one check of the towers for microbatching, and the one place the size is decided: the
+    builder passes it down to the model and to the trainer's arguments; nothing reads it back.
 
     Raises:
         RecipeError: ``device_train_microbatch_size: model 'RN50': ... BatchNorm2d ...`` for towers
@@ -248,14 +255,15 @@ def _microbatch_size(recipe: Recipe, towers: TwoTowerModel) -> Optional[int]:
         check_microbatchable(towers)
     except ValueError as e:
         raise RecipeError(f"model {recipe.model.name!r}: {e}", key="device_train_microbatch_size") from None
-    return rows if rows < per_process_batch_size(recipe) else None
+    return rows if rows < per_process_batch else None
 
 
 def build_composer_model(recipe: Recipe, num_samples: Optional[int] = None):
     """The :class:`~amortize.train.model.ContrastiveComposerModel` of a recipe (towers, loss, the
     gradient cache's microbatch size, the recipe as metadata)."""
     towers = build_two_tower(recipe)
-    return _composer_model(recipe, towers, num_samples, _microbatch_size(recipe, towers))
+    per = per_process_batch_size(recipe) if recipe.device_train_microbatch_size is not None else None
+    return _composer_model(recipe, towers, num_samples, _microbatch_size(recipe, towers, per))
 
 
 def _composer_model(recipe: Recipe, towers: TwoTowerModel, num_samples: Optional[int], microbatch_size: Optional[int]):
@@ -306,8 +314,9 @@ def build_trainer(
         recover_latest(recipe.resolved_save_folder(), recipe.save_latest_filename.format(rank=0),
                        filename_regex(recipe.save_filename, rank=0))
     plan = decide_start(recipe)
-    model, tokenizer, train_dataloader, optimizer, scheduler = _components(recipe, train_dataloader, num_samples)
-    microbatching = microbatch_trainer_kwargs(model, per_process_batch_size(recipe))
+    parts = _components(recipe, train_dataloader, num_samples)
+    model, tokenizer, train_dataloader = parts.model, parts.tokenizer, parts.loader
+    microbatching = microbatch_trainer_kwargs(parts.microbatch_size, parts.per_process_batch)
     if plan.replaced and dist.get_global_rank() == 0:
         for path in plan.replaced:  # save_overwrite=true: the earlier run's files go, so autoresume cannot mix them
             if os.path.lexists(path):
@@ -339,8 +348,8 @@ def build_trainer(
             model=model,
             train_dataloader=train_dataloader,
             max_duration=recipe.max_duration,
-            optimizers=optimizer,
-            schedulers=scheduler,
+            optimizers=parts.optimizer,
+            schedulers=parts.scheduler,
             step_schedulers_every_batch=True,
             algorithms=algorithms,
             callbacks=cbs,
@@ -366,7 +375,7 @@ def build_trainer(
             # Composer's device_train_microbatch_size is the whole per-process batch (its own
             # splitting would shrink the negatives; it cannot infer the batch size of a webdataset
             # loader); the gradient cache splits the encoders' work inside that step, by the
-            # model's microbatch_size (the one place it is held)
+            # microbatch size decided once above (_microbatch_size) and passed to the model
             **microbatching,
             seed=recipe.seed,
             deterministic_mode=recipe.deterministic_mode,
@@ -395,8 +404,21 @@ def _resume_data(trainer: Any) -> None:
               "already trained, as before", file=sys.stderr, flush=True)
 
 
-def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optional[int] = None) -> tuple:
-    """(model, tokenizer, loader, optimizer, scheduler) of a recipe, errors named by recipe section."""
+class _Parts(NamedTuple):
+    """What :func:`_components` builds, with the two sizes it decided once."""
+
+    model: Any
+    tokenizer: Any
+    loader: Any
+    optimizer: Any
+    scheduler: Any
+    per_process_batch: int
+    microbatch_size: Optional[int]
+
+
+def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optional[int] = None) -> _Parts:
+    """The model, tokenizer, loader, optimizer and scheduler of a recipe, errors named by recipe
+    section, with the per-process batch and the gradient cache's microbatch size (each checked once)."""
     import torch
 
     from amortize.train.optim import build_optimizer
@@ -406,14 +428,15 @@ def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optio
         raise RecipeError(f"precision: {recipe.precision} needs a GPU, and this run would use the CPU "
                           f"(device={recipe.device}); set precision=fp32 (or null) for the CPU")
     towers = build_two_tower(recipe)
-    microbatch_size = _microbatch_size(recipe, towers)  # checked before the data is read
+    per = per_process_batch_size(recipe)
+    microbatch_size = _microbatch_size(recipe, towers, per)  # checked before the data is read
     tokenizer = build_tokenizer(recipe, towers.context_length)
     if train_dataloader is None:
-        train_dataloader, num_samples = build_dataloader(recipe, tokenizer, towers.image_size)
+        train_dataloader, num_samples = _dataloader(recipe, tokenizer, towers.image_size, per)
     model = _composer_model(recipe, towers, num_samples, microbatch_size)
     optimizer = build_optimizer(model, bindings(recipe).get("optimizer"), recipe.data.batch_size)
     scheduler = bindings(recipe).get("scheduler").build()
-    return model, tokenizer, train_dataloader, optimizer, scheduler
+    return _Parts(model, tokenizer, train_dataloader, optimizer, scheduler, per, microbatch_size)
 
 
 def _recipe_extras(recipe: Recipe) -> dict[str, list[Any]]:
@@ -445,9 +468,8 @@ def dry_run(recipe: Recipe) -> list[str]:
     from amortize.interop.pretrained import locked_summary
     from amortize.train.optim import describe_optimizer
 
-    per = per_process_batch_size(recipe)
     plan = decide_start(recipe)
-    model, _, loader, optimizer, scheduler = _components(recipe)
+    model, _, loader, optimizer, scheduler, per, _ = _components(recipe)
     guard = bindings(recipe).get("divergence").build(save_folder=recipe.resolved_save_folder())
     evaluates, shipped = _evaluates(recipe), recipe.eval.tasks == "default"  # the shipped tasks need no check
     tasks = build_eval_tasks(recipe, model.model.image_size, check_images=True) if evaluates and not shipped else None

@@ -39,7 +39,7 @@ import yaml
 from amortize.options import Range, RecipeError, TimeString
 from amortize.train.imports import run_imports
 from amortize.train.schema import Recipe, build_schema
-from amortize.train.sections import Bindings, Options, bind_sections
+from amortize.train.sections import bind_sections
 from amortize.train.validate import check_finite, check_values
 from amortize.train.yaml_input import apply_overrides, check_top_level, check_unique_overrides, read_recipe_text, read_yaml
 
@@ -57,24 +57,6 @@ __all__ = [
     "run_imports",
     "read_yaml",
 ]
-
-def _resolve_logit_params(recipe: Recipe, bound: Bindings) -> None:
-    """Write the model's initial ``log s`` and bias into the recipe: the objective's preference, else CLIP's."""
-    from amortize.objectives import Objective
-
-    # a registered factory need not be an Objective class: it then has the base class's preferences
-    objective = bound.get("loss.objective").ctor
-    m = recipe.model
-    if isinstance(m, str):  # `model: tiny`, the section's name alone
-        m = recipe.model = Options({"name": m})
-    elif not isinstance(m, dict):
-        return  # the binding step names the key
-    if m.get("init_logit_scale") is None:
-        m["init_logit_scale"] = float(getattr(objective, "init_logit_scale", Objective.init_logit_scale))
-    bias = getattr(objective, "init_logit_bias", Objective.init_logit_bias)
-    if m.get("init_logit_bias") is None and bias is not None:
-        m["init_logit_bias"] = float(bias)
-
 
 def load_recipe_dict(data: Optional[dict], base: Optional[Path] = None, *, bind: bool = True) -> Recipe:
     """Check a parsed recipe against the schema, run its ``imports`` and bind its component sections.
@@ -103,7 +85,7 @@ def load_recipe_dict(data: Optional[dict], base: Optional[Path] = None, *, bind:
     check_finite(data)  # amortize.train.validate
     recipe = build_schema(Recipe, data)
     if bind:
-        bind_sections(recipe, resolve=_resolve_logit_params)
+        recipe = bind_sections(recipe)  # the recipe with its sections resolved, made once from the bound sections
         d = recipe.data  # resolved: the dataset's options with their defaults
         if d.get("sampling") == "resampled" and not d.get("num_samples"):
             raise RecipeError("data.sampling 'resampled' needs data.num_samples (it sets the epoch length)")

@@ -5,9 +5,10 @@ contrastive objective. Instead Composer is told that the batch is one microbatch
 passes of :mod:`amortize.gradcache` run inside that one step:
 
 * ``forward`` (:class:`~amortize.train.model.ContrastiveComposerModel`, whose ``microbatch_size``
-  is the one place the rows per microbatch are held: the builder sets it from the recipe's
-  ``device_train_microbatch_size`` when that is smaller than the per-process batch): encodes the
-  microbatches without a graph; its outputs are leaf tensors.
+  is the one place the rows per microbatch are held: the builder decides it once, from the
+  recipe's ``device_train_microbatch_size`` when that is smaller than the per-process batch, after
+  the one check of the towers, and passes it to the model and to :func:`microbatch_trainer_kwargs`):
+  encodes the microbatches without a graph; its outputs are leaf tensors.
 * ``loss`` and Composer's backward: the loss of the whole per-process batch, once (all negatives,
   one estimator update), backpropagated to those leaves (and scaled by Composer's gradient scaler
   under ``amp_fp16``).
@@ -26,12 +27,11 @@ What this relies on in Composer beyond its documented interface is listed in
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from composer.core import Algorithm, Event, State, get_precision_context
 from composer.loggers import Logger
 
-from amortize.gradcache import check_microbatchable
 from amortize.train.model import unwrap
 from amortize.train.compat import PINNED_COMPOSER
 
@@ -53,28 +53,20 @@ COMPOSER_CONTRACT = (
 class GradientCache(Algorithm):
     """Run the gradient cache's second pass after Composer's backward (AFTER_BACKWARD).
 
-    The rows per microbatch are the model's ``microbatch_size`` (this algorithm holds no copy).
-    On the first BEFORE_FORWARD it refuses towers the cache cannot make exact (BatchNorm in
-    training mode). On AFTER_BACKWARD it calls the model's ``backward_cached`` under the run's
-    precision context.
+    The rows per microbatch are the model's ``microbatch_size`` (this algorithm holds no copy);
+    the towers were checked for microbatching once, by the builder that decided that size
+    (``amortize.train.builders``). On AFTER_BACKWARD it calls the model's ``backward_cached``
+    under the run's precision context.
     """
 
-    def __init__(self):
-        self._checked = False
-
     def match(self, event: Event, state: State) -> bool:
-        """Run on the first BEFORE_FORWARD and on every AFTER_BACKWARD."""
-        return event == Event.AFTER_BACKWARD or (event == Event.BEFORE_FORWARD and not self._checked)
+        """Run on every AFTER_BACKWARD."""
+        return event == Event.AFTER_BACKWARD
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        """Check the towers (the first BEFORE_FORWARD) or run the second pass (AFTER_BACKWARD)."""
-        model = unwrap(state.model)
-        if event == Event.BEFORE_FORWARD:
-            check_microbatchable(model.model)
-            self._checked = True
-            return
+        """Run the second pass of the latest batch."""
         with get_precision_context(state.precision, state.precision_config):
-            model.backward_cached()
+            unwrap(state.model).backward_cached()
 
 
 def gradient_cache_first(algorithms: Sequence[Algorithm], event: Event) -> Sequence[Algorithm]:
@@ -89,16 +81,17 @@ def gradient_cache_first(algorithms: Sequence[Algorithm], event: Event) -> Seque
     return first + [a for a in algorithms if not isinstance(a, GradientCache)]
 
 
-def microbatch_trainer_kwargs(model: Any, per_process_batch: int) -> dict[str, Any]:
-    """The Trainer arguments for the gradient cache of ``model``.
+def microbatch_trainer_kwargs(microbatch_size: Optional[int], per_process_batch: int) -> dict[str, Any]:
+    """The Trainer arguments for the gradient cache.
 
     Composer's ``device_train_microbatch_size`` is always the whole per-process batch: Composer
-    sees one microbatch per batch. A model whose ``microbatch_size`` is set turns the gradient
-    cache on: the :class:`GradientCache` algorithm (under ``"algorithms"``: add these to the
-    trainer's algorithms), its algorithm pass and the ``forced_sync`` DDP strategy.
+    sees one microbatch per batch. A ``microbatch_size`` (the one the builder decided and gave the
+    model) turns the gradient cache on: the :class:`GradientCache` algorithm (under
+    ``"algorithms"``: add these to the trainer's algorithms), its algorithm pass and the
+    ``forced_sync`` DDP strategy.
 
     Args:
-        model: the :class:`~amortize.train.model.ContrastiveComposerModel` (its ``microbatch_size``).
+        microbatch_size: rows per microbatch of the gradient cache, or None (no cache).
         per_process_batch: rows per process and batch.
 
     Returns:
@@ -106,7 +99,7 @@ def microbatch_trainer_kwargs(model: Any, per_process_batch: int) -> dict[str, A
         gradient cache, ``"ddp_sync_strategy"`` and ``"algorithm_passes"``.
     """
     out: dict[str, Any] = {"algorithms": [], "device_train_microbatch_size": per_process_batch}
-    if unwrap(model).microbatch_size is not None:
+    if microbatch_size is not None:
         out.update(algorithms=[GradientCache()], ddp_sync_strategy="forced_sync",
                    algorithm_passes=[gradient_cache_first])
     return out

@@ -103,9 +103,10 @@ class Recipe:
         run_name: Composer's run name (also the default checkpoint folder ``runs/<run_name>``).
         method: a free-form label of the method (``amorlip-log-l2``, ``clip`` ...) for reports.
         model: the two-tower model: the options of :func:`amortize.models.build_model` (``name``:
-            ``tiny``, ``cpu-small`` or an open_clip name; ``image_size``, ``context_length``,
-            ``init_logit_scale`` and ``init_logit_bias`` (None: the objective's preference,
-            written in when the recipe loads), ``pretrained``, ``lock_image``, ``lock_text``).
+            ``tiny``, ``cpu-small`` or an open_clip name; the image size, the context length, the
+            initial logit scale and bias (unset: the objective's preference, taken when the
+            recipe loads: :data:`amortize.train.sections.SECTIONS`), ``pretrained``, ``lock_image``,
+            ``lock_text``).
         loss: the options of :meth:`amortize.losses.ContrastiveLoss.from_sections` (``objective``
             and ``estimator``, each a section of its own; ``layout``, ``rho``, ``chunk_size``), with
             its defaults (:data:`amortize.losses.DEFAULT_OBJECTIVE`, :data:`~amortize.losses.DEFAULT_LAYOUT`)
@@ -143,7 +144,9 @@ class Recipe:
         grad_clip_norm: encoder gradient-norm clip (None: none).
         imports: Python files (relative to the recipe file) or module names imported before the
             recipe is checked, so that the components they register can be named (stored resolved).
-        max_scale: clamp of the inverse temperature ``s`` (not ``log s``) after every optimiser step.
+        max_scale: clamp of the inverse temperature ``s`` (not ``log s``) after every optimiser step
+            (:class:`~amortize.train.algorithms.ClampLogitScale`, which takes it as checked here: the
+            one default and the one check).
         save_folder: checkpoint folder (None: ``runs/<run_name>``).
         save_interval: Composer time string between checkpoints.
         save_filename: Composer's checkpoint file name pattern.

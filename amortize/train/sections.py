@@ -9,10 +9,11 @@ then call :meth:`~amortize.registry.Bound.build` once per component. Nothing is 
 
 The options of ``model``, ``loss``, ``data``, ``optimizer``, ``scheduler``, ``divergence`` and
 ``eval`` are the keyword arguments of their constructors, with the constructors' defaults (and, for
-``eval``, its ``tasks``: :func:`amortize.train.schema.eval_tasks`): once bound, the recipe
-holds each of these sections *resolved* (an :class:`Options` mapping: what the recipe wrote, the
-constructor's default for the rest), so ``recipe.optimizer.lr`` reads the learning rate the run
-uses, and a checkpoint's stored recipe says every value.
+``eval``, its ``tasks``: :func:`amortize.train.schema.eval_tasks`): the recipe
+:func:`bind_sections` returns holds each of these sections *resolved* (an :class:`Options`
+mapping: what the recipe wrote, the constructor's default for the rest), made once from the bound
+sections (the recipe being read is never written to), so ``recipe.optimizer.lr`` reads the
+learning rate the run uses, and a checkpoint's stored recipe says every value.
 
 To add a component section: a field on :class:`amortize.train.schema.Recipe` (or one of its
 sections) typed :data:`~amortize.train.schema.SectionSpec`, and a :class:`Declared` line here.
@@ -28,7 +29,7 @@ import importlib
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from amortize.options import RecipeError
 from amortize.registry import Bound, bind
@@ -85,6 +86,11 @@ class Declared:
         many: the key holds a list of sections.
         resolved: the recipe holds the section resolved (:class:`Options`) once bound.
         name_key: where an unknown name is reported (default ``key``).
+        preferred: ``(key, options)``: each of ``options`` the section leaves unset (or None)
+            takes the value the constructor bound earlier at ``key`` states under that name, where
+            it states one (the objective's preferred initial logit scale and bias for the
+            ``model``), else the section's own constructor's default: read once, at load, in
+            binding order, as the estimator's ``dim`` is handed down by the builder.
     """
 
     key: str
@@ -96,6 +102,7 @@ class Declared:
     many: bool = False
     resolved: bool = False
     name_key: Optional[str] = None
+    preferred: Optional[tuple[str, tuple[str, ...]]] = None
 
     def bind(self, section: Any, key: str) -> Bound:
         """The binding step for this section (its registry or its constructor imported now).
@@ -136,61 +143,67 @@ SECTIONS: tuple[Declared, ...] = (
     Declared("eval", ctor="amortize.eval.callback:EvalCallback", passed=("tokenizer", "tasks", "print_table"),
              shared="amortize.train.schema:eval_tasks", resolved=True),
     Declared("eval.tasks", "amortize.eval.user:EVAL_TASKS", passed=("image_size",), many=True),  # a list only
-    Declared("model", ctor="amortize.models:build_model", resolved=True),  # last: after the objective's preferences
+    Declared("model", ctor="amortize.models:build_model", resolved=True,  # last: after the objective
+             preferred=("loss.objective", ("init_logit_scale", "init_logit_bias"))),
 )
-"""Every component section of a recipe, in binding order (``loss`` before the sections inside it:
-once bound it holds its constructor's defaults, the default objective and layout among them)."""
+"""Every component section of a recipe, in binding order, which is the data's: ``loss`` before the
+sections inside it (once bound, its resolved options hold its constructor's defaults, the default
+objective and layout among them, and the sections inside are read from them), ``eval`` before
+``eval.tasks``, the objective before the ``model`` that takes its preferences."""
 
 _BY_KEY = {d.key: d for d in SECTIONS}
 
 
-def _get(recipe: Any, key: str) -> Any:
-    node = recipe
-    for part in key.split("."):  # an option a section leaves out (``loss.estimator``) is unset
+def _get(recipe: Any, key: str, held: Optional[Mapping[str, Any]] = None) -> Any:
+    """The value at dotted ``key``: its top-level section from ``held`` (sections already bound and
+    resolved, read in binding order) where there, else from the recipe."""
+    head, *rest = key.split(".")
+    node = held[head] if held is not None and head in held else getattr(recipe, head)
+    for part in rest:  # an option a section leaves out (``loss.estimator``) is unset
         node = node.get(part) if isinstance(node, dict) else getattr(node, part)
     return node
 
 
-def _set(recipe: Any, key: str, value: Any) -> None:
-    *head, last = key.split(".")
-    node = recipe
-    for part in head:
-        node = getattr(node, part)
-    setattr(node, last, value)
+def _keys(d: Declared, value: Any) -> list[str]:
+    """The keys ``d`` binds when its recipe value is ``value`` (none: unset)."""
+    if d.many:
+        return [f"{d.key}[{i}]" for i in range(len(value if isinstance(value, list) else []))]
+    if value is None or (d.key == "loss.rho" and isinstance(value, (int, float))):
+        return []  # a number for rho is a constant, not a section
+    return [d.key]
 
 
 def section_keys(recipe: Any) -> list[str]:
     """The keys of every component section ``recipe`` sets, in binding order (``model`` last)."""
-    keys: list[str] = []
-    for d in SECTIONS:
-        value = _get(recipe, d.key)
-        if d.many:
-            keys.extend(f"{d.key}[{i}]" for i in range(len(value if isinstance(value, list) else [])))
-        elif value is not None and not (d.key == "loss.rho" and isinstance(value, (int, float))):
-            keys.append(d.key)  # a number for rho is a constant, not a section
-    return keys
+    return [k for d in SECTIONS for k in _keys(d, _get(recipe, d.key))]
 
 
-def _source(recipe: Any, key: str) -> Any:
-    """The section at ``key`` as the recipe holds it now (copied, so that a later change shows)."""
-    base, _, index = key.partition("[")
-    value = _get(recipe, base)
+def _entry(value: Any, key: str) -> Any:
+    """The section at ``key`` (``callbacks[0]``: the entry of the list ``value``), copied as plain data."""
+    index = key.partition("[")[2]
     if index:
         i = int(index[:-1])
         value = value[i] if value is not None and i < len(value) else None
     return copy.deepcopy(dict(value) if isinstance(value, Options) else value)
 
 
+def _source(recipe: Any, key: str) -> Any:
+    """The section at ``key`` as the recipe holds it now (copied, so that a later change shows)."""
+    return _entry(_get(recipe, key.partition("[")[0]), key)
+
+
 class Bindings:
     """The bound sections of one recipe, by dotted key (``loss.estimator``, ``callbacks[0]``, ``model``).
 
-    A section is bound the first time it is asked for (the loader asks for all of them) and again
-    only if the recipe's section changed since (a recipe edited after loading).
+    :func:`bind_sections` binds every section at load, in binding order. A section asked for
+    that is not bound yet (a stored recipe read with ``bind=False``), or whose recipe section
+    changed since it was bound (a recipe edited after loading), is bound from the recipe as it is;
+    the recipe is never written to.
     """
 
-    def __init__(self, recipe: Any):
+    def __init__(self, recipe: Any, bound: Optional[Mapping[str, Bound]] = None):
         self._recipe = recipe
-        self._bound: dict[str, Bound] = {}
+        self._bound: dict[str, Bound] = dict(bound or {})
 
     def get(self, key: str) -> Optional[Bound]:
         """The bound section at ``key`` (None: the recipe leaves it unset)."""
@@ -199,11 +212,7 @@ class Bindings:
             return None
         found = self._bound.get(key)
         if found is None or found.source != source:
-            d = _BY_KEY[key.split("[")[0]]
-            found = d.bind(source, key)
-            if d.resolved:  # the recipe now holds every option the run uses
-                _set(self._recipe, key, Options(copy.deepcopy(dict(found.resolved))))
-                found = replace(found, source=copy.deepcopy(dict(found.resolved)))
+            found = _BY_KEY[key.split("[")[0]].bind(source, key)
             self._bound[key] = found
         return found
 
@@ -220,7 +229,7 @@ def bind_section(key: str, section: Any) -> Bound:
 
 
 def bindings(recipe: Any) -> Bindings:
-    """The recipe's bound sections (each bound when first asked for; the loader asks for all)."""
+    """The recipe's bound sections (those :func:`bind_sections` bound; any other bound when first asked for)."""
     found = recipe.__dict__.get("_bindings")
     if found is None:
         found = Bindings(recipe)
@@ -228,22 +237,57 @@ def bindings(recipe: Any) -> Bindings:
     return found
 
 
-def bind_sections(recipe: Any, resolve: Optional[Callable[[Any, Bindings], None]] = None) -> Bindings:
-    """The binding step for every component section of a recipe: each checked once, nothing built.
+def _with_preferred(d: Declared, section: Any, bound: Mapping[str, Bound]) -> Any:
+    """``section`` with the options of ``d.preferred`` it leaves unset taken from the section bound there."""
+    if d.preferred is None:
+        return section
+    if isinstance(section, str):  # `model: tiny`, the section's name alone
+        section = {"name": section}
+    if not isinstance(section, Mapping):
+        return section  # the binding step names the key
+    at, names = d.preferred
+    ctor = bound[at].ctor if at in bound else None
+    section = dict(section)
+    for n in names:
+        if section.get(n) is None:
+            value = getattr(ctor, n, None)
+            if value is not None:
+                section[n] = value
+            else:
+                section.pop(n, None)  # the section's own constructor's default
+    return section
+
+
+def bind_sections(recipe: Any) -> Any:
+    """The binding step for every component section of a recipe: each checked once, in binding
+    order, nothing built, the recipe not written to.
+
+    A section inside another (``loss.objective``) is read from its parent's resolved options, and
+    the ``model`` takes the objective's preferred logit scale and bias where it leaves them unset
+    (:attr:`Declared.preferred`), both from sections already bound.
 
     Args:
         recipe: the checked :class:`~amortize.train.schema.Recipe`.
-        resolve: called as ``resolve(recipe, bindings)`` after the other sections are bound and
-            before the ``model`` section is (the loader fills the model's initial logit scale and
-            bias from the bound objective there).
+
+    Returns:
+        The recipe with the sections :data:`SECTIONS` marks ``resolved`` replaced by their
+        resolved options (a new object: every option the run uses, what a checkpoint stores),
+        made once from the bound sections, which travel with it (:func:`bindings`).
 
     Raises:
         RecipeError: naming the dotted key of an unknown component, an unknown option (with the
             valid ones), a mistyped value or a required option no one gives.
     """
-    b = bindings(recipe)
-    for key in section_keys(recipe):
-        if key == "model" and resolve is not None:
-            resolve(recipe, b)
-        b.get(key)
-    return b
+    bound: dict[str, Bound] = {}
+    held: dict[str, Options] = {}  # top-level sections resolved so far
+    for d in SECTIONS:
+        value = _get(recipe, d.key, held)
+        for key in _keys(d, value):
+            bound[key] = d.bind(_with_preferred(d, _entry(value, key), bound), key)
+        if d.resolved and d.key in bound:
+            held[d.key] = Options(copy.deepcopy(dict(bound[d.key].resolved)))
+    out = replace(recipe, **held)
+    for key in held:  # what the resolved recipe holds is what they were bound from
+        bound[key] = replace(bound[key], source=copy.deepcopy(dict(held[key])))
+    object.__setattr__(out, "_bindings", Bindings(out, bound))
+    return out

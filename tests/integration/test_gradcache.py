@@ -101,14 +101,18 @@ def test_gradient_cache_runs_and_matches_one_step(method, tmp_path):
 
 
 def test_batchnorm_towers_are_refused(tmp_path):
+    # the one check of the towers, where the builder decides the microbatch size (the run's and
+    # --dry-run's path: tests/integration/test_user_path.py builds RN50 towers through the CLI)
+    from amortize.options import RecipeError
+    from amortize.train.builders import _microbatch_size, build_two_tower
+
     recipe = method_recipe("clip", tmp_path, batch=8, num_samples=8, duration="1ba",
                            extra=["device_train_microbatch_size=4"])
-    trainer = build_trainer(recipe)
-    towers = unwrap(trainer.state.model).model
+    towers = build_two_tower(recipe)
+    assert _microbatch_size(recipe, towers, 8) == 4
     towers.clip.visual.extra_norm = torch.nn.BatchNorm1d(4)  # any BatchNorm in training mode
-    with pytest.raises(ValueError, match="BatchNorm"):
-        trainer.fit()
-    trainer.close()
+    with pytest.raises(RecipeError, match="^device_train_microbatch_size: .*BatchNorm"):
+        _microbatch_size(recipe, towers, 8)
 
 
 def test_missing_second_pass_is_an_error(tmp_path):

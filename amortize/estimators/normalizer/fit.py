@@ -101,7 +101,7 @@ class Fit:
         clip_norm: Optional[float] = 1.0,
         lr_scaling: str = "none",
     ):
-        AMORTIZATION_OBJECTIVES.get(objective)  # an unknown name fails here, with the valid ones
+        penalty = AMORTIZATION_OBJECTIVES.get(objective)  # an unknown name fails here, with the valid ones
         name, options = section_name(optimizer, "fit.optimizer")
         INNER_OPTIMIZERS.bind({"name": name, **options}, "fit.optimizer", passed=("params",))  # names a bad option
         lr = float(options["lr"]) if "lr" in options else _default_lr(name)
@@ -112,6 +112,7 @@ class Fit:
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
         self.objective = objective
+        self._penalty = penalty  # looked up once: run() takes 2 * inner_steps Stage I losses a step
         self.log_l2_weight = float(log_l2_weight)
         self.optimizer_name = name
         self.optimizer_options = {k: v for k, v in options.items() if k != "lr"}
@@ -177,7 +178,7 @@ class Fit:
                     pred = predict(nets)
                     if i == 0:
                         rmse = rmse_over_modalities(pred, batch)
-                    loss = sum(amortization_loss(pred[m], targets[m], self.objective, self.log_l2_weight,
+                    loss = sum(amortization_loss(pred[m], targets[m], self._penalty, self.log_l2_weight,
                                                  checks="off") for m in MODALITIES)
                     grads = torch.autograd.grad(loss, params)
                     for p, g in zip(params, grads):
