@@ -30,14 +30,17 @@ amortize.options.RecipeError: shape.depth: expected int, got str 'deep'
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
+import typing
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Optional, TypeVar, Union
 
 from amortize.options import RecipeError, conform_section, did_you_mean, keyed
 
-__all__ = ["Registry", "RecipeError", "SectionError", "Section", "Bound", "bind", "section_name"]
+__all__ = ["Registry", "RecipeError", "SectionError", "Section", "Bound", "Part", "OneOf", "bind", "section_name",
+           "part_of"]
 
 T = TypeVar("T")
 
@@ -107,6 +110,11 @@ class Bound(Generic[T]):
         resolved: every option the section may set, as the recipe wrote it or else the default
             of the signature that declares it (plain data: lists, mappings, scalars), ``name``
             first for a registry's section; what a resolved recipe stores.
+        parts: the options annotated as a :class:`Part` (a nested section: an estimator's
+            ``network``, its ``fit`` and the fit's ``optimizer``), each bound with this section
+            under its own dotted key (``loss.estimator.fit.optimizer``), the default included;
+            :meth:`build` hands them to the constructor as bound sections, which it builds
+            (once, or at every re-initialisation).
     """
 
     key: str
@@ -120,6 +128,7 @@ class Bound(Generic[T]):
     source: Any = field(default=None, compare=False)
     shared: Mapping[str, Any] = field(default_factory=dict)
     resolved: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    parts: Mapping[str, "Bound"] = field(default_factory=dict, compare=False)
 
     def takes(self, param: str) -> bool:
         """Whether the constructor names the caller-known value ``param`` (``num_samples``)."""
@@ -134,8 +143,35 @@ class Bound(Generic[T]):
         """
         return replace(self, options={**self.options, **built})
 
+    def with_option(self, path: str, value: Any) -> "Bound[T]":
+        """This section with the option at ``path`` (``optimizer.lr``, through its parts) set to ``value``.
+
+        For a preset's flat alias (``lr`` of ``amortized`` is ``fit.optimizer.lr``): the value was
+        checked against the alias's annotation (the target's) when the alias was bound.
+        """
+        head, _, rest = path.partition(".")
+        if rest:
+            return replace(self, parts={**self.parts, head: self.parts[head].with_option(rest, value)})
+        if head in self.parts:  # a whole nested section: the value is its Bound
+            return replace(self, parts={**self.parts, head: value})
+        return replace(self, options={**self.options, head: value})
+
+    def without(self, *names: str) -> "Bound[T]":
+        """This section without the options ``names``, which the caller then passes itself at
+        every :meth:`build` (a fit's inner optimiser gets its ``lr`` scaled by the world size)."""
+        return replace(self, options={k: v for k, v in self.options.items() if k not in names},
+                       passed=tuple(dict.fromkeys((*self.passed, *names))))
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """The value of option ``name``: the section's, else the constructor's default, else ``default``."""
+        if name in self.options:
+            return self.options[name]
+        sig = _signature(self.ctor)
+        p = None if sig is None else sig.parameters.get(name)
+        return default if p is None or p.default is p.empty else p.default
+
     def build(self, *args: Any, **values: Any) -> T:
-        """Call the constructor once: ``ctor(*args, **passed, **known values it names, **options)``.
+        """Call the constructor once: ``ctor(*args, **passed, **known values it names, **options, **parts)``.
 
         Args:
             *args: positional arguments the caller always passes (parameter groups, a model).
@@ -154,9 +190,123 @@ class Bound(Generic[T]):
                 raise RecipeError(f"{self.what} needs {param!r}, which is not known here: set {self.key}.{param}",
                                   key=self.key)
         try:
-            return self.ctor(*args, **given, **self.options)
+            return self.ctor(*args, **given, **self.options, **self.parts)
         except (TypeError, ValueError) as e:
             raise keyed(self.key, e) from None
+
+
+@dataclass(frozen=True)
+class Part:
+    """``Annotated`` metadata of a constructor option whose value is a section of its own.
+
+    ``network: Annotated[Section, Part("amortize.amortizers:AMORTIZERS", passed=("dim",), rebuilt=True)]``:
+    the binding step binds the option's section (the recipe's, else the default) under its dotted
+    key (``loss.estimator.network``) with its owner, so a typo inside it fails at load, and
+    :meth:`Bound.build` hands the owner the :class:`Bound`; the owner builds it with :meth:`take`.
+
+    Attributes:
+        registry: the :class:`Registry` (or ``"module:NAME"``, imported when first bound) the
+            section names a component of; or None with ``ctor``.
+        ctor: the one constructor the option's mapping holds the options of (an estimator's
+            ``fit``: :class:`~amortize.estimators.normalizer.fit.Fit`); None stands for ``{}``.
+        passed: what the owner passes itself when it builds the part (``dim``, ``params``).
+        known: values the owner offers to a part that names them (an inner estimator's ``dim``).
+        rebuilt: the owner builds the part more than once (networks at every re-initialisation,
+            the inner optimiser): :meth:`take` returns the :class:`Bound`, not a component.
+        base: the section a given one merges into (a preset's): ``{inner_steps: 5}`` keeps the
+            preset's other fit options; a section naming another component replaces it.
+    """
+
+    registry: Any = None
+    ctor: Any = None
+    passed: tuple[str, ...] = ()
+    known: tuple[str, ...] = ()
+    rebuilt: bool = False
+    base: Any = None
+
+    def __repr__(self) -> str:
+        what = (getattr(self.registry, "kind", self.registry) if self.ctor is None
+                else getattr(self.ctor, "__name__", self.ctor))
+        return f"Part({what}{', rebuilt' if self.rebuilt else ''})"
+
+    def _registry(self) -> "Registry":
+        return _load(self.registry) if isinstance(self.registry, str) else self.registry
+
+    def is_section(self, value: Any) -> bool:
+        """Whether ``value`` is a section this part binds (not a number, nor a component already built)."""
+        return isinstance(value, (str, Mapping)) or (value is None and self.ctor is not None)
+
+    def bind(self, value: Any, key: str) -> "Bound":
+        """The binding step for the part's section ``value`` (merged into :attr:`base`) under ``key``."""
+        if self.base is not None:
+            value = merge_section(self.base, value)
+        if self.ctor is not None:
+            if value is not None and not isinstance(value, Mapping):
+                raise RecipeError(f"expected a mapping of options, got {type(value).__name__} {value!r}", key=key)
+            return bind(self.ctor, dict(value or {}), key, what=key, passed=self.passed, known=self.known,
+                        source=value)
+        return self._registry().bind(value, key, passed=self.passed, known=self.known)
+
+    def take(self, value: Any, key: str, **given: Any) -> Any:
+        """What the owner keeps of its option ``value``: a :class:`Bound` built (or, if
+        :attr:`rebuilt`, kept as it is); a section bound first (the Python face: a constructor
+        called without a recipe); anything else (a number, a built component) as it is.
+
+        Args:
+            given: the values the part is built with (``passed``, and ``known`` ones it names).
+        """
+        if not isinstance(value, Bound):
+            if not self.is_section(value):
+                return value
+            value = self.bind(value, key)
+        if self.rebuilt:
+            return value
+        return value.build(**{k: v for k, v in given.items() if k in self.passed or k in self.known})
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """``Annotated`` metadata of a string option that names a component of a registry without
+    options (a fit's Stage I ``objective``): the name is looked up when the section is bound."""
+
+    registry: Any
+
+    def check(self, value: Any, key: str) -> None:
+        """Raise :class:`RecipeError` naming ``key`` for a name the registry does not hold."""
+        registry = _load(self.registry) if isinstance(self.registry, str) else self.registry
+        try:
+            registry.get(value)
+        except RecipeError as e:
+            raise keyed(key, e) from None
+
+
+def part_of(annotation: Any) -> Optional[Part]:
+    """The :class:`Part` an option's annotation declares (None: a plain option)."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return next((m for m in annotation.__metadata__ if isinstance(m, Part)), None)
+    return None
+
+
+def merge_section(base: Any, override: Any) -> Any:
+    """``override`` on top of the section ``base``: mappings merge key by key, a nested section too;
+    an override naming another component replaces it; ``None`` keeps ``base``."""
+    if override is None:
+        return copy.deepcopy(base)
+    if isinstance(base, Mapping) and isinstance(override, Mapping):
+        if "name" in override and override.get("name") != base.get("name"):
+            return dict(override)
+        out = dict(base)
+        for k, v in override.items():
+            out[k] = merge_section(base[k], v) if k in base and base[k] is not None else v
+        return out
+    if isinstance(base, Mapping) and isinstance(override, str) and "name" in base:
+        return {"name": override} if override != base["name"] else dict(base)
+    return override
+
+
+def _load(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 _NOT_PLAIN = object()
@@ -230,7 +380,8 @@ def bind(ctor: Callable[..., T], options: Mapping[str, Any], key: str, *, name: 
     # the shared defaults hold for every value (a range beside an option)
     typed += [(p.default, types.get(n, p.annotation), f"{key}.{n}") for n, p in common.items()
               if n not in options and p.default is not p.empty]
-    conform_section(typed)
+    if typed:  # a section without options (a name) has nothing to conform
+        conform_section(typed)
     takes = tuple(k for k in known if k in params)
     unset = [n for n, p in params.items() if p.default is p.empty and n not in mine and n not in passed]
     missing = [n for n in [*unset, *(n for n, p in common.items() if p.default is p.empty and n not in options)]
@@ -246,8 +397,15 @@ def bind(ctor: Callable[..., T], options: Mapping[str, Any], key: str, *, name: 
         if value is not _NOT_PLAIN and value is not inspect.Parameter.empty:
             resolved[n] = value
     resolved.update({k: v for k, v in mine.items() if k not in params})  # through **kwargs
+    parts: dict[str, Bound] = {}
+    for n, p in params.items():  # nested sections: bound here, under their own keys, the default included
+        part = part_of(types.get(n, p.annotation))
+        value = mine[n] if n in mine else p.default
+        if part is not None and n not in passed and (n in mine or p.default is not p.empty) and part.is_section(value):
+            parts[n] = part.bind(value, f"{key}.{n}")
+    mine = {k: v for k, v in mine.items() if k not in parts}
     return Bound(key, name, what, ctor, mine, passed, takes, tuple(needs), source=source,
-                 shared={n: options.get(n, p.default) for n, p in common.items()}, resolved=resolved)
+                 shared={n: options.get(n, p.default) for n, p in common.items()}, resolved=resolved, parts=parts)
 
 
 @dataclass(frozen=True)
@@ -385,8 +543,9 @@ class Registry(Generic[T]):
     def build_section(self, section: Section, *args: Any, key: str = "section", **given: Any) -> T:
         """Bind a section and build it at once: ``ctor(*args, **given, **section_options)``.
 
-        For components built inside another's constructor (an estimator's ``amortizer``); the
-        recipe loader binds at load and builds later. ``given`` may not be set by the section.
+        For a component built without a recipe (:func:`amortize.amortizers.build_amortizer`); the
+        recipe loader binds at load, nested sections included (:class:`Part`), and builds later.
+        ``given`` may not be set by the section.
         """
         return self.bind(section, key, passed=given).build(*args, **given)
 

@@ -3,13 +3,14 @@
 * ``in_batch``: CLIP's in-batch sums (:class:`InBatchEstimator`).
 * ``moving_average``: SogCLR / FastCLIP per-sample moving averages (:class:`MovingAverageEstimator`).
 * ``scent``: SCENT's per-sample estimates with a state-dependent weight (:class:`ScentEstimator`).
-* ``amortized``: AmorLIP's amortizer networks with today's flat keys (:class:`AmortizedEstimator`).
+* ``amortized``: AmorLIP's amortizer networks with the flat keys of ``recipes/`` (:class:`AmortizedEstimator`,
+  the ``amortized`` preset).
 * ``exact_positive``: any of these for the negatives, the positive's term exact
   (:class:`~amortize.estimators.exact_positive.ExactPositive`).
 * ``normalizer_network``: a normaliser-network estimator spelled out part by part
   (:class:`~amortize.estimators.normalizer.NormalizerNetworkEstimator`).
 * ``neuclip``, ``amorlip_code``, ``amorlip_paper``: the presets of
-  :data:`amortize.estimators.normalizer.PRESETS`, with overrides.
+  :data:`amortize.estimators.normalizer.presets.PRESET_TABLE`, each with its generated signature.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from amortize.registry import Registry
 from amortize.estimators.amortized import AmortizedEstimator, blend_log_targets
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator, StateRule
 from amortize.estimators.normalizer import PRESETS, NormalizerNetworkEstimator, from_preset, neuclip
+from amortize.estimators.normalizer.presets import preset_constructor
 from amortize.estimators.in_batch import InBatchEstimator
 from amortize.estimators.exact_positive import ExactPositive
 from amortize.estimators.moving_average import (MovingAverageEstimator, PerSampleEstimator, ScentEstimator,
@@ -57,19 +59,8 @@ ESTIMATORS.register("neuclip", neuclip)
 ESTIMATORS.register("exact_positive", ExactPositive)
 
 
-def _preset_ctor(preset: str):
-    def build(dim: int, network=None, fit=None, normalizer=None, cadence=None, reinit=None, epoch0_previous=None,
-              restart=None, update_every=None, ema_decay=None, ema_every=None, beta=None, seed: int = 0):
-        given = {k: v for k, v in locals().items() if k not in ("dim", "preset") and v is not None}
-        return from_preset(preset, dim, **given)
-
-    build.__name__ = preset
-    build.__doc__ = f"The ``{preset}`` preset of :data:`amortize.estimators.normalizer.PRESETS`, parts overridable."
-    return build
-
-
 for _preset in ("amorlip_code", "amorlip_paper"):
-    ESTIMATORS.register(_preset, _preset_ctor(_preset))
+    ESTIMATORS.register(_preset, preset_constructor(_preset))
 
 
 def register_estimator(name: str, ctor: Callable[..., PartitionEstimator]) -> None:

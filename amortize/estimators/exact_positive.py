@@ -13,7 +13,7 @@ from the amortizer (``docs/benchmarks.md#small-batch-transfer-suite`` says where
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from torch import Tensor
 from amortize import checks as K
 from amortize import kernels
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator, declared_inputs
-from amortize.registry import Section
+from amortize.registry import Part, Section
 
 __all__ = ["ExactPositive", "remove_positive", "add_positive", "NEGATIVES_FLOOR"]
 
@@ -59,6 +59,11 @@ def add_positive(log_neg: Tensor, log_pos: Tensor) -> Tensor:
     return torch.logaddexp(log_neg, log_pos.to(log_neg.dtype))
 
 
+INNER = Part("amortize.estimators:ESTIMATORS", known=("dim", "num_samples"))
+"""``inner``: a section of :data:`amortize.estimators.ESTIMATORS`, bound with the wrapper's section
+(``loss.estimator.inner``) and built with the ``dim`` and ``num_samples`` the wrapper is given."""
+
+
 class ExactPositive(PartitionEstimator):
     """Wraps ``inner``: it sees and estimates the negatives' sums; the positive's term is exact.
 
@@ -76,18 +81,12 @@ class ExactPositive(PartitionEstimator):
         floor: see :data:`NEGATIVES_FLOOR` (machine epsilons, > 0).
     """
 
-    def __init__(self, inner: Section = "amortized", dim: Optional[int] = None,
+    def __init__(self, inner: Annotated[Section, INNER] = "amortized", dim: Optional[int] = None,
                  num_samples: Optional[int] = None, floor: float = NEGATIVES_FLOOR):
         super().__init__()
         if not 0.0 < floor < 1e6:
             raise ValueError(f"floor must be in (0, 1e6) machine epsilons, got {floor}")
-        if isinstance(inner, PartitionEstimator):
-            built = inner
-        else:
-            from amortize.estimators import ESTIMATORS  # the registry imports this module
-
-            known = {k: v for k, v in (("dim", dim), ("num_samples", num_samples)) if v is not None}
-            built = ESTIMATORS.bind(inner, "inner", known=tuple(known)).build(**known)
+        built = INNER.take(inner, "inner", dim=dim, num_samples=num_samples)  # a recipe's was bound at load
         if isinstance(built, ExactPositive):
             raise ValueError("inner is itself an exact_positive estimator: wrap the negatives' estimator once")
         self.inner = built

@@ -11,7 +11,7 @@ a subclass writes only the update (:meth:`PerSampleEstimator.update`).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,12 @@ from torch import Tensor
 
 from amortize import kernels
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator
-from amortize.schedules import Schedule, build_schedule
+from amortize.registry import Part
+from amortize.schedules import SCHEDULES, Schedule, build_schedule
+
+SCHEDULE = Part(SCHEDULES)
+"""A schedule option (``gamma``, ``alpha``): a section of :data:`amortize.schedules.SCHEDULES`,
+bound with the estimator's section under its key (a number: constant)."""
 
 __all__ = ["PerSampleEstimator", "MovingAverageEstimator", "ScentEstimator", "moving_average_update",
            "scent_update", "SCENT_REFERENCES"]
@@ -164,13 +169,13 @@ class MovingAverageEstimator(PerSampleEstimator):
     def __init__(
         self,
         num_samples: int,
-        gamma: Union[float, dict, Schedule] = 0.9,
+        gamma: Annotated[Union[float, dict, Schedule], SCHEDULE] = 0.9,
         init: Literal["first_batch", "zero"] = "first_batch",
     ):
         super().__init__(num_samples)
         if init not in ("first_batch", "zero"):
             raise ValueError(f"unknown init {init!r}; valid: first_batch, zero")
-        self.gamma_schedule = build_schedule(gamma)
+        self.gamma_schedule = build_schedule(SCHEDULE.take(gamma, "gamma"))
         self.init = init
 
     @property
@@ -207,14 +212,14 @@ class ScentEstimator(PerSampleEstimator):
         reference: ``"positive"`` or ``"none"`` (:data:`SCENT_REFERENCES`).
     """
 
-    def __init__(self, num_samples: int, alpha: Union[float, dict, Schedule] = 10.0, alpha_multiplier: float = 1.0,
+    def __init__(self, num_samples: int, alpha: Annotated[Union[float, dict, Schedule], SCHEDULE] = 10.0, alpha_multiplier: float = 1.0,
                  reference: Literal["positive", "none"] = "positive"):
         super().__init__(num_samples)
         if reference not in SCENT_REFERENCES:
             raise ValueError(f"unknown reference {reference!r}; valid: {', '.join(SCENT_REFERENCES)}")
         if not 0.0 <= alpha_multiplier < math.inf:
             raise ValueError(f"alpha_multiplier must be finite and >= 0, got {alpha_multiplier}")
-        self.alpha_schedule = build_schedule(alpha)
+        self.alpha_schedule = build_schedule(SCHEDULE.take(alpha, "alpha"))
         self.alpha_multiplier = float(alpha_multiplier)
         self.reference_frame = reference
         positive = reference == "positive"

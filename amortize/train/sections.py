@@ -17,6 +17,9 @@ learning rate the run uses, and a checkpoint's stored recipe says every value.
 
 To add a component section: a field on :class:`amortize.train.schema.Recipe` (or one of its
 sections) typed :data:`~amortize.train.schema.SectionSpec`, and a :class:`Declared` line here.
+A section inside a component's options (an estimator's ``network``, ``fit``, ``fit.optimizer``)
+needs neither: its constructor annotates the option with a :class:`~amortize.registry.Part`, and
+the binding step binds it with its owner, under its dotted key (``loss.estimator.fit.optimizer``).
 A user's ``imports:`` extends any of the registries with :meth:`~amortize.registry.Registry.register`.
 
 This module imports neither Composer nor torch (the registries are imported when bound).

@@ -130,6 +130,8 @@ def test_repeated_override_key_is_refused_with_the_shell_hint(capsys):
         ("loss.estimator={name: amortized, normalizer: blend}",
          r"loss.estimator.normalizer: 'blend' is not one of previous_blend, ema_target, ema_ramp"),
         ("loss.estimator={name: amortized, inner_steps: 2.5}", r"loss.estimator.inner_steps: expected int, got float"),
+        ("loss.estimator={name: amortized, beta: {name: beta_warmup, final_value: 0.8}}",
+         r"^loss.estimator.beta.final_value: unknown option of schedule 'beta_warmup'"),
         ("loss.objective={name: linearized, pos_weight: high}", r"loss.objective.pos_weight: expected float"),
         ("eval.tasks=datacmop", r"eval.tasks: 'datacmop' is not one of default, none"),
         ("data={name: webdataset, sampling: random}", r"data.sampling: 'random' is not one of split, resampled"),
@@ -150,16 +152,15 @@ def test_names_types_and_choices_of_sections_are_checked_at_load(override, messa
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("loss.estimator={name: amortized, beta: {name: beta_warmup, final_value: 0.8}}",
-         r"^loss.estimator.*final_value"),
         ("loss.estimator.amortizer={name: residual_mlp, width_factor: 0}", r"^loss.estimator.* width_factor must be > 0"),
         ("loss.objective={name: linearized, pos_weight: -1}", r"^loss.objective: "),
         ("loss.layout=ring_of_fire", r"^loss.layout: unknown layout 'ring_of_fire'"),
     ],
 )
 def test_values_inside_nested_sections_are_checked_when_built_once(override, message):
-    """What only the constructor can judge (a nested section, a value's range) fails when the loss is
-    built, once, under the section's key: at ``--dry-run`` at the latest, never by a trial build at load."""
+    """What only the constructor can judge (a value's range) fails when the loss is built, once, under
+    the section's key: at ``--dry-run`` at the latest, never by a trial build at load (a nested
+    section's names and types are checked at load)."""
     with pytest.raises(RecipeError, match=message):
         _build_loss(apply_overrides({"loss": {"estimator": "amortized"}}, [override]))
 

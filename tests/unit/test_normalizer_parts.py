@@ -21,14 +21,15 @@ def unit(n, d, seed=0):
     return torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-def _run(est, steps=5, epochs=(0, 1)):
+def _run(est, steps=5, epochs=(0, 1), **inputs):
+    """The estimator's outputs over ``epochs`` of ``steps`` random unit batches (``inputs``: its declared inputs)."""
     outs = []
     for epoch in epochs:
         est.start_epoch(epoch, 4)
         for t in range(steps):
             x, y = unit(8, 6, seed=3 * t + epoch), unit(8, 6, seed=3 * t + 1 + epoch)
             lzx, lzy = F.log_partition(x, y, 10.0, pos_weight=1e-3)
-            outs.append(est(x, y, lzx, lzy))
+            outs.append(est(x, y, lzx, lzy, **inputs))
     return outs
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,20 +37,37 @@ from amortize import kernels
 from amortize.amortizers import AMORTIZERS
 from amortize.comm import DEFAULT_TOPOLOGY, Topology, all_gather_no_grad
 from amortize.estimators.base import PartitionEstimate, PartitionEstimator
-from amortize.estimators.normalizer.fit import MODALITIES, Fit
+from amortize.estimators.normalizer.fit import MODALITIES, Fit, choice
 from amortize.estimators.normalizer.parts import (
     CADENCES,
     EPOCH0_PREVIOUS,
     NORMALIZERS,
     REINIT_POLICIES,
     RESTARTS,
+    Cadence,
+    Epoch0Previous,
+    Reinit,
+    due,
+    reinit_now,
     reset_state_rows,
     restart_draw,
 )
-from amortize.registry import Section, section_name
-from amortize.schedules import BetaWarmup, Schedule, build_schedule
+from amortize.registry import Bound, Part, Section
+from amortize.schedules import SCHEDULES, BetaWarmup, Schedule, build_schedule
 
-__all__ = ["NormalizerNetworkEstimator", "blend_log_targets"]
+__all__ = ["NormalizerNetworkEstimator", "blend_log_targets", "NETWORK", "FIT", "NORMALIZER", "RESTART", "BETA"]
+
+# the options that are sections of their own, bound with the estimator's section under their dotted keys
+NETWORK = Part(AMORTIZERS, passed=("dim",), rebuilt=True)
+"""``network``: a section of :data:`amortize.amortizers.AMORTIZERS`, built at every re-initialisation."""
+FIT = Part(ctor=Fit)
+"""``fit``: the options of :class:`~amortize.estimators.normalizer.fit.Fit` (its ``optimizer`` a section)."""
+NORMALIZER = Part(NORMALIZERS)
+"""``normalizer``: a section of :data:`~amortize.estimators.normalizer.parts.NORMALIZERS`."""
+RESTART = Part(RESTARTS)
+"""``restart``: a section of :data:`~amortize.estimators.normalizer.parts.RESTARTS`."""
+BETA = Part(SCHEDULES)
+"""``beta``: a section of :data:`amortize.schedules.SCHEDULES` (a number: constant)."""
 
 
 def blend_log_targets(log_prev: Tensor, log_batch: Tensor, beta: float) -> Tensor:
@@ -73,9 +90,15 @@ def blend_log_targets(log_prev: Tensor, log_batch: Tensor, beta: float) -> Tenso
     return torch.logaddexp(log_prev + math.log(beta), log_batch + math.log1p(-beta))
 
 
-def _part(registry, section: Section, key: str):
-    name, options = section_name(section, key)
-    return name, registry.build_section({"name": name, **options}, key=key)
+def _name(value: Any, built: Any) -> str:
+    """The registered name a part was given by (a bound section, a name, a mapping), else its own."""
+    if isinstance(value, Bound):
+        return value.name
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("name"), str):
+        return value["name"]
+    return getattr(built, "name", type(built).__name__)
 
 
 class NormalizerNetworkEstimator(PartitionEstimator):
@@ -99,56 +122,62 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         fit: the fit's options (:class:`~amortize.estimators.normalizer.fit.Fit`): ``objective``,
             ``log_l2_weight``, ``optimizer`` (a section), ``inner_steps``, ``clip_norm``, ``lr_scaling``.
         normalizer: a section in :data:`~amortize.estimators.normalizer.parts.NORMALIZERS`.
-        cadence: a section in :data:`~amortize.estimators.normalizer.parts.CADENCES`.
-        reinit: a section in :data:`~amortize.estimators.normalizer.parts.REINIT_POLICIES`.
-        epoch0_previous: a section in :data:`~amortize.estimators.normalizer.parts.EPOCH0_PREVIOUS`.
+        cadence: :data:`~amortize.estimators.normalizer.parts.Cadence`: ``per_epoch`` or ``global``.
+        reinit: :data:`~amortize.estimators.normalizer.parts.Reinit`: ``every_epoch`` or ``never``.
+        epoch0_previous: :data:`~amortize.estimators.normalizer.parts.Epoch0Previous`: ``none`` or ``initial``.
         restart: a section in :data:`~amortize.estimators.normalizer.parts.RESTARTS`, e.g.
             ``{"name": "batch_embeddings", "every": 500}``.
         update_every: ``T_online``, steps between fits.
-        ema_decay: the EMA decay ``alpha`` (normalisers with an EMA copy).
+        ema_decay: the EMA decay ``alpha`` (normalisers with an EMA copy); its one default.
         ema_every: ``T_target``, steps between EMA updates.
         beta: schedule (over epochs) of the previous-epoch blending weight (the EMA decay's schedule
             under ``ema_ramp``); a float is constant.
         seed: seeds the (re-)initialisation of the networks and the restart draws.
-    """
 
-    #: the recipe key that messages about the network name
-    _network_key = "network"
+    A section-valued option (``network``, ``fit`` and its ``optimizer``, ``normalizer``,
+    ``restart``, ``beta``) arrives bound from a recipe (the loader checked it under its dotted
+    key); given as a section in Python, it is bound here under its option's name. The presets
+    (``amortized``, ``amorlip_code``, ``amorlip_paper``, ``neuclip``) are this constructor with
+    other defaults and flat aliases (:mod:`amortize.estimators.normalizer.presets`).
+    """
 
     def __init__(
         self,
         dim: int,
-        network: Section = "residual_mlp",
-        fit: Optional[dict] = None,
-        normalizer: Section = "previous_blend",
-        cadence: Section = "per_epoch",
-        reinit: Section = "every_epoch",
-        epoch0_previous: Section = "none",
-        restart: Section = "none",
+        network: Annotated[Section, NETWORK] = "residual_mlp",
+        fit: Annotated[Optional[dict], FIT] = None,
+        normalizer: Annotated[Section, NORMALIZER] = "previous_blend",
+        cadence: Cadence = "per_epoch",
+        reinit: Reinit = "every_epoch",
+        epoch0_previous: Epoch0Previous = "none",
+        restart: Annotated[Section, RESTART] = "none",
         update_every: int = 1,
         ema_decay: float = 0.92,
         ema_every: int = 2,
-        beta: Union[float, dict, Schedule] = BetaWarmup(0.8, 16),
+        beta: Annotated[Union[float, dict, Schedule], BETA] = BetaWarmup(0.8, 16),
         seed: int = 0,
     ):
         super().__init__()
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
-        self.normalizer, self._normalizer = _part(NORMALIZERS, normalizer, "normalizer")
-        self.cadence, self._cadence = _part(CADENCES, cadence, "cadence")
-        self.reinit, self._reinit = _part(REINIT_POLICIES, reinit, "reinit")
-        self.epoch0_previous, self._epoch0 = _part(EPOCH0_PREVIOUS, epoch0_previous, "epoch0_previous")
-        self.restart, self._restart = _part(RESTARTS, restart, "restart")
+        self._normalizer = NORMALIZER.take(normalizer, "normalizer")
+        self.normalizer = _name(normalizer, self._normalizer)
+        self.cadence = choice("cadence", cadence, CADENCES)
+        self.reinit = choice("reinit", reinit, REINIT_POLICIES)
+        self.epoch0_previous = choice("epoch0_previous", epoch0_previous, EPOCH0_PREVIOUS)
+        self._restart = RESTART.take(restart, "restart")
+        self.restart = _name(restart, self._restart)
         for name, v in (("update_every", update_every), ("ema_every", ema_every)):
             if int(v) < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        self.fit = Fit(**(fit or {}))
+        self.fit: Fit = FIT.take(fit, "fit")
         self.dim = int(dim)
-        self.network = network if isinstance(network, str) else dict(network)
-        # checked once here (an unknown network or option fails, named), built at every re-initialisation
-        self._network = AMORTIZERS.bind(self.network, self._network_key, passed=("dim",))
+        # bound once (a recipe's at load), built at every re-initialisation
+        self._network: Bound = NETWORK.take(network, "network")
+        self.network = ({"name": self._network.name, **self._network.options} if self._network.options
+                        else self._network.name)
         ctor = self._network.ctor
         #: whether the network reads more than the embedding (the positive score, the scale, ...)
         self._reads = bool(getattr(ctor, "reads", ()))
@@ -156,11 +185,11 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         self.extra_inputs = ("scale", "bias", "num_negatives", "local_rows", "topology") if self._reads else ("topology",)
         if self._restart.every is not None and not hasattr(ctor, "restart"):
             raise ValueError(f"restart {self.restart!r} needs a network with a restart(rows) method; "
-                             f"{self.network if isinstance(self.network, str) else self.network.get('name')!r} has none")
+                             f"{self._network.name!r} has none")
         self.update_every = int(update_every)
         self.ema_decay = float(ema_decay)
         self.ema_every = int(ema_every)
-        self.beta_schedule = build_schedule(beta)
+        self.beta_schedule = build_schedule(BETA.take(beta, "beta"))
         self.seed = int(seed)
 
         self.online = self._fresh_nets(epoch=0)
@@ -243,7 +272,7 @@ class NormalizerNetworkEstimator(PartitionEstimator):
 
     def ema_decay_at(self, epoch: int, max_epochs: int) -> float:
         """The EMA decay used in ``epoch`` (the ``normalizer`` part decides: constant or ramped)."""
-        return self._normalizer.ema_decay(self, epoch, max_epochs)
+        return self._normalizer.ema_decay(self.ema_decay, self.beta_schedule(max(0, epoch), max_epochs))
 
     def start_epoch(self, epoch: int, max_epochs: int) -> None:
         """Epoch start: the EMA network becomes ``previous``; re-initialise per the ``reinit`` part.
@@ -261,11 +290,11 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         self.max_epochs.fill_(max(1, max_epochs))
         first = int(self.epoch) < 0
         with torch.no_grad():
-            if "previous" in self._normalizer.copies and (not first or self._epoch0.keeps_initial):
+            if "previous" in self._normalizer.copies and (not first or self.epoch0_previous == "initial"):
                 # before the first epoch the EMA network is still the untrained initial one
                 self.previous.load_state_dict(self.target.state_dict())
                 self.has_previous.fill_(True)
-            if self._reinit.at_epoch_start(first):
+            if reinit_now(self.reinit, first):
                 fresh = self._fresh_nets(epoch).to(self.step.device)
                 for _, net in self._networks():
                     if net is not getattr(self, "previous", None):
@@ -405,7 +434,7 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         if epoch < 0:
             self.start_epoch(0, max_epochs)
             epoch, max_epochs, step, epoch_step, has_previous = self._counters()
-        fit_now, ema_now = self._cadence.due(step, epoch_step, self.update_every, self.ema_every)
+        fit_now, ema_now = due(self.cadence, step, epoch_step, self.update_every, self.ema_every)
         u = {"image": x.detach().float(), "text": y.detach().float()}
         batch = {"image": log_z_x.detach().float(), "text": log_z_y.detach().float()}
         ctx = self._context(u, inputs)
@@ -423,7 +452,8 @@ class NormalizerNetworkEstimator(PartitionEstimator):
         terms: dict[str, Tensor] = {}
         if self.training and fit_now:
             terms["amortizer_fit"], terms["amortizer_rmse"] = self._fit(u, comb, batch, ctx, spread)
-        norm = self._normalizer.encoder(self, comb, u, batch, ctx, terms)
+        norm = self._normalizer.encoder(comb, batch, lambda copy_name: self._predict(getattr(self, copy_name), u, ctx),
+                                        terms)
         if self.training:
             self.step.add_(1)
             self.epoch_step.add_(1)

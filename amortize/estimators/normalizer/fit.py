@@ -2,25 +2,25 @@
 
 A :class:`Fit` is a Stage I objective (:data:`amortize.objectives.stage1.AMORTIZATION_OBJECTIVES`),
 an inner optimiser section (:data:`INNER_OPTIMIZERS`: ``{name: adam, lr: ...}`` or
-``{name: adagrad, lr: ...}``), a number of inner steps, a gradient-norm clip and an ``lr_scaling``
-rule (:data:`LR_SCALINGS`). It holds no tensors and no processes: the estimator owns the networks
+``{name: adagrad, lr: ...}``, bound with the recipe at load and built at every re-initialisation),
+a number of inner steps, a gradient-norm clip and an ``lr_scaling`` rule (:data:`LrScaling`). It holds no tensors and no processes: the estimator owns the networks
 and the optimiser, and passes the number of processes (for the lr scaling) and the topology (for
 the gradient average) of the layout that feeds it.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+import typing
+from typing import Annotated, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from amortize.comm import Topology
 from amortize.objectives.stage1 import AMORTIZATION_OBJECTIVES, amortization_loss
-from amortize.registry import Registry, Section, section_name
+from amortize.registry import Bound, OneOf, Part, Registry, Section
 
-__all__ = ["Fit", "INNER_OPTIMIZERS", "LR_SCALINGS", "MODALITIES", "rmse_over_modalities"]
+__all__ = ["Fit", "INNER_OPTIMIZERS", "LrScaling", "LR_SCALINGS", "MODALITIES", "rmse_over_modalities"]
 
 MODALITIES = ("image", "text")
 """The two modalities a normaliser-network estimator keeps one network for, in this order."""
@@ -44,39 +44,26 @@ INNER_OPTIMIZERS.register("adam", _adam)
 INNER_OPTIMIZERS.register("adagrad", _adagrad)
 
 
-def _default_lr(name: str) -> float:
-    """The ``lr`` default of a registered inner optimiser's constructor."""
-    param = inspect.signature(INNER_OPTIMIZERS.get(name)).parameters.get("lr")
-    if param is None or param.default is param.empty:
-        raise ValueError(f"fit.optimizer: inner optimizer {name!r} needs 'lr'")
-    return float(param.default)
+LrScaling = Literal["none", "world_size"]
+"""How the inner learning rate follows the number of processes ``W`` of the layout: ``none`` (``lr``
+on any number) or ``world_size`` (the AmorLIP authors' code: ``lr * W``)."""
+LR_SCALINGS = typing.get_args(LrScaling)
 
-
-class _NoScaling:
-    """``none``: the inner learning rate is ``lr`` on any number of processes."""
-
-    @staticmethod
-    def factor(world_size: int) -> int:
-        return 1
-
-
-class _WorldSize:
-    """``world_size`` (the AmorLIP authors' code): ``lr * W``, ``W`` the number of processes of the layout."""
-
-    @staticmethod
-    def factor(world_size: int) -> int:
-        return world_size
-
-
-LR_SCALINGS: Registry[Any] = Registry("lr_scaling")
-"""How the inner learning rate follows the number of processes: ``none`` or ``world_size``."""
-LR_SCALINGS.register("none", _NoScaling)
-LR_SCALINGS.register("world_size", _WorldSize)
+OPTIMIZER = Part(INNER_OPTIMIZERS, passed=("params",), rebuilt=True)
+"""The fit's ``optimizer`` option: a section of :data:`INNER_OPTIMIZERS`, built at every re-initialisation."""
 
 
 def rmse_over_modalities(pred: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
     """RMSE over both modalities of log predictions (B,) against log targets (B,), detached, 0-d."""
     return torch.sqrt(0.5 * sum((pred[m].detach() - target[m]).square().mean() for m in MODALITIES))
+
+
+def choice(option: str, value, valid: tuple) -> str:
+    """``value`` if it is one of ``valid``; else ``ValueError`` naming ``option`` and the valid ones
+    (the Python face's check; a recipe's value is checked against the ``Literal`` when it loads)."""
+    if value not in valid:
+        raise ValueError(f"unknown {option} {value!r}; valid: {', '.join(valid)}")
+    return value
 
 
 class Fit:
@@ -89,22 +76,24 @@ class Fit:
         optimizer: the inner optimiser's section, e.g. ``{"name": "adam", "lr": 1e-3}``.
         inner_steps: optimiser steps per fit (``T_lambda`` in AmorLIP, ``T_u`` in NeuCLIP).
         clip_norm: gradient-norm clip of each inner step (None: none).
-        lr_scaling: a name in :data:`LR_SCALINGS`.
+        lr_scaling: :data:`LrScaling`.
     """
 
     def __init__(
         self,
-        objective: str = "log_l2",
+        objective: Annotated[str, OneOf(AMORTIZATION_OBJECTIVES)] = "log_l2",
         log_l2_weight: float = 0.0,
-        optimizer: Section = "adam",
+        optimizer: Annotated[Section, OPTIMIZER] = "adam",
         inner_steps: int = 3,
         clip_norm: Optional[float] = 1.0,
-        lr_scaling: str = "none",
+        lr_scaling: LrScaling = "none",
     ):
         penalty = AMORTIZATION_OBJECTIVES.get(objective)  # an unknown name fails here, with the valid ones
-        name, options = section_name(optimizer, "fit.optimizer")
-        INNER_OPTIMIZERS.bind({"name": name, **options}, "fit.optimizer", passed=("params",))  # names a bad option
-        lr = float(options["lr"]) if "lr" in options else _default_lr(name)
+        bound: Bound = OPTIMIZER.take(optimizer, "fit.optimizer")  # a recipe's was bound at load
+        lr = bound.option("lr")
+        if lr is None:
+            raise ValueError(f"fit.optimizer: inner optimizer {bound.name!r} needs 'lr'")
+        lr = float(lr)
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if int(inner_steps) < 1:
@@ -114,22 +103,21 @@ class Fit:
         self.objective = objective
         self._penalty = penalty  # looked up once: run() takes 2 * inner_steps Stage I losses a step
         self.log_l2_weight = float(log_l2_weight)
-        self.optimizer_name = name
-        self.optimizer_options = {k: v for k, v in options.items() if k != "lr"}
+        self.optimizer_name = bound.name
+        self._optimizer = bound.without("lr")  # built at every re-initialisation, at the scaled lr
+        self.optimizer_options = dict(self._optimizer.options)
         self.lr = lr
         self.inner_steps = int(inner_steps)
         self.clip_norm = clip_norm
-        self.lr_scaling = lr_scaling
-        self._scaling = LR_SCALINGS.build(lr_scaling)
+        self.lr_scaling = choice("lr_scaling", lr_scaling, LR_SCALINGS)
 
     def inner_lr(self, world_size: int) -> float:
         """The inner learning rate on ``world_size`` processes: ``lr`` times the ``lr_scaling`` factor."""
-        return self.lr * self._scaling.factor(world_size)
+        return self.lr * (world_size if self.lr_scaling == "world_size" else 1)
 
     def new_optimizer(self, params, world_size: int) -> torch.optim.Optimizer:
         """A fresh inner optimiser over ``params`` at :meth:`inner_lr` of ``world_size`` processes."""
-        return INNER_OPTIMIZERS.build(self.optimizer_name, params, lr=self.inner_lr(world_size),
-                                      **self.optimizer_options)
+        return self._optimizer.build(params, lr=self.inner_lr(world_size))
 
     def set_lr(self, optimizer: torch.optim.Optimizer, world_size: int) -> None:
         """Set every group's learning rate to :meth:`inner_lr` of ``world_size`` processes.

@@ -1,38 +1,48 @@
-"""The normaliser and schedule parts of a normaliser-network estimator, each a registered component.
+"""The parts of a normaliser-network estimator: its normaliser, its restart, and its closed choices.
+
+Open parts, registries users extend with their own (a recipe names them as ``{name, **options}``):
 
 * :data:`NORMALIZERS`: what the encoders divide by, and what Stage I fits (``previous_blend``,
   ``ema_target``, ``ema_ramp``, ``online``).
-* :data:`CADENCES`: which steps fit the network and move its EMA (``per_epoch``, ``global``).
-* :data:`REINIT_POLICIES`: when the online network, its optimiser and its EMA are re-initialised
-  (``every_epoch``, ``never``).
-* :data:`EPOCH0_PREVIOUS`: the previous-epoch network of epoch 0 (``none``, ``initial``).
 * :data:`RESTARTS`: whether the network restarts from the batch's embeddings every N steps
   (``none``, ``batch_embeddings``; NeuCLIP).
 
-Each part is a small object whose methods the estimator calls; no part reads another's name.
+Closed choices, typed options of the estimator (``Literal``), with their meaning here:
+
+* :data:`Cadence`: which steps fit the network and move its EMA (``per_epoch``, ``global``): :func:`due`.
+* :data:`Reinit`: when the online network, its optimiser and its EMA are re-initialised
+  (``every_epoch``, ``never``): :func:`reinit_now`.
+* :data:`Epoch0Previous`: the previous-epoch network of epoch 0 (``none``, ``initial``).
+
+A part receives what it uses (values, the predictions of a named network copy), never the estimator.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import typing
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import Tensor
 
-from amortize.estimators.normalizer.fit import MODALITIES, rmse_over_modalities
+from amortize.estimators.normalizer.fit import MODALITIES, choice, rmse_over_modalities
 from amortize.registry import Registry
-
-# the parts are called with the estimator (a NormalizerNetworkEstimator) as their first argument
-Estimator = Any
 
 __all__ = [
     "Normalizer",
     "NORMALIZERS",
     "mean_log_ratio",
+    "Cadence",
+    "Reinit",
+    "Epoch0Previous",
     "CADENCES",
     "REINIT_POLICIES",
     "EPOCH0_PREVIOUS",
+    "choice",
+    "due",
+    "reinit_now",
     "RESTARTS",
+    "NoRestart",
     "BatchEmbeddingRestart",
     "restart_draw",
     "SHORT_BATCH_RULES",
@@ -40,6 +50,10 @@ __all__ = [
     "reset_rule",
     "reset_state_rows",
 ]
+
+Predict = Callable[[str], dict]
+"""``predict(copy) -> {modality: (B,) log lambda}``: a network copy's (``online``, ``target``)
+predictions for this step's rows, which the estimator hands a normaliser."""
 
 
 # ---------------------------------------------------------------------------- normalisers
@@ -58,13 +72,20 @@ class Normalizer:
     copies: tuple[str, ...] = ("target", "previous")
     blends_targets = True
 
-    def ema_decay(self, est: Estimator, epoch: int, max_epochs: int) -> float:
-        """The EMA decay of ``epoch``: the constant ``ema_decay``."""
-        return est.ema_decay
+    def ema_decay(self, decay: float, beta: float) -> float:
+        """The EMA decay of an epoch, given the constant ``ema_decay`` and the epoch's ``beta``: ``decay``."""
+        return decay
 
-    def encoder(self, est: Estimator, comb: dict[str, Tensor], u: dict[str, Tensor],
-                batch: dict[str, Tensor], ctx: dict[str, Any], terms: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The encoder normalisers ``{modality: (B,)}`` after this step's fit."""
+    def encoder(self, comb: dict[str, Tensor], batch: dict[str, Tensor], predict: Predict,
+                terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The encoder normalisers ``{modality: (B,)}`` after this step's fit.
+
+        Args:
+            comb: the Stage I targets (the in-batch log sums, blended where the normaliser blends).
+            batch: the in-batch log sums.
+            predict: the predictions of a network copy by name (see :data:`Predict`).
+            terms: the step's logged terms, which the normaliser may add to.
+        """
         raise NotImplementedError
 
 
@@ -74,7 +95,7 @@ class PreviousBlend(Normalizer):
 
     name = "previous_blend"
 
-    def encoder(self, est, comb, u, batch, ctx, terms):
+    def encoder(self, comb, batch, predict, terms):
         return comb  # the EMA networks are not read this step (they become `previous` next epoch)
 
 
@@ -84,9 +105,9 @@ class EmaTarget(Normalizer):
 
     name = "ema_target"
 
-    def encoder(self, est, comb, u, batch, ctx, terms):
+    def encoder(self, comb, batch, predict, terms):
         with torch.no_grad():
-            norm = est._predict(est.target, u, ctx)
+            norm = predict("target")
             terms["target_rmse"] = rmse_over_modalities(norm, batch)
         return norm
 
@@ -98,8 +119,8 @@ class EmaRamp(EmaTarget):
     name = "ema_ramp"
     blends_targets = False
 
-    def ema_decay(self, est, epoch, max_epochs):
-        decay = est.beta_schedule(max(0, epoch), max_epochs)
+    def ema_decay(self, decay, beta):
+        decay = beta
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"normalizer 'ema_ramp' uses beta as the EMA decay; it must be in [0, 1], got {decay}")
         return decay
@@ -113,9 +134,9 @@ class Online(Normalizer):
     copies = ()
     blends_targets = False
 
-    def encoder(self, est, comb, u, batch, ctx, terms):
+    def encoder(self, comb, batch, predict, terms):
         with torch.no_grad():
-            norm = est._predict(est.online, u, ctx)
+            norm = predict("online")
             terms["online_rmse"] = rmse_over_modalities(norm, batch)
             terms["normalizer_vs_batch"] = mean_log_ratio(norm, batch)
         return norm
@@ -138,73 +159,36 @@ for _cls in (PreviousBlend, EmaTarget, EmaRamp, Online):
     NORMALIZERS.register(_cls.name, _cls)
 
 
-# ---------------------------------------------------------------------------- cadences
+# ---------------------------------------------------------------------------- closed choices
+
+Cadence = Literal["per_epoch", "global"]
+"""How ``update_every`` and ``ema_every`` count steps: ``per_epoch`` (the AmorLIP authors' code:
+counters restart every epoch; the fit runs at the within-epoch steps 0, ``T_online``, ...; the EMA
+update follows the within-epoch steps 0, ``T_target``, ...) or ``global`` (the run's step counter,
+never reset; the fit runs at the steps 0, ``T_online``, ...; the EMA update follows the steps
+``T_target - 1``, ``2 T_target - 1``, ...)."""
+Reinit = Literal["every_epoch", "never"]
+"""When the online network, its optimiser and its EMA are re-initialised: ``every_epoch`` (the
+AmorLIP authors' code) or ``never`` (once, before the first epoch)."""
+Epoch0Previous = Literal["none", "initial"]
+"""The previous-epoch network of epoch 0: ``none`` (never blended in epoch 0) or ``initial`` (the
+AmorLIP authors' code: the untrained initial network)."""
+
+CADENCES = typing.get_args(Cadence)
+REINIT_POLICIES = typing.get_args(Reinit)
+EPOCH0_PREVIOUS = typing.get_args(Epoch0Previous)
 
 
-class PerEpoch:
-    """``per_epoch`` (the AmorLIP authors' code): counters restart every epoch; the fit runs at the
-    within-epoch steps 0, ``T_online``, ...; the EMA update follows the within-epoch steps 0, ``T_target``, ..."""
-
-    @staticmethod
-    def due(step: int, epoch_step: int, update_every: int, ema_every: int) -> tuple[bool, bool]:
-        """``(fit now, EMA update after this step)``."""
+def due(cadence: str, step: int, epoch_step: int, update_every: int, ema_every: int) -> tuple[bool, bool]:
+    """``(fit now, EMA update after this step)`` under ``cadence`` (:data:`Cadence`)."""
+    if cadence == "per_epoch":
         return epoch_step % update_every == 0, epoch_step % ema_every == 0
+    return step % update_every == 0, (step + 1) % ema_every == 0
 
 
-class Global:
-    """``global``: the run's step counter, never reset; the fit runs at the steps 0, ``T_online``, ...;
-    the EMA update follows the steps ``T_target - 1``, ``2 T_target - 1``, ..."""
-
-    @staticmethod
-    def due(step: int, epoch_step: int, update_every: int, ema_every: int) -> tuple[bool, bool]:
-        """``(fit now, EMA update after this step)``."""
-        return step % update_every == 0, (step + 1) % ema_every == 0
-
-
-CADENCES: Registry[Any] = Registry("cadence")
-"""How ``update_every`` and ``ema_every`` count steps: ``per_epoch`` or ``global``."""
-CADENCES.register("per_epoch", PerEpoch)
-CADENCES.register("global", Global)
-
-
-class EveryEpoch:
-    """``every_epoch`` (the AmorLIP authors' code): re-initialise at every epoch start."""
-
-    @staticmethod
-    def at_epoch_start(first: bool) -> bool:
-        return True
-
-
-class Never:
-    """``never``: initialise once, before the first epoch."""
-
-    @staticmethod
-    def at_epoch_start(first: bool) -> bool:
-        return first
-
-
-REINIT_POLICIES: Registry[Any] = Registry("reinit")
-"""When the online network, its optimiser and its EMA are re-initialised: ``every_epoch`` or ``never``."""
-REINIT_POLICIES.register("every_epoch", EveryEpoch)
-REINIT_POLICIES.register("never", Never)
-
-
-class NoPrevious:
-    """``none``: epoch 0 has no previous-epoch network, so it is never blended."""
-
-    keeps_initial = False
-
-
-class InitialPrevious:
-    """``initial`` (the AmorLIP authors' code): epoch 0's previous network is the untrained initial one."""
-
-    keeps_initial = True
-
-
-EPOCH0_PREVIOUS: Registry[Any] = Registry("epoch0_previous")
-"""The previous-epoch network of epoch 0: ``none`` or ``initial``."""
-EPOCH0_PREVIOUS.register("none", NoPrevious)
-EPOCH0_PREVIOUS.register("initial", InitialPrevious)
+def reinit_now(reinit: str, first: bool) -> bool:
+    """Whether an epoch start re-initialises the networks under ``reinit`` (:data:`Reinit`)."""
+    return reinit == "every_epoch" or first
 
 
 # ---------------------------------------------------------------------------- restarts
@@ -240,6 +224,7 @@ def restart_draw(batch: int, count: int, seed: int, step: int, short_batch: str 
 class NoRestart:
     """``none``: the network is never restarted from embeddings."""
 
+    name = "none"
     every: Optional[int] = None
 
     def due(self, step: int) -> bool:
@@ -306,6 +291,8 @@ class BatchEmbeddingRestart(NoRestart):
             ``restarted``); True means ``restarted``, False ``none``.
         short_batch: a name in :data:`SHORT_BATCH_RULES`, for more prototypes than rows.
     """
+
+    name = "batch_embeddings"
 
     def __init__(self, every: int = 500, reset_optimizer: Any = "restarted", short_batch: str = "partial"):
         if int(every) < 1:
