@@ -29,8 +29,8 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 -m "slow or not slow"
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest tests/benchmarks -m benchmark -q --benchmark-json=benchmarks/results.json
-	$(BIN)/python -m benchmarks.transfer --quick   # the transfer suite, 2 epochs (full run: docs/benchmarks.md)
+	$(BIN)/python -m pytest tests/benchmarks tests/studies -m benchmark -q --benchmark-json=results/benchmarks/results.json
+	$(BIN)/python -m studies.transfer --quick   # the transfer suite, 2 epochs (full run: docs/benchmarks.md)
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

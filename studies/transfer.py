@@ -1,19 +1,19 @@
 """Small-batch transfer suite: every method, three real datasets, B = 16 / 64 / 256, lr chosen on validation.
 
-    python -m benchmarks.transfer --quick                     # make bench: 1 dataset, 2 epochs, 2 methods
-    python -m benchmarks.transfer --stage lr                  # lr grid on val (seed 0)
-    python -m benchmarks.transfer --stage test                # chosen lr, seeds 0 1 2, test split
-    python -m benchmarks.transfer --stage variants            # AmorLIP estimator variants, val, B = 16
-    python -m benchmarks.transfer --stage convergence         # CLIP and AmorLIP at 24 / 48 epochs (val, seed 0)
-    python -m benchmarks.transfer --stage long                # CLIP and AmorLIP at B = 16, 24 epochs, seeds 0 1 2 (test)
-    python -m benchmarks.transfer --stage report              # tables + plot from the jsonl files
-    python -m benchmarks.transfer --stage all                 # lr, test, variants, report (12 epochs everywhere)
-    python -m benchmarks.transfer --stage lr --epochs converged --out converged     # the full run (CLIP at B = 256
-    python -m benchmarks.transfer --stage test --epochs converged --out converged   #   converged): lr, test, report
-    python -m benchmarks.transfer --stage report --out converged
+    python -m studies.transfer --quick                     # make bench: 1 dataset, 2 epochs, 2 methods
+    python -m studies.transfer --stage lr                  # lr grid on val (seed 0)
+    python -m studies.transfer --stage test                # chosen lr, seeds 0 1 2, test split
+    python -m studies.transfer --stage variants            # AmorLIP estimator variants, val, B = 16
+    python -m studies.transfer --stage convergence         # CLIP and AmorLIP at 24 / 48 epochs (val, seed 0)
+    python -m studies.transfer --stage long                # CLIP and AmorLIP at B = 16, 24 epochs, seeds 0 1 2 (test)
+    python -m studies.transfer --stage report              # tables + plot from the jsonl files
+    python -m studies.transfer --stage all                 # lr, test, variants, report (12 epochs everywhere)
+    python -m studies.transfer --stage lr --epochs converged --out converged     # the full run (CLIP at B = 256
+    python -m studies.transfer --stage test --epochs converged --out converged   #   converged): lr, test, report
+    python -m studies.transfer --stage report --out converged
 
-**Data**: :mod:`benchmarks.suite_data` (``emoji``, ``fashion``, ``glyphs``), splits by image.
-**Towers**: :class:`benchmarks.small_batch.SmallTwoTower` (an MLP per image or tile, a mean of
+**Data**: :mod:`studies.suite_data` (``emoji``, ``fashion``, ``glyphs``), splits by image.
+**Towers**: :class:`studies.small_batch.SmallTwoTower` (an MLP per image or tile, a mean of
 token embeddings for text, 64-d). **Loop**: plain PyTorch, AdamW with warm-up and cosine decay,
 clip 1.0, ``s <= 100``, equal epochs at every batch (``--epochs``: per dataset, :data:`CONVERGED_EPOCHS`
 where CLIP at B = 256 has converged); the loss is
@@ -33,8 +33,8 @@ epoch's rows of ``log(Z_batch_i / lambda_i)``, the log of the total weight the e
 gives row ``i``'s negatives relative to InfoNCE's (0 for in-batch); ``scale``: the temperature
 ``s``; and the :class:`amortize.diagnostics.EstimatorMonitor` verdict.
 
-Results: ``benchmarks/transfer*.runs.jsonl`` (one line per finished run, resumed on rerun),
-``benchmarks/transfer.{json,md}``, ``docs/assets/transfer_batch.png`` (``--out``: the prefix of all three).
+Results: ``results/studies/transfer*.runs.jsonl`` (one line per finished run, resumed on rerun),
+``results/studies/transfer.{json,md}``, ``docs/assets/transfer_batch.png`` (``--out``: the prefix of all three).
 """
 
 from __future__ import annotations
@@ -54,10 +54,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from benchmarks.small_batch import SmallTwoTower, _lr_at, encode_split, encoder_step, make_optimizer
+from benchmarks.common import RESULTS_DIR
+from studies.small_batch import SmallTwoTower, _lr_at, encode_split, encoder_step, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-HERE = ROOT / "benchmarks"
+OUT = RESULTS_DIR / "studies"
+"""Where this study's rows (``<out>.runs.jsonl``) and tables (``<out>.{json,md}``) live (:data:`benchmarks.common.RESULTS_DIR`)."""
 RECIPES = ROOT / "recipes"
 SMALL_BATCH_RECIPE = RECIPES / "amorlip-small-batch.yaml"
 
@@ -382,7 +384,7 @@ def normaliser_error(model: SmallTwoTower, loss_fn, split, batch: int, rows: int
 def train(run: Run, data=None) -> dict:
     """Train one model and evaluate it on ``run.split``; returns the run's row (with per-epoch diagnostics)."""
     from amortize.diagnostics import EstimatorMonitor
-    from benchmarks.suite_data import build
+    from studies.suite_data import build
 
     torch.manual_seed(run.seed)
     data = data or build(run.dataset)
@@ -489,6 +491,7 @@ def load_rows(path: Path) -> dict[str, dict]:
 def run_all(runs: Sequence[Run], jsonl: Path, jobs: int = 2, log=print) -> list[dict]:
     """Run what ``jsonl`` does not hold yet (``jobs`` processes, one thread each, niced); append rows as they finish."""
     done = load_rows(jsonl)
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
     todo = [r for r in runs if r.key() not in done]
     log(f"{len(runs) - len(todo)} of {len(runs)} runs already in {jsonl.name}; {len(todo)} to go")
 
@@ -796,7 +799,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--convergence-epochs", type=int, nargs="*", default=[24, 48],
                    help="epochs of the convergence stage (at most 24 at the smallest batch)")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--out", default="transfer", help="results prefix benchmarks/<out>*")
+    p.add_argument("--out", default="transfer", help="results prefix results/studies/<out>*")
     p.add_argument("--quick", action="store_true", help="emoji, CLIP and AmorLIP, B 16 and 64, 2 epochs, seed 0")
     a = p.parse_args(argv)
     methods = a.methods or available_methods()
@@ -807,12 +810,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     if a.quick:
         a.datasets, methods, a.batches, a.seeds = ["emoji"], ["clip", "amorlip"], [16, 64], [0]
         a.out = "transfer_quick"
-        path = HERE / f"{a.out}.runs.jsonl"
+        path = OUT / f"{a.out}.runs.jsonl"
         path.unlink(missing_ok=True)  # a quick run is always fresh
         rows = run_all([Run("emoji", m, b, 0, "test", epochs=2) for m in methods for b in a.batches], path, jobs=1)
         print(markdown_report(rows, "quick (2 epochs, seed 0, base lr)"))
         return
-    lr_path, test_path, var_path = (HERE / f"{a.out}_{s}.runs.jsonl" for s in ("lr", "test", "variants"))
+    lr_path, test_path, var_path = (OUT / f"{a.out}_{s}.runs.jsonl" for s in ("lr", "test", "variants"))
     if a.stage in ("lr", "all"):
         run_all(lr_runs(a.datasets, methods, a.batches, epochs, a.lr_mults, a.beta2_batches), lr_path, a.jobs)
     lr_rows = list(load_rows(lr_path).values())
@@ -830,9 +833,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                              a.variant_method), var_path, a.jobs)
     if a.stage == "convergence":  # not part of "all": a check of the epoch budget
         run_all(convergence_runs(lr_rows, a.datasets, epochs=a.convergence_epochs, suite_epochs=epochs),
-                HERE / f"{a.out}_convergence.runs.jsonl", a.jobs)
+                OUT / f"{a.out}_convergence.runs.jsonl", a.jobs)
     if a.stage == "long":
-        run_all(long_runs(lr_rows, a.datasets, a.seeds, suite_epochs=epochs), HERE / f"{a.out}_long.runs.jsonl", a.jobs)
+        run_all(long_runs(lr_rows, a.datasets, a.seeds, suite_epochs=epochs), OUT / f"{a.out}_long.runs.jsonl", a.jobs)
     if a.stage in ("report", "all"):
         report(a.out)
 
@@ -849,12 +852,12 @@ def at_chosen_lr(rows, lr_rows: Sequence[dict]) -> list[dict]:
 
 
 def report(out: str = "transfer") -> None:
-    """Write ``benchmarks/<out>.md`` / ``.json`` and the plot ``docs/assets/<out>_batch.png`` from the jsonl files."""
+    """Write ``results/studies/<out>.md`` / ``.json`` and the plot ``docs/assets/<out>_batch.png`` from the jsonl files."""
     from benchmarks.common import write_json
 
-    lr_rows = list(load_rows(HERE / f"{out}_lr.runs.jsonl").values())
-    test_rows = at_chosen_lr(load_rows(HERE / f"{out}_test.runs.jsonl").values(), lr_rows)
-    var_rows = list(load_rows(HERE / f"{out}_variants.runs.jsonl").values())
+    lr_rows = list(load_rows(OUT / f"{out}_lr.runs.jsonl").values())
+    test_rows = at_chosen_lr(load_rows(OUT / f"{out}_test.runs.jsonl").values(), lr_rows)
+    var_rows = list(load_rows(OUT / f"{out}_variants.runs.jsonl").values())
     md = markdown_report(test_rows, "## Test split (lr chosen on validation)") if test_rows else ""
     if var_rows:
         # references: CLIP and the recipe's AmorLIP at their chosen lr, seed 0 (the lr stage's rows)
@@ -863,15 +866,16 @@ def report(out: str = "transfer") -> None:
         names = sorted({x["method"] for x in var_rows})
         md += "\n" + markdown_report(var_rows + [r for r in ref if r["batch"] == min(x["batch"] for x in var_rows)],
                                      f"## Variants of {', '.join(names)} (validation split)")
-    long_rows = list(load_rows(HERE / f"{out}_long.runs.jsonl").values())
+    long_rows = list(load_rows(OUT / f"{out}_long.runs.jsonl").values())
     if long_rows:
         md += "\n" + markdown_report(long_rows, f"## Trained longer ({long_rows[0]['epochs']} epochs, test split)")
-    conv_rows = list(load_rows(HERE / f"{out}_convergence.runs.jsonl").values())
+    conv_rows = list(load_rows(OUT / f"{out}_convergence.runs.jsonl").values())
     if conv_rows:
         md += "\n" + convergence_table(lr_rows, conv_rows)
-    (HERE / f"{out}.md").write_text(md)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{out}.md").write_text(md)
     write_json(out, {"test": [{k: v for k, v in r.items() if k != "epochs_log"} for r in test_rows],
-                     "cells": {"|".join(map(str, k)): v for k, v in cells(test_rows).items()}})
+                     "cells": {"|".join(map(str, k)): v for k, v in cells(test_rows).items()}}, "studies")
     if test_rows:
         plot(test_rows, ROOT / "docs" / "assets" / f"{out}_batch.png")
     print(md)

@@ -1,10 +1,10 @@
 """Small-batch regime: unique compositional captions, equal epochs, batch 16 against 256, five methods.
 
-    python -m benchmarks.small_batch --dry-run                 # build the data, one step of every method
-    python -m benchmarks.small_batch --quick                   # 2 epochs, 1 seed, B in {16, 64} (make bench)
-    python -m benchmarks.small_batch                           # 20 epochs, seeds 0 1 2, B in {16, 256}
-    python -m benchmarks.small_batch --variants no_rho in_batch_control   # + AmorLIP variants at B=16 (docs)
-    python -m benchmarks.small_batch --seeds 3 4 5 --split val --jobs 2
+    python -m studies.small_batch --dry-run                 # build the data, one step of every method
+    python -m studies.small_batch --quick                   # 2 epochs, 1 seed, B in {16, 64} (make bench)
+    python -m studies.small_batch                           # 20 epochs, seeds 0 1 2, B in {16, 256}
+    python -m studies.small_batch --variants no_rho in_batch_control   # + AmorLIP variants at B=16 (docs)
+    python -m studies.small_batch --seeds 3 4 5 --split val --jobs 2
 
 **Data** (:func:`build_data`, deterministic in its ``data_seed``, 0 for every run). No caption
 repeats: the shipped emoji with their CLDR names, and *composites* of 2-4 shipped
@@ -28,7 +28,7 @@ give L2-normalised 64-d features. A plain PyTorch loop (AdamW, warmup + cosine, 
 per method and batch, mean and sample standard deviation over seeds, and the fraction of CLIP's
 small -> large gap each method recovers, ``(R@1(method, B_small) - R@1(CLIP, B_small)) /
 (R@1(CLIP, B_large) - R@1(CLIP, B_small))``, with its spread over seeds (seed ``k`` of a method
-against seed ``k`` of CLIP). Written to ``benchmarks/small_batch.{json,md}`` and
+against seed ``k`` of CLIP). Written to ``results/studies/small_batch.{json,md}`` and
 ``docs/assets/small_batch_gap.png``; ``--out NAME`` writes elsewhere (the study uses it).
 """
 
@@ -50,8 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.common import RESULTS_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
-HERE = ROOT / "benchmarks"
+OUT = RESULTS_DIR / "studies"
+"""Where this study's rows (``<out>.runs.jsonl``) and tables (``<out>.{json,md}``) live (:data:`benchmarks.common.RESULTS_DIR`)."""
 
 METHODS = ("clip", "siglip", "sogclr", "fastclip", "amorlip", "neuclip")
 BATCHES = (16, 256)
@@ -494,7 +497,7 @@ class RunConfig:
 def encoder_lr(batch: int) -> float:
     """The encoder's peak learning rate at ``batch``: ``2e-3 * sqrt(batch / 16)``, the same for every method.
 
-    Chosen for CLIP on the validation split (seed 0, 20 epochs; ``benchmarks/small_batch_lr.runs.jsonl``):
+    Chosen for CLIP on the validation split (seed 0, 20 epochs; ``results/studies/small_batch_lr.runs.jsonl``):
     at B=16 the best of 5e-4, 1e-3, 2e-3, 4e-3 was 2e-3; at B=256 the best of 2e-3 ... 3.2e-2 was 8e-3.
     """
     return 2e-3 * math.sqrt(batch / 16)
@@ -596,6 +599,8 @@ def run_all(cfgs: Sequence[RunConfig], jobs: int = 1, log=print, jsonl: Optional
     already in it (so an interrupted study resumes), else start the file afresh.
     """
     done: dict[str, dict] = {}
+    if jsonl is not None:
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
     if jsonl is not None and jsonl.exists() and not resume:
         jsonl.unlink()
     if jsonl is not None and jsonl.exists():
@@ -738,13 +743,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="JSON overrides of the AmorLIP (or NeuCLIP, for --methods neuclip) estimator options")
     p.add_argument("--tag", default="", help="suffix of the amorlip/neuclip rows' tag (settings sweeps)")
     p.add_argument("--variants", nargs="*", default=[],
-                   help="AmorLIP variants of benchmarks.amorlip_variants to add at the smallest batch, as amorlip[NAME]")
-    p.add_argument("--out", default="small_batch", help="name of the benchmarks/<out>.{json,md} results")
+                   help="AmorLIP variants of studies.amorlip_variants to add at the smallest batch, as amorlip[NAME]")
+    p.add_argument("--out", default="small_batch", help="name of the results/studies/<out>.{json,md} results")
     p.add_argument("--plot", default=None,
                    help="plot path (default docs/assets/small_batch_gap.png; none with --quick unless given)")
     p.add_argument("--quick", action="store_true", help="2 epochs, seed 0, B in {16, 64}")
     p.add_argument("--fresh", action="store_true",
-                   help="rerun every configuration (default: reuse the finished runs in benchmarks/<out>.runs.jsonl)")
+                   help="rerun every configuration (default: reuse the finished runs in results/studies/<out>.runs.jsonl)")
     p.add_argument("--dry-run", action="store_true", help="build the data and take one step of every method")
     a = p.parse_args(argv)
     if a.dry_run:
@@ -763,22 +768,22 @@ def main(argv: Optional[list[str]] = None) -> None:
                       tag=f"{m}{a.tag}" if a.tag and m in ("amorlip", "neuclip") else "")
             for m in a.methods for b in a.batches for s in a.seeds]
     if a.variants:
-        from benchmarks.amorlip_variants import VARIANTS
+        from studies.amorlip_variants import VARIANTS
 
         unknown = sorted(set(a.variants) - set(VARIANTS))
         if unknown:
             raise SystemExit(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
         cfgs += [RunConfig("amorlip", min(a.batches), s, epochs=a.epochs, split=a.split,
                            amorlip=VARIANTS[v] or None, tag=f"amorlip[{v}]") for v in a.variants for s in a.seeds]
-    jsonl = HERE / f"{a.out}.runs.jsonl"
+    jsonl = OUT / f"{a.out}.runs.jsonl"
     rows = run_all(cfgs, jobs=a.jobs, jsonl=jsonl, resume=not a.fresh)
     summary = summarise(rows)
-    cmd = "python -m benchmarks.small_batch " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m studies.small_batch " + " ".join(argv if argv is not None else sys.argv[1:])
     from benchmarks.common import write_json
 
-    write_json(a.out, {"command": cmd, "epochs": a.epochs, "split": a.split, "summary": summary, "rows": rows})
+    write_json(a.out, {"command": cmd, "epochs": a.epochs, "split": a.split, "summary": summary, "rows": rows}, "studies")
     md = markdown(summary, f"`{cmd}` ({a.epochs} epochs, split `{a.split}`)")
-    (HERE / f"{a.out}.md").write_text(md)
+    (OUT / f"{a.out}.md").write_text(md)
     if a.plot and len(a.batches) > 1:
         plot(summary, ROOT / a.plot)
     print(md)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import small_batch as sb
+from studies import small_batch as sb
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from benchmarks import suite_data as sd
-from benchmarks import transfer as tf
-from benchmarks.small_batch import Split, SmallTwoTower
+from studies import suite_data as sd
+from studies import transfer as tf
+from studies.small_batch import Split, SmallTwoTower
 
 
 @pytest.fixture(scope="module")
