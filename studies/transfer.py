@@ -17,8 +17,8 @@
 token embeddings for text, 64-d). **Loop**: plain PyTorch, AdamW with warm-up and cosine decay,
 clip 1.0, ``s <= 100``, equal epochs at every batch (``--epochs``: per dataset, :data:`CONVERGED_EPOCHS`
 where CLIP at B = 256 has converged); the loss is
-``ContrastiveLoss.from_sections(**section)`` with each method's ``loss:`` section
-(:data:`METHODS`, data: a new estimator is one more entry). AmorLIP's and NeuCLIP's sections are
+each method's ``loss:`` section (:data:`METHODS`, data: a new estimator is one more entry) bound
+by the recipe binder and built as ``amortize train`` builds a recipe's (:func:`build_loss`). AmorLIP's and NeuCLIP's sections are
 read from ``recipes/amorlip-small-batch.yaml`` and ``recipes/neuclip-small-batch.yaml`` and adapted
 to the run by :func:`adapt_small_batch` (what a recipe knows: batch, epochs, steps per epoch).
 
@@ -41,12 +41,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
 import statistics
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +55,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from benchmarks.common import RESULTS_DIR
-from studies.small_batch import SmallTwoTower, _lr_at, encode_split, encoder_step, make_optimizer
+from studies.loop import train_loop
+from studies.small_batch import SmallTwoTower, encode_split
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = RESULTS_DIR / "studies"
@@ -150,11 +151,20 @@ def available_methods() -> list[str]:
 
 
 def recipe_loss_section(path: Path = SMALL_BATCH_RECIPE) -> dict:
-    """The ``loss:`` section of a recipe file (read safely)."""
-    import yaml
+    """The ``loss:`` section of a recipe file as written (what a run's key records), read by the
+    recipe loader, which checks and binds the whole recipe first: a recipe with a bad key or value
+    is refused naming it. Read again when the file changes."""
+    path = Path(path)
+    return copy.deepcopy(_recipe_loss(str(path.resolve()), path.stat().st_mtime_ns))
 
-    with open(path) as f:
-        return yaml.safe_load(f)["loss"]
+
+@functools.lru_cache(maxsize=None)
+def _recipe_loss(path: str, mtime_ns: int) -> dict:
+    from amortize.train.config import load_recipe
+    from amortize.train.yaml_input import read_recipe_text, read_yaml
+
+    load_recipe(path)  # the recipe checked and every section bound (nothing built)
+    return read_yaml(read_recipe_text(Path(path)))["loss"]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -214,14 +224,23 @@ def method_section(method: str, batch: int, epochs: int, steps_per_epoch: int,
     return sec, spec.get("init_scale", CLIP_SCALE), spec.get("init_bias")
 
 
-def build_loss(section: dict, num_samples: int, dim: int):
-    """``ContrastiveLoss.from_sections`` of a ``loss:`` section (``objective``, ``estimator``, ``rho``, ...)."""
-    from amortize.losses import ContrastiveLoss
+def bind_loss(section: dict):
+    """A run's ``loss:`` section (a method's, adapted, with a variant's overrides merged in) checked
+    by the recipe binder, as a recipe's ``loss:`` is at load: the recipe of that section alone,
+    its sections bound (nothing built). A typo anywhere the binder reads (``loss.rhoo``,
+    ``loss.estimator.lrr``, ``loss.objective.pos_weigt``) is refused naming its dotted key."""
+    from amortize.train.config import load_recipe_dict
 
-    sec = dict(section)
-    est = sec.pop("estimator", None)
-    context = {"dim": dim, "num_samples": num_samples}  # from_sections passes each only where it is named
-    return ContrastiveLoss.from_sections(sec.pop("objective", "linearized"), est, context=context, **sec)
+    return load_recipe_dict({"loss": copy.deepcopy(section)})
+
+
+def build_loss(section: dict, num_samples: int, dim: int):
+    """The :class:`~amortize.losses.ContrastiveLoss` of a ``loss:`` section, bound by :func:`bind_loss`
+    and built from its bound sections as ``amortize train`` builds a recipe's
+    (:func:`amortize.train.builders.build_loss`: ``dim`` and ``num_samples`` offered to the estimator)."""
+    from amortize.train.builders import build_loss as build_recipe_loss
+
+    return build_recipe_loss(bind_loss(section), dim, num_samples)
 
 
 # ------------------------------------------------------------------------------------------ variants
@@ -395,10 +414,6 @@ def train(run: Run, data=None) -> dict:
     loss_fn = build_loss(section, n, 64)
     model = SmallTwoTower(data.pixels, data.vocab_size, init_logit_scale=ls0, init_logit_bias=lb0)
     lr = run.lr or base_lr(run.batch)
-    opt = make_optimizer(model, lr, run.beta2 or BETA2)
-    total = spe * run.epochs
-    warmup = max(1, min(spe, total // 10))
-    gen = torch.Generator().manual_seed(run.seed)
     monitor = EstimatorMonitor(warn=False)  # verdicts go to the row's "warnings"
     ratios: list[torch.Tensor] = []
 
@@ -411,24 +426,12 @@ def train(run: Run, data=None) -> dict:
         monitor.attach(loss_fn.estimator)
     per_epoch: list[dict] = []
     diag_every = max(1, run.epochs // 24)  # the normaliser's error at most ~24 times a run (and at its end)
-    step = 0
-    t0 = time.perf_counter()
-    for epoch in range(run.epochs):
-        loss_fn.start_epoch(epoch, run.epochs)
+
+    def start(epoch: int) -> None:
         monitor.start_epoch(epoch)
         ratios.clear()
-        perm = torch.randperm(n, generator=gen)
-        for b in range(spe):
-            idx = perm[b * run.batch : (b + 1) * run.batch]
-            for gr in opt.param_groups:
-                gr["lr"] = _lr_at(step, total, warmup, lr)
-            x = model.encode_image(tr.tiles[idx])
-            y = model.encode_text(tr.tokens[idx])
-            out = loss_fn(x, y, model.logit_scale.exp(), model.logit_bias, index=idx)
-            encoder_step(model, opt, out["loss"])
-            step += 1
-            if run.max_steps is not None and step >= run.max_steps:
-                break
+
+    def diagnose(epoch: int, steps: int, out: dict) -> None:
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(f"{run.key()}: non-finite loss in epoch {epoch}")
         e = {"epoch": epoch, "scale": float(model.logit_scale.exp())}
@@ -441,9 +444,11 @@ def train(run: Run, data=None) -> dict:
             model.train()
         e.update(monitor.end_epoch() or {})
         per_epoch.append(e)
-        if run.max_steps is not None and step >= run.max_steps:
-            break
-    wall = time.perf_counter() - t0
+
+    done = train_loop(model, loss_fn, tr, batch=run.batch, epochs=run.epochs, lr=lr, seed=run.seed,
+                      beta2=run.beta2 or BETA2, max_steps=run.max_steps, on_epoch_start=start,
+                      on_epoch_end=diagnose)
+    step, wall = done.steps, done.wall_s
     model.eval()
     row = {**asdict(run), "key": run.key(), "tag": run.tag(), "lr": lr, "beta2": run.beta2 or BETA2, "steps": step,
            "wall_s": wall,
@@ -488,11 +493,24 @@ def load_rows(path: Path) -> dict[str, dict]:
     return {k: r for k, r in rows.items() if is_current(r)}
 
 
+def check_sections(runs: Sequence[Run]) -> None:
+    """Bind the loss section of every run (each distinct one once) before any of them trains: a typo
+    in a method or a variant's overrides is refused at once, naming its key (:func:`bind_loss`)."""
+    seen: set[str] = set()
+    for r in runs:
+        section = method_section(r.method, r.batch, r.epochs, 0, r.overrides)[0]
+        k = json.dumps(section, sort_keys=True, default=str)
+        if k not in seen:
+            seen.add(k)
+            bind_loss(section)
+
+
 def run_all(runs: Sequence[Run], jsonl: Path, jobs: int = 2, log=print) -> list[dict]:
     """Run what ``jsonl`` does not hold yet (``jobs`` processes, one thread each, niced); append rows as they finish."""
     done = load_rows(jsonl)
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     todo = [r for r in runs if r.key() not in done]
+    check_sections(todo)
     log(f"{len(runs) - len(todo)} of {len(runs)} runs already in {jsonl.name}; {len(todo)} to go")
 
     def finish(row: dict) -> None:
