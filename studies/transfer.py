@@ -14,13 +14,15 @@
 
 **Data**: :mod:`studies.suite_data` (``emoji``, ``fashion``, ``glyphs``), splits by image.
 **Towers**: :class:`studies.small_batch.SmallTwoTower` (an MLP per image or tile, a mean of
-token embeddings for text, 64-d). **Loop**: plain PyTorch, AdamW with warm-up and cosine decay,
-clip 1.0, ``s <= 100``, equal epochs at every batch (``--epochs``: per dataset, :data:`CONVERGED_EPOCHS`
-where CLIP at B = 256 has converged); the loss is
-each method's ``loss:`` section (:data:`METHODS`, data: a new estimator is one more entry) bound
-by the recipe binder and built as ``amortize train`` builds a recipe's (:func:`build_loss`). AmorLIP's and NeuCLIP's sections are
-read from ``recipes/amorlip-small-batch.yaml`` and ``recipes/neuclip-small-batch.yaml`` and adapted
-to the run by :func:`adapt_small_batch` (what a recipe knows: batch, epochs, steps per epoch).
+token embeddings for text, 64-d). **Loop**: the studies' one loop (:func:`studies.loop.train_loop`:
+AdamW with warm-up and cosine decay, clip 1.0, ``s <= 100``), equal epochs at every batch
+(``--epochs``: per dataset, :data:`CONVERGED_EPOCHS` where CLIP at B = 256 has converged). **Loss**:
+each method's ``loss:`` section (:data:`METHODS`, data: a new estimator is one more entry), bound
+by the recipe binder and built as ``amortize train`` builds a recipe's (:func:`build_loss`); every
+run's section is bound before any run trains (:func:`check_sections`). AmorLIP's and NeuCLIP's
+sections are read by the recipe loader from ``recipes/amorlip-small-batch.yaml`` and
+``recipes/neuclip-small-batch.yaml`` and adapted to the run by :func:`adapt_small_batch` (what a
+recipe knows: batch, epochs, steps per epoch).
 
 **Learning rate**: per (dataset, method, batch) the best of ``LR_MULTS`` times
 ``2e-3 * sqrt(B / 16)`` on the validation split at seed 0 (``--stage lr``); the test stage uses it.
