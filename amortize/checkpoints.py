@@ -61,11 +61,30 @@ class CheckpointWriteError(OSError):
     message names the file and says that the previous file, if any, is unchanged."""
 
 
-def _is_write_failure(e: BaseException) -> bool:
-    """An ``OSError`` or torch's ``RuntimeError: ... file write failed`` (a full disk under ``torch.save``)."""
-    if isinstance(e, CheckpointWriteError):
-        return False
-    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e).lower())
+def _write_failure(e: BaseException) -> Optional[BaseException]:
+    """The exception that says why a write failed, or None when ``e`` is not a write failure.
+
+    An ``OSError`` or torch's ``RuntimeError: ... file write failed`` is one; so is a ``RuntimeError``
+    raised while handling an ``OSError``: on a real full disk ``torch.save``'s zip writer hits ``OSError:
+    [Errno 28] No space left on device`` and its ``__exit__`` then raises ``RuntimeError: [enforce
+    fail at inline_container.cc:...] unexpected pos ...``, which names neither the disk nor a write.
+    The ``OSError`` of the chain (``__cause__`` / ``__context__``) is returned then.
+    """
+    seen: set[int] = set()
+    chain: list[BaseException] = []
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen and len(chain) < 16:
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    if isinstance(e, CheckpointWriteError) or not isinstance(e, (OSError, RuntimeError)):
+        return None
+    for x in chain:
+        if isinstance(x, OSError) and not isinstance(x, CheckpointWriteError):
+            return x
+    if isinstance(e, RuntimeError) and "write" in str(e).lower():
+        return e
+    return None
 
 
 class CorruptCheckpointError(ValueError):
@@ -207,9 +226,10 @@ def atomic_path(path: PathLike) -> Iterator[str]:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if _is_write_failure(e):
+        why = _write_failure(e)
+        if why is not None:
             kept = f"the previous {dest.name} is unchanged" if dest.exists() else f"no {dest.name} was written"
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            reason = (str(why).strip().splitlines() or [type(why).__name__])[-1]
             raise CheckpointWriteError(f"could not write {dest}: {reason} ({kept}); free space or "
                                        "choose another save_folder") from e
         raise

@@ -286,6 +286,11 @@ def _train(args: argparse.Namespace, recipe: Any) -> int:
         warm = warmup_warning(recipe, None if length is None else int(length))
         if warm:
             print(f"amortize train: warning: {warm}", flush=True)
+        from amortize.train.plan import untrained_data_note
+
+        untrained = untrained_data_note(recipe)
+        if untrained:
+            print(f"amortize train: warning: {untrained}", flush=True)
     try:
         trainer.fit()
     except TrainingInterrupted as e:

@@ -55,7 +55,10 @@ class SkipCounter:
 
     Counts live in a ``multiprocessing.Array``, so increments made in DataLoader workers are
     visible from the trainer's process. Sample reasons: ``missing_field``, ``undecodable_image``,
-    ``empty_caption``; shard reasons: ``missing_shard``, ``corrupt_shard``.
+    ``empty_caption``; shard reasons: ``missing_shard``, ``corrupt_shard``. ``lost`` counts the
+    samples a missing or corrupt shard should have held (its size from ``*_stats.json``,
+    ``sizes.json`` or a scan) that were never read; it is reported, not held against the limit
+    (the shard already is).
     """
 
     def __init__(self, max_skip_fraction: float = 0.05, min_seen: int = 100):
@@ -63,8 +66,8 @@ class SkipCounter:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         self.max_skip_fraction = float(max_skip_fraction)
         self.min_seen = int(min_seen)
-        # layout: [kept_samples, opened_shards, *reasons]
-        self._counts = mp.get_context("spawn").Array("q", 2 + len(SKIP_REASONS))
+        # layout: [kept_samples, opened_shards, *reasons, lost_samples]
+        self._counts = mp.get_context("spawn").Array("q", 3 + len(SKIP_REASONS))
 
     def _add(self, slot: int, n: int = 1) -> None:
         with self._counts.get_lock():
@@ -85,6 +88,16 @@ class SkipCounter:
             raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
         self._add(2 + SKIP_REASONS.index(reason))
         self.check()
+
+    def record_lost(self, n: int) -> None:
+        """Count ``n`` samples of a missing or corrupt shard that were never read."""
+        if n > 0:
+            self._add(2 + len(SKIP_REASONS), int(n))
+
+    @property
+    def lost(self) -> int:
+        """Samples of missing or corrupt shards never read."""
+        return int(self._counts[2 + len(SKIP_REASONS)])
 
     @property
     def kept(self) -> int:
@@ -131,12 +144,12 @@ class SkipCounter:
 
     def summary(self) -> str:
         """One line: kept count and skips by reason."""
-        parts = [f"{r}={n}" for r, n in self.skipped.items() if n]
+        parts = [f"{r}={n}" for r, n in self.skipped.items() if n] + ([f"lost={self.lost}"] if self.lost else [])
         return f"kept={self.kept} " + (" ".join(parts) if parts else "no skips")
 
     def as_dict(self) -> dict[str, int]:
-        """Counts as a flat dict (``kept``, ``shards``, and one key per reason) for logging."""
-        return {"kept": self.kept, "shards": int(self._counts[1]), **self.skipped}
+        """Counts as a flat dict (``kept``, ``shards``, one key per reason, ``lost``) for logging."""
+        return {"kept": self.kept, "shards": int(self._counts[1]), **self.skipped, "lost": self.lost}
 
 
 # ----------------------------------------------------------------------------- shard indexing
@@ -322,17 +335,21 @@ class ShardSamples:
     """Pipeline stage: shard dicts ``{"url": path}`` -> decoded samples, using shared offsets/counter."""
 
     def __init__(self, offsets: dict[str, int], transform: Callable, tokenizer: Callable,
-                 counter: SkipCounter):
+                 counter: SkipCounter, sizes: dict[str, int] | None = None):
         self.offsets, self.transform, self.tokenizer, self.counter = offsets, transform, tokenizer, counter
+        self.sizes = sizes or {}  # samples per shard: a shard read whole that yields fewer lost the others
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for shard in src:
             url = shard["url"]
+            read = 0
             for raw in read_tar_samples(url, self.counter):
+                read += 1
                 out = decode_sample(raw, self.transform, self.tokenizer, self.offsets.get(url, 0),
                                     self.counter)
                 if out is not None:
                     yield out
+            self.counter.record_lost(self.sizes.get(url, 0) - read)
 
 
 MIN_BATCH = 2
@@ -419,6 +436,7 @@ def make_pipeline(
     offsets: dict[str, int] | None = None,
     epoch_batches: int | None = None,
     drop_last: bool = True,
+    sizes: dict[str, int] | None = None,
 ):
     """Build the training pipeline as a ``webdataset.DataPipeline`` (an IterableDataset of batches).
 
@@ -439,6 +457,8 @@ def make_pipeline(
             and never reads a shard twice in an epoch.
         drop_last: drop a final incomplete batch (without it, a single final sample joins the
             batch before it: a contrastive batch needs a negative).
+        sizes: ``{shard: samples}``; the samples a shard read to its end did not yield are counted
+            as ``lost`` in ``counter`` (None: not counted).
 
     Returns:
         The pipeline; iterate it (or wrap it in ``DataLoader(pipeline, batch_size=None, num_workers=...)``)
@@ -455,7 +475,7 @@ def make_pipeline(
         stages = [wds.SimpleShardList(urls), wds.detshuffle(bufsize=len(urls), seed=seed) if shuffle_buffer else None,
                   wds.split_by_node, wds.split_by_worker]
     stages = [s for s in stages if s is not None]
-    stages.append(ShardSamples(offsets, transform, tokenizer, counter))
+    stages.append(ShardSamples(offsets, transform, tokenizer, counter, sizes))
     if shuffle_buffer:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
     stages.append(Batches(batch_size, drop_last=drop_last))
@@ -635,7 +655,7 @@ class ShardEpochs(torch.utils.data.IterableDataset):
         cache: dict[int, tuple[str, dict]] = {}
         done = -1  # the stream is read up to here
         for j, qs in batches:
-            samples = []
+            samples, lost = [], 0
             for q in qs.tolist():
                 while q not in cache and done < q:
                     try:
@@ -645,7 +665,8 @@ class ShardEpochs(torch.utils.data.IterableDataset):
                         break
                     cache[got], done = (url, sample), got
                 if q not in cache:
-                    continue  # in a shard that ended early (counted as corrupt or missing)
+                    lost += 1  # in a shard that ended early (counted as corrupt or missing)
+                    continue
                 url, sample = cache.pop(q)
                 index = self.offsets[url] + sample["__pos__"]
                 with torch.random.fork_rng(devices=[]):
@@ -653,6 +674,7 @@ class ShardEpochs(torch.utils.data.IterableDataset):
                     out = decode_sample(sample, self.transform, self.tokenizer, self.offsets[url], self.counter)
                 if out is not None:
                     samples.append(out)
+            self.counter.record_lost(lost)
             if len(samples) >= MIN_BATCH:
                 yield {**collate(samples), "batch": torch.tensor(j)}
 
@@ -814,7 +836,7 @@ def webdataset_train(
     pipeline = make_pipeline(
         urls, transform=open_clip_transform(image_size, is_train=True), tokenizer=tokenizer,
         batch_size=batch_size // world_size, resampled=sampling == "resampled", shuffle_buffer=shuffle_buffer,
-        seed=seed, epoch_batches=per_worker, offsets=offsets, drop_last=drop_last, counter=counter,
+        seed=seed, epoch_batches=per_worker, offsets=offsets, drop_last=drop_last, counter=counter, sizes=sizes,
     ).with_length(epoch_len, silent=True)
     pipeline.dataset_size = total
     return pipeline

@@ -480,9 +480,13 @@ def dry_run(recipe: Recipe) -> list[str]:
         batches = None
     n_params = sum(p.numel() for p in model.model.parameters())
     est = type(model.loss_fn.estimator).__name__ if getattr(model.loss_fn, "estimator", None) is not None else "none"
+    from amortize.train.plan import untrained_data_note
+
     warm = warmup_warning(recipe, batches)
+    untrained = untrained_data_note(recipe)  # after the data was built: the shards' sizes are counted
     return [
         *([f"warning: {warm}"] if warm else []),
+        *([f"warning: {untrained}"] if untrained else []),
         f"model: {recipe.model.name}, {n_params:,} encoder parameters; loss: {recipe.loss.objective}, estimator {est}",
         f"data: {recipe.data.name}, {batches if batches is not None else 'unknown'} batches of {per} per process "
         f"and epoch",

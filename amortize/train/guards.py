@@ -6,7 +6,8 @@
   value before the step) or *stops* the run: it saves a checkpoint of the last good state and
   raises :class:`DivergenceError` naming the batch and what was non-finite.
 * :class:`DataSkipReport` (Callback): logs the webdataset pipeline's skip counts
-  (``data/kept``, ``data/skipped/<reason>``) every epoch and at the end of the run.
+  (``data/kept``, ``data/skipped/<reason>``) every epoch and at the end of the run, and says
+  how many samples of an epoch were not trained (skipped, or lost in a truncated shard) and why.
 * (moved to :mod:`amortize.train.compat`) :func:`~amortize.train.compat.install_atomic_checkpoint_writes`: makes Composer write each checkpoint to a temporary
   file and rename it into place, so a process killed during a save never leaves a truncated
   checkpoint under a real checkpoint name.
@@ -279,8 +280,12 @@ class DivergenceGuard(Algorithm):
 class DataSkipReport(Callback):
     """Log the data pipeline's skip counts at the end of every epoch and of the run.
 
-    Logs ``data/kept``, ``data/shards`` and ``data/skipped/<reason>`` (see
-    :data:`amortize.data.webdataset.SKIP_REASONS`) and a one-line summary when anything was skipped.
+    Logs ``data/kept``, ``data/shards``, ``data/skipped/<reason>`` (see
+    :data:`amortize.data.webdataset.SKIP_REASONS`) and ``data/skipped/lost``, and a one-line summary
+    when anything was skipped. An epoch in which samples of the data were not trained (skipped, or
+    lost in a missing or truncated shard, whose size the shard's stats say) ends with a warning
+    saying how many of the epoch's samples and why: ``data: epoch 0: 6 of 36 samples not trained
+    (1 corrupt shard: 6 samples lost)``.
 
     Args:
         counter: the pipeline's :class:`~amortize.data.webdataset.SkipCounter`.
@@ -289,11 +294,17 @@ class DataSkipReport(Callback):
     def __init__(self, counter: Any):
         self.counter = counter
         self._epoch_start_batch: Optional[int] = None
+        self._epoch_start_counts: dict[str, int] = {}
+        self._epoch_rows = 0
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        """Composer hook (EPOCH_START, EPOCH_END, FIT_END)."""
+        """Composer hook (EPOCH_START, AFTER_DATALOADER, EPOCH_END, FIT_END)."""
         if event == Event.EPOCH_START:
             self._epoch_start_batch = int(state.timestamp.batch)
+            self._epoch_start_counts, self._epoch_rows = self.counter.as_dict(), 0
+            return
+        if event == Event.AFTER_DATALOADER:
+            self._epoch_rows += _rows(state.batch)
             return
         if event not in (Event.EPOCH_END, Event.FIT_END):
             return
@@ -307,11 +318,44 @@ class DataSkipReport(Callback):
         counts = self.counter.as_dict()
         metrics = {f"data/{k}" if k in ("kept", "shards") else f"data/skipped/{k}": float(v) for k, v in counts.items()}
         logger.log_metrics(metrics)
+        if event == Event.EPOCH_END:
+            line = self.epoch_line(int(state.timestamp.epoch) - 1, counts)
+            if line:
+                log.warning("%s", line)
         if self.counter.skipped_samples or self.counter.bad_shards:
             f_samples, f_shards = self.counter.fractions()
             log.warning("data: %s (%.2f%% of samples, %.2f%% of shards skipped; limit %.2f%%)",
                         self.counter.summary(), 100 * f_samples, 100 * f_shards,
                         100 * self.counter.max_skip_fraction)
+
+    def epoch_line(self, epoch: int, counts: dict[str, int]) -> Optional[str]:
+        """``data: epoch E: N of M samples not trained (why)`` of the epoch that ends, or None when every
+        sample it reached was trained. ``M`` is the samples trained plus those not trained (by this process)."""
+        d = {k: v - self._epoch_start_counts.get(k, 0) for k, v in counts.items()}
+        skipped = {k: d.get(k, 0) for k in ("missing_field", "undecodable_image", "empty_caption") if d.get(k, 0)}
+        lost = d.get("lost", 0)
+        missed = lost + sum(skipped.values())
+        if missed <= 0:
+            return None
+        why = []
+        if lost:
+            shards = [f"{n} {kind} shard{'s' if n > 1 else ''}" for kind, n in
+                      (("corrupt", d.get("corrupt_shard", 0)), ("missing", d.get("missing_shard", 0))) if n]
+            why.append(f"{' and '.join(shards) or 'truncated or missing shards'}: {lost} sample{'s' if lost > 1 else ''} "
+                       "lost, never read")
+        if skipped:
+            why.append(f"{sum(skipped.values())} skipped: " + " ".join(f"{k}={n}" for k, n in skipped.items()))
+        return (f"data: epoch {epoch}: {missed} of {self._epoch_rows + missed} samples not trained "
+                f"({'; '.join(why)})")
+
+
+def _rows(batch: Any) -> int:
+    """Rows of a batch (the first dimension of its first tensor; 0 when it holds none)."""
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return 0
 
 
 STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}

@@ -24,7 +24,7 @@ from typing import Any, Optional
 from amortize.train.config import Recipe, RecipeError, recipe_to_dict
 from amortize.train.sections import SECTIONS
 
-__all__ = ["shown_folder", "IDENTITY_KEYS", "NOT_COMPARED", "RESOLVED", "RESTORED_KEYS", "StartPlan", "resume_changes", "check_writable", "decide_start", "recipe_differences", "run_files"]
+__all__ = ["shown_folder", "untrained_data_note", "IDENTITY_KEYS", "NOT_COMPARED", "RESOLVED", "RESTORED_KEYS", "StartPlan", "resume_changes", "check_writable", "decide_start", "recipe_differences", "run_files"]
 
 IDENTITY_KEYS = ("method", "model", "loss", "optimizer.name")
 """Recipe keys (and sections) a checkpoint must share with the recipe that resumes it."""
@@ -202,6 +202,44 @@ def shown_folder(folder: str) -> str:
     (Composer writes into the current folder) as the current folder's absolute path, not ``/``."""
     real = folder if folder not in ("", ".") else os.getcwd()
     return real if real.endswith("/") else real + "/"
+
+
+def untrained_data_note(recipe: Recipe) -> Optional[str]:
+    """A line saying that ``data.num_samples`` trains fewer samples an epoch than the shards hold, or None.
+
+    With ``data.name: webdataset`` and ``sampling: split``, a ``num_samples`` below the shards' samples
+    (their sizes from ``sizes.json``, img2dataset's ``*_stats.json`` or the cached count) makes an
+    epoch one pass cut at ``num_samples // batch_size`` batches; the rest of the shards is not trained
+    in that epoch, and never when ``shuffle_buffer: 0`` reads the shards in the same order every epoch.
+    ``--dry-run`` and the start of training say it (a short epoch may be wanted: it is not refused).
+    A map-style dataset's epoch is the whole dataset; ``sampling: resampled`` draws with replacement.
+    """
+    from amortize.train.sections import bindings
+
+    data = bindings(recipe).get("data").resolved
+    n, shards = data.get("num_samples"), data.get("shards")
+    if data.get("name") != "webdataset" or data.get("sampling", "split") != "split" or not n or not shards:
+        return None
+    from amortize.data.webdataset import expand_shards, shard_sizes
+
+    try:
+        total = sum(shard_sizes(expand_shards(shards)).values())
+    except (OSError, ValueError):
+        return None  # the data's own checks name what is wrong with the pattern
+    batch = int(data["batch_size"])
+    batches = max(1, int(n) // batch)
+    trained = min(total, batches * batch)
+    if trained >= total:
+        return None
+    rest = total - trained
+    if data.get("shuffle_buffer", 1000):
+        fate = (f"the other {rest:,} are not trained in that epoch (each epoch reads the shards in another order, "
+                "so another part of them)")
+    else:
+        fate = (f"the other {rest:,} are never trained (data.shuffle_buffer=0 reads the shards in the same order "
+                "every epoch)")
+    return (f"data.num_samples={n} trains {trained:,} of the {total:,} samples of the shards an epoch ({batches:,} "
+            f"batches of {batch}); {fate}; leave data.num_samples out (null) to train every sample each epoch")
 
 
 def check_writable(folder: str) -> None:

@@ -1,4 +1,4 @@
-"""The studies' short runs (``make bench``, ``-m benchmark``): the small-batch regime in 2 epochs."""
+"""The studies' short runs (``make bench-all``, ``-m benchmark``): the small-batch regime in 2 epochs."""
 
 import json
 
