@@ -30,15 +30,15 @@ test-all: $(STAMP)
 
 # the quick set (docs/benchmarks.md says how long each takes): the losses at B = 1024, the estimator accuracy at
 # B = 32 and 128, the step overhead at batch 32, then the transfer suite's 2-epoch version; it leaves the
-# committed reports alone (its numbers: benchmarks/results.json)
+# committed reports alone (its numbers: results/benchmarks/results.json)
 bench: $(STAMP)
-	AMORTIZE_BENCH=quick $(BIN)/python -m pytest tests/benchmarks -m benchmark -q --benchmark-json=benchmarks/results.json
-	$(BIN)/python -m benchmarks.transfer --quick   # the transfer suite, 2 epochs (full run: docs/benchmarks.md)
+	AMORTIZE_BENCH=quick $(BIN)/python -m pytest tests/benchmarks -m benchmark -q --benchmark-json=results/benchmarks/results.json
+	$(BIN)/python -m studies.transfer --quick   # the transfer suite, 2 epochs (full run: docs/benchmarks.md)
 
-# every benchmark (B up to 16384, the microbatch sweep, the small-batch quick run); rewrites benchmarks/<name>.{json,md,png}
+# every benchmark (B up to 16384, the microbatch sweep) and the studies' short runs; rewrites results/benchmarks/<name>.{json,md,png}
 bench-all: $(STAMP)
-	$(BIN)/python -m pytest tests/benchmarks -m benchmark -q --benchmark-json=benchmarks/results.json
-	$(BIN)/python -m benchmarks.transfer --quick
+	$(BIN)/python -m pytest tests/benchmarks tests/studies -m benchmark -q --benchmark-json=results/benchmarks/results.json
+	$(BIN)/python -m studies.transfer --quick
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

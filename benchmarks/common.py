@@ -16,8 +16,11 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+RESULTS_DIR = ROOT / "results"
+"""The one folder every benchmark and study writes its results to (``results/benchmarks/``,
+``results/studies/``); no script writes beside its code."""
 
-__all__ = ["HERE", "machine", "time_call", "peak_rss_in_child", "rss_peak_reset", "rss_peak_since_reset",
+__all__ = ["HERE", "ROOT", "RESULTS_DIR", "results_dir", "machine", "time_call", "peak_rss_in_child", "rss_peak_reset", "rss_peak_since_reset",
            "write_json", "markdown_table"]
 
 
@@ -75,9 +78,16 @@ def peak_rss_in_child(module: str, args: Sequence[str], timeout: float = 900) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def write_json(name: str, payload: dict) -> Path:
-    """Write ``benchmarks/<name>.json`` (with the machine description) and return its path."""
-    path = HERE / f"{name}.json"
+def results_dir(kind: str) -> Path:
+    """``results/<kind>/`` (``benchmarks`` or ``studies``), made if missing."""
+    path = RESULTS_DIR / kind
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(name: str, payload: dict, kind: str = "benchmarks") -> Path:
+    """Write ``results/<kind>/<name>.json`` (with the machine description) and return its path."""
+    path = results_dir(kind) / f"{name}.json"
     payload = {"machine": machine(), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

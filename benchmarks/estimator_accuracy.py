@@ -1,6 +1,6 @@
 """Accuracy of the partition-function estimators on a fixed pool with a known exact log partition.
 
-``python -m benchmarks.estimator_accuracy`` writes ``benchmarks/estimator_accuracy.{json,md,png}``.
+``python -m benchmarks.estimator_accuracy`` writes ``results/benchmarks/estimator_accuracy.{json,md,png}``.
 
 The pool: P = 8192 pairs of unit embeddings in d = 64 drawn around 32 cluster centres (so that
 ``log Z`` varies from sample to sample), texts correlated with their images, inverse
@@ -123,7 +123,7 @@ def run(B: int, seed: int = 0) -> dict:
 
 
 def report(results: list[dict]) -> dict:
-    from benchmarks.common import HERE, markdown_table, write_json
+    from benchmarks.common import markdown_table, results_dir, write_json
 
     targets = {}
     small = [r for r in results if r["B"] == 32]
@@ -140,7 +140,7 @@ def report(results: list[dict]) -> dict:
                             "amortized (KL) RMSE", "amortized (reverse KL) RMSE", "NeuCLIP RMSE"], rows)
     write_json("estimator_accuracy", {"pool": POOL, "dim": DIM, "scale": SCALE, "results": results,
                                       "targets": targets})
-    (HERE / "estimator_accuracy.md").write_text(table)
+    (results_dir("benchmarks") / "estimator_accuracy.md").write_text(table)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,7 +158,7 @@ def report(results: list[dict]) -> dict:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(HERE / "estimator_accuracy.png", dpi=110)
+    fig.savefig(results_dir("benchmarks") / "estimator_accuracy.png", dpi=110)
     plt.close(fig)
     return targets
 

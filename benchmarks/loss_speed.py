@@ -1,7 +1,7 @@
 """Loss forward + backward time and peak memory against open_clip's ClipLoss and SigLipLoss.
 
 ``python -m benchmarks.loss_speed`` measures every variant at B in {1024, 4096, 16384}, d = 512,
-fp32 on the CPU, and writes ``benchmarks/loss_speed.{json,md,png}``.
+fp32 on the CPU, and writes ``results/benchmarks/loss_speed.{json,md,png}``.
 
 Time: wall-clock of one call of ``loss(x, y, s[, b]).backward()`` (features and scale require
 grad), minimum over rounds after a warm-up. Peak memory: every (variant, B) runs once more in a
@@ -151,9 +151,9 @@ def report(results: list[dict]) -> dict:
                      r["peak_bytes"] / 2**20])
     table = markdown_table(["variant", "B", "fwd+bwd (s)", "time / ClipLoss", "peak memory (MiB)"], rows)
     write_json("loss_speed", {"dim": DIM, "chunk_size": CHUNK, "results": results, "targets": targets})
-    from benchmarks.common import HERE
+    from benchmarks.common import results_dir
 
-    (HERE / "loss_speed.md").write_text(table)
+    (results_dir("benchmarks") / "loss_speed.md").write_text(table)
     plot(results)
     return targets
 
@@ -164,7 +164,7 @@ def plot(results: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.common import HERE
+    from benchmarks.common import results_dir
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for v in VARIANTS:
@@ -182,7 +182,7 @@ def plot(results: list[dict]) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(HERE / "loss_speed.png", dpi=110)
+    fig.savefig(results_dir("benchmarks") / "loss_speed.png", dpi=110)
     plt.close(fig)
 
 

@@ -1,6 +1,6 @@
 """Peak memory and step time of gradient-cached microbatching against the microbatch size (CPU).
 
-``python -m benchmarks.microbatch`` writes ``benchmarks/microbatch.{json,md}``.
+``python -m benchmarks.microbatch`` writes ``results/benchmarks/microbatch.{json,md}``.
 
 Model and loss: the default recipe (``recipes/default.yaml``: the ``cpu-small`` towers, AmorLIP's
 amortized objective), batch 256 of random inputs, the recipe's AdamW and gradient clipping at 1.0.
@@ -90,8 +90,8 @@ def run(rounds: int = 3, sizes: Sequence[int] = SIZES, threads: Optional[int] = 
 
 
 def report(result: dict) -> str:
-    """Write ``benchmarks/microbatch.{json,md}``; return the table."""
-    from benchmarks.common import HERE, markdown_table, write_json
+    """Write ``results/benchmarks/microbatch.{json,md}``; return the table."""
+    from benchmarks.common import markdown_table, results_dir, write_json
 
     rows = sorted(result["rows"], key=lambda r: -r["microbatch"])
     whole = next((r for r in rows if r["microbatch"] >= result["batch"]), rows[0])
@@ -102,7 +102,7 @@ def report(result: dict) -> str:
          for r in rows],
     )
     write_json("microbatch", result)
-    (HERE / "microbatch.md").write_text(table)
+    (results_dir("benchmarks") / "microbatch.md").write_text(table)
     return table
 
 

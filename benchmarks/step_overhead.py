@@ -1,7 +1,7 @@
 """Training-step overhead of AmorLIP over CLIP on the same model and batch (CPU).
 
 ``python -m benchmarks.step_overhead [--batches 32 256] [--model cpu-small]`` writes
-``benchmarks/step_overhead.{json,md}`` (one row per batch size and method).
+``results/benchmarks/step_overhead.{json,md}`` (one row per batch size and method).
 
 Model: the default recipe's ``cpu-small`` two-tower model (about 8M parameters, 28 px images,
 32 tokens), batch 256 of random inputs, AdamW, gradient clipping at 1.0. One step is: forward,
@@ -101,7 +101,7 @@ TARGETS = {32: 0.15, 256: 0.03}
 
 
 def report(results: list[dict]) -> dict:
-    from benchmarks.common import HERE, markdown_table, write_json
+    from benchmarks.common import markdown_table, results_dir, write_json
 
     targets, rows = {}, []
     for result in results:
@@ -113,7 +113,7 @@ def report(results: list[dict]) -> dict:
         rows += [[B, v, result["median_s"][v] * 1000, 100 * result["overhead"].get(v, 0.0)] for v in VARIANTS]
     table = markdown_table(["batch", "method", "median step (ms)", "overhead over CLIP (%)"], rows)
     write_json("step_overhead", {"results": results, "targets": targets})
-    (HERE / "step_overhead.md").write_text(table)
+    (results_dir("benchmarks") / "step_overhead.md").write_text(table)
     return targets
 
 

@@ -1,21 +1,21 @@
 """Benchmarks (``make bench-all``): pytest-benchmark timings plus the measurements behind docs/benchmarks.md.
 
 Each test records its numbers in ``benchmark.extra_info`` (so they land in
-``benchmarks/results.json``) and in the session collector of ``conftest.py``, which writes
-``benchmarks/<name>.json``, ``.md`` and ``.png`` at the end of the session.
+``results/benchmarks/results.json``) and in the session collector of ``conftest.py``, which writes
+``results/benchmarks/<name>.json``, ``.md`` and ``.png`` at the end of the session. The studies'
+short run is ``tests/studies/test_study_quick.py`` (``make bench-all``).
 
 ``AMORTIZE_BENCH=quick`` (``make bench``) keeps the quick set: the losses at the smallest B, the
-estimator accuracy at the two smallest B and the step overhead at batch 32 (no microbatch sweep,
-no small-batch training); its numbers go to ``benchmarks/results.json`` only, so the committed
-reports of the full set are not replaced by partial ones.
+estimator accuracy at the two smallest B and the step overhead at batch 32 (no microbatch sweep);
+its numbers go to ``results/benchmarks/results.json`` only, so the committed reports of the full
+set are not replaced by partial ones.
 """
 
-import json
 import os
 
 import pytest
 
-from benchmarks import estimator_accuracy, loss_speed, microbatch, small_batch, step_overhead
+from benchmarks import estimator_accuracy, loss_speed, microbatch, step_overhead
 from benchmarks.common import RESULTS
 
 pytestmark = pytest.mark.benchmark
@@ -59,12 +59,3 @@ def test_microbatch_memory_and_time(benchmark):
     # the activations shrink with the microbatch: the smallest microbatch needs less than the whole batch
     assert rows[min(rows)]["peak_bytes"] < rows[max(rows)]["peak_bytes"]
 
-
-@full_only
-def test_small_batch_quick(benchmark):
-    """The short version of the small-batch regime: 2 epochs, seed 0, B in {16, 64}, five methods."""
-    benchmark.pedantic(small_batch.main, args=(["--quick", "--fresh", "--jobs", "1"],), rounds=1, iterations=1)
-    summary = json.loads((small_batch.HERE / "small_batch_quick.json").read_text())["summary"]
-    cells = {(c["tag"], c["batch"]) for c in summary["cells"]}
-    assert cells == {(m, b) for m in small_batch.METHODS for b in (16, 64)}
-    benchmark.extra_info.update({f"{c['tag']}_b{c['batch']}_R@1": c["mean"] for c in summary["cells"]})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "gpu_benchmark.py"
+SCRIPT = ROOT / "benchmarks" / "gpu_benchmark.py"
 
 
 def _load_script():
@@ -62,7 +62,7 @@ def test_gpu_benchmark_precision_depends_on_the_device():
 def test_gpu_benchmark_microbatch_mode_cpu_smoke(tmp_path):
     out = tmp_path / "mb.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_benchmark.py"), "--device", "cpu", "--model", "tiny",
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--model", "tiny",
          "--batch-size", "4", "--steps", "1", "--warmup", "0", "--microbatch-sizes", "3", "--json", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )

@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-FOLDERS = ("benchmarks", "tests", "docs/examples")
+FOLDERS = ("benchmarks", "studies", "tests", "docs/examples")
 
 
 def _name(path: Path) -> str:
@@ -52,4 +52,4 @@ def test_no_import_circle_outside_the_package():
     for m in sorted(graph):
         if m not in state:
             visit(m)
-    assert "benchmarks.small_batch" in graph
+    assert "studies.small_batch" in graph

@@ -1,26 +1,28 @@
 """Small-batch transfer suite: every method, three real datasets, B = 16 / 64 / 256, lr chosen on validation.
 
-    python -m benchmarks.transfer --quick                     # make bench: 1 dataset, 2 epochs, 2 methods
-    python -m benchmarks.transfer --stage lr                  # lr grid on val (seed 0)
-    python -m benchmarks.transfer --stage test                # chosen lr, seeds 0 1 2, test split
-    python -m benchmarks.transfer --stage variants            # AmorLIP estimator variants, val, B = 16
-    python -m benchmarks.transfer --stage convergence         # CLIP and AmorLIP at 24 / 48 epochs (val, seed 0)
-    python -m benchmarks.transfer --stage long                # CLIP and AmorLIP at B = 16, 24 epochs, seeds 0 1 2 (test)
-    python -m benchmarks.transfer --stage report              # tables + plot from the jsonl files
-    python -m benchmarks.transfer --stage all                 # lr, test, variants, report (12 epochs everywhere)
-    python -m benchmarks.transfer --stage lr --epochs converged --out converged     # the full run (CLIP at B = 256
-    python -m benchmarks.transfer --stage test --epochs converged --out converged   #   converged): lr, test, report
-    python -m benchmarks.transfer --stage report --out converged
+    python -m studies.transfer --quick                     # make bench: 1 dataset, 2 epochs, 2 methods
+    python -m studies.transfer --stage lr                  # lr grid on val (seed 0)
+    python -m studies.transfer --stage test                # chosen lr, seeds 0 1 2, test split
+    python -m studies.transfer --stage variants            # AmorLIP estimator variants, val, B = 16
+    python -m studies.transfer --stage convergence         # CLIP and AmorLIP at 24 / 48 epochs (val, seed 0)
+    python -m studies.transfer --stage long                # CLIP and AmorLIP at B = 16, 24 epochs, seeds 0 1 2 (test)
+    python -m studies.transfer --stage report              # tables + plot from the jsonl files
+    python -m studies.transfer --stage all                 # lr, test, variants, report (12 epochs everywhere)
+    python -m studies.transfer --stage lr --epochs converged --out converged     # the full run (CLIP at B = 256
+    python -m studies.transfer --stage test --epochs converged --out converged   #   converged): lr, test, report
+    python -m studies.transfer --stage report --out converged
 
-**Data**: :mod:`benchmarks.suite_data` (``emoji``, ``fashion``, ``glyphs``), splits by image.
-**Towers**: :class:`benchmarks.small_batch.SmallTwoTower` (an MLP per image or tile, a mean of
-token embeddings for text, 64-d). **Loop**: plain PyTorch, AdamW with warm-up and cosine decay,
-clip 1.0, ``s <= 100``, equal epochs at every batch (``--epochs``: per dataset, :data:`CONVERGED_EPOCHS`
-where CLIP at B = 256 has converged); the loss is
-``ContrastiveLoss.from_sections(**section)`` with each method's ``loss:`` section
-(:data:`METHODS`, data: a new estimator is one more entry). AmorLIP's and NeuCLIP's sections are
-read from ``recipes/amorlip-small-batch.yaml`` and ``recipes/neuclip-small-batch.yaml`` and adapted
-to the run by :func:`adapt_small_batch` (what a recipe knows: batch, epochs, steps per epoch).
+**Data**: :mod:`studies.suite_data` (``emoji``, ``fashion``, ``glyphs``), splits by image.
+**Towers**: :class:`studies.small_batch.SmallTwoTower` (an MLP per image or tile, a mean of
+token embeddings for text, 64-d). **Loop**: the studies' one loop (:func:`studies.loop.train_loop`:
+AdamW with warm-up and cosine decay, clip 1.0, ``s <= 100``), equal epochs at every batch
+(``--epochs``: per dataset, :data:`CONVERGED_EPOCHS` where CLIP at B = 256 has converged). **Loss**:
+each method's ``loss:`` section (:data:`METHODS`, data: a new estimator is one more entry), bound
+by the recipe binder and built as ``amortize train`` builds a recipe's (:func:`build_loss`); every
+run's section is bound before any run trains (:func:`check_sections`). AmorLIP's and NeuCLIP's
+sections are read by the recipe loader from ``recipes/amorlip-small-batch.yaml`` and
+``recipes/neuclip-small-batch.yaml`` and adapted to the run by :func:`adapt_small_batch` (what a
+recipe knows: batch, epochs, steps per epoch).
 
 **Learning rate**: per (dataset, method, batch) the best of ``LR_MULTS`` times
 ``2e-3 * sqrt(B / 16)`` on the validation split at seed 0 (``--stage lr``); the test stage uses it.
@@ -33,20 +35,20 @@ epoch's rows of ``log(Z_batch_i / lambda_i)``, the log of the total weight the e
 gives row ``i``'s negatives relative to InfoNCE's (0 for in-batch); ``scale``: the temperature
 ``s``; and the :class:`amortize.diagnostics.EstimatorMonitor` verdict.
 
-Results: ``benchmarks/transfer*.runs.jsonl`` (one line per finished run, resumed on rerun),
-``benchmarks/transfer.{json,md}``, ``docs/assets/transfer_batch.png`` (``--out``: the prefix of all three).
+Results: ``results/studies/transfer*.runs.jsonl`` (one line per finished run, resumed on rerun),
+``results/studies/transfer.{json,md}``, ``docs/assets/transfer_batch.png`` (``--out``: the prefix of all three).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
 import statistics
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,10 +56,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from benchmarks.small_batch import SmallTwoTower, _lr_at, encode_split, encoder_step, make_optimizer
+from benchmarks.common import RESULTS_DIR
+from studies.loop import train_loop
+from studies.small_batch import SmallTwoTower, encode_split
 
 ROOT = Path(__file__).resolve().parents[1]
-HERE = ROOT / "benchmarks"
+OUT = RESULTS_DIR / "studies"
+"""Where this study's rows (``<out>.runs.jsonl``) and tables (``<out>.{json,md}``) live (:data:`benchmarks.common.RESULTS_DIR`)."""
 RECIPES = ROOT / "recipes"
 SMALL_BATCH_RECIPE = RECIPES / "amorlip-small-batch.yaml"
 
@@ -148,11 +153,20 @@ def available_methods() -> list[str]:
 
 
 def recipe_loss_section(path: Path = SMALL_BATCH_RECIPE) -> dict:
-    """The ``loss:`` section of a recipe file (read safely)."""
-    import yaml
+    """The ``loss:`` section of a recipe file as written (what a run's key records), read by the
+    recipe loader, which checks and binds the whole recipe first: a recipe with a bad key or value
+    is refused naming it. Read again when the file changes."""
+    path = Path(path)
+    return copy.deepcopy(_recipe_loss(str(path.resolve()), path.stat().st_mtime_ns))
 
-    with open(path) as f:
-        return yaml.safe_load(f)["loss"]
+
+@functools.lru_cache(maxsize=None)
+def _recipe_loss(path: str, mtime_ns: int) -> dict:
+    from amortize.train.config import load_recipe
+    from amortize.train.yaml_input import read_recipe_text, read_yaml
+
+    load_recipe(path)  # the recipe checked and every section bound (nothing built)
+    return read_yaml(read_recipe_text(Path(path)))["loss"]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -212,14 +226,23 @@ def method_section(method: str, batch: int, epochs: int, steps_per_epoch: int,
     return sec, spec.get("init_scale", CLIP_SCALE), spec.get("init_bias")
 
 
-def build_loss(section: dict, num_samples: int, dim: int):
-    """``ContrastiveLoss.from_sections`` of a ``loss:`` section (``objective``, ``estimator``, ``rho``, ...)."""
-    from amortize.losses import ContrastiveLoss
+def bind_loss(section: dict):
+    """A run's ``loss:`` section (a method's, adapted, with a variant's overrides merged in) checked
+    by the recipe binder, as a recipe's ``loss:`` is at load: the recipe of that section alone,
+    its sections bound (nothing built). A typo anywhere the binder reads (``loss.rhoo``,
+    ``loss.estimator.lrr``, ``loss.objective.pos_weigt``) is refused naming its dotted key."""
+    from amortize.train.config import load_recipe_dict
 
-    sec = dict(section)
-    est = sec.pop("estimator", None)
-    context = {"dim": dim, "num_samples": num_samples}  # from_sections passes each only where it is named
-    return ContrastiveLoss.from_sections(sec.pop("objective", "linearized"), est, context=context, **sec)
+    return load_recipe_dict({"loss": copy.deepcopy(section)})
+
+
+def build_loss(section: dict, num_samples: int, dim: int):
+    """The :class:`~amortize.losses.ContrastiveLoss` of a ``loss:`` section, bound by :func:`bind_loss`
+    and built from its bound sections as ``amortize train`` builds a recipe's
+    (:func:`amortize.train.builders.build_loss`: ``dim`` and ``num_samples`` offered to the estimator)."""
+    from amortize.train.builders import build_loss as build_recipe_loss
+
+    return build_recipe_loss(bind_loss(section), dim, num_samples)
 
 
 # ------------------------------------------------------------------------------------------ variants
@@ -382,7 +405,7 @@ def normaliser_error(model: SmallTwoTower, loss_fn, split, batch: int, rows: int
 def train(run: Run, data=None) -> dict:
     """Train one model and evaluate it on ``run.split``; returns the run's row (with per-epoch diagnostics)."""
     from amortize.diagnostics import EstimatorMonitor
-    from benchmarks.suite_data import build
+    from studies.suite_data import build
 
     torch.manual_seed(run.seed)
     data = data or build(run.dataset)
@@ -393,10 +416,6 @@ def train(run: Run, data=None) -> dict:
     loss_fn = build_loss(section, n, 64)
     model = SmallTwoTower(data.pixels, data.vocab_size, init_logit_scale=ls0, init_logit_bias=lb0)
     lr = run.lr or base_lr(run.batch)
-    opt = make_optimizer(model, lr, run.beta2 or BETA2)
-    total = spe * run.epochs
-    warmup = max(1, min(spe, total // 10))
-    gen = torch.Generator().manual_seed(run.seed)
     monitor = EstimatorMonitor(warn=False)  # verdicts go to the row's "warnings"
     ratios: list[torch.Tensor] = []
 
@@ -409,24 +428,12 @@ def train(run: Run, data=None) -> dict:
         monitor.attach(loss_fn.estimator)
     per_epoch: list[dict] = []
     diag_every = max(1, run.epochs // 24)  # the normaliser's error at most ~24 times a run (and at its end)
-    step = 0
-    t0 = time.perf_counter()
-    for epoch in range(run.epochs):
-        loss_fn.start_epoch(epoch, run.epochs)
+
+    def start(epoch: int) -> None:
         monitor.start_epoch(epoch)
         ratios.clear()
-        perm = torch.randperm(n, generator=gen)
-        for b in range(spe):
-            idx = perm[b * run.batch : (b + 1) * run.batch]
-            for gr in opt.param_groups:
-                gr["lr"] = _lr_at(step, total, warmup, lr)
-            x = model.encode_image(tr.tiles[idx])
-            y = model.encode_text(tr.tokens[idx])
-            out = loss_fn(x, y, model.logit_scale.exp(), model.logit_bias, index=idx)
-            encoder_step(model, opt, out["loss"])
-            step += 1
-            if run.max_steps is not None and step >= run.max_steps:
-                break
+
+    def diagnose(epoch: int, steps: int, out: dict) -> None:
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(f"{run.key()}: non-finite loss in epoch {epoch}")
         e = {"epoch": epoch, "scale": float(model.logit_scale.exp())}
@@ -439,9 +446,11 @@ def train(run: Run, data=None) -> dict:
             model.train()
         e.update(monitor.end_epoch() or {})
         per_epoch.append(e)
-        if run.max_steps is not None and step >= run.max_steps:
-            break
-    wall = time.perf_counter() - t0
+
+    done = train_loop(model, loss_fn, tr, batch=run.batch, epochs=run.epochs, lr=lr, seed=run.seed,
+                      beta2=run.beta2 or BETA2, max_steps=run.max_steps, on_epoch_start=start,
+                      on_epoch_end=diagnose)
+    step, wall = done.steps, done.wall_s
     model.eval()
     row = {**asdict(run), "key": run.key(), "tag": run.tag(), "lr": lr, "beta2": run.beta2 or BETA2, "steps": step,
            "wall_s": wall,
@@ -486,10 +495,24 @@ def load_rows(path: Path) -> dict[str, dict]:
     return {k: r for k, r in rows.items() if is_current(r)}
 
 
+def check_sections(runs: Sequence[Run]) -> None:
+    """Bind the loss section of every run (each distinct one once) before any of them trains: a typo
+    in a method or a variant's overrides is refused at once, naming its key (:func:`bind_loss`)."""
+    seen: set[str] = set()
+    for r in runs:
+        section = method_section(r.method, r.batch, r.epochs, 0, r.overrides)[0]
+        k = json.dumps(section, sort_keys=True, default=str)
+        if k not in seen:
+            seen.add(k)
+            bind_loss(section)
+
+
 def run_all(runs: Sequence[Run], jsonl: Path, jobs: int = 2, log=print) -> list[dict]:
     """Run what ``jsonl`` does not hold yet (``jobs`` processes, one thread each, niced); append rows as they finish."""
     done = load_rows(jsonl)
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
     todo = [r for r in runs if r.key() not in done]
+    check_sections(todo)
     log(f"{len(runs) - len(todo)} of {len(runs)} runs already in {jsonl.name}; {len(todo)} to go")
 
     def finish(row: dict) -> None:
@@ -796,7 +819,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--convergence-epochs", type=int, nargs="*", default=[24, 48],
                    help="epochs of the convergence stage (at most 24 at the smallest batch)")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--out", default="transfer", help="results prefix benchmarks/<out>*")
+    p.add_argument("--out", default="transfer", help="results prefix results/studies/<out>*")
     p.add_argument("--quick", action="store_true", help="emoji, CLIP and AmorLIP, B 16 and 64, 2 epochs, seed 0")
     a = p.parse_args(argv)
     methods = a.methods or available_methods()
@@ -807,12 +830,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     if a.quick:
         a.datasets, methods, a.batches, a.seeds = ["emoji"], ["clip", "amorlip"], [16, 64], [0]
         a.out = "transfer_quick"
-        path = HERE / f"{a.out}.runs.jsonl"
+        path = OUT / f"{a.out}.runs.jsonl"
         path.unlink(missing_ok=True)  # a quick run is always fresh
         rows = run_all([Run("emoji", m, b, 0, "test", epochs=2) for m in methods for b in a.batches], path, jobs=1)
         print(markdown_report(rows, "quick (2 epochs, seed 0, base lr)"))
         return
-    lr_path, test_path, var_path = (HERE / f"{a.out}_{s}.runs.jsonl" for s in ("lr", "test", "variants"))
+    lr_path, test_path, var_path = (OUT / f"{a.out}_{s}.runs.jsonl" for s in ("lr", "test", "variants"))
     if a.stage in ("lr", "all"):
         run_all(lr_runs(a.datasets, methods, a.batches, epochs, a.lr_mults, a.beta2_batches), lr_path, a.jobs)
     lr_rows = list(load_rows(lr_path).values())
@@ -830,9 +853,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                              a.variant_method), var_path, a.jobs)
     if a.stage == "convergence":  # not part of "all": a check of the epoch budget
         run_all(convergence_runs(lr_rows, a.datasets, epochs=a.convergence_epochs, suite_epochs=epochs),
-                HERE / f"{a.out}_convergence.runs.jsonl", a.jobs)
+                OUT / f"{a.out}_convergence.runs.jsonl", a.jobs)
     if a.stage == "long":
-        run_all(long_runs(lr_rows, a.datasets, a.seeds, suite_epochs=epochs), HERE / f"{a.out}_long.runs.jsonl", a.jobs)
+        run_all(long_runs(lr_rows, a.datasets, a.seeds, suite_epochs=epochs), OUT / f"{a.out}_long.runs.jsonl", a.jobs)
     if a.stage in ("report", "all"):
         report(a.out)
 
@@ -849,12 +872,12 @@ def at_chosen_lr(rows, lr_rows: Sequence[dict]) -> list[dict]:
 
 
 def report(out: str = "transfer") -> None:
-    """Write ``benchmarks/<out>.md`` / ``.json`` and the plot ``docs/assets/<out>_batch.png`` from the jsonl files."""
+    """Write ``results/studies/<out>.md`` / ``.json`` and the plot ``docs/assets/<out>_batch.png`` from the jsonl files."""
     from benchmarks.common import write_json
 
-    lr_rows = list(load_rows(HERE / f"{out}_lr.runs.jsonl").values())
-    test_rows = at_chosen_lr(load_rows(HERE / f"{out}_test.runs.jsonl").values(), lr_rows)
-    var_rows = list(load_rows(HERE / f"{out}_variants.runs.jsonl").values())
+    lr_rows = list(load_rows(OUT / f"{out}_lr.runs.jsonl").values())
+    test_rows = at_chosen_lr(load_rows(OUT / f"{out}_test.runs.jsonl").values(), lr_rows)
+    var_rows = list(load_rows(OUT / f"{out}_variants.runs.jsonl").values())
     md = markdown_report(test_rows, "## Test split (lr chosen on validation)") if test_rows else ""
     if var_rows:
         # references: CLIP and the recipe's AmorLIP at their chosen lr, seed 0 (the lr stage's rows)
@@ -863,15 +886,16 @@ def report(out: str = "transfer") -> None:
         names = sorted({x["method"] for x in var_rows})
         md += "\n" + markdown_report(var_rows + [r for r in ref if r["batch"] == min(x["batch"] for x in var_rows)],
                                      f"## Variants of {', '.join(names)} (validation split)")
-    long_rows = list(load_rows(HERE / f"{out}_long.runs.jsonl").values())
+    long_rows = list(load_rows(OUT / f"{out}_long.runs.jsonl").values())
     if long_rows:
         md += "\n" + markdown_report(long_rows, f"## Trained longer ({long_rows[0]['epochs']} epochs, test split)")
-    conv_rows = list(load_rows(HERE / f"{out}_convergence.runs.jsonl").values())
+    conv_rows = list(load_rows(OUT / f"{out}_convergence.runs.jsonl").values())
     if conv_rows:
         md += "\n" + convergence_table(lr_rows, conv_rows)
-    (HERE / f"{out}.md").write_text(md)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{out}.md").write_text(md)
     write_json(out, {"test": [{k: v for k, v in r.items() if k != "epochs_log"} for r in test_rows],
-                     "cells": {"|".join(map(str, k)): v for k, v in cells(test_rows).items()}})
+                     "cells": {"|".join(map(str, k)): v for k, v in cells(test_rows).items()}}, "studies")
     if test_rows:
         plot(test_rows, ROOT / "docs" / "assets" / f"{out}_batch.png")
     print(md)

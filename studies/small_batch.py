@@ -1,10 +1,10 @@
 """Small-batch regime: unique compositional captions, equal epochs, batch 16 against 256, five methods.
 
-    python -m benchmarks.small_batch --dry-run                 # build the data, one step of every method
-    python -m benchmarks.small_batch --quick                   # 2 epochs, 1 seed, B in {16, 64} (make bench)
-    python -m benchmarks.small_batch                           # 20 epochs, seeds 0 1 2, B in {16, 256}
-    python -m benchmarks.small_batch --variants no_rho in_batch_control   # + AmorLIP variants at B=16 (docs)
-    python -m benchmarks.small_batch --seeds 3 4 5 --split val --jobs 2
+    python -m studies.small_batch --dry-run                 # build the data, one step of every method
+    python -m studies.small_batch --quick                   # 2 epochs, 1 seed, B in {16, 64} (make bench)
+    python -m studies.small_batch                           # 20 epochs, seeds 0 1 2, B in {16, 256}
+    python -m studies.small_batch --variants no_rho in_batch_control   # + AmorLIP variants at B=16 (docs)
+    python -m studies.small_batch --seeds 3 4 5 --split val --jobs 2
 
 **Data** (:func:`build_data`, deterministic in its ``data_seed``, 0 for every run). No caption
 repeats: the shipped emoji with their CLDR names, and *composites* of 2-4 shipped
@@ -20,15 +20,15 @@ pool, and no two composites anywhere share the same multiset of captions segment
 to each 14 x 14 RGB tile of the composite (a stride-14 patch MLP) followed by sum pooling over the
 tiles and a linear head; the text tower is a mean of token embeddings (the bundled CLIP BPE
 tokenizer, vocabulary restricted to the tokens of the training captions) followed by an MLP. Both
-give L2-normalised 64-d features. A plain PyTorch loop (AdamW, warmup + cosine, clipped gradients,
-``s <= 100``) calls :class:`amortize.losses.ContrastiveLoss` exactly as the Composer path does
-(``start_epoch`` every epoch, ``index`` for the moving averages).
+give L2-normalised 64-d features. The studies' one loop (:func:`studies.loop.train_loop`: AdamW,
+warmup + cosine, clipped gradients, ``s <= 100``) calls :class:`amortize.losses.ContrastiveLoss`
+exactly as the Composer path does (``start_epoch`` every epoch, ``index`` for the moving averages).
 
 **Report**: mean R@1 of image-text retrieval (both directions averaged) on the evaluation split,
 per method and batch, mean and sample standard deviation over seeds, and the fraction of CLIP's
 small -> large gap each method recovers, ``(R@1(method, B_small) - R@1(CLIP, B_small)) /
 (R@1(CLIP, B_large) - R@1(CLIP, B_small))``, with its spread over seeds (seed ``k`` of a method
-against seed ``k`` of CLIP). Written to ``benchmarks/small_batch.{json,md}`` and
+against seed ``k`` of CLIP). Written to ``results/studies/small_batch.{json,md}`` and
 ``docs/assets/small_batch_gap.png``; ``--out NAME`` writes elsewhere (the study uses it).
 """
 
@@ -39,7 +39,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.common import RESULTS_DIR
+from studies.loop import train_loop
+
 ROOT = Path(__file__).resolve().parents[1]
-HERE = ROOT / "benchmarks"
+OUT = RESULTS_DIR / "studies"
+"""Where this study's rows (``<out>.runs.jsonl``) and tables (``<out>.{json,md}``) live (:data:`benchmarks.common.RESULTS_DIR`)."""
 
 METHODS = ("clip", "siglip", "sogclr", "fastclip", "amorlip", "neuclip")
 BATCHES = (16, 256)
@@ -399,13 +402,6 @@ def amorlip_options(batch: int, epochs: int, overrides: Optional[dict] = None) -
 # ------------------------------------------------------------------------------------------ training
 
 
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
 @torch.no_grad()
 def encode_split(model: SmallTwoTower, split: Split, chunk: int = 1024) -> tuple[Tensor, Tensor]:
     """Normalised (N, d) image and text features of a split."""
@@ -494,27 +490,10 @@ class RunConfig:
 def encoder_lr(batch: int) -> float:
     """The encoder's peak learning rate at ``batch``: ``2e-3 * sqrt(batch / 16)``, the same for every method.
 
-    Chosen for CLIP on the validation split (seed 0, 20 epochs; ``benchmarks/small_batch_lr.runs.jsonl``):
+    Chosen for CLIP on the validation split (seed 0, 20 epochs; ``results/studies/small_batch_lr.runs.jsonl``):
     at B=16 the best of 5e-4, 1e-3, 2e-3, 4e-3 was 2e-3; at B=256 the best of 2e-3 ... 3.2e-2 was 8e-3.
     """
     return 2e-3 * math.sqrt(batch / 16)
-
-def make_optimizer(model: SmallTwoTower, lr: float, beta2: float = 0.98) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9 / ``beta2``, eps 1e-6), weight decay 0.1 on matrices except the token embeddings."""
-    decay = [p for name, p in model.named_parameters() if p.dim() >= 2 and "embed" not in name]
-    no_decay = [p for name, p in model.named_parameters() if p.dim() < 2 or "embed" in name]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, beta2), eps=1e-6, foreach=True)
-
-
-def encoder_step(model: SmallTwoTower, opt: torch.optim.Optimizer, loss: Tensor) -> None:
-    """Backward, clip the gradient norm to 1, step, clamp ``s <= 100``."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    with torch.no_grad():
-        model.logit_scale.clamp_(max=math.log(100.0))
 
 
 _DATA_CACHE: dict[int, BenchData] = {}
@@ -528,7 +507,7 @@ def get_data(data_seed: int = 0) -> BenchData:
 
 
 def train_run(cfg: RunConfig, data: Optional[BenchData] = None) -> dict:
-    """Train one model and evaluate it on ``cfg.split``; returns a row of results."""
+    """Train one model (:func:`studies.loop.train_loop`) and evaluate it on ``cfg.split``; returns a row of results."""
     torch.manual_seed(cfg.seed)
     data = data or get_data(cfg.data_seed)
     train = data.splits["train"]
@@ -536,46 +515,28 @@ def train_run(cfg: RunConfig, data: Optional[BenchData] = None) -> dict:
     loss_fn, ls0, lb0 = method_loss(cfg.method, cfg.batch, cfg.epochs, n, cfg.amorlip)
     model = SmallTwoTower(data.pixels, data.vocab_size, init_logit_scale=ls0, init_logit_bias=lb0)
     base_lr = cfg.lr or encoder_lr(cfg.batch)
-    opt = make_optimizer(model, base_lr)
-    steps_per_epoch = n // cfg.batch
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, min(steps_per_epoch, total // 10))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    t0 = time.perf_counter()
-    t_loss = 0.0
     diag: dict[str, list[float]] = {}
-    for epoch in range(cfg.epochs):
-        loss_fn.start_epoch(epoch, cfg.epochs)
-        perm = torch.randperm(n, generator=gen)
-        for b in range(steps_per_epoch):
-            idx = perm[b * cfg.batch : (b + 1) * cfg.batch]
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, warmup, base_lr)
-            x = model.encode_image(train.tiles[idx])
-            y = model.encode_text(train.tokens[idx])
-            ta = time.perf_counter()
-            if isinstance(loss_fn.estimator, VarianceBlendEstimator):
-                loss_fn.estimator.scale = float(model.logit_scale.exp())
-            out = loss_fn(x, y, model.logit_scale.exp(), model.logit_bias, index=idx)
-            t_loss += time.perf_counter() - ta
-            encoder_step(model, opt, out["loss"])
-            if not torch.isfinite(out["loss"]):
-                raise FloatingPointError(f"{cfg.name()}: non-finite loss at step {step}")
-            step += 1
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                break
-        if epoch == cfg.epochs - 1 or (cfg.max_steps is not None and step >= cfg.max_steps):
+
+    def set_scale() -> None:  # the variance blend reads the current temperature
+        loss_fn.estimator.scale = float(model.logit_scale.exp())
+
+    def check(step: int, out: dict) -> None:
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(f"{cfg.name()}: non-finite loss at step {step - 1}")
+
+    def last_diagnostics(epoch: int, steps: int, out: dict) -> None:
+        if epoch == cfg.epochs - 1 or (cfg.max_steps is not None and steps >= cfg.max_steps):
             for k in ("amortizer_rmse", "estimator_log_error", "blend_weight", "v_amortizer"):
                 if k in out:
                     diag.setdefault(k, []).append(float(out[k]))
-        if cfg.max_steps is not None and step >= cfg.max_steps:
-            break
-    wall = time.perf_counter() - t0
+
+    done = train_loop(model, loss_fn, train, batch=cfg.batch, epochs=cfg.epochs, lr=base_lr, seed=cfg.seed,
+                      max_steps=cfg.max_steps, on_step=check, on_epoch_end=last_diagnostics,
+                      before_loss=set_scale if isinstance(loss_fn.estimator, VarianceBlendEstimator) else None)
     model.eval()
     row = {"method": cfg.method, "tag": cfg.tag or cfg.method, "batch": cfg.batch, "seed": cfg.seed,
-           "epochs": cfg.epochs, "split": cfg.split, "lr": base_lr, "steps": step, "wall_s": wall,
-           "loss_s": t_loss, "scale": float(model.logit_scale.exp()), "amorlip": cfg.amorlip}
+           "epochs": cfg.epochs, "split": cfg.split, "lr": base_lr, "steps": done.steps, "wall_s": done.wall_s,
+           "loss_s": done.loss_s, "scale": float(model.logit_scale.exp()), "amorlip": cfg.amorlip}
     row.update(retrieval_r1(model, data.splits[cfg.split]))
     row.update(estimator_error(model, loss_fn, train, cfg.batch, float(model.logit_scale.exp()),
                                gen=torch.Generator().manual_seed(1234)))
@@ -596,6 +557,8 @@ def run_all(cfgs: Sequence[RunConfig], jobs: int = 1, log=print, jsonl: Optional
     already in it (so an interrupted study resumes), else start the file afresh.
     """
     done: dict[str, dict] = {}
+    if jsonl is not None:
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
     if jsonl is not None and jsonl.exists() and not resume:
         jsonl.unlink()
     if jsonl is not None and jsonl.exists():
@@ -738,13 +701,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="JSON overrides of the AmorLIP (or NeuCLIP, for --methods neuclip) estimator options")
     p.add_argument("--tag", default="", help="suffix of the amorlip/neuclip rows' tag (settings sweeps)")
     p.add_argument("--variants", nargs="*", default=[],
-                   help="AmorLIP variants of benchmarks.amorlip_variants to add at the smallest batch, as amorlip[NAME]")
-    p.add_argument("--out", default="small_batch", help="name of the benchmarks/<out>.{json,md} results")
+                   help="AmorLIP variants of studies.amorlip_variants to add at the smallest batch, as amorlip[NAME]")
+    p.add_argument("--out", default="small_batch", help="name of the results/studies/<out>.{json,md} results")
     p.add_argument("--plot", default=None,
                    help="plot path (default docs/assets/small_batch_gap.png; none with --quick unless given)")
     p.add_argument("--quick", action="store_true", help="2 epochs, seed 0, B in {16, 64}")
     p.add_argument("--fresh", action="store_true",
-                   help="rerun every configuration (default: reuse the finished runs in benchmarks/<out>.runs.jsonl)")
+                   help="rerun every configuration (default: reuse the finished runs in results/studies/<out>.runs.jsonl)")
     p.add_argument("--dry-run", action="store_true", help="build the data and take one step of every method")
     a = p.parse_args(argv)
     if a.dry_run:
@@ -763,22 +726,22 @@ def main(argv: Optional[list[str]] = None) -> None:
                       tag=f"{m}{a.tag}" if a.tag and m in ("amorlip", "neuclip") else "")
             for m in a.methods for b in a.batches for s in a.seeds]
     if a.variants:
-        from benchmarks.amorlip_variants import VARIANTS
+        from studies.amorlip_variants import VARIANTS
 
         unknown = sorted(set(a.variants) - set(VARIANTS))
         if unknown:
             raise SystemExit(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
         cfgs += [RunConfig("amorlip", min(a.batches), s, epochs=a.epochs, split=a.split,
                            amorlip=VARIANTS[v] or None, tag=f"amorlip[{v}]") for v in a.variants for s in a.seeds]
-    jsonl = HERE / f"{a.out}.runs.jsonl"
+    jsonl = OUT / f"{a.out}.runs.jsonl"
     rows = run_all(cfgs, jobs=a.jobs, jsonl=jsonl, resume=not a.fresh)
     summary = summarise(rows)
-    cmd = "python -m benchmarks.small_batch " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m studies.small_batch " + " ".join(argv if argv is not None else sys.argv[1:])
     from benchmarks.common import write_json
 
-    write_json(a.out, {"command": cmd, "epochs": a.epochs, "split": a.split, "summary": summary, "rows": rows})
+    write_json(a.out, {"command": cmd, "epochs": a.epochs, "split": a.split, "summary": summary, "rows": rows}, "studies")
     md = markdown(summary, f"`{cmd}` ({a.epochs} epochs, split `{a.split}`)")
-    (HERE / f"{a.out}.md").write_text(md)
+    (OUT / f"{a.out}.md").write_text(md)
     if a.plot and len(a.batches) > 1:
         plot(summary, ROOT / a.plot)
     print(md)

@@ -1,7 +1,7 @@
 """The AmorLIP variants of the study: a name and the overrides of the default recipe's estimator it sets.
 
-Run by ``python -m benchmarks.amorlip_study`` and, at the smallest batch, by
-``python -m benchmarks.small_batch --variants NAME ...``; both import them from here (neither
+Run by ``python -m studies.amorlip_study`` and, at the smallest batch, by
+``python -m studies.small_batch --variants NAME ...``; both import them from here (neither
 imports the other's module for them).
 """
 

@@ -1,11 +1,11 @@
-"""The datasets of the small-batch transfer suite (``benchmarks/transfer.py``), built from what packages ship.
+"""The datasets of the small-batch transfer suite (``studies/transfer.py``), built from what packages ship.
 
-    python -m benchmarks.suite_data            # build every dataset, print its split sizes and examples
+    python -m studies.suite_data            # build every dataset, print its split sizes and examples
 
 Three real image-text sources of different kinds, each with ``train`` / ``val`` / ``test`` splits
 drawn by image (identical images always fall on the same side), deterministic in ``data_seed``:
 
-* ``emoji``: the compositional emoji benchmark of :mod:`benchmarks.small_batch` (shipped emoji
+* ``emoji``: the compositional emoji benchmark of :mod:`studies.small_batch` (shipped emoji
   with their CLDR names, and composites of 2-4 tiles captioned by joining the tiles' names),
   with fewer training composites so that one run takes seconds. Unique captions; metric: mean
   R@1 of image-text retrieval over the evaluation split.
@@ -22,7 +22,7 @@ drawn by image (identical images always fall on the same side), deterministic in
 
 Every dataset is a :class:`SuiteData`: a pool of flattened images and, per split, ``(N, 4)``
 pool ids (``-1`` pads; only composites use more than the first column), captions and compact
-token ids, so one tower (:class:`benchmarks.small_batch.SmallTwoTower`) reads them all.
+token ids, so one tower (:class:`studies.small_batch.SmallTwoTower`) reads them all.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.small_batch import MAX_TILES, BenchData, Split, build_data
+from studies.small_batch import MAX_TILES, BenchData, Split, build_data
 
 DEJAVU = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 GLYPH_SIZE = 24
@@ -48,7 +48,7 @@ __all__ = ["SuiteData", "DATASETS", "build", "glyph_font_missing", "compact_toke
 
 @dataclass
 class SuiteData(BenchData):
-    """One dataset of the suite (a :class:`~benchmarks.small_batch.BenchData` with its metric).
+    """One dataset of the suite (a :class:`~studies.small_batch.BenchData` with its metric).
 
     Attributes:
         name: the dataset's name in :data:`DATASETS`.
@@ -110,7 +110,7 @@ def _split_groups(keys: Sequence, rng: np.random.Generator, val: float, test: fl
 
 
 def build_emoji(data_seed: int = 0, train_composites: int = 600, eval_composites: int = 400) -> SuiteData:
-    """The compositional emoji set, smaller than :mod:`benchmarks.small_batch`'s (see the module docstring)."""
+    """The compositional emoji set, smaller than :mod:`studies.small_batch`'s (see the module docstring)."""
     d = build_data(data_seed, train_composites=train_composites, eval_composites=eval_composites, context_length=48)
     return SuiteData(d.pixels, d.splits, d.vocab_size, name="emoji", metric="retrieval")
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from benchmarks import suite_data as sd
-from benchmarks import transfer as tf
-from benchmarks.small_batch import Split, SmallTwoTower
+from studies import suite_data as sd
+from studies import transfer as tf
+from studies.small_batch import Split, SmallTwoTower
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +211,36 @@ def test_rows_of_a_recipe_since_changed_are_left_out(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     kept = tf.load_rows(path)
     assert sorted(r.get("quality", 0) for r in kept.values()) == [0, 0.5]
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"estimator": {"lrr": 0.02}}, "loss.estimator.lrr"),
+    ({"rhoo": 6.5}, "loss.rhoo"),
+    ({"objective": {"name": "linearized", "pos_weigt": 1.0}}, "loss.objective.pos_weigt"),
+])
+def test_a_typo_in_a_variant_is_refused_before_any_run_naming_its_key(overrides, key):
+    from amortize.options import RecipeError
+
+    with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+        tf.check_sections([tf.Run("emoji", "amorlip", 16, 0, overrides=overrides)])
+
+
+def test_every_variant_binds():
+    scent = {v for v in tf.VARIANTS if v.startswith("alpha_") or v == "reference_none"}
+    tf.check_sections([tf.Run("emoji", "scent" if v in scent else "amorlip", 16, 0, variant=v,
+                              overrides=tf.VARIANTS[v]) for v in tf.VARIANTS])
+
+
+def test_the_keys_of_the_recorded_runs_are_derived_again():
+    """A run's key is what finds its row: every current row of the suite's results re-derives it."""
+    import json
+
+    n = 0
+    for path in sorted(tf.OUT.glob("*.runs.jsonl")):
+        if not path.name.startswith(("transfer_", "suite_", "converged_")):
+            continue  # the small-batch study's rows (studies.small_batch keys)
+        for key in tf.load_rows(path):
+            fields = {k: v for k, v in json.loads(key).items() if k != "recipe"}
+            assert tf.Run(**fields).key() == key, path.name
+            n += 1
+    assert n > 500

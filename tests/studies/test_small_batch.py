@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import small_batch as sb
+from studies import small_batch as sb
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,21 @@ def test_gap_recovered_worked_by_hand():
     # seed 0: (0.25 - 0.20) / (0.30 - 0.20) = 0.5; seed 1: (0.26 - 0.22) / (0.30 - 0.22) = 0.5
     assert cell["gap_recovered"] == pytest.approx(0.5) and cell["gap_recovered_sd"] == pytest.approx(0.0, abs=1e-12)
     assert cell["minus_clip"] == pytest.approx(0.045)
+
+
+def test_the_keys_of_the_recorded_runs_are_derived_again():
+    """A run's key is what finds its row (resume): every row of the study's results re-derives it."""
+    import json
+
+    n = 0
+    for path in sorted(sb.OUT.glob("*.runs.jsonl")):
+        if not path.name.startswith(("small_batch", "amorlip_study")):
+            continue
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            tag, method, batch, seed, epochs, split, lr, amorlip, data_seed = json.loads(row["key"])
+            cfg = sb.RunConfig(method, batch, seed, epochs=epochs, split=split, lr=lr, amorlip=amorlip,
+                               data_seed=data_seed, tag="" if tag == method else tag)
+            assert sb._key(cfg) == row["key"], path.name
+            n += 1
+    assert n > 50

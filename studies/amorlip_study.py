@@ -1,14 +1,14 @@
 """Study of AmorLIP's estimator settings in the small-batch regime, on the VALIDATION split only.
 
-    python -m benchmarks.amorlip_study                       # every variant, seed 100, B = 16
-    python -m benchmarks.amorlip_study --seeds 100 101 --variants default reverse_kl ...
-    python -m benchmarks.amorlip_study --list                # the variants and their overrides
+    python -m studies.amorlip_study                       # every variant, seed 100, B = 16
+    python -m studies.amorlip_study --seeds 100 101 --variants default reverse_kl ...
+    python -m studies.amorlip_study --list                # the variants and their overrides
 
 Each variant changes one group of options of the benchmark's AmorLIP defaults
-(:func:`benchmarks.small_batch.amorlip_options`: the default recipe's estimator with the beta
+(:func:`studies.small_batch.amorlip_options`: the default recipe's estimator with the beta
 warm-up scaled to the run length); CLIP at the same seeds, at the same batch and at B=256, is the
 reference (``--references clip sogclr fastclip`` adds others). Settings are chosen here and confirmed on the held-out ``test`` split with
-fresh seeds by ``python -m benchmarks.small_batch``. Results: ``benchmarks/amorlip_study.{json,md}``.
+fresh seeds by ``python -m studies.small_batch``. Results: ``results/studies/amorlip_study.{json,md}``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import argparse
 import sys
 from typing import Optional
 
-from benchmarks.amorlip_variants import VARIANTS
-from benchmarks.small_batch import HERE, RunConfig, markdown, run_all, summarise
+from studies.amorlip_variants import VARIANTS
+from studies.small_batch import OUT, RunConfig, markdown, run_all, summarise
 
 REFERENCES = ("clip",)
 
@@ -56,14 +56,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
     cfgs = configs(a.variants, a.seeds, a.batch, a.epochs, references=a.references)
-    rows = run_all(cfgs, jobs=a.jobs, jsonl=HERE / f"{a.out}.runs.jsonl")
+    rows = run_all(cfgs, jobs=a.jobs, jsonl=OUT / f"{a.out}.runs.jsonl")
     summary = summarise(rows)
-    cmd = "python -m benchmarks.amorlip_study " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m studies.amorlip_study " + " ".join(argv if argv is not None else sys.argv[1:])
     from benchmarks.common import write_json
 
-    write_json(a.out, {"command": cmd, "split": "val", "summary": summary, "rows": rows})
+    write_json(a.out, {"command": cmd, "split": "val", "summary": summary, "rows": rows}, "studies")
     md = markdown(summary, f"`{cmd}` ({a.epochs} epochs, split `val`)")
-    (HERE / f"{a.out}.md").write_text(md)
+    (OUT / f"{a.out}.md").write_text(md)
     print(md)
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """AmorLIP versus CLIP training-step time, memory and model FLOP utilisation on one GPU.
 
-    python scripts/gpu_benchmark.py                      # ViT-B/32, batch 1024, bf16, cuda
-    python scripts/gpu_benchmark.py --device cpu --model tiny --batch-size 8 --steps 2   # smoke mode
+    python benchmarks/gpu_benchmark.py                      # ViT-B/32, batch 1024, bf16, cuda
+    python benchmarks/gpu_benchmark.py --device cpu --model tiny --batch-size 8 --steps 2   # smoke mode
 
 The model is ``amortize.models.build_model(--model)`` (open_clip's ``ViT-B-32`` by default, or any
 name that function knows, such as our ``tiny``), untrained (nothing is downloaded), on random
@@ -22,7 +22,7 @@ other device. ``--precision bf16 --device cpu`` is allowed but slow: CPUs withou
 instructions (no AVX512_BF16 or AMX, e.g. many AMD EPYC and older Intel parts) emulate it, and a
 ViT-B/32 step then takes minutes instead of seconds.
 
-    python scripts/gpu_benchmark.py --microbatch-sizes 1024,256,64,16   # memory against microbatch size
+    python benchmarks/gpu_benchmark.py --microbatch-sizes 1024,256,64,16   # memory against microbatch size
 
 Microbatch mode (``--microbatch-sizes``): only AmorLIP, once per size, with the exact gradient cache
 of :mod:`amortize.gradcache` (a size of at least the batch is the step without it); reports the
