@@ -20,7 +20,7 @@ from amortize.comm import Topology
 from amortize.objectives.stage1 import AMORTIZATION_OBJECTIVES, amortization_loss
 from amortize.registry import Bound, OneOf, Part, Registry, Section
 
-__all__ = ["Fit", "INNER_OPTIMIZERS", "LrScaling", "LR_SCALINGS", "MODALITIES", "rmse_over_modalities"]
+__all__ = ["Fit", "INNER_OPTIMIZERS", "LrScaling", "LR_SCALINGS", "MODALITIES", "choice", "rmse_over_modalities"]
 
 MODALITIES = ("image", "text")
 """The two modalities a normaliser-network estimator keeps one network for, in this order."""

@@ -30,6 +30,7 @@ from amortize.registry import Registry
 
 __all__ = [
     "Normalizer",
+    "Predict",
     "NORMALIZERS",
     "mean_log_ratio",
     "Cadence",
@@ -38,7 +39,6 @@ __all__ = [
     "CADENCES",
     "REINIT_POLICIES",
     "EPOCH0_PREVIOUS",
-    "choice",
     "due",
     "reinit_now",
     "RESTARTS",
