@@ -5,16 +5,12 @@ This is the only module of ``amortize.eval`` that imports Composer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Annotated
-
-import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
 from amortize.eval import evaluate
+from amortize.eval.callback_options import EvalOptions
 from amortize.eval.report import format_markdown
-from amortize.options import NONNEGATIVE, Range
 
 
 def unwrap_clip_model(model):
@@ -30,7 +26,7 @@ def unwrap_clip_model(model):
     raise TypeError(f"{type(model).__name__} has no encode_image/encode_text (nor its .model/.module)")
 
 
-class EvalCallback(Callback):
+class EvalCallback(EvalOptions, Callback):
     """Evaluate every ``every_n_batches`` batches, at epoch end (every ``every_n_epochs``) and/or at
     fit end, and log ``prefix/task/metric``.
 
@@ -46,21 +42,6 @@ class EvalCallback(Callback):
 
     The rows of the latest run are kept in ``self.last_rows``.
     """
-
-    def __init__(self, tokenizer: Callable[[Sequence[str]], torch.Tensor], tasks: Sequence | None = None, *,
-                 every_n_epochs: Annotated[int, NONNEGATIVE] = 1, at_fit_end: bool = True,
-                 batch_size: Annotated[int, Range(lo=1)] = 256, prefix: str = "eval", print_table: bool = False,
-                 every_n_batches: Annotated[int, NONNEGATIVE] = 0):
-        self.tokenizer = tokenizer
-        self._tasks = list(tasks) if tasks is not None else None
-        self.every_n_epochs = every_n_epochs
-        self.every_n_batches = every_n_batches
-        self._last_batch = -1
-        self.at_fit_end = at_fit_end
-        self.batch_size = batch_size
-        self.prefix = prefix
-        self.print_table = print_table
-        self.last_rows: list[dict] = []
 
     @property
     def tasks(self) -> list:

@@ -25,15 +25,14 @@ import os
 import signal
 import sys
 import threading
-import typing
-from typing import Annotated, Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 from composer.core import Algorithm, Callback, Event, State
 from composer.loggers import Logger
 
 from amortize import checks as K
-from amortize.options import NONNEGATIVE
+from amortize.train.guard_options import DIVERGENCE_POLICIES, DivergenceOptions, Policy  # noqa: F401 (re-exported)
 from amortize.train.model import unwrap
 
 __all__ = [
@@ -49,11 +48,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Policy = Literal["skip", "stop", "none"]
-DIVERGENCE_POLICIES = typing.get_args(Policy)
-"""What :class:`DivergenceGuard` does on a non-finite step: ``skip`` it, ``stop`` the run, or nothing (``none``)."""
-
 
 class DivergenceError(RuntimeError):
     """Training stopped on a non-finite loss or gradient; the message names the batch, what was
@@ -105,7 +99,7 @@ def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-class DivergenceGuard(Algorithm):
+class DivergenceGuard(DivergenceOptions, Algorithm):
     """Detect a non-finite loss or gradient and skip the step or stop the run.
 
     Runs on BEFORE_FORWARD (snapshot of the state the step may corrupt) and AFTER_BACKWARD (the
@@ -137,28 +131,6 @@ class DivergenceGuard(Algorithm):
     Attributes:
         skipped: batch numbers (1-based) of the skipped steps.
     """
-
-    def __init__(
-        self,
-        policy: Policy = "skip",
-        max_consecutive_skips: Annotated[int, NONNEGATIVE] = 10,
-        restore_estimator: bool = True,
-        check_grads: Optional[bool] = None,
-        save_folder: Optional[str] = None,
-    ):
-        if policy not in DIVERGENCE_POLICIES:
-            raise ValueError(f"unknown divergence policy {policy!r}; valid: {', '.join(DIVERGENCE_POLICIES)}")
-        if max_consecutive_skips < 0:
-            raise ValueError(f"max_consecutive_skips must be >= 0, got {max_consecutive_skips}")
-        self.policy = policy
-        self.max_consecutive_skips = int(max_consecutive_skips)
-        self.restore_estimator = bool(restore_estimator)
-        self.check_grads = check_grads
-        self.save_folder = save_folder
-        self.skipped: list[int] = []
-        self._consecutive = 0
-        self._snapshot: Optional[dict[str, Any]] = None
-        self._checks: Optional[str] = None
 
     def match(self, event: Event, state: State) -> bool:
         """Run on BEFORE_FORWARD, BEFORE_LOSS, AFTER_LOSS and AFTER_BACKWARD unless the policy is ``none``."""

@@ -68,6 +68,25 @@ def _load(target: str) -> Any:
     return found
 
 
+class _Deferred:
+    """A constructor imported when it is built; its options are read from the Composer-free class
+    whose ``__init__`` it inherits (``signature``), so binding a section does not import it."""
+
+    def __init__(self, target: str, signature: str):
+        self.target = target
+        self.__name__ = target.rpartition(":")[2].rpartition(".")[2]
+        self.__signature__ = inspect.signature(_load(signature), eval_str=True)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _load(self.target)(*args, **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Deferred) and other.target == self.target
+
+    def __hash__(self) -> int:
+        return hash(self.target)
+
+
 @dataclass(frozen=True)
 class Declared:
     """One component section of a recipe.
@@ -94,6 +113,9 @@ class Declared:
             it states one (the objective's preferred initial logit scale and bias for the
             ``model``), else the section's own constructor's default: read once, at load, in
             binding order, as the estimator's ``dim`` is handed down by the builder.
+        signature: ``"module:NAME"`` of a class without Composer whose ``__init__`` the ``ctor``
+            inherits (``DivergenceOptions`` of ``DivergenceGuard``): the section is checked
+            against it and ``ctor`` is imported only when built, so a load does not import Composer.
     """
 
     key: str
@@ -106,6 +128,7 @@ class Declared:
     resolved: bool = False
     name_key: Optional[str] = None
     preferred: Optional[tuple[str, tuple[str, ...]]] = None
+    signature: Optional[str] = None
 
     def bind(self, section: Any, key: str) -> Bound:
         """The binding step for this section (its registry or its constructor imported now).
@@ -114,7 +137,7 @@ class Declared:
         ``name`` where it takes one; otherwise it is refused naming the key.
         """
         if self.ctor is not None:
-            ctor = _load(self.ctor)
+            ctor = _load(self.ctor) if self.signature is None else _Deferred(self.ctor, self.signature)
             options = section
             if isinstance(section, str):
                 params = [n for n in inspect.signature(ctor).parameters if n not in self.passed and n != "self"]
@@ -139,12 +162,13 @@ SECTIONS: tuple[Declared, ...] = (
              known=("batch_size", "world_size", "seed", "num_workers", "drop_last"), resolved=True, name_key="data.name"),
     Declared("optimizer", "amortize.train.optim:OPTIMIZERS", passed=("params",), resolved=True),
     Declared("scheduler", "amortize.train.optim:SCHEDULERS", resolved=True),
-    Declared("divergence", ctor="amortize.train.guards:DivergenceGuard", passed=("save_folder",), resolved=True),
+    Declared("divergence", ctor="amortize.train.guards:DivergenceGuard", passed=("save_folder",), resolved=True,
+             signature="amortize.train.guard_options:DivergenceOptions"),
     Declared("loggers", "amortize.train.integrations:LOGGERS", many=True),
     Declared("callbacks", "amortize.train.integrations:CALLBACKS", many=True),
     Declared("algorithms", "amortize.train.integrations:ALGORITHMS", many=True),
     Declared("eval", ctor="amortize.eval.callback:EvalCallback", passed=("tokenizer", "tasks", "print_table"),
-             shared="amortize.train.schema:eval_tasks", resolved=True),
+             shared="amortize.train.schema:eval_tasks", resolved=True, signature="amortize.eval.callback_options:EvalOptions"),
     Declared("eval.tasks", "amortize.eval.user:EVAL_TASKS", passed=("image_size",), many=True),  # a list only
     Declared("model", ctor="amortize.models:build_model", resolved=True,  # last: after the objective
              preferred=("loss.objective", ("init_logit_scale", "init_logit_bias"))),

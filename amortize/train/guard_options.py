@@ -1,0 +1,45 @@
+"""The options of :class:`~amortize.train.guards.DivergenceGuard`, declared without Composer.
+
+The recipe's ``divergence`` section is checked against :class:`DivergenceOptions` (the guard's
+``__init__``, which :class:`~amortize.train.guards.DivergenceGuard` inherits), so loading a recipe
+does not import Composer; the guard itself is imported when it is built.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Annotated, Any, Literal, Optional
+
+from amortize.options import NONNEGATIVE
+
+__all__ = ["DIVERGENCE_POLICIES", "DivergenceOptions", "Policy"]
+
+Policy = Literal["skip", "stop", "none"]
+DIVERGENCE_POLICIES = typing.get_args(Policy)
+"""What :class:`~amortize.train.guards.DivergenceGuard` does on a non-finite step: ``skip`` it, ``stop`` the run, or nothing (``none``)."""
+
+
+class DivergenceOptions:
+    """The constructor of :class:`~amortize.train.guards.DivergenceGuard` (its arguments are documented there)."""
+
+    def __init__(
+        self,
+        policy: Policy = "skip",
+        max_consecutive_skips: Annotated[int, NONNEGATIVE] = 10,
+        restore_estimator: bool = True,
+        check_grads: Optional[bool] = None,
+        save_folder: Optional[str] = None,
+    ):
+        if policy not in DIVERGENCE_POLICIES:
+            raise ValueError(f"unknown divergence policy {policy!r}; valid: {', '.join(DIVERGENCE_POLICIES)}")
+        if max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips must be >= 0, got {max_consecutive_skips}")
+        self.policy = policy
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.restore_estimator = bool(restore_estimator)
+        self.check_grads = check_grads
+        self.save_folder = save_folder
+        self.skipped: list[int] = []
+        self._consecutive = 0
+        self._snapshot: Optional[dict[str, Any]] = None
+        self._checks: Optional[str] = None
