@@ -15,6 +15,7 @@ from amortize.options import NONNEGATIVE
 __all__ = ["DIVERGENCE_POLICIES", "DivergenceOptions", "Policy"]
 
 Policy = Literal["skip", "stop", "none"]
+"""The type of ``divergence.policy``: ``skip``, ``stop`` or ``none`` (see :data:`DIVERGENCE_POLICIES`)."""
 DIVERGENCE_POLICIES = typing.get_args(Policy)
 """What :class:`~amortize.train.guards.DivergenceGuard` does on a non-finite step: ``skip`` it, ``stop`` the run, or nothing (``none``)."""
 

@@ -48,6 +48,7 @@ LrScaling = Literal["none", "world_size"]
 """How the inner learning rate follows the number of processes ``W`` of the layout: ``none`` (``lr``
 on any number) or ``world_size`` (the AmorLIP authors' code: ``lr * W``)."""
 LR_SCALINGS = typing.get_args(LrScaling)
+"""The accepted values of ``lr_scaling`` (see :data:`LrScaling`)."""
 
 OPTIMIZER = Part(INNER_OPTIMIZERS, passed=("params",), rebuilt=True)
 """The fit's ``optimizer`` option: a section of :data:`INNER_OPTIMIZERS`, built at every re-initialisation."""

@@ -175,8 +175,11 @@ Epoch0Previous = Literal["none", "initial"]
 AmorLIP authors' code: the untrained initial network)."""
 
 CADENCES = typing.get_args(Cadence)
+"""The accepted values of ``cadence`` (see :data:`Cadence`)."""
 REINIT_POLICIES = typing.get_args(Reinit)
+"""The accepted values of ``reinit`` (see :data:`Reinit`)."""
 EPOCH0_PREVIOUS = typing.get_args(Epoch0Previous)
+"""The accepted values of ``epoch0_previous`` (see :data:`Epoch0Previous`)."""
 
 
 def due(cadence: str, step: int, epoch_step: int, update_every: int, ema_every: int) -> tuple[bool, bool]:
