@@ -37,8 +37,11 @@ METHODS = [
 ]
 
 
-def assert_same(got: dict, ref: dict, label: str, tol: float = 1e-5, amortizer_tol: float = 5e-3) -> None:
-    """Losses, gradients, parameters, AdamW state and the estimator's state agree."""
+def assert_same(got: dict, ref: dict, label: str, tol: float = 5e-5, amortizer_tol: float = 5e-3) -> None:
+    """Losses, gradients, parameters, AdamW state and the estimator's state agree.
+
+    ``tol``: float32 sums taken in another order (one microbatch at a time) differ by a few 1e-5
+    relative (seen: 5.6e-5 on one of 48 gradient entries at N = 5, mb = 1)."""
 
     def close(a, b, what, t=tol):
         torch.testing.assert_close(a, b, rtol=t, atol=t, msg=lambda m: f"{label} {what}: {m}")
