@@ -120,10 +120,9 @@ class EmaRamp(EmaTarget):
     blends_targets = False
 
     def ema_decay(self, decay, beta):
-        decay = beta
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"normalizer 'ema_ramp' uses beta as the EMA decay; it must be in [0, 1], got {decay}")
-        return decay
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"normalizer 'ema_ramp' uses beta as the EMA decay; it must be in [0, 1], got {beta}")
+        return beta  # the constant decay is unused
 
 
 class Online(Normalizer):
