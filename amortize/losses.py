@@ -17,17 +17,19 @@ what to backpropagate; the other entries are detached terms for logging.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Mapping, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from amortize import checks as K
+from amortize import kernels
 from amortize.comm import Layout, build_layout
 from amortize.estimators import ESTIMATORS
 from amortize.estimators.base import PartitionEstimator, declared_inputs
 from amortize.estimators.in_batch import InBatchEstimator
-from amortize.objectives import OBJECTIVES, Objective, Pairs, Partition, partition, rescale_temperature
+from amortize.objectives import OBJECTIVES, Objective, Pairs, Partition, partition
+from amortize.objectives.base import TEMPERATURE_FORMS, mean_log_ratio, rescale_temperature
 from amortize.options import Range, keyed
 from amortize.registry import Section
 from amortize.schedules import Schedule, build_schedule
@@ -62,6 +64,12 @@ class ContrastiveLoss(nn.Module):
             says).
         rho: temperature-rescaling schedule over epochs (FastCLIP / AmorLIP), a float, a schedule
             section such as ``{"name": "piecewise", "values": [6.5, 6.5, 6.5, -8.0]}``, or None.
+        temperature: how ``rho`` enters (:data:`~amortize.objectives.base.TEMPERATURE_FORMS`):
+            ``rescaled``, ``loss / sg(s) + rho / s`` (FastCLIP's rescaling as AmorLIP's code has
+            it); ``robust``, ``loss / sg(s) + (rho + sg(F)) / s`` with ``F`` the batch's mean log
+            ratio of the normalisers to the positives (:func:`~amortize.objectives.base.mean_log_ratio`),
+            the temperature gradient of FastCLIP-v3's and NeuCLIP's robust global contrastive loss.
+            ``robust`` needs ``rho`` and an objective that takes normalisers (``linearized``).
         chunk_size: None for one chunk (dense), or rows per chunk (exact, O(B * chunk) memory).
         checks: validation level of this module's inputs (``full``, ``shapes``, ``off``; None: the
             process default of :func:`amortize.functional.set_checks`).
@@ -80,6 +88,7 @@ class ContrastiveLoss(nn.Module):
         *,
         layout: Union[str, Layout] = DEFAULT_LAYOUT,
         rho: Union[None, float, dict, Schedule] = None,
+        temperature: Literal["rescaled", "robust"] = "rescaled",
         chunk_size: Optional[int] = None,
         checks: Optional[str] = None,
         **objective_options: Any,
@@ -100,6 +109,12 @@ class ContrastiveLoss(nn.Module):
         K.chunk_size(chunk_size)
         self.estimator = estimator
         self.rho_schedule = build_schedule(rho)
+        if temperature not in TEMPERATURE_FORMS:
+            raise ValueError(f"unknown temperature {temperature!r}; choose one of {list(TEMPERATURE_FORMS)}")
+        if temperature == "robust" and (self.rho_schedule is None or not self.objective.accepts_normalizers):
+            raise ValueError("temperature 'robust' needs rho (0 for none) and an objective that takes normalisers "
+                             f"and sums both sides (linearized); got rho={rho!r}, objective {self.objective.name!r}")
+        self.temperature = temperature
         self.chunk_size = chunk_size
         self.checks = None if checks is None else K.resolve(checks)
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
@@ -113,6 +128,7 @@ class ContrastiveLoss(nn.Module):
         *,
         layout: str = DEFAULT_LAYOUT,
         rho: Union[None, float, dict] = None,
+        temperature: Literal["rescaled", "robust"] = "rescaled",
         chunk_size: Annotated[Optional[int], Range(lo=1)] = None,
         context: Optional[Mapping[str, Any]] = None,
     ) -> "ContrastiveLoss":
@@ -124,6 +140,7 @@ class ContrastiveLoss(nn.Module):
                 the objective takes one).
             layout: the layout's name (or a built :class:`~amortize.comm.Layout`).
             rho: the rescaling schedule (or a built :class:`~amortize.schedules.Schedule`).
+            temperature: how rho enters, ``rescaled`` or ``robust`` (see the class).
             chunk_size: rows per chunk, or None.
             context: values the caller knows (``dim``: the embedding width, ``num_samples``: the
                 dataset size); each is passed to an estimator constructor that names it in its
@@ -140,7 +157,7 @@ class ContrastiveLoss(nn.Module):
         if not isinstance(objective, Objective):
             objective = OBJECTIVES.bind(objective, "loss.objective").build()
         try:
-            return cls(objective, built, layout=layout, rho=rho, chunk_size=chunk_size)
+            return cls(objective, built, layout=layout, rho=rho, temperature=temperature, chunk_size=chunk_size)
         except (TypeError, ValueError) as e:
             raise keyed("loss", e) from None
 
@@ -180,7 +197,7 @@ class ContrastiveLoss(nn.Module):
         if getattr(self.estimator, "extra_inputs", ()):  # what it declares it reads besides the features and sums
             extra = declared_inputs(self.estimator, pairs.scale.detach(),
                                     None if pairs.bias is None else pairs.bias.detach(),
-                                    pairs.negative_weight * (n - 1), lay.local_rows(), part.pos_weight,
+                                    pairs.num_negatives, lay.local_rows(), part.pos_weight,
                                     lay.topology)
         est = self.estimator(xs, ys, part.log_z_x, part.log_z_y, idx, **extra)
         got = (tuple(est.log_norm_x.shape), tuple(est.log_norm_y.shape))
@@ -202,6 +219,13 @@ class ContrastiveLoss(nn.Module):
         if self.estimator is not None:
             assert part is not None
             lnx, lny, diagnostics = self._estimate(pairs, part, index)
+        if self.temperature == "robust":  # F of the normalisers the objective uses
+            assert part is not None
+            off, R = pairs.row_offset, pairs.rows
+            rx = part.log_z_x[off : off + R] if lnx is None else lnx
+            ry = (part.log_z_y if lny is None else lny)[off : off + R]  # the rows' positives' columns
+            pos = kernels.positive_scores(pairs.x, pairs.y, pairs.scale, pairs.bias)
+            diagnostics["log_ratio"] = mean_log_ratio(rx, ry, pos, pairs.num_negatives)
         return pairs, obj.terms(pairs, part, lnx, lny), diagnostics
 
     def terms(
@@ -249,7 +273,7 @@ class ContrastiveLoss(nn.Module):
         terms.update(diagnostics)
         rho = self.rho
         if rho is not None:
-            loss = rescale_temperature(loss, pairs.scale, rho)
+            loss = rescale_temperature(loss, pairs.scale, rho, diagnostics.get("log_ratio"))
             terms["rho"] = torch.tensor(rho, device=pairs.scale.device)
         terms["scale"] = pairs.scale.detach()
         if bias is not None:

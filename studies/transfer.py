@@ -275,6 +275,11 @@ VARIANTS: dict[str, dict] = {
     # SCENT's small-batch setting (--variant-method scent): alpha, and the frame its weight is read in
     **{f"alpha_{a:g}": {"estimator": {"alpha": a}} for a in (0.0, 5.0, 20.0)},
     "reference_none": {"estimator": {"reference": "none"}},
+    # NeuCLIP's temperature (--variant-method neuclip): the robust global contrastive loss's gradient
+    # (loss.temperature: robust), which holds the mean log-normaliser ratio our rescaling leaves out
+    **{f"robust_rho_{r:g}": {"rho": r, "temperature": "robust"} for r in (0.0, 6.5)},
+    # NeuCLIP's capacity: four times the prototypes (the small-batch recipe has 256)
+    "prototypes_1024": {"estimator": {"num_prototypes": 1024}},
 }
 
 

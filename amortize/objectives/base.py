@@ -25,7 +25,8 @@ from amortize import checks as K
 from amortize import kernels
 from amortize.comm import Block, Layout
 
-__all__ = ["CLIP_INIT_LOGIT_SCALE", "Pairs", "Partition", "Objective", "partition", "rescale_temperature"]
+__all__ = ["CLIP_INIT_LOGIT_SCALE", "TEMPERATURE_FORMS", "Pairs", "Partition", "Objective", "mean_log_ratio", "partition",
+           "rescale_temperature"]
 
 Scalar = Union[float, Tensor]
 
@@ -64,6 +65,11 @@ class Pairs:
     def rows(self) -> int:
         """``R``, the number of local rows."""
         return self.x.shape[0]
+
+    @property
+    def num_negatives(self) -> float:
+        """``N``: how many negatives each partition sum weighs (``k`` times the others among the estimator's rows)."""
+        return self.negative_weight * (self.layout.num_rows(self.rows) - 1)
 
     @property
     def bias_value(self) -> Scalar:
@@ -122,21 +128,60 @@ def partition(pairs: Pairs, pos_weight: float) -> Partition:
     return Partition(stats, row_lse, log_z_x, log_z_y, float(pos_weight))
 
 
-def rescale_temperature(loss: Tensor, scale: Scalar, rho: Optional[float]) -> Tensor:
-    """FastCLIP's temperature rescaling: ``loss / sg(scale) + rho / scale`` (identity if rho is None).
+TEMPERATURE_FORMS = ("rescaled", "robust")
+"""How ``rho`` enters the loss (:func:`rescale_temperature`): ``rescaled`` (FastCLIP's rescaling as
+AmorLIP's code uses it), ``robust`` (the robust global contrastive loss of FastCLIP-v3 and NeuCLIP,
+whose temperature gradient also holds the mean log-normaliser ratio)."""
+
+
+def mean_log_ratio(log_norm_x: Tensor, log_norm_y: Tensor, positive_scores: Tensor, num_negatives: float) -> Tensor:
+    """``F = mean_i [log g_x(i) + log g_y(i)]``, ``log g(i) = log_norm(i) - S_ii - log N``, detached.
+
+    ``g(i)`` is the mean over the ``N`` negatives of ``exp(S_ij - S_ii)`` (plus ``c / N`` with the
+    positive weighted ``c`` inside the sums): NeuCLIP's and FastCLIP-v3's ``eps + g``, whose log,
+    times the temperature, is their robust global contrastive loss (spec neuclip.md eq. 1).
 
     Args:
-        loss: 0-d loss.
-        scale: inverse temperature ``s``; gradients reach it only through ``rho / scale``.
+        log_norm_x: (R,) log partition sums of the rows (image side).
+        log_norm_y: (R,) log partition sums of the rows' positives (text side).
+        positive_scores: (R,) ``S_ii``.
+        num_negatives: ``N`` (> 0), how many negatives each sum weighs.
+
+    Returns:
+        0-d tensor, without gradient.
+    """
+    if not num_negatives > 0:
+        raise ValueError(f"the robust temperature needs num_negatives > 0 (a batch of >= 2), got {num_negatives}")
+    with torch.no_grad():
+        ratio = (log_norm_x - positive_scores) + (log_norm_y - positive_scores)
+        return ratio.mean() - 2.0 * math.log(num_negatives)
+
+
+def rescale_temperature(loss: Tensor, scale: Scalar, rho: Optional[float], log_ratio: Optional[Tensor] = None) -> Tensor:
+    """FastCLIP's temperature rescaling: ``loss / sg(scale) + (rho + sg(F)) / scale``.
+
+    With ``log_ratio`` None (``rescaled``) the gradient of ``1 / s`` is ``rho`` alone; with
+    ``F =`` :func:`mean_log_ratio` (``robust``) it is the temperature gradient of the robust global
+    contrastive loss ``tau (F + rho)`` at the normalisers' optimum: ``F + tau dF/dtau + rho``.
+    The identity if rho is None.
+
+    Args:
+        loss: 0-d loss (both sides summed).
+        scale: inverse temperature ``s``; gradients reach it through ``loss`` (scaled by
+            ``1 / sg(s)``) and ``(rho + F) / s``.
         rho: the rescaling constant of the current epoch, or None for no rescaling.
+        log_ratio: 0-d ``F``, or None.
 
     Returns:
         0-d rescaled loss.
     """
     if rho is None:
+        if log_ratio is not None:
+            raise ValueError("a log-normaliser ratio (the robust temperature) needs rho")
         return loss
     s = K.scalar_tensor(scale, loss)
-    return loss / s.detach() + rho / s
+    shift = rho if log_ratio is None else rho + log_ratio.detach().to(loss.dtype)
+    return loss / s.detach() + shift / s
 
 
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)

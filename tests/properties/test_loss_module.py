@@ -123,3 +123,44 @@ def test_a_float_scale_is_accepted_like_the_functional_face(name):
     out = _loss(name)(x, y, 7.0, -3.0)
     ref, _ = _run(_loss(name), x, y, scale=7.0, bias=-3.0)
     _close(out["loss"].detach(), ref["loss"].detach())
+
+
+@settings(max_examples=8, deadline=None)
+@given(b=st.integers(2, 8), seed=st.integers(0, 10_000), rho=st.floats(-9.0, 9.0), c=st.sampled_from([0.0, 1e-3, 1.0]),
+       scale=st.floats(1.0, 30.0))
+def test_robust_temperature_is_the_gradient_of_the_robust_global_contrastive_loss(b, seed, rho, c, scale):
+    """With exact in-batch normalisers, ``temperature: robust`` gives ``s`` the gradient of NeuCLIP's /
+    FastCLIP-v3's ``tau (F + rho)``, ``F = mean_i sum_sides log(c / N + mean_{j != i} exp(S_ij - S_ii))``,
+    written here directly and differentiated by autograd; the features' gradients are the rescaled ones."""
+    x, y = _batch(b, 4, seed)
+    robust = ContrastiveLoss("linearized", pos_weight=c, rho=rho, temperature="robust")
+    out, (hx, hy, hs) = _run(robust, x, y, scale=scale, bias=0.0)
+    _, (gx, gy, _) = _run(ContrastiveLoss("linearized", pos_weight=c, rho=rho), x, y, scale=scale, bias=0.0)
+    _close(hx, gx)
+    _close(hy, gy)
+    s = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    S = s * x @ y.T
+    n = b - 1
+    off = ~torch.eye(b, dtype=torch.bool)
+    diag = S.diagonal()
+
+    def side(scores):  # log(c / N + mean_{j != i} exp(S_ij - S_ii)) per row
+        d = scores - scores.diagonal()[:, None]
+        neg = torch.logsumexp(d.masked_fill(~off, -float("inf")), dim=1) - torch.log(torch.tensor(float(n)))
+        return torch.logaddexp(neg, torch.log(torch.tensor(c / n))) if c > 0 else neg
+
+    F = (side(S) + side(S.T)).mean()
+    want = torch.autograd.grad((F + rho) / s, s)[0]
+    _close(hs, want, 1e-6)  # the partition sums' kernels round at ~1e-8 relative
+    assert torch.isfinite(diag).all()
+    _close(out["log_ratio"], F.detach(), 1e-6)
+
+
+def test_robust_temperature_needs_rho_and_normalisers():
+    """``robust`` without rho, or with an objective that computes its own normalisers, is refused by name."""
+    with pytest.raises(ValueError, match="robust.*needs rho"):
+        ContrastiveLoss("linearized", temperature="robust")
+    with pytest.raises(ValueError, match="robust.*infonce"):
+        ContrastiveLoss("infonce", rho=6.5, temperature="robust")
+    with pytest.raises(ValueError, match="unknown temperature 'robus'"):
+        ContrastiveLoss("linearized", rho=6.5, temperature="robus")
