@@ -31,16 +31,19 @@ amortize.options.RecipeError: shape.depth: expected int, got str 'deep'
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
+import importlib.util
 import inspect
+import sys
 import typing
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Optional, TypeVar, Union
 
 from amortize.options import RecipeError, conform_section, did_you_mean, keyed
 
-__all__ = ["Registry", "RecipeError", "SectionError", "Section", "Bound", "Part", "OneOf", "bind", "section_name",
-           "part_of"]
+__all__ = ["Registry", "RecipeError", "SectionError", "Section", "Bound", "Part", "OneOf", "Deferred", "bind",
+           "section_name", "part_of"]
 
 T = TypeVar("T")
 
@@ -309,6 +312,35 @@ def _load(target: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+class Deferred:
+    """A constructor imported when it is called: binding a section reads its declared options
+    (``__signature__``), so a recipe loads without importing the module the constructor lives in.
+
+    Args:
+        target: where the constructor lives, ``"module:NAME"``: its name, and what it equals.
+        signature: the constructor's options, declared where importing is cheap (Composer-free).
+        load: imports the constructor (at every call; Python caches the module).
+    """
+
+    def __init__(self, target: str, signature: inspect.Signature, load: Callable[[], Callable]):
+        self.target = target
+        self.__name__ = target.rpartition(":")[2].rpartition(".")[2]
+        self.__signature__ = signature
+        self._load = load
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._load()(*args, **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Deferred) and other.target == self.target
+
+    def __hash__(self) -> int:
+        return hash(self.target)
+
+    def __repr__(self) -> str:
+        return f"Deferred({self.target!r})"
+
+
 _NOT_PLAIN = object()
 
 
@@ -408,13 +440,31 @@ def bind(ctor: Callable[..., T], options: Mapping[str, Any], key: str, *, name: 
                  shared={n: options.get(n, p.default) for n, p in common.items()}, resolved=resolved, parts=parts)
 
 
+def _not_installed(what: str, package: str, install: Optional[str]) -> RecipeError:
+    how = f": {install}" if install else ""
+    return RecipeError(f"{what} needs the package {package!r}, which is not installed{how}")
+
+
+def _installed(package: str) -> bool:
+    """Whether the top-level package of ``package`` can be imported, found without importing it."""
+    top = package.partition(".")[0]
+    if top in sys.modules:
+        return sys.modules[top] is not None  # None: marked missing
+    return importlib.util.find_spec(top) is not None
+
+
 @dataclass(frozen=True)
 class _Import:
-    """A constructor registered by where it lives, imported when first asked for."""
+    """A constructor registered by where it lives, imported when first asked for.
+
+    With ``options`` (its declared signature) a section naming it is bound without importing it:
+    the packages it needs are looked for, not imported, and it is imported when built.
+    """
 
     target: str
     needs: Optional[str] = None
     install: Optional[str] = None
+    options: Optional[inspect.Signature] = None
 
     def load(self, what: str) -> Callable:
         """Import the constructor.
@@ -429,9 +479,19 @@ class _Import:
             try:
                 found = importlib.import_module(package)
             except ImportError as e:
-                how = f": {self.install}" if self.install else ""
-                raise RecipeError(f"{what} needs the package {e.name or package!r}, which is not installed{how}") from None
+                raise _not_installed(what, e.name or package, self.install) from None
         return getattr(found, attr)
+
+    def deferred(self, what: str) -> Deferred:
+        """The constructor as :class:`Deferred` (its declared options), imported when built.
+
+        Raises:
+            RecipeError: as :meth:`load`, for a package that is not installed (its top-level name).
+        """
+        for package in (self.needs, self.target.partition(":")[0]):
+            if package is not None and not _installed(package):
+                raise _not_installed(what, package.partition(".")[0], self.install)
+        return Deferred(self.target, self.options, functools.partial(self.load, what))
 
 
 class Registry(Generic[T]):
@@ -468,7 +528,7 @@ class Registry(Generic[T]):
         self._items[name] = ctor
 
     def register_import(self, name: str, target: str, *, needs: Optional[str] = None,
-                        install: Optional[str] = None) -> None:
+                        install: Optional[str] = None, options: Any = None) -> None:
         """Register a constructor imported when first asked for: ``target`` is ``"module:attribute"``.
 
         Args:
@@ -476,8 +536,14 @@ class Registry(Generic[T]):
             target: where the constructor lives (``"composer.loggers:TensorboardLogger"``).
             needs: a package it needs beyond its module (``"tensorboard"``), checked when it is asked for.
             install: the command that installs what is missing, for the message.
+            options: the constructor's options, declared without importing it (an
+                :class:`inspect.Signature`, or a callable whose signature they are): :meth:`bind`
+                checks a section against them and finds its packages without importing them; the
+                constructor is imported when the bound section is built. None: :meth:`bind` imports it.
         """
-        self.register(name, _Import(target, needs, install))
+        if options is not None and not isinstance(options, inspect.Signature):
+            options = inspect.signature(options, eval_str=True)
+        self.register(name, _Import(target, needs, install, options))
 
     def renamed(self, old: str, new: str) -> None:
         """Record that ``old`` was renamed ``new``, so that the error for ``old`` says so."""
@@ -489,16 +555,28 @@ class Registry(Generic[T]):
         Raises:
             ValueError: for an unknown name, listing the valid ones.
         """
+        ctor = self._entry(name)
+        if isinstance(ctor, _Import):  # imported modules are cached by Python; a missing package shows each time
+            ctor = ctor.load(f"{self.kind} {name!r}")
+        return ctor
+
+    def _entry(self, name: str) -> Any:
+        """What is registered under ``name`` (an :class:`_Import` not imported), or the :meth:`get` error."""
         if name not in self._items:
             if name in self._renamed:
                 raise RecipeError(f"{self.kind} {name!r} was renamed {self._renamed[name]!r}")
             raise RecipeError(
                 f"unknown {self.kind} {name!r}{did_you_mean(name, self._items)}; valid: {', '.join(self.names())}"
             )
-        ctor = self._items[name]
-        if isinstance(ctor, _Import):  # imported modules are cached by Python; a missing package shows each time
-            ctor = ctor.load(f"{self.kind} {name!r}")
-        return ctor
+        return self._items[name]
+
+    def _unbuilt(self, name: str) -> Callable[..., T]:
+        """The constructor of ``name`` as binding reads it: :meth:`get`'s, or a :class:`Deferred`
+        for one registered by import with its declared ``options``."""
+        entry = self._entry(name)
+        if isinstance(entry, _Import) and entry.options is not None:
+            return entry.deferred(f"{self.kind} {name!r}")
+        return self.get(name)
 
     __getitem__ = get
 
@@ -522,7 +600,7 @@ class Registry(Generic[T]):
             section = {("name" if k == alias else k): v for k, v in section.items()}
         name, options = section_name(section, key)
         try:
-            ctor = self.get(name)
+            ctor = self._unbuilt(name)
         except RecipeError as e:
             raise keyed(name_key or key, e) from None
         bound = bind(ctor, options, key, name=name, what=f"{self.kind} {name!r}", passed=passed, known=known,
@@ -536,7 +614,7 @@ class Registry(Generic[T]):
         own ``__init__``) does not accept ``param``: caller-known values such as ``dim`` are offered
         only to constructors that ask for them by name.
         """
-        sig = _signature(self.get(name))
+        sig = _signature(self._unbuilt(name))
         p = None if sig is None else sig.parameters.get(param)
         return p is not None and p.kind in _NAMED
 

@@ -15,7 +15,8 @@ load against the constructor's signature like every other section, and built onc
 
 A name whose package is not installed is refused when the recipe loads, with the command that
 installs it. A user's ``imports:`` file adds its own with ``CALLBACKS.register("name", MyCallback)``.
-The constructors are imported when a recipe names them: importing this module imports no Composer.
+Composer's own are bound against their declared options (:mod:`amortize.train.composer_options`)
+and imported when built: neither importing this module nor loading a recipe imports Composer.
 Checkpointing callbacks are not here: the recipe's ``save_*`` keys configure Composer's checkpointing.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from amortize.registry import Registry
+from amortize.train.composer_options import declared
 
 __all__ = ["LOGGERS", "CALLBACKS", "ALGORITHMS"]
 
@@ -45,7 +47,8 @@ for _name, _target, _needs, _install in (
     ("mlflow", "MLFlowLogger", "mlflow", "pip install mlflow"),
     ("comet_ml", "CometMLLogger", "comet_ml", "pip install comet_ml"),
 ):
-    LOGGERS.register_import(_name, f"composer.loggers:{_target}", needs=_needs, install=_install)
+    _target = f"composer.loggers:{_target}"
+    LOGGERS.register_import(_name, _target, needs=_needs, install=_install, options=declared(_target))
 
 for _name, _target in (
     ("lr_monitor", "LRMonitor"),
@@ -58,10 +61,12 @@ for _name, _target in (
     ("early_stopper", "EarlyStopper"),
     ("threshold_stopper", "ThresholdStopper"),
 ):
-    CALLBACKS.register_import(_name, f"composer.callbacks:{_target}")
+    _target = f"composer.callbacks:{_target}"
+    CALLBACKS.register_import(_name, _target, options=declared(_target))
 
 CALLBACKS.register_import("estimator_monitor", "amortize.train.algorithms:EstimatorMonitorCallback")
 # on by default for a stateful estimator (amortize.train.builders.build_trainer); ``policy: none`` turns it off
 
 for _name, _target in (("ema", "EMA"), ("swa", "SWA"), ("sam", "SAM")):
-    ALGORITHMS.register_import(_name, f"composer.algorithms:{_target}")
+    _target = f"composer.algorithms:{_target}"
+    ALGORITHMS.register_import(_name, _target, options=declared(_target))

@@ -28,6 +28,7 @@ This module imports neither Composer nor torch (the registries are imported when
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import inspect
 from collections.abc import Mapping
@@ -35,7 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from amortize.options import RecipeError
-from amortize.registry import Bound, bind
+from amortize.registry import Bound, Deferred, bind
 
 __all__ = ["Declared", "SECTIONS", "Options", "Bindings", "bind_sections", "bind_section", "bindings"]
 
@@ -66,25 +67,6 @@ def _load(target: str) -> Any:
     for part in name.split("."):  # a class's constructor method: "amortize.losses:ContrastiveLoss.from_sections"
         found = getattr(found, part)
     return found
-
-
-class _Deferred:
-    """A constructor imported when it is built; its options are read from the Composer-free class
-    whose ``__init__`` it inherits (``signature``), so binding a section does not import it."""
-
-    def __init__(self, target: str, signature: str):
-        self.target = target
-        self.__name__ = target.rpartition(":")[2].rpartition(".")[2]
-        self.__signature__ = inspect.signature(_load(signature), eval_str=True)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _load(self.target)(*args, **kwargs)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Deferred) and other.target == self.target
-
-    def __hash__(self) -> int:
-        return hash(self.target)
 
 
 @dataclass(frozen=True)
@@ -137,7 +119,9 @@ class Declared:
         ``name`` where it takes one; otherwise it is refused naming the key.
         """
         if self.ctor is not None:
-            ctor = _load(self.ctor) if self.signature is None else _Deferred(self.ctor, self.signature)
+            ctor = (_load(self.ctor) if self.signature is None else
+                    Deferred(self.ctor, inspect.signature(_load(self.signature), eval_str=True),
+                             functools.partial(_load, self.ctor)))
             options = section
             if isinstance(section, str):
                 params = [n for n in inspect.signature(ctor).parameters if n not in self.passed and n != "self"]
