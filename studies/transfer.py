@@ -277,7 +277,8 @@ VARIANTS: dict[str, dict] = {
     "reference_none": {"estimator": {"reference": "none"}},
     # NeuCLIP's temperature (--variant-method neuclip): the robust global contrastive loss's gradient
     # (loss.temperature: robust), which holds the mean log-normaliser ratio our rescaling leaves out
-    **{f"robust_rho_{r:g}": {"rho": r, "temperature": "robust"} for r in (0.0, 6.5)},
+    # (its equilibrium: rho = the two sides' sum of log N - H(p), at most 2 log 15 = 5.4 at B = 16)
+    **{f"robust_rho_{r:g}": {"rho": r, "temperature": "robust"} for r in (0.0, 2.0, 4.0, 6.5)},
     # NeuCLIP's capacity: four times the prototypes (the small-batch recipe has 256)
     "prototypes_1024": {"estimator": {"num_prototypes": 1024}},
 }
@@ -818,7 +819,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--variant-method", default="amorlip", help="the method the variants override")
     p.add_argument("--variant-seeds", type=int, nargs="*", default=[0, 1])
     p.add_argument("--test-variants", nargs="*", default=[],
-                   help="AmorLIP variants also run on the test split (smallest batch, --seeds), after the methods")
+                   help="variants of --variant-method also run on the test split (smallest batch, --seeds, the method's chosen setting), after the methods")
     p.add_argument("--scale-lr-from", type=int, default=None,
                    help="test cells without an lr search use the lr chosen at this batch, scaled by sqrt(B / it)")
     p.add_argument("--convergence-epochs", type=int, nargs="*", default=[24, 48],
@@ -847,9 +848,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if a.stage in ("test", "all"):
         runs = test_runs(lr_rows, a.datasets, methods, a.batches, a.seeds, epochs, a.scale_lr_from)
         b0 = min(a.batches)
-        runs += [Run(d, "amorlip", b0, s, "test", epochs=epochs[d], variant=v, overrides=VARIANTS[v],
-                     lr=(chosen_setting(lr_rows, d, "amorlip", b0, epochs[d]) or (base_lr(b0), None))[0],
-                     beta2=(chosen_setting(lr_rows, d, "amorlip", b0, epochs[d]) or (base_lr(b0), None))[1])
+        vm = a.variant_method
+        runs += [Run(d, vm, b0, s, "test", epochs=epochs[d], variant=v, overrides=VARIANTS[v],
+                     lr=(chosen_setting(lr_rows, d, vm, b0, epochs[d]) or (base_lr(b0), None))[0],
+                     beta2=(chosen_setting(lr_rows, d, vm, b0, epochs[d]) or (base_lr(b0), None))[1])
                  for s in a.seeds for d in a.datasets for v in a.test_variants]
         reuse_lr_runs(lr_rows, runs, test_path)
         run_all(sorted(runs, key=test_priority), test_path, a.jobs)
