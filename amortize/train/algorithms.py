@@ -6,8 +6,8 @@
 * :class:`FullBatchGuard` (AFTER_DATALOADER): refuses Composer's own microbatching, which shrinks
   the negatives (the exact alternative is the gradient cache of :mod:`amortize.train.gradcache`).
 * :class:`LogLossTerms` (BATCH_END): logs every named loss term as ``loss/train/<term>``.
-* :class:`ExportWeights` (EPOCH_CHECKPOINT, FIT_END): writes a plain weights-only file
-  ``<folder>/model.pt`` with the recipe, the towers and the estimator state.
+* :class:`ExportWeights` (EPOCH_CHECKPOINT, FIT_END): writes the run's weights export
+  (:mod:`amortize.weights_export`: the recipe, the towers and the estimator state).
 * :class:`EstimatorMonitorCallback` (EPOCH_START, EPOCH_END): runs
   :class:`amortize.diagnostics.EstimatorMonitor` on the loss's estimator, logs ``estimator/*`` and
   prints its warnings (on by default for a stateful estimator; recipe name ``estimator_monitor``).
@@ -30,6 +30,7 @@ from composer.loggers import Logger
 from amortize.checkpoints import atomic_save
 from amortize.diagnostics import EstimatorMonitor
 from amortize.train.model import unwrap
+from amortize.weights_export import EXPORT_FILENAME, export_payload
 
 __all__ = [
     "EpochSchedules",
@@ -40,11 +41,7 @@ __all__ = [
     "EstimatorMonitorCallback",
     "monitors_estimator",
     "planned_epochs",
-    "EXPORT_FORMAT",
 ]
-
-EXPORT_FORMAT = "amortize-weights/1"
-"""The ``format`` entry of files written by :class:`ExportWeights`."""
 
 
 def planned_epochs(state: State) -> int:
@@ -223,26 +220,10 @@ class EstimatorMonitorCallback(Callback):
         self.monitor.warnings.clear()  # each printed once
 
 
-def export_state(state: State) -> dict:
-    """The plain weights-only export of a run: recipe, towers and loss-module state.
-
-    Returns:
-        ``{"format": EXPORT_FORMAT, "recipe": dict, "model": state_dict, "loss_fn": state_dict,
-        "timestamp": {"epoch": int, "batch": int}}`` (tensors and plain Python only).
-    """
-    m = unwrap(state.model)
-    loss_state = {k: v for k, v in m.loss_fn.state_dict().items() if isinstance(v, torch.Tensor)}
-    return {
-        "format": EXPORT_FORMAT,
-        "recipe": m.recipe,
-        "model": {k: v.detach().cpu() for k, v in m.model.state_dict().items()},
-        "loss_fn": {k: v.detach().cpu() for k, v in loss_state.items()},
-        "timestamp": {"epoch": int(state.timestamp.epoch), "batch": int(state.timestamp.batch)},
-    }
-
-
 class ExportWeights(Callback):
-    """Write ``<folder>/<filename>`` (rank 0) at the end of every epoch and at FIT_END.
+    """Write the weights export ``<folder>/<filename>`` (rank 0) at the end of every epoch and at FIT_END.
+
+    What the file holds, and how it is read, is :mod:`amortize.weights_export`'s.
 
     Weights that hold NaN or Inf are never written: the callback raises
     :class:`~amortize.train.guards.NonFiniteWeightsError` instead, and the run stops with it.
@@ -252,10 +233,10 @@ class ExportWeights(Callback):
 
     Args:
         folder: where to write (usually the run's ``save_folder``).
-        filename: the file name.
+        filename: the file name (:data:`~amortize.weights_export.EXPORT_FILENAME` unless given).
     """
 
-    def __init__(self, folder: str, filename: str = "model.pt"):
+    def __init__(self, folder: str, filename: str = EXPORT_FILENAME):
         self.folder = folder
         self.filename = filename
 
@@ -274,7 +255,9 @@ class ExportWeights(Callback):
             return
         from amortize.train.guards import check_finite_weights
 
-        export = export_state(state)
+        m = unwrap(state.model)
+        export = export_payload(m.recipe, m.model.state_dict(), m.loss_fn.state_dict(),
+                                int(state.timestamp.epoch), int(state.timestamp.batch))
         ts = export["timestamp"]
         # the towers only: a moving-average table holds -inf for samples not seen yet
         check_finite_weights(export["model"],

@@ -74,7 +74,7 @@ def check_finite_weights(state_dict: dict, where: str) -> None:
 
     Args:
         state_dict: the towers' (and loss module's) state.
-        where: what is being written, for the message (``model.pt at epoch 2, batch 40``).
+        where: what is being written, for the message (the export's path, ``at epoch 2, batch 40``).
     """
     bad = K.non_finite_tensors(state_dict)
     if bad:
@@ -339,7 +339,7 @@ class TrainingInterrupted(Exception):
 
     Attributes:
         checkpoint: the checkpoint written at the interrupted batch.
-        export: the weights export (``model.pt``).
+        export: the path of the weights export (:mod:`amortize.weights_export`).
         epoch: the epoch count of the checkpoint.
         batch: the batch count of the checkpoint.
         signum: the signal that stopped the run (``signal.SIGINT`` or ``signal.SIGTERM``); the
