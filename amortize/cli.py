@@ -36,7 +36,7 @@ def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint with ``torch.load(..., weights_only=True)``.
 
     Accepts a Composer checkpoint (``ep1-ba5-rank0.pt``, ``latest-rank0.pt``), the weights export
-    written by :class:`amortize.train.algorithms.ExportWeights` (:mod:`amortize.weights_export`), a
+    written by :class:`amortize.train.callbacks.ExportWeights` (:mod:`amortize.weights_export`), a
     run folder (its export :data:`~amortize.weights_export.EXPORT_FILENAME`, else its
     ``latest-rank0.pt``), or an ``amortize export`` folder (its ``open_clip_config.json`` and
     ``open_clip_model.safetensors``; see :func:`read_export_folder`).
@@ -270,7 +270,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, recipe: Any) -> int:
     """Build the trainer of ``recipe`` and train (the save folder's lock is held by the caller)."""
     from amortize.train.builders import build_trainer
-    from amortize.train.guards import TrainingInterrupted
+    from amortize.train.callbacks import TrainingInterrupted
 
     trainer = build_trainer(recipe)
     from composer.utils import dist
@@ -462,9 +462,11 @@ def _expected_errors() -> tuple[type, ...]:
 
     out: list[type] = [RecipeError, CommandError, FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError,
                        TooManySkippedError, CheckpointWriteError, UserDataError, PretrainedError]
-    guards = sys.modules.get("amortize.train.guards")
-    if guards is not None:
-        out.extend([guards.DivergenceError, guards.NonFiniteWeightsError])
+    # a run's own failures, looked up only where a run was built (these modules import Composer)
+    for module, name in (("amortize.train.algorithms", "DivergenceError"),
+                         ("amortize.train.callbacks", "NonFiniteWeightsError")):
+        if module in sys.modules:
+            out.append(getattr(sys.modules[module], name))
     return tuple(out)
 
 

@@ -1,7 +1,7 @@
 """The weights export of a run: its file name, its format tag, what it holds, how it is recognised and read.
 
 ``amortize train`` writes the export into its save folder at every epoch end and when the run ends
-(:class:`~amortize.train.algorithms.ExportWeights` saves :func:`export_payload`). It holds tensors
+(:class:`~amortize.train.callbacks.ExportWeights` saves :func:`export_payload`). It holds tensors
 and plain Python only, so it loads with ``torch.load(path, weights_only=True)``; unlike a Composer
 checkpoint it cannot resume a run. Its readers recognise it with :func:`is_weights_export`:
 ``amortize eval`` and ``amortize export`` (:func:`amortize.cli.load_checkpoint`), ``model.pretrained``
@@ -32,7 +32,7 @@ EXPORT_FORMAT = _TAG + "1"
 
 EXPORT_FILENAME = "model.pt"
 """The export's file name in a run's save folder (the default of
-:class:`~amortize.train.algorithms.ExportWeights`); a run folder is read through it first."""
+:class:`~amortize.train.callbacks.ExportWeights`); a run folder is read through it first."""
 
 
 def export_payload(recipe: dict, model_state: Mapping[str, Any], loss_state: Mapping[str, Any],

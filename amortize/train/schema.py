@@ -125,7 +125,7 @@ class Recipe:
             ``at_fit_end``, ``batch_size``, ``prefix``), with its defaults, and ``tasks``
             (:func:`eval_tasks`, default ``none``: no evaluation).
         divergence: what a non-finite loss or gradient does: the options of
-            :class:`amortize.train.guards.DivergenceGuard` (``policy``: ``skip``, ``stop``, ``none``;
+            :class:`amortize.train.algorithms.DivergenceGuard` (``policy``: ``skip``, ``stop``, ``none``;
             ``max_consecutive_skips``, ``restore_estimator``).
         loggers: Composer logger destinations, each a section (``file``, ``tensorboard``, ``wandb``
             ... see :data:`amortize.train.integrations.LOGGERS`), e.g. ``[{name: file, filename: log.txt}]``.

@@ -18,7 +18,7 @@ from pathlib import Path
 from amortize.eval.callback import EvalCallback
 from amortize.eval.callback_options import EvalOptions
 from amortize.train.guard_options import DivergenceOptions
-from amortize.train.guards import DivergenceGuard
+from amortize.train.algorithms import DivergenceGuard
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(str(p) for p in (ROOT / "recipes").glob("*.yaml"))
