@@ -35,10 +35,11 @@ __all__ = ["main", "parse_args", "load_checkpoint", "model_from_checkpoint", "re
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint with ``torch.load(..., weights_only=True)``.
 
-    Accepts a Composer checkpoint (``ep1-ba5-rank0.pt``, ``latest-rank0.pt``), the plain export
-    written by :class:`amortize.train.algorithms.ExportWeights` (``model.pt``), a run folder
-    (its ``model.pt``, else its ``latest-rank0.pt``), or an ``amortize export`` folder (its
-    ``open_clip_config.json`` and ``open_clip_model.safetensors``; see :func:`read_export_folder`).
+    Accepts a Composer checkpoint (``ep1-ba5-rank0.pt``, ``latest-rank0.pt``), the weights export
+    written by :class:`amortize.train.callbacks.ExportWeights` (:mod:`amortize.weights_export`), a
+    run folder (its export :data:`~amortize.weights_export.EXPORT_FILENAME`, else its
+    ``latest-rank0.pt``), or an ``amortize export`` folder (its ``open_clip_config.json`` and
+    ``open_clip_model.safetensors``; see :func:`read_export_folder`).
 
     Returns:
         ``{"recipe": dict, "model": state_dict of the two-tower model,
@@ -58,9 +59,10 @@ def load_checkpoint(path: str | Path) -> dict:
         recipe, weights, source = *read_export_folder(p.parent), "open_clip export"
         return {"recipe": recipe, "model": _finite(weights, p.parent), "source": source}
     from amortize.checkpoints import CorruptCheckpointError, safe_load  # weights_only; names a refused global
+    from amortize.weights_export import is_weights_export
 
     ck = safe_load(p)
-    if isinstance(ck, dict) and str(ck.get("format", "")).startswith("amortize-weights/"):
+    if is_weights_export(ck):
         recipe, weights, source = ck.get("recipe"), ck["model"], "export"
     elif isinstance(ck, dict) and "state" in ck and "model" in ck["state"]:
         full = ck["state"]["model"]
@@ -92,18 +94,20 @@ def _finite(weights: dict, where: Path) -> dict:
 
 
 def _checkpoint_in_folder(folder: Path) -> Path:
-    """The file a folder is read through: a run's ``model.pt``, else its ``latest-rank0.pt`` (a run
-    stopped before its export), else an ``amortize export`` folder's ``open_clip_config.json``.
+    """The file a folder is read through: a run's weights export
+    (:data:`~amortize.weights_export.EXPORT_FILENAME`), else its ``latest-rank0.pt`` (a run stopped
+    before its export), else an ``amortize export`` folder's ``open_clip_config.json``.
 
     Raises:
         FileNotFoundError: naming the folder and what to pass instead.
     """
     from amortize.interop.export import CONFIG_NAME
+    from amortize.weights_export import EXPORT_FILENAME
 
-    for name in ("model.pt", "latest-rank0.pt", CONFIG_NAME):
+    for name in (EXPORT_FILENAME, "latest-rank0.pt", CONFIG_NAME):
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f"{folder} holds no model.pt, latest-rank0.pt or {CONFIG_NAME}: pass a run folder "
+    raise FileNotFoundError(f"{folder} holds no {EXPORT_FILENAME}, latest-rank0.pt or {CONFIG_NAME}: pass a run folder "
                             "(save_folder), a checkpoint file, or a folder written by `amortize export`")
 
 
@@ -266,7 +270,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, recipe: Any) -> int:
     """Build the trainer of ``recipe`` and train (the save folder's lock is held by the caller)."""
     from amortize.train.builders import build_trainer
-    from amortize.train.guards import TrainingInterrupted
+    from amortize.train.callbacks import TrainingInterrupted
 
     trainer = build_trainer(recipe)
     from composer.utils import dist
@@ -310,6 +314,7 @@ def final_message(recipe: Any) -> str:
     """The line a finished run ends with, naming only files that exist: the folder, its ``latest``
     checkpoint (or that none was kept: ``save_num_checkpoints_to_keep=0``) and the weights export."""
     from amortize.train.plan import shown_folder
+    from amortize.weights_export import EXPORT_FILENAME
 
     folder = recipe.resolved_save_folder()
     shown = shown_folder(folder)
@@ -319,8 +324,8 @@ def final_message(recipe: Any) -> str:
     else:
         kept = (f"no checkpoint kept in {shown} (save_num_checkpoints_to_keep="
                 f"{recipe.save_num_checkpoints_to_keep}): the run cannot be resumed")
-    export = "weights export " + shown + "model.pt" if os.path.isfile(os.path.join(folder, "model.pt")) else \
-        "no weights export written"
+    export = "weights export " + shown + EXPORT_FILENAME if os.path.isfile(os.path.join(folder, EXPORT_FILENAME)) \
+        else "no weights export written"
     return f"{kept}; {export}"
 
 
@@ -457,14 +462,18 @@ def _expected_errors() -> tuple[type, ...]:
 
     out: list[type] = [RecipeError, CommandError, FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError,
                        TooManySkippedError, CheckpointWriteError, UserDataError, PretrainedError]
-    guards = sys.modules.get("amortize.train.guards")
-    if guards is not None:
-        out.extend([guards.DivergenceError, guards.NonFiniteWeightsError])
+    # a run's own failures, looked up only where a run was built (these modules import Composer)
+    for module, name in (("amortize.train.algorithms", "DivergenceError"),
+                         ("amortize.train.callbacks", "NonFiniteWeightsError")):
+        if module in sys.modules:
+            out.append(getattr(sys.modules[module], name))
     return tuple(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``amortize``."""
+    from amortize.weights_export import EXPORT_FILENAME  # imports neither torch nor Composer
+
     parser = argparse.ArgumentParser(prog="amortize", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -478,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (zero-shot, retrieval)")
-    e.add_argument("checkpoint", help="Composer checkpoint, model.pt export, or run folder")
+    e.add_argument("checkpoint", help=f"Composer checkpoint, {EXPORT_FILENAME} export, or run folder")
     e.add_argument("--json", action="store_true", help="print JSON lines {task, metric, value}")
     e.add_argument("--tasks", nargs="+", default=None,
                    help="default (the shipped tasks), task names among them, or datacomp")
@@ -501,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     x = sub.add_parser("export", help="write the towers as an open_clip model folder (safetensors)")
-    x.add_argument("checkpoint", help="run folder, model.pt export or Composer checkpoint")
+    x.add_argument("checkpoint", help=f"run folder, {EXPORT_FILENAME} export or Composer checkpoint")
     x.add_argument("out_dir", help="the folder to write (new or empty)")
     x.add_argument("--format", choices=("open_clip", "hf"), default="open_clip",
                    help="open_clip: a folder for local-dir: / pretrained=; hf: the same plus a model card, to upload "

@@ -246,7 +246,8 @@ def build_model(
         init_logit_scale: initial ``log s``.
         init_logit_bias: initial bias, or None for none.
         pretrained: weights to load (an open_clip checkpoint or state dict, an ``amortize export``
-            folder, a ``model.pt`` or run folder; see :mod:`amortize.interop.pretrained`).
+            folder, a weights export (:mod:`amortize.weights_export`) or run folder; see
+            :mod:`amortize.interop.pretrained`).
         lock_image: ``{unlocked_groups: N, freeze_norm: bool}`` to lock the image tower (open_clip's LiT).
         lock_text: the same for the text tower.
 

@@ -4,8 +4,8 @@ Accepted by :func:`read_state_dict`:
 
 * an open_clip state dict (``.pt``/``.bin``/``.pth``, or ``.safetensors``), or open_clip's training
   checkpoint ``{"epoch", "state_dict": ...}`` (a ``module.`` prefix is dropped);
-* an export of ours: an ``amortize export`` folder, a ``model.pt`` weights export or a run folder
-  holding one, a Composer checkpoint of ``amortize train``.
+* an export of ours: an ``amortize export`` folder, a weights export (:mod:`amortize.weights_export`)
+  or a run folder holding one, a Composer checkpoint of ``amortize train``.
 
 Files are read with ``torch.load(weights_only=True)`` or safetensors (no code runs). The weights must
 fit the recipe's model exactly (every key, every shape; the logit bias excepted: a model with a bias
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from amortize.options import RecipeError
+from amortize.weights_export import EXPORT_FILENAME, is_weights_export
 
 __all__ = ["PretrainedError", "read_state_dict", "check_fits", "load_pretrained", "tower_groups", "apply_locks",
            "locked_summary", "start_towers"]
@@ -64,14 +65,14 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _weights_file(folder: Path) -> Path:
-    """The weights inside a folder: an export's safetensors, a run's model.pt or latest checkpoint."""
-    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.pt", "latest-rank0.pt"):
+    """The weights inside a folder: an export's safetensors, a run's weights export or latest checkpoint."""
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", EXPORT_FILENAME, "latest-rank0.pt"):
         if (folder / name).is_file():
             return folder / name
     found = sorted(folder.glob("*.safetensors"))
     if found:
         return found[0]
-    raise PretrainedError(f"{folder} holds no weights (open_clip_model.safetensors, model.pt or latest-rank0.pt)",
+    raise PretrainedError(f"{folder} holds no weights (open_clip_model.safetensors, {EXPORT_FILENAME} or latest-rank0.pt)",
                           key=_KEY)
 
 
@@ -102,7 +103,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # an unreadable or unsafe pickle: name the file
         raise PretrainedError(f"{p} is not a readable checkpoint: {type(e).__name__}: {e}", key=_KEY) from None
     if isinstance(ck, dict):
-        if str(ck.get("format", "")).startswith("amortize-weights/"):
+        if is_weights_export(ck):
             ck = ck.get("model")
         elif isinstance(ck.get("state"), dict) and "model" in ck["state"]:  # Composer
             ck = ck["state"]["model"]

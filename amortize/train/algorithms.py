@@ -1,50 +1,57 @@
-"""Composer algorithms and callbacks that drive the contrastive loss: one event, one small apply.
+"""Composer Algorithms of amortize: the ones that change the run, each on its event.
+
+An Algorithm changes the state of the run or the course of a step (Composer runs the Algorithms of
+an event before its Callbacks, INIT excepted); what only reads the run or saves it is in
+:mod:`amortize.train.callbacks`. The exact gradient cache, an Algorithm too, has its own module
+(:mod:`amortize.train.gradcache`).
 
 * :class:`EpochSchedules` (EPOCH_START): advances rho, beta, gamma and AmorLIP's per-epoch
   re-initialisation and previous-epoch networks, through ``loss_fn.start_epoch``.
 * :class:`ClampLogitScale` (BATCH_END, after the optimiser step): ``s <= max_scale``.
 * :class:`FullBatchGuard` (AFTER_DATALOADER): refuses Composer's own microbatching, which shrinks
   the negatives (the exact alternative is the gradient cache of :mod:`amortize.train.gradcache`).
-* :class:`LogLossTerms` (BATCH_END): logs every named loss term as ``loss/train/<term>``.
-* :class:`ExportWeights` (EPOCH_CHECKPOINT, FIT_END): writes a plain weights-only file
-  ``<folder>/model.pt`` with the recipe, the towers and the estimator state.
-* :class:`EstimatorMonitorCallback` (EPOCH_START, EPOCH_END): runs
-  :class:`amortize.diagnostics.EstimatorMonitor` on the loss's estimator, logs ``estimator/*`` and
-  prints its warnings (on by default for a stateful estimator; recipe name ``estimator_monitor``).
+* :class:`DivergenceGuard` (BEFORE_FORWARD to AFTER_BACKWARD; the recipe's ``divergence`` section):
+  after the backward pass, checks that the loss and the gradient norm are finite. On a non-finite
+  step it either *skips* it (gradients dropped, so the optimiser leaves parameters and its state
+  alone; the estimator's state is rolled back to its value before the step) or *stops* the run:
+  it saves a checkpoint of the last good state and raises :class:`DivergenceError` naming the
+  batch and what was non-finite. Its options are declared without Composer in
+  :mod:`amortize.train.guard_options`, so loading a recipe does not import this module.
 
-The algorithms hold no state of their own: everything they change lives in the model's
-``state_dict``, so Composer's checkpoints restore it.
+Everything these Algorithms change lives in the model's ``state_dict``, so Composer's checkpoints
+restore it. Only :class:`DivergenceGuard` keeps state of its own (the skipped batches, the count of
+skips in a row, the snapshot of one step), for the process's run: it is not checkpointed.
+
+>>> DivergenceGuard(policy="skip").policy
+'skip'
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import os
-import sys
-from typing import Literal, Optional
+from typing import Any, Optional
 
 import torch
-from composer.core import Algorithm, Callback, Event, State, TimeUnit
+from composer.core import Algorithm, Event, State, TimeUnit
 from composer.loggers import Logger
 
-from amortize.checkpoints import atomic_save
-from amortize.diagnostics import EstimatorMonitor
+from amortize import checks as K
+from amortize.train.guard_options import DivergenceOptions
 from amortize.train.model import unwrap
 
 __all__ = [
     "EpochSchedules",
     "ClampLogitScale",
     "FullBatchGuard",
-    "LogLossTerms",
-    "ExportWeights",
-    "EstimatorMonitorCallback",
-    "monitors_estimator",
+    "DivergenceGuard",
+    "DivergenceError",
     "planned_epochs",
-    "EXPORT_FORMAT",
 ]
 
-EXPORT_FORMAT = "amortize-weights/1"
-"""The ``format`` entry of files written by :class:`ExportWeights`."""
+log = logging.getLogger(__name__)
 
 
 def planned_epochs(state: State) -> int:
@@ -140,144 +147,181 @@ class FullBatchGuard(Algorithm):
             )
 
 
-class LogLossTerms(Callback):
-    """Log the named loss terms of every training batch as ``loss/train/<term>``."""
+class DivergenceError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient; the message names the batch, what was
+    non-finite and the checkpoint of the last good state.
 
-    def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        """Composer hook (BATCH_END)."""
-        if event != Event.BATCH_END:
-            return
-        terms = {k: v for k, v in unwrap(state.model).last_terms.items() if k != "loss" and v.numel() == 1}
-        if not terms:
-            return
-        # one device-to-host copy for all terms, not one synchronising float() per term
-        device = next(iter(terms.values())).device
-        values = torch.stack([v.detach().reshape(()).to(device, torch.float32) for v in terms.values()]).tolist()
-        logger.log_metrics({f"loss/train/{k}": v for k, v in zip(terms, values)})
-
-
-def monitors_estimator(loss_fn: torch.nn.Module) -> bool:
-    """Whether ``loss_fn`` has an estimator that keeps state (not in-batch, not none): the monitor's default."""
-    from amortize.estimators.in_batch import InBatchEstimator
-
-    estimator = getattr(loss_fn, "estimator", None)
-    return estimator is not None and not isinstance(estimator, InBatchEstimator)
-
-
-class EstimatorMonitorCallback(Callback):
-    """Per-epoch :class:`~amortize.diagnostics.EstimatorMonitor` verdicts on the loss's estimator.
-
-    At FIT_START it hooks the estimator of the (possibly DDP-wrapped) model's loss; each epoch it
-    logs ``estimator/r2_first``, ``estimator/r2_last`` and ``estimator/r_mean`` to the run's loggers
-    and prints each warning as one ``EstimatorWarning: ...`` line on stderr (rank 0). It only reads
-    detached tensors the loss already computes and synchronises with the host once per epoch, so
-    training is unchanged. A recipe sets its options, or turns it off, as a ``callbacks:`` entry::
-
-        callbacks: [{name: estimator_monitor, max_bias: 0.5}]   # or {name: estimator_monitor, policy: none}
-
-    Args:
-        policy: ``warn`` (log the statistics and print the warnings) or ``none`` (do nothing).
-        growth: warn when the last quarter's mean ``r^2`` exceeds ``growth`` x the first quarter's ...
-        floor: ... and exceeds ``floor`` (nats squared).
-        max_bias: warn when ``|mean r|`` over the epoch exceeds this (nats).
-        min_steps: epochs with fewer steps are not judged (see :class:`~amortize.diagnostics.EstimatorMonitor`).
+    Attributes:
+        batch: the 1-based number of the batch that diverged.
+        checkpoint: path of the checkpoint written before stopping (None if none could be written).
     """
 
-    def __init__(self, policy: Literal["warn", "none"] = "warn", growth: float = 2.0, floor: float = 0.25,
-                 max_bias: float = 1.0, min_steps: int = 40):
-        if policy not in ("warn", "none"):
-            raise ValueError(f"unknown policy {policy!r}; valid: warn, none")
-        self.policy = policy
-        self.monitor = EstimatorMonitor(growth=growth, floor=floor, max_bias=max_bias, min_steps=min_steps,
-                                        warn=False)
-        self._handle = None
+    def __init__(self, message: str, batch: int, checkpoint: Optional[str]):
+        super().__init__(message)
+        self.batch = batch
+        self.checkpoint = checkpoint
 
-    def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        """Composer hook (FIT_START, EPOCH_START, EPOCH_END, FIT_END)."""
-        if self.policy == "none":
-            return
-        if event == Event.FIT_START:
+
+def _params_with_grad(state: State) -> list[torch.nn.Parameter]:
+    out = []
+    for opt in state.optimizers:
+        for group in opt.param_groups:
+            out.extend(p for p in group["params"] if p.grad is not None)
+    return out
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    if not params:
+        return torch.zeros(())
+    norms = [p.grad.detach().float().norm() for p in params]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+class DivergenceGuard(DivergenceOptions, Algorithm):
+    """Detect a non-finite loss or gradient and skip the step or stop the run.
+
+    Runs on BEFORE_FORWARD (snapshot of the state the step may corrupt) and AFTER_BACKWARD (the
+    check, before gradient clipping and the optimiser step). Between BEFORE_LOSS and AFTER_LOSS it
+    lowers the loss module's own checks (``ContrastiveLoss.checks``) from ``full`` to ``shapes``, so a batch with NaN
+    or Inf features reaches the check as a non-finite loss instead of raising ``ValueError``. The check costs one device-to-host
+    copy of two numbers per step (the loss and the total gradient norm, stacked); under
+    ``torch.distributed`` the flags are max-reduced so every process takes the same decision.
+
+    ``skip``: every gradient is set to None, so the optimiser (AdamW included) moves neither the
+    parameters nor its moments, step counts or weight decay; the loss module's state (moving
+    averages, amortizer networks and their Adam) and the towers' buffers are restored from the
+    snapshot. The learning-rate schedule and the data still advance. After
+    ``max_consecutive_skips`` non-finite steps in a row the guard stops as with ``stop``.
+
+    ``stop``: same roll-back, then a Composer checkpoint ``diverged-ep{epoch}-ba{batch}-rank{rank}.pt``
+    of the last good state is written to ``save_folder`` and :class:`DivergenceError` is raised.
+
+    Args:
+        policy: one of :data:`~amortize.train.guard_options.DIVERGENCE_POLICIES`.
+        max_consecutive_skips: consecutive skipped steps after which the run stops (0: never).
+        restore_estimator: snapshot and restore the loss module's state and the towers' buffers
+            (costs one copy of that state per step: cheap for AmorLIP, a copy of the per-sample
+            tables for SogCLR/FastCLIP).
+        check_grads: also check the gradient norm (None: yes, except under ``amp_fp16``, where
+            Composer's gradient scaler already skips steps with inf gradients).
+        save_folder: where ``stop`` writes its checkpoint (None: no checkpoint).
+
+    Attributes:
+        skipped: batch numbers (1-based) of the skipped steps.
+    """
+
+    def match(self, event: Event, state: State) -> bool:
+        """Run on BEFORE_FORWARD, BEFORE_LOSS, AFTER_LOSS and AFTER_BACKWARD unless the policy is ``none``."""
+        return self.policy != "none" and event in (Event.BEFORE_FORWARD, Event.BEFORE_LOSS, Event.AFTER_LOSS,
+                                                  Event.AFTER_BACKWARD)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        """Snapshot (BEFORE_FORWARD), relax value checks around the loss, check and act (AFTER_BACKWARD)."""
+        if event in (Event.BEFORE_LOSS, Event.AFTER_LOSS):
+            # the guard owns the non-finite case: the loss's value checks would raise on a NaN
+            # batch (and read values back from the device); keep the shape and dtype checks of
+            # this run's loss module only (nothing process-wide changes)
             loss_fn = unwrap(state.model).loss_fn
-            if monitors_estimator(loss_fn) and self._handle is None:
-                self._handle = self.monitor.attach(loss_fn.estimator)
-                self.monitor.start_epoch(int(state.timestamp.epoch))  # a run resumed mid-epoch
-        elif self._handle is None:
+            if event == Event.BEFORE_LOSS:
+                self._checks = loss_fn.checks
+                if K.resolve(loss_fn.checks) == "full":
+                    loss_fn.checks = "shapes"
+            else:
+                loss_fn.checks = self._checks
             return
-        elif event == Event.EPOCH_START:
-            self.monitor.start_epoch(int(state.timestamp.epoch))
-        elif event == Event.EPOCH_END:
-            self._report(self.monitor.end_epoch(), logger)
-        elif event == Event.FIT_END:
-            self._handle.remove()
-            self._handle = None
+        if event == Event.BEFORE_FORWARD:
+            if self.restore_estimator:
+                self._snapshot = self._take_snapshot(state)
+            return
+        what = self._non_finite(state)
+        if not what:
+            self._consecutive = 0
+            return
+        batch = int(state.timestamp.batch) + 1
+        for p in _params_with_grad(state):
+            p.grad = None
+        if self._snapshot is not None:
+            self._restore(state, self._snapshot)
+        self._consecutive += 1
+        stop = self.policy == "stop" or (0 < self.max_consecutive_skips <= self._consecutive)
+        logger.log_metrics({"divergence/non_finite_steps": float(len(self.skipped) + 1)})
+        if not stop:
+            self.skipped.append(batch)
+            log.warning("divergence guard: batch %d has a non-finite %s; step skipped (%d in a row, %d in all)",
+                        batch, what, self._consecutive, len(self.skipped))
+            return
+        reason = what if self.policy == "stop" else f"{what} ({self._consecutive} non-finite steps in a row)"
+        checkpoint = self._save(state)
+        where = f"; the last good state is in {checkpoint}" if checkpoint else ""
+        message = (f"training diverged at batch {batch} (epoch {int(state.timestamp.epoch)}): non-finite {reason}; "
+                   f"policy {self.policy!r} stopped the run before the optimiser step{where}")
+        log.error("divergence guard: %s", message)
+        raise DivergenceError(message, batch, checkpoint)
 
-    def _report(self, stats: Optional[dict[str, float]], logger: Logger) -> None:
-        if stats is None:
-            return
-        logger.log_metrics({f"estimator/{k}": stats[k] for k in ("r2_first", "r2_last", "r_mean")})
+    # ------------------------------------------------------------------ helpers
+
+    def _wants_grads(self, state: State) -> bool:
+        if self.check_grads is not None:
+            return self.check_grads
+        return "fp16" not in str(getattr(state.precision, "value", state.precision))
+
+    def _non_finite(self, state: State) -> str:
+        loss = state.loss
+        if isinstance(loss, dict):
+            loss = loss.get("total", next(iter(loss.values())))
+        if isinstance(loss, (tuple, list)):
+            loss = sum(loss)
+        loss_t = torch.as_tensor(loss).detach().float().sum().reshape(())
+        if self._wants_grads(state):
+            norm = _grad_norm(_params_with_grad(state)).to(loss_t.device)
+        else:
+            norm = torch.zeros((), device=loss_t.device)
+        vals = torch.stack([loss_t, norm])
+        flags = (~torch.isfinite(vals)).float()
         from composer.utils import dist
 
-        if dist.get_global_rank() == 0:
-            for msg in self.monitor.warnings:
-                print(f"EstimatorWarning: {msg}", file=sys.stderr, flush=True)
-        self.monitor.warnings.clear()  # each printed once
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flags, reduce_operation="MAX")
+        bad_loss, bad_grad = (bool(v) for v in flags.tolist())  # the one host sync per step
+        parts = []
+        if bad_loss:
+            parts.append(f"loss ({float(loss_t)})" if not math.isfinite(float(loss_t)) else "loss (on another process)")
+        if bad_grad:
+            parts.append(f"gradient norm ({float(norm)})" if not math.isfinite(float(norm))
+                         else "gradient norm (on another process)")
+        return " and ".join(parts)
 
+    @staticmethod
+    def _take_snapshot(state: State) -> dict[str, Any]:
+        from amortize.train.compat import rollback_keys
 
-def export_state(state: State) -> dict:
-    """The plain weights-only export of a run: recipe, towers and loss-module state.
+        m = unwrap(state.model)
+        sd = m.loss_fn.state_dict()
+        return {
+            "loss_fn": copy.deepcopy({k: sd[k] for k in rollback_keys(m.loss_fn)}),
+            "buffers": {n: b.detach().clone() for n, b in m.model.named_buffers()},
+        }
 
-    Returns:
-        ``{"format": EXPORT_FORMAT, "recipe": dict, "model": state_dict, "loss_fn": state_dict,
-        "timestamp": {"epoch": int, "batch": int}}`` (tensors and plain Python only).
-    """
-    m = unwrap(state.model)
-    loss_state = {k: v for k, v in m.loss_fn.state_dict().items() if isinstance(v, torch.Tensor)}
-    return {
-        "format": EXPORT_FORMAT,
-        "recipe": m.recipe,
-        "model": {k: v.detach().cpu() for k, v in m.model.state_dict().items()},
-        "loss_fn": {k: v.detach().cpu() for k, v in loss_state.items()},
-        "timestamp": {"epoch": int(state.timestamp.epoch), "batch": int(state.timestamp.batch)},
-    }
+    @staticmethod
+    def _restore(state: State, snapshot: dict[str, Any]) -> None:
+        m = unwrap(state.model)
+        m.loss_fn.load_state_dict(snapshot["loss_fn"], strict=False)  # state declared resume="reset" stays
+        with torch.no_grad():
+            for n, b in m.model.named_buffers():
+                if n in snapshot["buffers"]:
+                    b.copy_(snapshot["buffers"][n])
 
+    def _save(self, state: State) -> Optional[str]:
+        if self.save_folder is None:
+            return None
+        from composer.utils.checkpoint import save_checkpoint
 
-class ExportWeights(Callback):
-    """Write ``<folder>/<filename>`` (rank 0) at the end of every epoch and at FIT_END.
+        from amortize.train.compat import install_atomic_checkpoint_writes
 
-    Weights that hold NaN or Inf are never written: the callback raises
-    :class:`~amortize.train.guards.NonFiniteWeightsError` instead, and the run stops with it.
-
-    The file loads with ``torch.load(path, weights_only=True)`` and is what ``amortize eval``
-    reads when given a run folder.
-
-    Args:
-        folder: where to write (usually the run's ``save_folder``).
-        filename: the file name.
-    """
-
-    def __init__(self, folder: str, filename: str = "model.pt"):
-        self.folder = folder
-        self.filename = filename
-
-    @property
-    def path(self) -> str:
-        """The export's path."""
-        return os.path.join(self.folder, self.filename)
-
-    def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        """Composer hook."""
-        if event not in (Event.EPOCH_CHECKPOINT, Event.FIT_END):
-            return
-        from composer.utils import dist
-
-        if dist.get_global_rank() != 0:
-            return
-        from amortize.train.guards import check_finite_weights
-
-        export = export_state(state)
-        ts = export["timestamp"]
-        # the towers only: a moving-average table holds -inf for samples not seen yet
-        check_finite_weights(export["model"],
-                             f"{self.path} at epoch {ts['epoch']}, batch {ts['batch']}")
-        atomic_save(export, self.path)
-
+        install_atomic_checkpoint_writes()
+        name = os.path.join(self.save_folder, "diverged-ep{epoch}-ba{batch}-rank{rank}.pt")
+        try:
+            return save_checkpoint(state, name)
+        except Exception as e:  # the run is stopping anyway: report, do not mask the divergence
+            log.error("divergence guard: could not save a checkpoint: %s", e)
+            return None

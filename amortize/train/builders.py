@@ -292,18 +292,18 @@ def build_trainer(
 
     Returns:
         The Trainer, with the model, optimiser, scheduler, algorithms and checkpointing set up. A loss
-        with a stateful estimator gets an :class:`~amortize.train.algorithms.EstimatorMonitorCallback`
+        with a stateful estimator gets an :class:`~amortize.train.callbacks.EstimatorMonitorCallback`
         unless the recipe's ``callbacks:`` (or ``callbacks``) already holds one.
     """
     from composer import Trainer
     from composer.algorithms import GradientClipping
     from composer.utils import dist, reproducibility
 
-    from amortize.train.algorithms import (ClampLogitScale, EpochSchedules, EstimatorMonitorCallback, ExportWeights,
-                                           FullBatchGuard, LogLossTerms, monitors_estimator)
+    from amortize.train.algorithms import ClampLogitScale, EpochSchedules, FullBatchGuard
+    from amortize.train.callbacks import (DataSkipReport, EstimatorMonitorCallback, ExportWeights, LogLossTerms,
+                                          SaveOnInterrupt, monitors_estimator)
     from amortize.train.compat import install_atomic_checkpoint_writes
     from amortize.train.gradcache import microbatch_trainer_kwargs
-    from amortize.train.guards import DataSkipReport, SaveOnInterrupt
     from amortize.train.model import unwrap
 
     reproducibility.seed_all(recipe.seed)

@@ -15,7 +15,7 @@ passes of :mod:`amortize.gradcache` run inside that one step:
 * :class:`GradientCache` on AFTER_BACKWARD: re-encodes each microbatch under the run's precision
   context with its random state replayed and backpropagates the cached gradients into the towers.
   It runs before every other algorithm on that event (see :func:`gradient_cache_first`), so the
-  :class:`~amortize.train.guards.DivergenceGuard` checks the complete gradients.
+  :class:`~amortize.train.algorithms.DivergenceGuard` checks the complete gradients.
 * Under several processes the trainer uses Composer's ``forced_sync`` DDP strategy: the whole step
   runs under ``no_sync`` and Composer all-reduces every gradient after AFTER_BACKWARD, so the
   encoder gradients of all microbatches are averaged once.

@@ -1,7 +1,7 @@
-"""The options of :class:`~amortize.train.guards.DivergenceGuard`, declared without Composer.
+"""The options of :class:`~amortize.train.algorithms.DivergenceGuard`, declared without Composer.
 
 The recipe's ``divergence`` section is checked against :class:`DivergenceOptions` (the guard's
-``__init__``, which :class:`~amortize.train.guards.DivergenceGuard` inherits), so loading a recipe
+``__init__``, which :class:`~amortize.train.algorithms.DivergenceGuard` inherits), so loading a recipe
 does not import Composer; the guard itself is imported when it is built.
 """
 
@@ -17,11 +17,11 @@ __all__ = ["DIVERGENCE_POLICIES", "DivergenceOptions", "Policy"]
 Policy = Literal["skip", "stop", "none"]
 """The type of ``divergence.policy``: ``skip``, ``stop`` or ``none`` (see :data:`DIVERGENCE_POLICIES`)."""
 DIVERGENCE_POLICIES = typing.get_args(Policy)
-"""What :class:`~amortize.train.guards.DivergenceGuard` does on a non-finite step: ``skip`` it, ``stop`` the run, or nothing (``none``)."""
+"""What :class:`~amortize.train.algorithms.DivergenceGuard` does on a non-finite step: ``skip`` it, ``stop`` the run, or nothing (``none``)."""
 
 
 class DivergenceOptions:
-    """The constructor of :class:`~amortize.train.guards.DivergenceGuard` (its arguments are documented there)."""
+    """The constructor of :class:`~amortize.train.algorithms.DivergenceGuard` (its arguments are documented there)."""
 
     def __init__(
         self,

@@ -34,7 +34,7 @@ LOGGERS: Registry[Any] = Registry("logger")
 
 CALLBACKS: Registry[Any] = Registry("callback")
 """Composer callbacks: ``lr_monitor``, ``speed_monitor``, ``memory_monitor``, ``optimizer_monitor`` ...,
-and amortize's ``estimator_monitor`` (:class:`amortize.train.algorithms.EstimatorMonitorCallback`)."""
+and amortize's ``estimator_monitor`` (:class:`amortize.train.callbacks.EstimatorMonitorCallback`)."""
 
 ALGORITHMS: Registry[Any] = Registry("algorithm")
 """Composer algorithms a run may add to its own (``ema``, ``swa``, ``sam``)."""
@@ -64,7 +64,7 @@ for _name, _target in (
     _target = f"composer.callbacks:{_target}"
     CALLBACKS.register_import(_name, _target, options=declared(_target))
 
-CALLBACKS.register_import("estimator_monitor", "amortize.train.algorithms:EstimatorMonitorCallback")
+CALLBACKS.register_import("estimator_monitor", "amortize.train.callbacks:EstimatorMonitorCallback")
 # on by default for a stateful estimator (amortize.train.builders.build_trainer); ``policy: none`` turns it off
 
 for _name, _target in (("ema", "EMA"), ("swa", "SWA"), ("sam", "SAM")):

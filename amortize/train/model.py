@@ -53,7 +53,7 @@ class ContrastiveComposerModel(ComposerModel):
 
     Attributes:
         last_terms: the detached named loss terms of the latest training batch (logged by
-            :class:`~amortize.train.algorithms.LogLossTerms`).
+            :class:`~amortize.train.callbacks.LogLossTerms`).
         microbatch_size: as the argument: the one place the gradient cache's rows per microbatch
             are held (:class:`~amortize.train.gradcache.GradientCache` holds no copy; Composer's
             ``device_train_microbatch_size`` is the whole per-process batch).
@@ -149,7 +149,7 @@ class ContrastiveComposerModel(ComposerModel):
         return terms["loss"]
 
     def get_metrics(self, is_train: bool = False) -> dict:
-        """No torchmetrics: per-term values are logged by :class:`~amortize.train.algorithms.LogLossTerms`."""
+        """No torchmetrics: per-term values are logged by :class:`~amortize.train.callbacks.LogLossTerms`."""
         return {}
 
     def eval_forward(self, batch: dict[str, Tensor], outputs: Optional[Any] = None) -> Any:

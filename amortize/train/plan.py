@@ -69,8 +69,10 @@ def recipe_differences(old: dict, new: dict, keys: tuple[str, ...] = IDENTITY_KE
 
 
 def run_files(recipe: Recipe) -> list[Path]:
-    """Files of an earlier run in the recipe's save folder: its checkpoints, ``latest`` link, ``model.pt``."""
+    """Files of an earlier run in the recipe's save folder: its checkpoints, ``latest`` link, weights
+    export (:data:`~amortize.weights_export.EXPORT_FILENAME`)."""
     from amortize.checkpoints import filename_regex
+    from amortize.weights_export import EXPORT_FILENAME
 
     folder = Path(recipe.resolved_save_folder())
     if not folder.is_dir():
@@ -78,7 +80,7 @@ def run_files(recipe: Recipe) -> list[Path]:
     rx = re.compile(filename_regex(recipe.save_filename, rank=0))
     latest = recipe.save_latest_filename.format(rank=0)
     return sorted(p for p in folder.iterdir()
-                  if p.name in (latest, "model.pt") or rx.fullmatch(p.name))
+                  if p.name in (latest, EXPORT_FILENAME) or rx.fullmatch(p.name))
 
 
 @dataclass
@@ -121,10 +123,11 @@ class StartPlan:
 def _read(path: str) -> tuple[dict, dict]:
     """(recipe, timestamp) of a Composer checkpoint or weights export."""
     from amortize.checkpoints import safe_load
+    from amortize.weights_export import EXPORT_FILENAME, is_weights_export
 
     ck = safe_load(path)
-    if isinstance(ck, dict) and str(ck.get("format", "")).startswith("amortize-weights/"):
-        raise RecipeError(f"{path} is a weights export (model.pt), which cannot be resumed or loaded by the "
+    if is_weights_export(ck):
+        raise RecipeError(f"{path} is a weights export ({EXPORT_FILENAME}), which cannot be resumed or loaded by the "
                           "trainer; point load_path at a Composer checkpoint of the run (its latest-rank0.pt or "
                           "an ep*-ba*-rank0.pt file)")
     if isinstance(ck, dict) and "state" in ck:
@@ -141,9 +144,10 @@ def _read(path: str) -> tuple[dict, dict]:
 def _read_any(path: str) -> tuple[dict, dict]:
     """(recipe, timestamp) of a Composer checkpoint or of a weights export (for messages)."""
     from amortize.checkpoints import safe_load
+    from amortize.weights_export import is_weights_export
 
     ck = safe_load(path)
-    if isinstance(ck, dict) and str(ck.get("format", "")).startswith("amortize-weights/"):
+    if is_weights_export(ck):
         return ck.get("recipe") or {}, dict(ck.get("timestamp") or {})
     return _read(path)
 
@@ -290,11 +294,14 @@ def decide_start(recipe: Recipe) -> StartPlan:
     existing = run_files(recipe)
     replaced: list[str] = []
     if existing and not recipe.save_overwrite:
-        # reached with autoresume only when the folder holds no checkpoint to resume (a lone model.pt)
+        # reached with autoresume only when the folder holds no checkpoint to resume (a lone weights export)
+        from amortize.weights_export import EXPORT_FILENAME
+
         names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
         resumable = _latest(recipe) is not None
         differs = ""
-        latest = _latest(recipe) or (str(Path(folder) / "model.pt") if (Path(folder) / "model.pt").is_file() else None)
+        export = Path(folder) / EXPORT_FILENAME
+        latest = _latest(recipe) or (str(export) if export.is_file() else None)
         if latest is not None:
             try:
                 old, _ = _read_any(latest)

@@ -125,7 +125,7 @@ class Recipe:
             ``at_fit_end``, ``batch_size``, ``prefix``), with its defaults, and ``tasks``
             (:func:`eval_tasks`, default ``none``: no evaluation).
         divergence: what a non-finite loss or gradient does: the options of
-            :class:`amortize.train.guards.DivergenceGuard` (``policy``: ``skip``, ``stop``, ``none``;
+            :class:`amortize.train.algorithms.DivergenceGuard` (``policy``: ``skip``, ``stop``, ``none``;
             ``max_consecutive_skips``, ``restore_estimator``).
         loggers: Composer logger destinations, each a section (``file``, ``tensorboard``, ``wandb``
             ... see :data:`amortize.train.integrations.LOGGERS`), e.g. ``[{name: file, filename: log.txt}]``.
@@ -152,8 +152,8 @@ class Recipe:
         save_filename: Composer's checkpoint file name pattern.
         save_latest_filename: Composer's name of the latest-checkpoint link.
         save_overwrite: replace the run already in ``save_folder`` (its checkpoints, ``latest`` and
-            ``model.pt`` are removed first). Without it, a folder that holds a run is refused unless
-            ``autoresume`` continues it.
+            weights export :data:`~amortize.weights_export.EXPORT_FILENAME` are removed first).
+            Without it, a folder that holds a run is refused unless ``autoresume`` continues it.
         save_num_checkpoints_to_keep: Composer's retention (-1: all).
         load_path: start from this checkpoint (see ``load_mode``); refused when it was written by
             another recipe (method, model, loss or optimizer differ) unless ``load_mode`` is ``weights``.

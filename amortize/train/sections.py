@@ -146,7 +146,7 @@ SECTIONS: tuple[Declared, ...] = (
              known=("batch_size", "world_size", "seed", "num_workers", "drop_last"), resolved=True, name_key="data.name"),
     Declared("optimizer", "amortize.train.optim:OPTIMIZERS", passed=("params",), resolved=True),
     Declared("scheduler", "amortize.train.optim:SCHEDULERS", resolved=True),
-    Declared("divergence", ctor="amortize.train.guards:DivergenceGuard", passed=("save_folder",), resolved=True,
+    Declared("divergence", ctor="amortize.train.algorithms:DivergenceGuard", passed=("save_folder",), resolved=True,
              signature="amortize.train.guard_options:DivergenceOptions"),
     Declared("loggers", "amortize.train.integrations:LOGGERS", many=True),
     Declared("callbacks", "amortize.train.integrations:CALLBACKS", many=True),

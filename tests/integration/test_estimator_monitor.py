@@ -1,10 +1,10 @@
 """The estimator monitor in training: on by default for a stateful estimator, one console line per
-warning, off by a named option, absent for in-batch losses (amortize.train.algorithms.EstimatorMonitorCallback)."""
+warning, off by a named option, absent for in-batch losses (amortize.train.callbacks.EstimatorMonitorCallback)."""
 
 from __future__ import annotations
 
 from amortize.cli import main
-from amortize.train.algorithms import EstimatorMonitorCallback
+from amortize.train.callbacks import EstimatorMonitorCallback
 from amortize.train.builders import build_trainer
 from tests.integration.helpers import RECIPES, method_recipe, tiny_overrides
 

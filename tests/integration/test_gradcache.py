@@ -17,7 +17,7 @@ import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
-from amortize.checkpoints import safe_load
+from amortize.weights_export import load_weights_export
 from amortize.cli import main
 from amortize.train.builders import build_trainer
 from amortize.train.model import unwrap
@@ -28,7 +28,7 @@ def _train_default(tmp_path, extra: list[str]) -> dict:
     args = [str(RECIPES / "default.yaml"), "max_duration=2ba", f"save_folder={tmp_path}", "save_interval=1000ep",
             "log_to_console=false", "progress_bar=false", *extra]
     assert main(["train", *args]) == 0
-    return safe_load(tmp_path / "model.pt")
+    return load_weights_export(tmp_path / "model.pt")
 
 
 def _assert_same_export(got: dict, ref: dict, tol: float) -> None:
@@ -178,5 +178,5 @@ def test_two_processes_with_gradient_cache_equal_without(tmp_path):
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
         logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob(f"{name}*.*")))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs[-3000:]
-        exports[name] = safe_load(run / "model.pt")
+        exports[name] = load_weights_export(run / "model.pt")
     _assert_same_export(exports["micro"], exports["whole"], 1e-5)

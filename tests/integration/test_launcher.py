@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from amortize.checkpoints import safe_load
+from amortize.weights_export import load_weights_export
 from tests.integration.helpers import RECIPES, tiny_overrides
 
 
@@ -40,7 +41,7 @@ def test_composer_launcher_trains_amorlip_on_two_processes(tmp_path):
     # state is saved once) and the weights export
     assert (run / "ep0-ba4-rank0.pt").exists(), sorted(os.listdir(run))
     assert "state" in safe_load(run / "latest-rank0.pt")  # a whole Composer checkpoint, weights_only
-    export = safe_load(run / "model.pt")
+    export = load_weights_export(run / "model.pt")
     assert export["recipe"]["loss"]["estimator"]["name"] == "amortized"
     steps = [v for k, v in export["loss_fn"].items() if k.endswith("estimator.step")]
     assert steps and int(steps[0]) == 4  # the amortizer was fitted on every one of the 4 global batches

@@ -452,10 +452,11 @@ def test_19_8_num_samples_with_split_sampling_gives_full_epochs(shards, tmp_path
 
 
 def test_19_eval_of_weights_another_model_size_and_bad_devices_are_one_line(tmp_path, capsys):
-    from amortize.checkpoints import atomic_save, safe_load
+    from amortize.checkpoints import atomic_save
+    from amortize.weights_export import load_weights_export
 
     assert main(["train", *_synthetic(tmp_path, "max_duration=1ba")]) == 0
-    export = safe_load(tmp_path / "model.pt")
+    export = load_weights_export(tmp_path / "model.pt")
     export["recipe"]["model"]["name"] = "cpu-small"
     atomic_save(export, tmp_path / "other.pt")
     capsys.readouterr()

@@ -59,6 +59,7 @@ def write_weights_export(path: Path, seed: int = 0, objective: str = "linearized
     """A ``model.pt`` as ``amortize train`` writes it, of tiny towers with random (not initial) weights."""
     from amortize.train.builders import build_two_tower
     from amortize.train.config import load_recipe_dict, recipe_to_dict
+    from amortize.weights_export import export_payload
 
     recipe = load_recipe_dict({"model": {"name": "tiny"}, "data": {"name": "synthetic"},
                                "loss": {"objective": objective}, "method": "test"})
@@ -68,6 +69,5 @@ def write_weights_export(path: Path, seed: int = 0, objective: str = "linearized
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": "amortize-weights/1", "recipe": recipe_to_dict(recipe),
-                "model": model.state_dict(), "loss_fn": {}, "timestamp": {"epoch": 1, "batch": 3}}, path)
+    torch.save(export_payload(recipe_to_dict(recipe), model.state_dict(), {}, epoch=1, batch=3), path)
     return path

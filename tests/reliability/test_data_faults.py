@@ -10,7 +10,7 @@ import pytest
 
 from amortize.data.webdataset import TooManySkippedError
 from amortize.train.builders import build_trainer
-from amortize.train.guards import DataSkipReport
+from amortize.train.callbacks import DataSkipReport
 from tests.data.wds_fixtures import write_shard
 from tests.reliability.common import tiny_recipe
 
@@ -41,7 +41,7 @@ def test_bad_data_is_skipped_counted_and_reported(tmp_path, bad_shards, caplog):
     trainer = build_trainer(_recipe(tmp_path, bad_shards, 0.5))
     (bad_shards / "00004.tar").unlink()  # gone during the run: skipped and counted
     report = next(c for c in trainer.state.callbacks if isinstance(c, DataSkipReport))
-    with caplog.at_level(logging.WARNING, logger="amortize.train.guards"):
+    with caplog.at_level(logging.WARNING, logger="amortize.train.callbacks"):
         trainer.fit()
     trainer.close()
     assert int(trainer.state.timestamp.batch) == 4  # the run went on

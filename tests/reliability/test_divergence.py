@@ -11,7 +11,7 @@ import torch
 from amortize.checkpoints import safe_load
 from amortize.train.builders import build_trainer
 from amortize.train.config import RecipeError
-from amortize.train.guards import DivergenceError, DivergenceGuard
+from amortize.train.algorithms import DivergenceError, DivergenceGuard
 from tests.reliability.common import PoisonBatch, RecordStates, assert_same, tiny_recipe
 
 BAD = 3  # the poisoned batch (1-based)
@@ -31,7 +31,7 @@ def _fit(recipe, *callbacks):
 @pytest.mark.parametrize("what", ["features", "grads"])
 def test_skip_leaves_parameters_optimizer_and_estimator_untouched(what, tmp_path, caplog):
     """AmorLIP + AdamW with weight decay: the skipped step changes nothing (zero grads would)."""
-    with caplog.at_level(logging.WARNING, logger="amortize.train.guards"):
+    with caplog.at_level(logging.WARNING, logger="amortize.train.algorithms"):
         states, guard = _fit(tiny_recipe(tmp_path, ["divergence.policy=skip"]), PoisonBatch(BAD, what))
     assert guard.skipped == [BAD]
     assert_same(states[BAD - 1], states[BAD], f"state across the skipped batch {BAD}")

@@ -119,7 +119,7 @@ def test_recipe_names_only_registered_components(tmp_path):
         load_recipe(DEFAULT_RECIPE, ["model.name=tiny", "optimizer.name=torch.optim.SGD"])
     with pytest.raises(RecipeError, match="loss.estimator: unknown estimator 'os.system'; valid: amorlip_code, amorlip_paper, amortized, exact_positive, in_batch, moving_average, neuclip, normalizer_network, scent"):
         load_recipe(DEFAULT_RECIPE, ["loss.estimator=os.system"])
-    with pytest.raises(RecipeError, match=r"loss._target_: unknown option of loss; valid: objective, estimator, layout, rho, chunk_size$"):
+    with pytest.raises(RecipeError, match=r"loss._target_: unknown option of loss; valid: objective, estimator, layout, rho, temperature, chunk_size$"):
         load_recipe(DEFAULT_RECIPE, ["loss._target_=builtins.eval"])
     with pytest.raises(RecipeError, match="data.name: unknown dataset 'pathlib.Path'; valid: shipped, synthetic"):
         load_recipe(DEFAULT_RECIPE, ["model.name=tiny", "data.name=pathlib.Path"])

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from amortize.checkpoints import is_complete, safe_load
+from amortize.weights_export import load_weights_export
 from tests.reliability.common import DEFAULT_RECIPE, ROOT, assert_same, wait_for
 
 STEPS = 16  # 3 batches per epoch: the run crosses epoch starts (AmorLIP re-initialises there)
@@ -53,7 +54,7 @@ def _final(folder: Path) -> dict:
     ck = safe_load(latest)
     st = ck["state"]
     model = {k: v for k, v in st["model"].items() if k != "_extra_state"}
-    return {"model": model, "optimizers": st["optimizers"], "export": safe_load(folder / "model.pt")}
+    return {"model": model, "optimizers": st["optimizers"], "export": load_weights_export(folder / "model.pt")}
 
 
 def _compare(a: dict, b: dict) -> None:
@@ -165,7 +166,7 @@ def test_stop_signal_at_a_random_step_saves_says_how_to_resume_and_resumes_exact
     stopped = os.readlink(tmp_path / "latest-rank0.pt")
     batch = int(stopped.split("-ba")[1].split("-")[0])
     assert after <= batch < STEPS, (seed, stopped)
-    assert safe_load(tmp_path / "model.pt")["timestamp"]["batch"] == batch  # the export is of the same batch
+    assert load_weights_export(tmp_path / "model.pt")["timestamp"]["batch"] == batch  # the export is of the same batch
     assert "Traceback" not in out, out[-3000:]
     assert f"interrupted at epoch" in out and f"batch {batch}; saved" in out
     resume = out.strip().splitlines()[-1]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from amortize.checkpoints import is_complete, safe_load
+from amortize.weights_export import load_weights_export
 from tests.reliability.common import DEFAULT_RECIPE, ROOT, assert_same, wait_for
 
 COMPOSER = Path(sys.executable).with_name("composer")
@@ -83,7 +84,7 @@ def _check_stopped(folder: Path, logs: Path, code: int, out: str, batch: int, si
     tracebacks = out.count("Traceback")
     assert tracebacks == 0 or (tracebacks == 1 and f"SystemExit: {128 + signum}" in out), out[-4000:]
     assert 2 <= batch < STEPS and is_complete(folder / "latest-rank0.pt")
-    assert safe_load(folder / "model.pt")["timestamp"]["batch"] == batch
+    assert load_weights_export(folder / "model.pt")["timestamp"]["batch"] == batch
     assert f"batch {batch}; saved" in out, out[-3000:]
     resume = next(ln for ln in out.splitlines() if ln.startswith("resume with: "))
     assert resume.startswith("resume with: composer -n 2 -m amortize.cli train ") and "autoresume=true" in resume
@@ -101,7 +102,7 @@ def test_two_processes_save_the_same_batch_and_print_the_resume_command(signum, 
 def _final(folder: Path) -> dict:
     st = safe_load(folder / "latest-rank0.pt")["state"]
     return {"model": {k: v for k, v in st["model"].items() if k != "_extra_state"},
-            "optimizers": st["optimizers"], "export": safe_load(folder / "model.pt")}
+            "optimizers": st["optimizers"], "export": load_weights_export(folder / "model.pt")}
 
 
 @pytest.mark.slow

@@ -147,7 +147,7 @@ def test_4_a_truncated_shard_says_at_each_epoch_end_how_many_samples_were_not_tr
     whole = (tmp_path / "shards" / "00001.tar").read_bytes()
     (tmp_path / "shards" / "00001.tar").write_bytes(whole[: len(whole) // 2])
     args = _on_shards(tmp_path / "run", shards, "data.max_skip_fraction=1", "max_duration=2ep", *extra)
-    with caplog.at_level(logging.WARNING, logger="amortize.train.guards"):
+    with caplog.at_level(logging.WARNING, logger="amortize.train.callbacks"):
         assert main(["train", *args]) == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: epoch ")]
     assert len(lines) == 2, caplog.text

@@ -19,7 +19,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("amortize.objectives",),                                                          # 2 objectives
     ("amortize.estimators",),                                                          # 3 estimators
     ("amortize.losses", "amortize.functional", "amortize.gradcache"),                  # 4 composition, faces
-    ("amortize.models", "amortize.checkpoints", "amortize.data", "amortize.interop"),  # 5 towers, files, data
+    ("amortize.models", "amortize.checkpoints", "amortize.weights_export", "amortize.data",
+     "amortize.interop"),                                                              # 5 towers, files, data
     ("amortize.eval",),                                                                # 6 evaluation
     ("amortize.train",),                                                               # 7 Composer glue
     ("amortize.cli",),                                                                 # 8 command line

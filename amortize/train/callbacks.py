@@ -1,252 +1,140 @@
-"""Run guards for long Composer runs: divergence, bad-data reports, atomic checkpoint files.
+"""Composer Callbacks of amortize: the ones that read the run or save it.
 
-* :class:`DivergenceGuard` (Algorithm): after the backward pass, checks that the loss and the
-  gradient norm are finite. On a non-finite step it either *skips* it (gradients dropped, so the
-  optimiser leaves parameters and its state alone; the estimator's state is rolled back to its
-  value before the step) or *stops* the run: it saves a checkpoint of the last good state and
-  raises :class:`DivergenceError` naming the batch and what was non-finite.
-* :class:`DataSkipReport` (Callback): logs the webdataset pipeline's skip counts
-  (``data/kept``, ``data/skipped/<reason>``) every epoch and at the end of the run, and says
-  how many samples of an epoch were not trained (skipped, or lost in a truncated shard) and why.
-* (moved to :mod:`amortize.train.compat`) :func:`~amortize.train.compat.install_atomic_checkpoint_writes`: makes Composer write each checkpoint to a temporary
-  file and rename it into place, so a process killed during a save never leaves a truncated
-  checkpoint under a real checkpoint name.
+A Callback here changes no weight and no step: it logs, reports and writes files, and may end the
+run (a stop signal, an epoch that trained no batch, weights that are not finite at an export).
+What changes the run is in :mod:`amortize.train.algorithms`; the evaluation during training is
+:class:`amortize.eval.callback.EvalCallback`, beside the evaluation it runs.
 
->>> DivergenceGuard(policy="skip").policy
-'skip'
+* :class:`LogLossTerms` (BATCH_END): logs every named loss term as ``loss/train/<term>``.
+* :class:`EstimatorMonitorCallback` (EPOCH_START, EPOCH_END): runs
+  :class:`amortize.diagnostics.EstimatorMonitor` on the loss's estimator, logs ``estimator/*`` and
+  prints its warnings (on by default for a stateful estimator; recipe name ``estimator_monitor``).
+* :class:`DataSkipReport` (EPOCH_END, FIT_END): logs the webdataset pipeline's skip counts
+  (``data/kept``, ``data/skipped/<reason>``) and says how many samples of an epoch were not
+  trained (skipped, or lost in a truncated shard) and why.
+* :class:`ExportWeights` (EPOCH_CHECKPOINT, FIT_END): writes the run's weights export
+  (:mod:`amortize.weights_export`: the recipe, the towers and the estimator state), refusing
+  weights that are not finite (:class:`NonFiniteWeightsError`).
+* :class:`SaveOnInterrupt` (BATCH_CHECKPOINT): on Ctrl-C or SIGTERM, finishes the batch, saves a
+  checkpoint and the export, and stops the run with :class:`TrainingInterrupted`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import os
 import signal
 import sys
 import threading
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
-from composer.core import Algorithm, Callback, Event, State
+from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
 from amortize import checks as K
-from amortize.train.guard_options import DIVERGENCE_POLICIES, DivergenceOptions, Policy  # noqa: F401 (re-exported)
+from amortize.checkpoints import atomic_save
+from amortize.diagnostics import EstimatorMonitor
 from amortize.train.model import unwrap
+from amortize.weights_export import EXPORT_FILENAME, export_payload
 
 __all__ = [
-    "DIVERGENCE_POLICIES",
-    "DivergenceError",
-    "DivergenceGuard",
+    "LogLossTerms",
+    "EstimatorMonitorCallback",
+    "monitors_estimator",
+    "DataSkipReport",
+    "ExportWeights",
     "NonFiniteWeightsError",
     "check_finite_weights",
-    "DataSkipReport",
-    "STOP_SIGNALS",
     "SaveOnInterrupt",
     "TrainingInterrupted",
+    "STOP_SIGNALS",
 ]
 
 log = logging.getLogger(__name__)
 
-class DivergenceError(RuntimeError):
-    """Training stopped on a non-finite loss or gradient; the message names the batch, what was
-    non-finite and the checkpoint of the last good state.
 
-    Attributes:
-        batch: the 1-based number of the batch that diverged.
-        checkpoint: path of the checkpoint written before stopping (None if none could be written).
-    """
+class LogLossTerms(Callback):
+    """Log the named loss terms of every training batch as ``loss/train/<term>``."""
 
-    def __init__(self, message: str, batch: int, checkpoint: Optional[str]):
-        super().__init__(message)
-        self.batch = batch
-        self.checkpoint = checkpoint
-
-
-class NonFiniteWeightsError(RuntimeError):
-    """The run's weights hold NaN or infinite values; nothing is exported. The message names how
-    many tensors and the first ones."""
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        """Composer hook (BATCH_END)."""
+        if event != Event.BATCH_END:
+            return
+        terms = {k: v for k, v in unwrap(state.model).last_terms.items() if k != "loss" and v.numel() == 1}
+        if not terms:
+            return
+        # one device-to-host copy for all terms, not one synchronising float() per term
+        device = next(iter(terms.values())).device
+        values = torch.stack([v.detach().reshape(()).to(device, torch.float32) for v in terms.values()]).tolist()
+        logger.log_metrics({f"loss/train/{k}": v for k, v in zip(terms, values)})
 
 
-def check_finite_weights(state_dict: dict, where: str) -> None:
-    """Raise :class:`NonFiniteWeightsError` when a floating tensor of ``state_dict`` is not finite.
+def monitors_estimator(loss_fn: torch.nn.Module) -> bool:
+    """Whether ``loss_fn`` has an estimator that keeps state (not in-batch, not none): the monitor's default."""
+    from amortize.estimators.in_batch import InBatchEstimator
 
-    Args:
-        state_dict: the towers' (and loss module's) state.
-        where: what is being written, for the message (``model.pt at epoch 2, batch 40``).
-    """
-    bad = K.non_finite_tensors(state_dict)
-    if bad:
-        raise NonFiniteWeightsError(
-            f"the weights are not finite ({len(bad)} of the tensors hold NaN or Inf, first: {', '.join(bad[:3])}); "
-            f"refusing to write {where}. Lower optimizer.lr, keep divergence.policy=skip or stop, and resume "
-            "from an earlier checkpoint")
+    estimator = getattr(loss_fn, "estimator", None)
+    return estimator is not None and not isinstance(estimator, InBatchEstimator)
 
 
-def _params_with_grad(state: State) -> list[torch.nn.Parameter]:
-    out = []
-    for opt in state.optimizers:
-        for group in opt.param_groups:
-            out.extend(p for p in group["params"] if p.grad is not None)
-    return out
+class EstimatorMonitorCallback(Callback):
+    """Per-epoch :class:`~amortize.diagnostics.EstimatorMonitor` verdicts on the loss's estimator.
 
+    At FIT_START it hooks the estimator of the (possibly DDP-wrapped) model's loss; each epoch it
+    logs ``estimator/r2_first``, ``estimator/r2_last`` and ``estimator/r_mean`` to the run's loggers
+    and prints each warning as one ``EstimatorWarning: ...`` line on stderr (rank 0). It only reads
+    detached tensors the loss already computes and synchronises with the host once per epoch, so
+    training is unchanged. A recipe sets its options, or turns it off, as a ``callbacks:`` entry::
 
-def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    if not params:
-        return torch.zeros(())
-    norms = [p.grad.detach().float().norm() for p in params]
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
-class DivergenceGuard(DivergenceOptions, Algorithm):
-    """Detect a non-finite loss or gradient and skip the step or stop the run.
-
-    Runs on BEFORE_FORWARD (snapshot of the state the step may corrupt) and AFTER_BACKWARD (the
-    check, before gradient clipping and the optimiser step). Between BEFORE_LOSS and AFTER_LOSS it
-    lowers the loss module's own checks (``ContrastiveLoss.checks``) from ``full`` to ``shapes``, so a batch with NaN
-    or Inf features reaches the check as a non-finite loss instead of raising ``ValueError``. The check costs one device-to-host
-    copy of two numbers per step (the loss and the total gradient norm, stacked); under
-    ``torch.distributed`` the flags are max-reduced so every process takes the same decision.
-
-    ``skip``: every gradient is set to None, so the optimiser (AdamW included) moves neither the
-    parameters nor its moments, step counts or weight decay; the loss module's state (moving
-    averages, amortizer networks and their Adam) and the towers' buffers are restored from the
-    snapshot. The learning-rate schedule and the data still advance. After
-    ``max_consecutive_skips`` non-finite steps in a row the guard stops as with ``stop``.
-
-    ``stop``: same roll-back, then a Composer checkpoint ``diverged-ep{epoch}-ba{batch}-rank{rank}.pt``
-    of the last good state is written to ``save_folder`` and :class:`DivergenceError` is raised.
+        callbacks: [{name: estimator_monitor, max_bias: 0.5}]   # or {name: estimator_monitor, policy: none}
 
     Args:
-        policy: one of :data:`DIVERGENCE_POLICIES`.
-        max_consecutive_skips: consecutive skipped steps after which the run stops (0: never).
-        restore_estimator: snapshot and restore the loss module's state and the towers' buffers
-            (costs one copy of that state per step: cheap for AmorLIP, a copy of the per-sample
-            tables for SogCLR/FastCLIP).
-        check_grads: also check the gradient norm (None: yes, except under ``amp_fp16``, where
-            Composer's gradient scaler already skips steps with inf gradients).
-        save_folder: where ``stop`` writes its checkpoint (None: no checkpoint).
-
-    Attributes:
-        skipped: batch numbers (1-based) of the skipped steps.
+        policy: ``warn`` (log the statistics and print the warnings) or ``none`` (do nothing).
+        growth: warn when the last quarter's mean ``r^2`` exceeds ``growth`` x the first quarter's ...
+        floor: ... and exceeds ``floor`` (nats squared).
+        max_bias: warn when ``|mean r|`` over the epoch exceeds this (nats).
+        min_steps: epochs with fewer steps are not judged (see :class:`~amortize.diagnostics.EstimatorMonitor`).
     """
 
-    def match(self, event: Event, state: State) -> bool:
-        """Run on BEFORE_FORWARD, BEFORE_LOSS, AFTER_LOSS and AFTER_BACKWARD unless the policy is ``none``."""
-        return self.policy != "none" and event in (Event.BEFORE_FORWARD, Event.BEFORE_LOSS, Event.AFTER_LOSS,
-                                                  Event.AFTER_BACKWARD)
+    def __init__(self, policy: Literal["warn", "none"] = "warn", growth: float = 2.0, floor: float = 0.25,
+                 max_bias: float = 1.0, min_steps: int = 40):
+        if policy not in ("warn", "none"):
+            raise ValueError(f"unknown policy {policy!r}; valid: warn, none")
+        self.policy = policy
+        self.monitor = EstimatorMonitor(growth=growth, floor=floor, max_bias=max_bias, min_steps=min_steps,
+                                        warn=False)
+        self._handle = None
 
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        """Snapshot (BEFORE_FORWARD), relax value checks around the loss, check and act (AFTER_BACKWARD)."""
-        if event in (Event.BEFORE_LOSS, Event.AFTER_LOSS):
-            # the guard owns the non-finite case: the loss's value checks would raise on a NaN
-            # batch (and read values back from the device); keep the shape and dtype checks of
-            # this run's loss module only (nothing process-wide changes)
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        """Composer hook (FIT_START, EPOCH_START, EPOCH_END, FIT_END)."""
+        if self.policy == "none":
+            return
+        if event == Event.FIT_START:
             loss_fn = unwrap(state.model).loss_fn
-            if event == Event.BEFORE_LOSS:
-                self._checks = loss_fn.checks
-                if K.resolve(loss_fn.checks) == "full":
-                    loss_fn.checks = "shapes"
-            else:
-                loss_fn.checks = self._checks
+            if monitors_estimator(loss_fn) and self._handle is None:
+                self._handle = self.monitor.attach(loss_fn.estimator)
+                self.monitor.start_epoch(int(state.timestamp.epoch))  # a run resumed mid-epoch
+        elif self._handle is None:
             return
-        if event == Event.BEFORE_FORWARD:
-            if self.restore_estimator:
-                self._snapshot = self._take_snapshot(state)
-            return
-        what = self._non_finite(state)
-        if not what:
-            self._consecutive = 0
-            return
-        batch = int(state.timestamp.batch) + 1
-        for p in _params_with_grad(state):
-            p.grad = None
-        if self._snapshot is not None:
-            self._restore(state, self._snapshot)
-        self._consecutive += 1
-        stop = self.policy == "stop" or (0 < self.max_consecutive_skips <= self._consecutive)
-        logger.log_metrics({"divergence/non_finite_steps": float(len(self.skipped) + 1)})
-        if not stop:
-            self.skipped.append(batch)
-            log.warning("divergence guard: batch %d has a non-finite %s; step skipped (%d in a row, %d in all)",
-                        batch, what, self._consecutive, len(self.skipped))
-            return
-        reason = what if self.policy == "stop" else f"{what} ({self._consecutive} non-finite steps in a row)"
-        checkpoint = self._save(state)
-        where = f"; the last good state is in {checkpoint}" if checkpoint else ""
-        message = (f"training diverged at batch {batch} (epoch {int(state.timestamp.epoch)}): non-finite {reason}; "
-                   f"policy {self.policy!r} stopped the run before the optimiser step{where}")
-        log.error("divergence guard: %s", message)
-        raise DivergenceError(message, batch, checkpoint)
+        elif event == Event.EPOCH_START:
+            self.monitor.start_epoch(int(state.timestamp.epoch))
+        elif event == Event.EPOCH_END:
+            self._report(self.monitor.end_epoch(), logger)
+        elif event == Event.FIT_END:
+            self._handle.remove()
+            self._handle = None
 
-    # ------------------------------------------------------------------ helpers
-
-    def _wants_grads(self, state: State) -> bool:
-        if self.check_grads is not None:
-            return self.check_grads
-        return "fp16" not in str(getattr(state.precision, "value", state.precision))
-
-    def _non_finite(self, state: State) -> str:
-        loss = state.loss
-        if isinstance(loss, dict):
-            loss = loss.get("total", next(iter(loss.values())))
-        if isinstance(loss, (tuple, list)):
-            loss = sum(loss)
-        loss_t = torch.as_tensor(loss).detach().float().sum().reshape(())
-        if self._wants_grads(state):
-            norm = _grad_norm(_params_with_grad(state)).to(loss_t.device)
-        else:
-            norm = torch.zeros((), device=loss_t.device)
-        vals = torch.stack([loss_t, norm])
-        flags = (~torch.isfinite(vals)).float()
+    def _report(self, stats: Optional[dict[str, float]], logger: Logger) -> None:
+        if stats is None:
+            return
+        logger.log_metrics({f"estimator/{k}": stats[k] for k in ("r2_first", "r2_last", "r_mean")})
         from composer.utils import dist
 
-        if dist.get_world_size() > 1:
-            dist.all_reduce(flags, reduce_operation="MAX")
-        bad_loss, bad_grad = (bool(v) for v in flags.tolist())  # the one host sync per step
-        parts = []
-        if bad_loss:
-            parts.append(f"loss ({float(loss_t)})" if not math.isfinite(float(loss_t)) else "loss (on another process)")
-        if bad_grad:
-            parts.append(f"gradient norm ({float(norm)})" if not math.isfinite(float(norm))
-                         else "gradient norm (on another process)")
-        return " and ".join(parts)
-
-    @staticmethod
-    def _take_snapshot(state: State) -> dict[str, Any]:
-        from amortize.train.compat import rollback_keys
-
-        m = unwrap(state.model)
-        sd = m.loss_fn.state_dict()
-        return {
-            "loss_fn": copy.deepcopy({k: sd[k] for k in rollback_keys(m.loss_fn)}),
-            "buffers": {n: b.detach().clone() for n, b in m.model.named_buffers()},
-        }
-
-    @staticmethod
-    def _restore(state: State, snapshot: dict[str, Any]) -> None:
-        m = unwrap(state.model)
-        m.loss_fn.load_state_dict(snapshot["loss_fn"], strict=False)  # state declared resume="reset" stays
-        with torch.no_grad():
-            for n, b in m.model.named_buffers():
-                if n in snapshot["buffers"]:
-                    b.copy_(snapshot["buffers"][n])
-
-    def _save(self, state: State) -> Optional[str]:
-        if self.save_folder is None:
-            return None
-        from composer.utils.checkpoint import save_checkpoint
-
-        from amortize.train.compat import install_atomic_checkpoint_writes
-
-        install_atomic_checkpoint_writes()
-        name = os.path.join(self.save_folder, "diverged-ep{epoch}-ba{batch}-rank{rank}.pt")
-        try:
-            return save_checkpoint(state, name)
-        except Exception as e:  # the run is stopping anyway: report, do not mask the divergence
-            log.error("divergence guard: could not save a checkpoint: %s", e)
-            return None
+        if dist.get_global_rank() == 0:
+            for msg in self.monitor.warnings:
+                print(f"EstimatorWarning: {msg}", file=sys.stderr, flush=True)
+        self.monitor.warnings.clear()  # each printed once
 
 
 class DataSkipReport(Callback):
@@ -330,6 +218,69 @@ def _rows(batch: Any) -> int:
     return 0
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """The run's weights hold NaN or infinite values; nothing is exported. The message names how
+    many tensors and the first ones."""
+
+
+def check_finite_weights(state_dict: dict, where: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` when a floating tensor of ``state_dict`` is not finite.
+
+    Args:
+        state_dict: the towers' (and loss module's) state.
+        where: what is being written, for the message (the export's path, ``at epoch 2, batch 40``).
+    """
+    bad = K.non_finite_tensors(state_dict)
+    if bad:
+        raise NonFiniteWeightsError(
+            f"the weights are not finite ({len(bad)} of the tensors hold NaN or Inf, first: {', '.join(bad[:3])}); "
+            f"refusing to write {where}. Lower optimizer.lr, keep divergence.policy=skip or stop, and resume "
+            "from an earlier checkpoint")
+
+
+class ExportWeights(Callback):
+    """Write the weights export ``<folder>/<filename>`` (rank 0) at the end of every epoch and at FIT_END.
+
+    What the file holds, and how it is read, is :mod:`amortize.weights_export`'s.
+
+    Weights that hold NaN or Inf are never written: the callback raises
+    :class:`NonFiniteWeightsError` instead, and the run stops with it.
+
+    The file loads with ``torch.load(path, weights_only=True)`` and is what ``amortize eval``
+    reads when given a run folder.
+
+    Args:
+        folder: where to write (usually the run's ``save_folder``).
+        filename: the file name (:data:`~amortize.weights_export.EXPORT_FILENAME` unless given).
+    """
+
+    def __init__(self, folder: str, filename: str = EXPORT_FILENAME):
+        self.folder = folder
+        self.filename = filename
+
+    @property
+    def path(self) -> str:
+        """The export's path."""
+        return os.path.join(self.folder, self.filename)
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        """Composer hook."""
+        if event not in (Event.EPOCH_CHECKPOINT, Event.FIT_END):
+            return
+        from composer.utils import dist
+
+        if dist.get_global_rank() != 0:
+            return
+        m = unwrap(state.model)
+        export = export_payload(m.recipe, m.model.state_dict(), m.loss_fn.state_dict(),
+                                int(state.timestamp.epoch), int(state.timestamp.batch))
+        ts = export["timestamp"]
+        # the towers only: a moving-average table holds -inf for samples not seen yet
+        check_finite_weights(export["model"],
+                             f"{self.path} at epoch {ts['epoch']}, batch {ts['batch']}")
+        atomic_save(export, self.path)
+
+
 STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 """The signals :class:`SaveOnInterrupt` turns into a checkpoint, the export and a clean stop."""
 
@@ -339,7 +290,7 @@ class TrainingInterrupted(Exception):
 
     Attributes:
         checkpoint: the checkpoint written at the interrupted batch.
-        export: the weights export (``model.pt``).
+        export: the path of the weights export (:mod:`amortize.weights_export`).
         epoch: the epoch count of the checkpoint.
         batch: the batch count of the checkpoint.
         signum: the signal that stopped the run (``signal.SIGINT`` or ``signal.SIGTERM``); the
@@ -407,7 +358,7 @@ class SaveOnInterrupt(Callback):
         save_folder: the run's folder.
         save_filename: Composer's checkpoint name template.
         latest_filename: Composer's latest-link name template.
-        export: the run's :class:`~amortize.train.algorithms.ExportWeights` callback.
+        export: the run's :class:`ExportWeights` callback.
     """
 
     def __init__(self, save_folder: str, save_filename: str, latest_filename: str, export: Any):
