@@ -104,9 +104,9 @@ class Recipe:
         method: a free-form label of the method (``amorlip-log-l2``, ``clip`` ...) for reports.
         model: the two-tower model: the options of :func:`amortize.models.build_model` (``name``:
             ``tiny``, ``cpu-small`` or an open_clip name; the image size, the context length, the
-            initial logit scale and bias (unset: the objective's preference, taken when the
-            recipe loads: :data:`amortize.train.sections.SECTIONS`), ``pretrained``, ``lock_image``,
-            ``lock_text``).
+            initial logit scale and bias (unset: the objective's preference where it states one,
+            else the towers' own, taken when the recipe loads: :data:`amortize.train.sections.SECTIONS`),
+            ``pretrained``, ``lock_image``, ``lock_text``).
         loss: the options of :meth:`amortize.losses.ContrastiveLoss.from_sections` (``objective``
             and ``estimator``, each a section of its own; ``layout``, ``rho``, ``chunk_size``), with
             its defaults (:data:`amortize.losses.DEFAULT_OBJECTIVE`, :data:`~amortize.losses.DEFAULT_LAYOUT`)

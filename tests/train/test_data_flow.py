@@ -45,6 +45,19 @@ def test_the_model_takes_the_objectives_preference_where_it_leaves_it_unset(mode
     assert s.model.init_logit_scale == (1.5 if model.get("init_logit_scale") else math.log(10.0))
 
 
+def test_the_initial_logit_scale_has_one_default():
+    # the towers' (build_model's); an objective states a preference only where it differs (sigmoid)
+    import inspect
+
+    from amortize.models import CLIP_INIT_LOGIT_SCALE, build_model
+    from amortize.objectives import OBJECTIVES
+
+    assert inspect.signature(build_model).parameters["init_logit_scale"].default == CLIP_INIT_LOGIT_SCALE == CLIP
+    assert float(build_model("tiny").logit_scale) == pytest.approx(CLIP)
+    assert not hasattr(OBJECTIVES.get("infonce"), "init_logit_scale")
+    assert OBJECTIVES.get("sigmoid").init_logit_scale == math.log(10.0)
+
+
 def test_a_bad_model_section_is_still_named():
     with pytest.raises(RecipeError, match=r"^model.init_logit_scale: expected float"):
         load_recipe_dict({"model": {"name": "tiny", "init_logit_scale": "big"}})
