@@ -77,11 +77,27 @@ def test_max_scale_has_one_default_and_one_check():
 
 
 def test_the_microbatch_size_is_passed_down_not_read_back():
+    from amortize.gradcache import GradientCachePasses
     from amortize.train.gradcache import GradientCache, microbatch_trainer_kwargs
 
-    on = microbatch_trainer_kwargs(4, 16)
+    on = microbatch_trainer_kwargs(GradientCachePasses(4), 16)
     assert [type(a) for a in on["algorithms"]] == [GradientCache] and on["device_train_microbatch_size"] == 16
     assert microbatch_trainer_kwargs(None, 16) == {"algorithms": [], "device_train_microbatch_size": 16}
+
+
+def test_the_microbatch_size_has_one_range():
+    # the recipe's check and the functional face's are one Range (options.AT_LEAST_ONE), not two spellings
+    import dataclasses
+
+    from amortize.gradcache import microbatch_sizes
+    from amortize.options import AT_LEAST_ONE
+
+    field = {f.name: f for f in dataclasses.fields(Recipe)}["device_train_microbatch_size"]
+    assert field.default is None and field.metadata["check"] is AT_LEAST_ONE
+    with pytest.raises(RecipeError, match=r"^device_train_microbatch_size: must be >= 1, got 0$"):
+        load_recipe_dict({"device_train_microbatch_size": 0})
+    with pytest.raises(ValueError, match=r"^microbatch_size: must be >= 1, got 0$"):
+        microbatch_sizes(4, 0)
 
 
 def test_the_stage1_penalty_is_looked_up_once_per_fit(monkeypatch):
