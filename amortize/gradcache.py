@@ -49,9 +49,12 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from amortize.options import AT_LEAST_ONE
+
 __all__ = [
     "RandomState",
     "CachedEncoding",
+    "GradientCachePasses",
     "microbatch_sizes",
     "split_batch",
     "check_microbatchable",
@@ -70,12 +73,13 @@ def microbatch_sizes(n: int, microbatch_size: int) -> list[int]:
     [4, 4, 2]
 
     Raises:
-        ValueError: if ``n < 1`` or ``microbatch_size < 1``.
+        ValueError: if ``n < 1``, or ``microbatch_size < 1`` (an :class:`~amortize.options.RecipeError`
+            naming ``microbatch_size``: the range a recipe's ``device_train_microbatch_size`` is
+            checked against at load, :data:`~amortize.options.AT_LEAST_ONE`).
     """
     if n < 1:
         raise ValueError(f"the batch must have at least one row, got {n}")
-    if microbatch_size < 1:
-        raise ValueError(f"microbatch_size must be >= 1, got {microbatch_size}")
+    AT_LEAST_ONE.check(microbatch_size, "microbatch_size")
     full, rest = divmod(n, microbatch_size)
     return [microbatch_size] * full + ([rest] if rest else [])
 
@@ -288,6 +292,68 @@ def backward_through_encoder(
             start += n
     finally:
         after.restore()
+
+
+class GradientCachePasses:
+    """The two passes around a loss that is computed and backpropagated elsewhere.
+
+    For a training step that calls the encoder, the loss and its backward itself (Composer's: the
+    model's ``forward``, its ``loss``, the trainer's backward; see
+    :class:`~amortize.train.model.ContrastiveComposerModel`)::
+
+        outputs = passes.encode(encode, batch)  # pass 1: leaves
+        loss_fn(*outputs).backward()            # the loss of the whole batch, once
+        passes.backward()                       # pass 2: the cached gradients into the encoder
+
+    In training it is the one holder of the rows per microbatch (a recipe's, given by
+    :func:`amortize.train.gradcache.build_gradient_cache`).
+
+    Args:
+        microbatch_size: rows per microbatch (need not divide the batch; checked when a batch is
+            split, :func:`microbatch_sizes`).
+
+    Attributes:
+        microbatch_size: as the argument.
+    """
+
+    def __init__(self, microbatch_size: int):
+        self.microbatch_size = microbatch_size
+        self._pending: Optional[tuple[Encode, CachedEncoding]] = None
+
+    def encode(self, encode: Encode, batch: Any) -> tuple[Optional[Tensor], ...]:
+        """Pass 1 (:func:`encode_without_graph`) of a batch of more than ``microbatch_size`` rows,
+        kept for :meth:`backward`; a batch of one microbatch is encoded at once, with its graph.
+
+        Returns:
+            The outputs of the whole batch (see :class:`CachedEncoding`).
+
+        Raises:
+            RuntimeError: if the previous split batch's second pass never ran.
+        """
+        if _rows(batch) <= self.microbatch_size:
+            return _as_tuple(encode(batch))
+        if self._pending is not None:
+            raise RuntimeError(
+                "the gradient cache's second pass did not run after the previous batch's backward: call "
+                "backward() after the loss's backward (a ContrastiveComposerModel's backward_cached(); Composer: "
+                "add the GradientCache algorithm)"
+            )
+        cache = encode_without_graph(encode, split_batch(batch, self.microbatch_size))
+        self._pending = (encode, cache)
+        return cache.outputs
+
+    def backward(self) -> bool:
+        """Pass 2 (:func:`backward_through_encoder`) of the latest batch :meth:`encode` split, after
+        the loss's backward: the gradients the loss left on its outputs go into the encoder.
+
+        Returns:
+            True if a second pass ran, False if no split batch was waiting for one.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return False
+        backward_through_encoder(*pending)
+        return True
 
 
 def gradient_cached_backward(

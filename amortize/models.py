@@ -19,6 +19,7 @@ This module imports open_clip lazily (it is in the ``clip`` extra) and never imp
 from __future__ import annotations
 
 import copy
+import math
 from typing import Annotated, Any, Optional, TypedDict
 
 import torch
@@ -26,10 +27,13 @@ from torch import Tensor, nn
 
 from amortize.options import NONNEGATIVE
 from amortize.registry import Registry
-from amortize.objectives.base import CLIP_INIT_LOGIT_SCALE
 
-__all__ = ["MODELS", "register_model", "TwoTowerModel", "model_config", "build_model", "list_model_configs",
-           "register_open_clip_configs"]
+__all__ = ["CLIP_INIT_LOGIT_SCALE", "MODELS", "register_model", "TwoTowerModel", "model_config", "build_model",
+           "list_model_configs", "register_open_clip_configs"]
+
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+"""CLIP's initial ``log s`` (temperature 0.07): the towers' one default, which a recipe's ``model``
+takes unless its objective prefers another (the sigmoid objective's ``log 10``)."""
 
 _OURS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -243,7 +247,8 @@ def build_model(
         name: a name in :data:`MODELS` or an open_clip model name.
         image_size: override of the input side (e.g. 28 for the shipped data).
         context_length: override of the text length.
-        init_logit_scale: initial ``log s``.
+        init_logit_scale: initial ``log s`` (default :data:`CLIP_INIT_LOGIT_SCALE`; a recipe's
+            ``model`` gets its objective's preference where it leaves this unset).
         init_logit_bias: initial bias, or None for none.
         pretrained: weights to load (an open_clip checkpoint or state dict, an ``amortize export``
             folder, a weights export (:mod:`amortize.weights_export`) or run folder; see

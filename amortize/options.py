@@ -27,8 +27,8 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Iterable, Literal, Optional, Union
 
-__all__ = ["RecipeError", "keyed", "Range", "TimeString", "POSITIVE", "NONNEGATIVE", "UNIT", "conform", "conform_section",
-           "type_name", "did_you_mean"]
+__all__ = ["RecipeError", "keyed", "Range", "TimeString", "POSITIVE", "NONNEGATIVE", "UNIT", "AT_LEAST_ONE", "conform",
+           "conform_section", "type_name", "did_you_mean"]
 
 
 class RecipeError(ValueError):
@@ -117,6 +117,8 @@ NONNEGATIVE = Range(lo=0)
 """``>= 0`` (a weight decay, a count)."""
 UNIT = Range(lo=0, hi=1)
 """``in [0, 1]`` (a fraction)."""
+AT_LEAST_ONE = Range(lo=1)
+"""``>= 1`` (a count of rows), for a recipe's key and a function's argument alike."""
 
 _TIME_UNITS = {"ep": "epochs", "ba": "batches", "sp": "samples", "dur": "fraction of the run"}
 

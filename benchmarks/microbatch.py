@@ -28,6 +28,7 @@ SIZES = (256, 128, 64, 32, 16)
 
 
 def _setup(batch: int = BATCH):
+    from amortize.gradcache import GradientCachePasses
     from amortize.train.builders import build_composer_model
     from amortize.train.config import load_recipe
     from amortize.train.optim import build_optimizer
@@ -42,7 +43,7 @@ def _setup(batch: int = BATCH):
             "index": torch.arange(batch)}
 
     def step(microbatch: int) -> None:
-        model.microbatch_size = microbatch if microbatch < batch else None
+        model.gradient_cache = GradientCachePasses(microbatch) if microbatch < batch else None
         opt.zero_grad(set_to_none=True)
         loss = model.loss(model(data), data)
         loss.backward()

@@ -25,7 +25,7 @@ from amortize import checks as K
 from amortize import kernels
 from amortize.comm import Block, Layout
 
-__all__ = ["CLIP_INIT_LOGIT_SCALE", "TEMPERATURE_FORMS", "Pairs", "Partition", "Objective", "mean_log_ratio", "partition",
+__all__ = ["TEMPERATURE_FORMS", "Pairs", "Partition", "Objective", "mean_log_ratio", "partition",
            "rescale_temperature"]
 
 Scalar = Union[float, Tensor]
@@ -184,10 +184,6 @@ def rescale_temperature(loss: Tensor, scale: Scalar, rho: Optional[float], log_r
     return loss / s.detach() + shift / s
 
 
-CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
-"""CLIP's initial ``log s`` (temperature 0.07): the default of every objective and of the towers."""
-
-
 class Objective(nn.Module):
     """Base class of encoder objectives: subclasses set the class attributes and write :meth:`terms`.
 
@@ -203,9 +199,11 @@ class Objective(nn.Module):
             pair terms stays unbiased when the negatives are the local batch, reweighted: every
             layout) or ``exact`` (every layout whose ``guarantee`` is ``exact``). Layouts declare
             their guarantee, so no objective names a layout.
-        init_logit_scale: the initial ``log s`` a model trained with it starts from (default: CLIP's,
-            :data:`CLIP_INIT_LOGIT_SCALE`).
-        init_logit_bias: the initial bias (None: no bias).
+
+    An objective whose towers should start from other logit parameters than the towers' own
+    (:func:`amortize.models.build_model`: CLIP's scale, no bias) states them as class attributes
+    named as the ``model`` options they fill where a recipe leaves those unset (the sigmoid
+    objective: ``s = 10``, ``b = -10``; :data:`amortize.train.sections.SECTIONS`).
     """
 
     name: ClassVar[str] = "objective"
@@ -214,8 +212,6 @@ class Objective(nn.Module):
     needs_bias: ClassVar[bool] = False
     uses_bias: ClassVar[bool] = True
     needs: ClassVar[str] = "unbiased"
-    init_logit_scale: ClassVar[float] = CLIP_INIT_LOGIT_SCALE
-    init_logit_bias: ClassVar[Optional[float]] = None
 
     def partition_weight(self) -> float:
         """``c``, the positive's weight in this objective's partition sums."""

@@ -19,6 +19,11 @@ class Sigmoid(Objective):
     Equal to open_clip's ``SigLipLoss`` on one process. Needs a logit bias (models trained with it
     start at ``s = 10``, ``b = -10``). In the ``local`` layout each negative is weighted by
     ``k = (N - 1) / (B - 1)``, an unbiased estimate of the global sum. Term: ``pairwise``.
+
+    Class attributes:
+        init_logit_scale: the initial ``log s`` it prefers (``log 10``), which a recipe's ``model``
+            takes where it leaves it unset (the towers' own is CLIP's).
+        init_logit_bias: the initial bias it prefers (-10), taken likewise (the towers have none).
     """
 
     name: ClassVar[str] = "sigmoid"

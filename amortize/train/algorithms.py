@@ -2,14 +2,13 @@
 
 An Algorithm changes the state of the run or the course of a step (Composer runs the Algorithms of
 an event before its Callbacks, INIT excepted); what only reads the run or saves it is in
-:mod:`amortize.train.callbacks`. The exact gradient cache, an Algorithm too, has its own module
-(:mod:`amortize.train.gradcache`).
+:mod:`amortize.train.callbacks`. The exact gradient cache and the guard that refuses Composer's own
+microbatching (``FullBatchGuard``), Algorithms too, are in :mod:`amortize.train.gradcache`, with the
+microbatch size they are about.
 
 * :class:`EpochSchedules` (EPOCH_START): advances rho, beta, gamma and AmorLIP's per-epoch
   re-initialisation and previous-epoch networks, through ``loss_fn.start_epoch``.
 * :class:`ClampLogitScale` (BATCH_END, after the optimiser step): ``s <= max_scale``.
-* :class:`FullBatchGuard` (AFTER_DATALOADER): refuses Composer's own microbatching, which shrinks
-  the negatives (the exact alternative is the gradient cache of :mod:`amortize.train.gradcache`).
 * :class:`DivergenceGuard` (BEFORE_FORWARD to AFTER_BACKWARD; the recipe's ``divergence`` section):
   after the backward pass, checks that the loss and the gradient norm are finite. On a non-finite
   step it either *skips* it (gradients dropped, so the optimiser leaves parameters and its state
@@ -45,7 +44,6 @@ from amortize.train.model import unwrap
 __all__ = [
     "EpochSchedules",
     "ClampLogitScale",
-    "FullBatchGuard",
     "DivergenceGuard",
     "DivergenceError",
     "planned_epochs",
@@ -113,38 +111,6 @@ class ClampLogitScale(Algorithm):
         """Clamp ``log s`` in place."""
         with torch.no_grad():
             unwrap(state.model).model.logit_scale.clamp_(max=math.log(self.max_scale))
-
-
-class FullBatchGuard(Algorithm):
-    """Refuse Composer's own microbatching: contrastive objectives need the whole per-process batch as negatives.
-
-    A ``Trainer`` whose ``device_train_microbatch_size`` is below the batch splits each batch and
-    runs the loss on each microbatch separately, so every sample would contrast only against its
-    own microbatch: that cannot be made exact, and is an error. :func:`~amortize.train.builders.build_trainer`
-    never asks Composer to split; a recipe's ``device_train_microbatch_size`` runs the exact
-    gradient cache inside one Composer microbatch instead (:mod:`amortize.train.gradcache`).
-    Composer's automatic microbatching (``auto``) is refused too: after an out-of-memory error it
-    retries the batch, which would update the estimator's state twice.
-    """
-
-    def match(self, event: Event, state: State) -> bool:
-        """Run on AFTER_DATALOADER."""
-        return event == Event.AFTER_DATALOADER
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        """Raise if the batch would be split."""
-        batch = state.batch.get("image") if isinstance(state.batch, dict) else None
-        n = int(batch.shape[0]) if batch is not None else None
-        mb = state.device_train_microbatch_size
-        if getattr(state, "auto_microbatching", False) or (n is not None and mb is not None and int(mb) < n):
-            raise ValueError(
-                f"Composer's device_train_microbatch_size={mb} is smaller than the batch ({n}): Composer's "
-                "microbatching splits the batch and so shrinks the negatives of the contrastive objective (each "
-                "microbatch would contrast only against itself; 'auto' would also retry a batch after running out "
-                "of memory and update the estimator twice). Pass the microbatch size to the recipe instead "
-                "(device_train_microbatch_size=N with build_trainer), which runs the exact gradient cache "
-                "(amortize.train.gradcache.GradientCache) inside one Composer microbatch."
-            )
 
 
 class DivergenceError(RuntimeError):

@@ -169,8 +169,8 @@ def _evaluates(recipe: Recipe) -> bool:
 def per_process_batch_size(recipe: Recipe) -> int:
     """``data.batch_size`` (global) divided by the number of processes.
 
-    A ``device_train_microbatch_size`` smaller than that turns on the exact gradient cache
-    (:mod:`amortize.train.gradcache`); it need not divide the per-process batch.
+    The exact gradient cache (:mod:`amortize.train.gradcache`) is on when the recipe's microbatches
+    are smaller than that; they need not divide it.
 
     Raises:
         RecipeError: if it does not divide evenly.
@@ -235,42 +235,26 @@ def _dataloader(recipe: Recipe, tokenizer: Any, image_size: int, per: int) -> tu
                         drop_last=drop_last, num_workers=workers, persistent_workers=workers > 0), len(data))
 
 
-def _microbatch_size(recipe: Recipe, towers: TwoTowerModel, per_process_batch: Optional[int]) -> Optional[int]:
-    """Rows per microbatch of the gradient cache: ``device_train_microbatch_size`` when it is
-    smaller than the per-process batch, else None (the batch is encoded at once).
-
-    The one check of the towers for microbatching, and the one place the size is decided: the
-    builder passes it down to the model and to the trainer's arguments; nothing reads it back.
-
-    Raises:
-        RecipeError: ``device_train_microbatch_size: model 'RN50': ... BatchNorm2d ...`` for towers
-            the gradient cache cannot make exact (BatchNorm in training mode), before the run starts.
-    """
-    from amortize.gradcache import check_microbatchable
-
-    rows = recipe.device_train_microbatch_size
-    if rows is None:
-        return None
-    try:
-        check_microbatchable(towers)
-    except ValueError as e:
-        raise RecipeError(f"model {recipe.model.name!r}: {e}", key="device_train_microbatch_size") from None
-    return rows if rows < per_process_batch else None
-
-
 def build_composer_model(recipe: Recipe, num_samples: Optional[int] = None):
     """The :class:`~amortize.train.model.ContrastiveComposerModel` of a recipe (towers, loss, the
-    gradient cache's microbatch size, the recipe as metadata)."""
+    gradient cache the recipe asks for, the recipe as metadata).
+
+    Raises:
+        RecipeError: as :func:`per_process_batch_size` and
+            :func:`~amortize.train.gradcache.build_gradient_cache`.
+    """
+    from amortize.train.gradcache import build_gradient_cache
+
     towers = build_two_tower(recipe)
-    per = per_process_batch_size(recipe) if recipe.device_train_microbatch_size is not None else None
-    return _composer_model(recipe, towers, num_samples, _microbatch_size(recipe, towers, per))
+    gradient_cache = build_gradient_cache(recipe, towers, per_process_batch_size(recipe))
+    return _composer_model(recipe, towers, num_samples, gradient_cache)
 
 
-def _composer_model(recipe: Recipe, towers: TwoTowerModel, num_samples: Optional[int], microbatch_size: Optional[int]):
+def _composer_model(recipe: Recipe, towers: TwoTowerModel, num_samples: Optional[int], gradient_cache: Any):
     from amortize.train.model import ContrastiveComposerModel
 
     loss_fn = build_loss(recipe, towers.embed_dim, num_samples=num_samples)
-    return ContrastiveComposerModel(towers, loss_fn, recipe=recipe_to_dict(recipe), microbatch_size=microbatch_size)
+    return ContrastiveComposerModel(towers, loss_fn, recipe=recipe_to_dict(recipe), gradient_cache=gradient_cache)
 
 
 def build_trainer(
@@ -299,11 +283,11 @@ def build_trainer(
     from composer.algorithms import GradientClipping
     from composer.utils import dist, reproducibility
 
-    from amortize.train.algorithms import ClampLogitScale, EpochSchedules, FullBatchGuard
+    from amortize.train.algorithms import ClampLogitScale, EpochSchedules
     from amortize.train.callbacks import (DataSkipReport, EstimatorMonitorCallback, ExportWeights, LogLossTerms,
                                           SaveOnInterrupt, monitors_estimator)
     from amortize.train.compat import install_atomic_checkpoint_writes
-    from amortize.train.gradcache import microbatch_trainer_kwargs
+    from amortize.train.gradcache import FullBatchGuard, microbatch_trainer_kwargs
     from amortize.train.model import unwrap
 
     reproducibility.seed_all(recipe.seed)
@@ -316,7 +300,7 @@ def build_trainer(
     plan = decide_start(recipe)
     parts = _components(recipe, train_dataloader, num_samples)
     model, tokenizer, train_dataloader = parts.model, parts.tokenizer, parts.loader
-    microbatching = microbatch_trainer_kwargs(parts.microbatch_size, parts.per_process_batch)
+    microbatching = microbatch_trainer_kwargs(parts.gradient_cache, parts.per_process_batch)
     if plan.replaced and dist.get_global_rank() == 0:
         for path in plan.replaced:  # save_overwrite=true: the earlier run's files go, so autoresume cannot mix them
             if os.path.lexists(path):
@@ -372,10 +356,9 @@ def build_trainer(
             autoresume=recipe.autoresume,
             device=recipe.device,
             precision=recipe.precision,
-            # Composer's device_train_microbatch_size is the whole per-process batch (its own
-            # splitting would shrink the negatives; it cannot infer the batch size of a webdataset
-            # loader); the gradient cache splits the encoders' work inside that step, by the
-            # microbatch size decided once above (_microbatch_size) and passed to the model
+            # Composer never splits a batch (its splitting would shrink the negatives; it cannot
+            # infer the batch size of a webdataset loader); the model's gradient cache, decided
+            # once above (_components), splits the encoders' work inside that step
             **microbatching,
             seed=recipe.seed,
             deterministic_mode=recipe.deterministic_mode,
@@ -405,7 +388,7 @@ def _resume_data(trainer: Any) -> None:
 
 
 class _Parts(NamedTuple):
-    """What :func:`_components` builds, with the two sizes it decided once."""
+    """What :func:`_components` builds, with the per-process batch and the gradient cache it decided once."""
 
     model: Any
     tokenizer: Any
@@ -413,14 +396,15 @@ class _Parts(NamedTuple):
     optimizer: Any
     scheduler: Any
     per_process_batch: int
-    microbatch_size: Optional[int]
+    gradient_cache: Any
 
 
 def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optional[int] = None) -> _Parts:
     """The model, tokenizer, loader, optimizer and scheduler of a recipe, errors named by recipe
-    section, with the per-process batch and the gradient cache's microbatch size (each checked once)."""
+    section, with the per-process batch and the gradient cache (each checked once)."""
     import torch
 
+    from amortize.train.gradcache import build_gradient_cache
     from amortize.train.optim import build_optimizer
 
     device = recipe.device or ("gpu" if torch.cuda.is_available() else "cpu")
@@ -429,14 +413,14 @@ def _components(recipe: Recipe, train_dataloader: Any = None, num_samples: Optio
                           f"(device={recipe.device}); set precision=fp32 (or null) for the CPU")
     towers = build_two_tower(recipe)
     per = per_process_batch_size(recipe)
-    microbatch_size = _microbatch_size(recipe, towers, per)  # checked before the data is read
+    gradient_cache = build_gradient_cache(recipe, towers, per)  # the towers checked before the data is read
     tokenizer = build_tokenizer(recipe, towers.context_length)
     if train_dataloader is None:
         train_dataloader, num_samples = _dataloader(recipe, tokenizer, towers.image_size, per)
-    model = _composer_model(recipe, towers, num_samples, microbatch_size)
+    model = _composer_model(recipe, towers, num_samples, gradient_cache)
     optimizer = build_optimizer(model, bindings(recipe).get("optimizer"), recipe.data.batch_size)
     scheduler = bindings(recipe).get("scheduler").build()
-    return _Parts(model, tokenizer, train_dataloader, optimizer, scheduler, per, microbatch_size)
+    return _Parts(model, tokenizer, train_dataloader, optimizer, scheduler, per, gradient_cache)
 
 
 def _recipe_extras(recipe: Recipe) -> dict[str, list[Any]]:

@@ -15,7 +15,7 @@ import torch
 from composer.models import ComposerModel
 from torch import Tensor, nn
 
-from amortize.gradcache import CachedEncoding, backward_through_encoder, encode_without_graph, split_batch
+from amortize.gradcache import GradientCachePasses
 from amortize.losses import ContrastiveLoss
 from amortize.models import TwoTowerModel
 from amortize.train.compat import ddp_ignore, loss_state_to_ignore
@@ -47,27 +47,25 @@ class ContrastiveComposerModel(ComposerModel):
         model: the towers and logit parameters.
         loss_fn: the objective and its estimator.
         recipe: the resolved recipe as plain Python (saved in checkpoints), or None.
-        microbatch_size: rows per microbatch of the gradient cache (see :mod:`amortize.gradcache`),
-            or None to encode every batch at once; the builder sets it from the recipe's
-            ``device_train_microbatch_size`` when that is smaller than the per-process batch.
+        gradient_cache: the gradient cache's two passes (:class:`~amortize.gradcache.GradientCachePasses`,
+            which holds their size), or None to encode every batch at once; the builder gives one
+            where the recipe asks for it (:func:`~amortize.train.gradcache.build_gradient_cache`).
 
     Attributes:
         last_terms: the detached named loss terms of the latest training batch (logged by
             :class:`~amortize.train.callbacks.LogLossTerms`).
-        microbatch_size: as the argument: the one place the gradient cache's rows per microbatch
-            are held (:class:`~amortize.train.gradcache.GradientCache` holds no copy; Composer's
-            ``device_train_microbatch_size`` is the whole per-process batch).
+        gradient_cache: as the argument (:class:`~amortize.train.gradcache.GradientCache` runs
+            its second pass through :meth:`backward_cached`).
     """
 
     def __init__(self, model: TwoTowerModel, loss_fn: ContrastiveLoss, recipe: Optional[dict] = None,
-                 microbatch_size: Optional[int] = None):
+                 gradient_cache: Optional[GradientCachePasses] = None):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.recipe = recipe
         self.last_terms: dict[str, Tensor] = {}
-        self.microbatch_size = microbatch_size
-        self._cached: Optional[CachedEncoding] = None
+        self.gradient_cache = gradient_cache
         # Every process applies identical global updates to the estimator's state (exact
         # layouts), so DDP must not broadcast these (possibly dataset-sized) buffers from rank 0
         # at every step (see amortize.train.compat).
@@ -91,9 +89,9 @@ class ContrastiveComposerModel(ComposerModel):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         """Encode a batch.
 
-        With :attr:`microbatch_size` set and smaller than the batch, in training mode with
-        gradients enabled, this is the gradient cache's first pass: the microbatches are encoded
-        without a graph and the outputs are leaves requiring gradients; after the loss's backward,
+        With a :attr:`gradient_cache`, in training mode with gradients enabled, this is its first
+        pass (:meth:`~amortize.gradcache.GradientCachePasses.encode`: a batch it splits is encoded
+        without a graph and the outputs are leaves requiring gradients); after the loss's backward,
         :meth:`backward_cached` must run the second pass (Composer: the
         :class:`~amortize.train.gradcache.GradientCache` algorithm does).
 
@@ -105,17 +103,11 @@ class ContrastiveComposerModel(ComposerModel):
             "bias": 0-d b or None}`` with L2-normalised features.
 
         Raises:
-            RuntimeError: if the previous batch's second pass never ran.
+            RuntimeError: if the previous split batch's second pass never ran.
         """
-        mb = self.microbatch_size
-        if mb is not None and self.training and torch.is_grad_enabled() and batch["image"].shape[0] > mb:
-            if self._cached is not None:
-                raise RuntimeError(
-                    "the gradient cache's second pass did not run after the previous batch's backward: call "
-                    "backward_cached() after loss().backward() (Composer: add the GradientCache algorithm)"
-                )
-            self._cached = encode_without_graph(self._encode, split_batch(batch, mb))
-            x, y, scale, bias = self._cached.outputs
+        cache = self.gradient_cache
+        if cache is not None and self.training and torch.is_grad_enabled():
+            x, y, scale, bias = cache.encode(self._encode, batch)
         else:
             x, y, scale, bias = self._encode(batch)
         return {"image_features": x, "text_features": y, "scale": scale, "bias": bias}
@@ -123,17 +115,14 @@ class ContrastiveComposerModel(ComposerModel):
     def backward_cached(self) -> bool:
         """The gradient cache's second pass for the latest :meth:`forward` (after the loss's backward).
 
-        Re-encodes each microbatch with its random state replayed and backpropagates the gradients
-        the loss left on the cached features into the towers.
+        Re-encodes each part of the split batch with its random state replayed and backpropagates
+        the gradients the loss left on the cached features into the towers
+        (:meth:`~amortize.gradcache.GradientCachePasses.backward`).
 
         Returns:
             True if a second pass ran, False if the latest batch was encoded at once.
         """
-        cached, self._cached = self._cached, None
-        if cached is None:
-            return False
-        backward_through_encoder(self._encode, cached)
-        return True
+        return self.gradient_cache is not None and self.gradient_cache.backward()
 
     def loss(self, outputs: dict[str, Any], batch: dict[str, Tensor], *args: Any, **kwargs: Any) -> Tensor:
         """The contrastive loss of a batch (updates the estimator's state in training mode).

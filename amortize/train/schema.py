@@ -28,6 +28,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Optional, Union
 
+from amortize.options import AT_LEAST_ONE as _AT_LEAST_ONE
 from amortize.options import NONNEGATIVE as _NONNEG
 from amortize.options import POSITIVE as _POS
 from amortize.options import Range, RecipeError, TimeString, conform_section, did_you_mean
@@ -104,9 +105,9 @@ class Recipe:
         method: a free-form label of the method (``amorlip-log-l2``, ``clip`` ...) for reports.
         model: the two-tower model: the options of :func:`amortize.models.build_model` (``name``:
             ``tiny``, ``cpu-small`` or an open_clip name; the image size, the context length, the
-            initial logit scale and bias (unset: the objective's preference, taken when the
-            recipe loads: :data:`amortize.train.sections.SECTIONS`), ``pretrained``, ``lock_image``,
-            ``lock_text``).
+            initial logit scale and bias (unset: the objective's preference where it states one,
+            else the towers' own, taken when the recipe loads: :data:`amortize.train.sections.SECTIONS`),
+            ``pretrained``, ``lock_image``, ``lock_text``).
         loss: the options of :meth:`amortize.losses.ContrastiveLoss.from_sections` (``objective``
             and ``estimator``, each a section of its own; ``layout``, ``rho``, ``chunk_size``), with
             its defaults (:data:`amortize.losses.DEFAULT_OBJECTIVE`, :data:`~amortize.losses.DEFAULT_LAYOUT`)
@@ -140,7 +141,9 @@ class Recipe:
         device_train_microbatch_size: rows per microbatch of the exact gradient cache (None: the
             whole per-process batch at once). Smaller than the per-process batch, the encoders run
             on microbatches of this size (peak memory of their activations falls with it) while the
-            loss still sees every negative; see :mod:`amortize.train.gradcache`.
+            loss still sees every negative; see :mod:`amortize.train.gradcache`. Its one default and
+            its range, which is the one the functional face checks its argument against
+            (:func:`amortize.gradcache.microbatch_sizes`).
         grad_clip_norm: encoder gradient-norm clip (None: none).
         imports: Python files (relative to the recipe file) or module names imported before the
             recipe is checked, so that the components they register can be named (stored resolved).
@@ -183,7 +186,7 @@ class Recipe:
     seed: int = _opt(0, check=_NONNEG)
     precision: Optional[str] = None
     device: Optional[str] = None
-    device_train_microbatch_size: Optional[int] = _opt(None, check=Range(lo=1))
+    device_train_microbatch_size: Optional[int] = _opt(None, check=_AT_LEAST_ONE)
     grad_clip_norm: Optional[float] = _opt(1.0, check=_POS)
     max_scale: float = _opt(100.0, check=_POS)
     save_folder: Optional[str] = None

@@ -101,25 +101,29 @@ def test_gradient_cache_runs_and_matches_one_step(method, tmp_path):
 
 
 def test_batchnorm_towers_are_refused(tmp_path):
-    # the one check of the towers, where the builder decides the microbatch size (the run's and
+    # the one check of the towers, where the microbatch size is decided (the run's and
     # --dry-run's path: tests/integration/test_user_path.py builds RN50 towers through the CLI)
     from amortize.options import RecipeError
-    from amortize.train.builders import _microbatch_size, build_two_tower
+    from amortize.train.builders import build_two_tower
+    from amortize.train.gradcache import build_gradient_cache
 
     recipe = method_recipe("clip", tmp_path, batch=8, num_samples=8, duration="1ba",
                            extra=["device_train_microbatch_size=4"])
     towers = build_two_tower(recipe)
-    assert _microbatch_size(recipe, towers, 8) == 4
+    assert build_gradient_cache(recipe, towers, 8).microbatch_size == 4
+    assert build_gradient_cache(recipe, towers, 4) is None  # not smaller than the batch: no cache
     towers.clip.visual.extra_norm = torch.nn.BatchNorm1d(4)  # any BatchNorm in training mode
     with pytest.raises(RecipeError, match="^device_train_microbatch_size: .*BatchNorm"):
-        _microbatch_size(recipe, towers, 8)
+        build_gradient_cache(recipe, towers, 8)
 
 
 def test_missing_second_pass_is_an_error(tmp_path):
     from tests.integration.helpers import build_for_distributed, global_batch
 
+    from amortize.gradcache import GradientCachePasses
+
     model = build_for_distributed("clip", tmp_path)
-    model.microbatch_size = 3
+    model.gradient_cache = GradientCachePasses(3)
     batch = global_batch()
     model.loss(model(batch), batch).backward()
     with pytest.raises(RuntimeError, match="second pass"):

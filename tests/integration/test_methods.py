@@ -57,7 +57,7 @@ def test_recipe_microbatching_turns_the_gradient_cache_on(tmp_path):
     recipe = method_recipe("clip", tmp_path, extra=["device_train_microbatch_size=4"])
     trainer = build_trainer(recipe)
     assert [type(a) for a in trainer.state.algorithms if isinstance(a, GradientCache)] == [GradientCache]
-    assert unwrap(trainer.state.model).microbatch_size == 4  # the one place it is held
+    assert unwrap(trainer.state.model).gradient_cache.microbatch_size == 4  # the one place it is held
     assert trainer.state.device_train_microbatch_size == 16  # Composer itself never splits the batch
     trainer.close()
 
@@ -66,7 +66,7 @@ def test_composer_microbatching_is_refused_at_run_time(tmp_path):
     # a Trainer assembled by hand that lets Composer split the batch: the guard stops the first batch
     from composer import Trainer
 
-    from amortize.train.algorithms import FullBatchGuard
+    from amortize.train.gradcache import FullBatchGuard
     from amortize.train.builders import build_composer_model, build_dataloader
     from amortize.train.builders import build_tokenizer
 

@@ -45,6 +45,19 @@ def test_the_model_takes_the_objectives_preference_where_it_leaves_it_unset(mode
     assert s.model.init_logit_scale == (1.5 if model.get("init_logit_scale") else math.log(10.0))
 
 
+def test_the_initial_logit_scale_has_one_default():
+    # the towers' (build_model's); an objective states a preference only where it differs (sigmoid)
+    import inspect
+
+    from amortize.models import CLIP_INIT_LOGIT_SCALE, build_model
+    from amortize.objectives import OBJECTIVES
+
+    assert inspect.signature(build_model).parameters["init_logit_scale"].default == CLIP_INIT_LOGIT_SCALE == CLIP
+    assert float(build_model("tiny").logit_scale) == pytest.approx(CLIP)
+    assert not hasattr(OBJECTIVES.get("infonce"), "init_logit_scale")
+    assert OBJECTIVES.get("sigmoid").init_logit_scale == math.log(10.0)
+
+
 def test_a_bad_model_section_is_still_named():
     with pytest.raises(RecipeError, match=r"^model.init_logit_scale: expected float"):
         load_recipe_dict({"model": {"name": "tiny", "init_logit_scale": "big"}})
@@ -64,11 +77,27 @@ def test_max_scale_has_one_default_and_one_check():
 
 
 def test_the_microbatch_size_is_passed_down_not_read_back():
+    from amortize.gradcache import GradientCachePasses
     from amortize.train.gradcache import GradientCache, microbatch_trainer_kwargs
 
-    on = microbatch_trainer_kwargs(4, 16)
+    on = microbatch_trainer_kwargs(GradientCachePasses(4), 16)
     assert [type(a) for a in on["algorithms"]] == [GradientCache] and on["device_train_microbatch_size"] == 16
     assert microbatch_trainer_kwargs(None, 16) == {"algorithms": [], "device_train_microbatch_size": 16}
+
+
+def test_the_microbatch_size_has_one_range():
+    # the recipe's check and the functional face's are one Range (options.AT_LEAST_ONE), not two spellings
+    import dataclasses
+
+    from amortize.gradcache import microbatch_sizes
+    from amortize.options import AT_LEAST_ONE
+
+    field = {f.name: f for f in dataclasses.fields(Recipe)}["device_train_microbatch_size"]
+    assert field.default is None and field.metadata["check"] is AT_LEAST_ONE
+    with pytest.raises(RecipeError, match=r"^device_train_microbatch_size: must be >= 1, got 0$"):
+        load_recipe_dict({"device_train_microbatch_size": 0})
+    with pytest.raises(ValueError, match=r"^microbatch_size: must be >= 1, got 0$"):
+        microbatch_sizes(4, 0)
 
 
 def test_the_stage1_penalty_is_looked_up_once_per_fit(monkeypatch):
