@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from amortize.options import NONNEGATIVE
 from amortize.registry import Registry
 
-__all__ = ["CLIP_INIT_LOGIT_SCALE", "MODELS", "register_model", "TwoTowerModel", "model_config", "build_model",
+__all__ = ["CLIP_INIT_LOGIT_SCALE", "MODELS", "register_model", "TwoTowerModel", "model_config", "check_model_options", "build_model",
            "list_model_configs", "register_open_clip_configs"]
 
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
@@ -228,6 +228,29 @@ class TowerLock(TypedDict, total=False):
 
     unlocked_groups: Annotated[int, NONNEGATIVE]
     freeze_norm: bool
+
+
+def check_model_options(options: dict) -> None:
+    """The ``model`` section's checks across its options (bound, with their defaults), at load:
+    ``image_size`` a multiple of the vision tower's patch size (and >= 1), ``context_length`` >= 2
+    (the start and end tokens).
+
+    Raises:
+        RecipeError: naming the key.
+    """
+    from amortize.options import RecipeError
+
+    size, name, length = options.get("image_size"), options.get("name"), options.get("context_length")
+    if size is not None:
+        try:
+            patch = model_config(name).get("vision_cfg", {}).get("patch_size")
+        except Exception:  # an unknown model is named by the model's own check
+            patch = None
+        if size < max(1, patch or 1) or (patch and size % patch):
+            need = f"a multiple of the patch size {patch}" if patch else ">= 1"
+            raise RecipeError(f"model.image_size: must be {need} (model {name!r}), got {size}")
+    if length is not None and length < 2:
+        raise RecipeError(f"model.context_length: must be >= 2 (the start and end tokens), got {length}")
 
 
 def build_model(

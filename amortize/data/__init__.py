@@ -13,12 +13,13 @@ from amortize.data.shipped import (
     fashion_mnist_train,
 )
 from amortize.data.tokenizer import Tokenizer, get_tokenizer
-from amortize.options import NONNEGATIVE, Range
+from amortize.options import NONNEGATIVE, Range, RecipeError
 from amortize.registry import Registry
 
 __all__ = [
     "DATASETS",
     "ImageTextDataset",
+    "check_data_options",
     "Tokenizer",
     "default_train_dataset",
     "emoji_pairs",
@@ -38,6 +39,17 @@ def loader_options(batch_size: Annotated[int, Range(lo=2)] = 256, num_workers: A
         drop_last: drop an incomplete final batch (keep True: contrastive batches should be full).
         tokenizer: open_clip tokenizer name, or ``simple`` (the bundled CLIP BPE).
     """
+
+
+def check_data_options(options: dict) -> None:
+    """The ``data`` section's checks across its options (bound, with their defaults), at load:
+    ``sampling: resampled`` needs ``num_samples`` (it sets the epoch length).
+
+    Raises:
+        RecipeError: naming the keys.
+    """
+    if options.get("sampling") == "resampled" and not options.get("num_samples"):
+        raise RecipeError("data.sampling 'resampled' needs data.num_samples (it sets the epoch length)")
 
 
 DATASETS: Registry = Registry("dataset", shared=loader_options)

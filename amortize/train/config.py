@@ -38,10 +38,9 @@ import yaml
 
 from amortize.options import Range, RecipeError, TimeString
 from amortize.train.imports import run_imports
-from amortize.train.schema import Recipe, build_schema
+from amortize.train.schema import Recipe, checked_recipe
 from amortize.train.sections import bind_sections
-from amortize.train.validate import check_finite, check_values
-from amortize.train.yaml_input import apply_overrides, check_top_level, check_unique_overrides, read_recipe_text, read_yaml
+from amortize.train.yaml_input import apply_overrides, check_unique_overrides, read_recipe, read_yaml, recipe_data
 
 __all__ = [
     "RecipeError",
@@ -73,23 +72,14 @@ def load_recipe_dict(data: Optional[dict], base: Optional[Path] = None, *, bind:
     Raises:
         RecipeError: naming the offending dotted key, with the valid keys or the expected type.
     """
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"a recipe must be a mapping at the top level, got {type(data).__name__}")
-    data = dict(data)
+    data = recipe_data(data)  # a mapping, every number finite (amortize.train.yaml_input)
     if bind and "imports" in data:
         if not isinstance(data["imports"], list):
             raise RecipeError(f"expected a list of files or modules, got {data['imports']!r}", key="imports")
         data["imports"] = run_imports(data["imports"], base)
-    check_finite(data)  # amortize.train.validate
-    recipe = build_schema(Recipe, data)
-    if bind:
-        recipe = bind_sections(recipe)  # the recipe with its sections resolved, made once from the bound sections
-        d = recipe.data  # resolved: the dataset's options with their defaults
-        if d.get("sampling") == "resampled" and not d.get("num_samples"):
-            raise RecipeError("data.sampling 'resampled' needs data.num_samples (it sets the epoch length)")
-    check_values(recipe)  # amortize.train.validate; the model section resolved
+    recipe = checked_recipe(data)  # the typed top level and its checks across keys (amortize.train.schema)
+    if bind:  # every section bound once, its checks across options included; the recipe made again from them
+        recipe = bind_sections(recipe)
     return recipe
 
 
@@ -108,21 +98,9 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         RecipeError: for an invalid key or value (named), or invalid YAML.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist")
-    text = read_recipe_text(path)  # names the file itself
+    data = read_recipe(path, list(overrides or []))  # names the file in its own messages
     try:
-        data = read_yaml(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: invalid YAML: {e}") from None
-    except RecipeError as e:
-        raise RecipeError(f"{path}: {e}") from None
-    if data is None or data == {}:
-        raise RecipeError(f"{path} is empty; a recipe names at least its run (start from a file in recipes/, "
-                          "e.g. recipes/default.yaml)")
-    check_top_level(data, path)
-    try:
-        return load_recipe_dict(apply_overrides(data, list(overrides or [])), base=path.parent)
+        return load_recipe_dict(data, base=path.parent)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
 

@@ -7,7 +7,7 @@ constructor (:mod:`amortize.train.sections`); its options and their defaults liv
 constructor (the schema names only which component a recipe gets when it names none: ``data:
 shipped``, ``optimizer: adamw``, ``scheduler: cosine_with_warmup``; a section without ``name`` gets
 that one), and an option a section holds beside its constructor's is declared by a signature of its
-own (``eval.tasks``: :func:`eval_tasks`). The remaining keys are fields of :class:`Recipe`, each
+own (``eval.tasks``: :func:`amortize.eval.callback_options.eval_tasks`). The remaining keys are fields of :class:`Recipe`, each
 with its default and, beside it, its allowed range (``_opt(check=Range(...))``) or set of choices
 (:data:`_CHOICES`).
 
@@ -24,6 +24,7 @@ This module imports neither Composer nor torch.
 from __future__ import annotations
 
 import dataclasses
+import string
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Optional, Union
@@ -38,10 +39,12 @@ from amortize.train.sections import Options
 __all__ = [
     "SectionSpec",
     "ScheduleSpec",
-    "EVAL_TASK_CHOICES",
-    "eval_tasks",
     "Recipe",
     "build_schema",
+    "checked_recipe",
+    "MAX_SEED",
+    "NAME_FIELDS",
+    "check_retention",
 ]
 
 ScheduleSpec = Union[float, dict, None]
@@ -49,6 +52,13 @@ ScheduleSpec = Union[float, dict, None]
 
 SectionSpec = Union[str, dict]
 """A component section: a registered name, or ``{"name": ..., <constructor options>}``."""
+
+MAX_SEED = 2**32 - 1
+"""The largest ``seed``: Composer seeds NumPy, whose seeds are 32-bit."""
+
+NAME_FIELDS = ("run_name", "rank", "local_rank", "world_size", "local_world_size", "node_rank", "epoch", "batch",
+               "sample", "token", "batch_in_epoch", "sample_in_epoch", "token_in_epoch")
+"""The ``{fields}`` Composer fills in ``save_filename`` and ``save_latest_filename``."""
 
 # Values whose allowed set is known here; the registries check the others when building.
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -64,36 +74,6 @@ def _opt(default: Any = dataclasses.MISSING, *, check: Any = None, factory: Any 
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
-
-
-EVAL_TASK_CHOICES = ("default", "none")
-"""The names ``eval.tasks`` takes instead of a list of task sections."""
-
-
-class _TaskChoice:
-    """``eval.tasks``: one of :data:`EVAL_TASK_CHOICES` or a non-empty list of task sections."""
-
-    def check(self, value: Any, key: str) -> None:
-        if (isinstance(value, str) and value not in EVAL_TASK_CHOICES) or value == []:
-            raise RecipeError(f"{value!r} is not one of {', '.join(EVAL_TASK_CHOICES)}, or a list of task sections "
-                              "(retrieval, zeroshot, default)", key=key)
-
-
-def eval_tasks(tasks: Annotated[Union[str, list[SectionSpec]], _TaskChoice()] = "none") -> None:
-    """The option the ``eval`` section holds beside :class:`~amortize.eval.callback.EvalCallback`'s own.
-
-    The section's other options (``every_n_epochs``, ``every_n_batches``, ``at_fit_end``,
-    ``batch_size``, ``prefix``) are the callback's keyword arguments, with its defaults; the builder
-    passes the callback the tokenizer and the tasks built from this option, and builds no callback
-    when it is ``none`` or when the callback would never run.
-
-    Args:
-        tasks: ``default`` (Fashion-MNIST zero-shot and emoji retrieval), ``none``, or a list of
-            sections of :data:`amortize.eval.user.EVAL_TASKS` (your files), each bound as
-            ``eval.tasks[i]``, e.g. ``[{name: retrieval, path: pairs.csv}, {name: zeroshot, path:
-            classes/}, default]``. The DataComp suite needs its data directory: run ``amortize eval
-            CKPT --tasks datacomp --datacomp-root DIR``.
-    """
 
 
 @dataclass
@@ -124,7 +104,7 @@ class Recipe:
         eval: evaluation during training: the options of
             :class:`~amortize.eval.callback.EvalCallback` (``every_n_epochs``, ``every_n_batches``,
             ``at_fit_end``, ``batch_size``, ``prefix``), with its defaults, and ``tasks``
-            (:func:`eval_tasks`, default ``none``: no evaluation).
+            (:func:`~amortize.eval.callback_options.eval_tasks`, default ``none``: no evaluation).
         divergence: what a non-finite loss or gradient does: the options of
             :class:`amortize.train.algorithms.DivergenceGuard` (``policy``: ``skip``, ``stop``, ``none``;
             ``max_consecutive_skips``, ``restore_estimator``).
@@ -253,3 +233,44 @@ def build_schema(cls: type, data: dict, prefix: str = "") -> Any:
     conform_section((), [(f.metadata["check"], getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
                          for f in fields.values() if f.metadata.get("check") is not None])
     return obj
+
+
+def checked_recipe(data: dict) -> "Recipe":
+    """The checked recipe: the typed top level (:func:`build_schema`: keys, types, ranges, choices)
+    and the checks across top-level keys: ``seed`` in ``[0, MAX_SEED]``, the file-name templates'
+    fields (:data:`NAME_FIELDS`), the retention with ``autoresume`` (:func:`check_retention`).
+    The sections' options are checked when they are bound (:mod:`amortize.train.sections`).
+
+    Raises:
+        RecipeError: naming the key.
+    """
+    recipe = build_schema(Recipe, data)
+    if not 0 <= int(recipe.seed) <= MAX_SEED:
+        raise RecipeError(f"seed: must be in [0, {MAX_SEED}] (NumPy's seeds are 32-bit), got {recipe.seed}")
+    check_retention(recipe)
+    for key in ("save_filename", "save_latest_filename"):
+        unknown = [f for f in _template_fields(getattr(recipe, key)) if f.split(".")[0].split("[")[0] not in NAME_FIELDS]
+        if unknown:
+            raise RecipeError(f"{key}: unknown field {{{unknown[0]}}} in {getattr(recipe, key)!r}; "
+                              f"valid: {', '.join('{' + f + '}' for f in NAME_FIELDS)}")
+    return recipe
+
+
+def _template_fields(template: str) -> list[str]:
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        return [f"<{e}>"]
+
+
+def check_retention(recipe: Any) -> None:
+    """Refuse ``save_num_checkpoints_to_keep=0`` with ``autoresume=true``: Composer then keeps no
+    checkpoint, so a stopped run would have nothing to resume from (its work lost).
+
+    Raises:
+        RecipeError: naming both keys and the values that keep the latest checkpoint.
+    """
+    if recipe.autoresume and recipe.save_num_checkpoints_to_keep == 0:
+        raise RecipeError("save_num_checkpoints_to_keep=0 with autoresume=true keeps no checkpoint to resume from, "
+                          "so a stopped run would lose its work; keep the latest with save_num_checkpoints_to_keep=1 "
+                          "(-1 keeps all), or set autoresume=false")

@@ -9,7 +9,7 @@ then call :meth:`~amortize.registry.Bound.build` once per component. Nothing is 
 
 The options of ``model``, ``loss``, ``data``, ``optimizer``, ``scheduler``, ``divergence`` and
 ``eval`` are the keyword arguments of their constructors, with the constructors' defaults (and, for
-``eval``, its ``tasks``: :func:`amortize.train.schema.eval_tasks`): the recipe
+``eval``, its ``tasks``: :func:`amortize.eval.callback_options.eval_tasks`): the recipe
 :func:`bind_sections` returns holds each of these sections *resolved* (an :class:`Options`
 mapping: what the recipe wrote, the constructor's default for the rest), made once from the bound
 sections (the recipe being read is never written to), so ``recipe.optimizer.lr`` reads the
@@ -98,6 +98,9 @@ class Declared:
         signature: ``"module:NAME"`` of a class without Composer whose ``__init__`` the ``ctor``
             inherits (``DivergenceOptions`` of ``DivergenceGuard``): the section is checked
             against it and ``ctor`` is imported only when built, so a load does not import Composer.
+        check: ``"module:function"`` called with the section's resolved options once it is bound:
+            the checks across its options (``model.image_size`` against the model's patch size),
+            which raise a :class:`~amortize.options.RecipeError` naming the key.
     """
 
     key: str
@@ -111,6 +114,7 @@ class Declared:
     name_key: Optional[str] = None
     preferred: Optional[tuple[str, tuple[str, ...]]] = None
     signature: Optional[str] = None
+    check: Optional[str] = None
 
     def bind(self, section: Any, key: str) -> Bound:
         """The binding step for this section (its registry or its constructor imported now).
@@ -143,7 +147,8 @@ SECTIONS: tuple[Declared, ...] = (
     Declared("loss.layout", "amortize.comm:LAYOUTS"),
     Declared("loss.rho", "amortize.schedules:SCHEDULES"),
     Declared("data", "amortize.data:DATASETS", passed=("tokenizer", "image_size"),
-             known=("batch_size", "world_size", "seed", "num_workers", "drop_last"), resolved=True, name_key="data.name"),
+             known=("batch_size", "world_size", "seed", "num_workers", "drop_last"), resolved=True, name_key="data.name",
+             check="amortize.data:check_data_options"),
     Declared("optimizer", "amortize.train.optim:OPTIMIZERS", passed=("params",), resolved=True),
     Declared("scheduler", "amortize.train.optim:SCHEDULERS", resolved=True),
     Declared("divergence", ctor="amortize.train.algorithms:DivergenceGuard", passed=("save_folder",), resolved=True,
@@ -152,10 +157,10 @@ SECTIONS: tuple[Declared, ...] = (
     Declared("callbacks", "amortize.train.integrations:CALLBACKS", many=True),
     Declared("algorithms", "amortize.train.integrations:ALGORITHMS", many=True),
     Declared("eval", ctor="amortize.eval.callback:EvalCallback", passed=("tokenizer", "tasks", "print_table"),
-             shared="amortize.train.schema:eval_tasks", resolved=True, signature="amortize.eval.callback_options:EvalOptions"),
+             shared="amortize.eval.callback_options:eval_tasks", resolved=True, signature="amortize.eval.callback_options:EvalOptions"),
     Declared("eval.tasks", "amortize.eval.user:EVAL_TASKS", passed=("image_size",), many=True),  # a list only
     Declared("model", ctor="amortize.models:build_model", resolved=True,  # last: after the objective
-             preferred=("loss.objective", ("init_logit_scale", "init_logit_bias"))),
+             preferred=("loss.objective", ("init_logit_scale", "init_logit_bias")), check="amortize.models:check_model_options"),
 )
 """Every component section of a recipe, in binding order, which is the data's: ``loss`` before the
 sections inside it (once bound, its resolved options hold its constructor's defaults, the default
@@ -295,6 +300,8 @@ def bind_sections(recipe: Any) -> Any:
         value = _get(recipe, d.key, held)
         for key in _keys(d, value):
             bound[key] = d.bind(_with_preferred(d, _entry(value, key), bound), key)
+            if d.check is not None:
+                _load(d.check)(dict(bound[key].resolved))
         if d.resolved and d.key in bound:
             held[d.key] = Options(copy.deepcopy(dict(bound[d.key].resolved)))
     out = replace(recipe, **held)

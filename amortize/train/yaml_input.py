@@ -1,5 +1,7 @@
 """Recipe text in: the file's text (UTF-8), the safe YAML reader (a key given twice, a recursive
-anchor and a top level that is not a mapping refused) and ``key.sub=value`` command-line overrides.
+anchor and a top level that is not a mapping refused), ``key.sub=value`` command-line overrides and
+the plain data's own check (every number finite): the first stage of a load, whole in
+:func:`read_recipe` (a file) and :func:`recipe_data` (a mapping).
 
 >>> read_yaml("lr: 2e-3")
 {'lr': 0.002}
@@ -10,6 +12,7 @@ anchor and a top level that is not a mapping refused) and ``key.sub=value`` comm
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -19,8 +22,8 @@ import yaml
 from amortize.options import RecipeError
 from amortize.textfiles import NotUTF8, read_utf8
 
-__all__ = ["RecipeLoader", "read_recipe_text", "read_yaml", "check_top_level", "apply_overrides",
-           "check_unique_overrides"]
+__all__ = ["RecipeLoader", "read_recipe", "read_recipe_text", "read_yaml", "check_top_level", "apply_overrides",
+           "check_unique_overrides", "recipe_data", "check_finite"]
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -167,3 +170,64 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = nxt
         node[path[-1]] = value
     return out
+
+
+def check_finite(data: Any, prefix: str = "") -> None:
+    """Refuse a NaN or infinite float anywhere in a parsed recipe, naming its dotted key.
+
+    >>> check_finite({"optimizer": {"lr": float("inf")}})
+    Traceback (most recent call last):
+    ...
+    amortize.options.RecipeError: optimizer.lr: must be a finite number, got inf
+    """
+    if isinstance(data, float) and not math.isfinite(data):
+        raise RecipeError(f"{prefix or 'recipe'}: must be a finite number, got {data!r}")
+    if isinstance(data, dict):
+        for k, v in data.items():
+            check_finite(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            check_finite(v, f"{prefix}[{i}]")
+
+
+def recipe_data(data: Any) -> dict:
+    """A parsed recipe (a mapping; None is the all-defaults recipe) as plain data the schema may read:
+    a copy of its top level, every number in it finite (:func:`check_finite`).
+
+    Raises:
+        RecipeError: for a top level that is not a mapping, or a NaN or infinite value, naming its key.
+    """
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe must be a mapping at the top level, got {type(data).__name__}")
+    check_finite(data)
+    return dict(data)
+
+
+def read_recipe(path: Path, overrides: list[str]) -> dict:
+    """The text of a recipe file read: its UTF-8 text, the safe YAML, a top level that is a non-empty
+    mapping, the ``key.sub=value`` overrides applied (then :func:`recipe_data`, as for any mapping);
+    messages begin with the file's name.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        RecipeError: for text that is not UTF-8, invalid YAML, an empty file or a bad override.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    text = read_recipe_text(path)  # names the file itself
+    try:
+        data = read_yaml(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML: {e}") from None
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+    if data is None or data == {}:
+        raise RecipeError(f"{path} is empty; a recipe names at least its run (start from a file in recipes/, "
+                          "e.g. recipes/default.yaml)")
+    check_top_level(data, path)
+    try:
+        return apply_overrides(data, list(overrides))
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
