@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 from composer.core import Callback, Event, State
@@ -34,7 +34,7 @@ from composer.loggers import Logger
 
 from amortize import checks as K
 from amortize.checkpoints import atomic_save
-from amortize.diagnostics import EstimatorMonitor
+from amortize.train.guard_options import EstimatorMonitorOptions
 from amortize.train.model import unwrap
 from amortize.weights_export import EXPORT_FILENAME, export_payload
 
@@ -78,7 +78,7 @@ def monitors_estimator(loss_fn: torch.nn.Module) -> bool:
     return estimator is not None and not isinstance(estimator, InBatchEstimator)
 
 
-class EstimatorMonitorCallback(Callback):
+class EstimatorMonitorCallback(EstimatorMonitorOptions, Callback):
     """Per-epoch :class:`~amortize.diagnostics.EstimatorMonitor` verdicts on the loss's estimator.
 
     At FIT_START it hooks the estimator of the (possibly DDP-wrapped) model's loss; each epoch it
@@ -96,15 +96,6 @@ class EstimatorMonitorCallback(Callback):
         max_bias: warn when ``|mean r|`` over the epoch exceeds this (nats).
         min_steps: epochs with fewer steps are not judged (see :class:`~amortize.diagnostics.EstimatorMonitor`).
     """
-
-    def __init__(self, policy: Literal["warn", "none"] = "warn", growth: float = 2.0, floor: float = 0.25,
-                 max_bias: float = 1.0, min_steps: int = 40):
-        if policy not in ("warn", "none"):
-            raise ValueError(f"unknown policy {policy!r}; valid: warn, none")
-        self.policy = policy
-        self.monitor = EstimatorMonitor(growth=growth, floor=floor, max_bias=max_bias, min_steps=min_steps,
-                                        warn=False)
-        self._handle = None
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         """Composer hook (FIT_START, EPOCH_START, EPOCH_END, FIT_END)."""

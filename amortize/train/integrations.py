@@ -26,6 +26,7 @@ from typing import Any
 
 from amortize.registry import Registry
 from amortize.train.composer_options import declared
+from amortize.train.guard_options import EstimatorMonitorOptions
 
 __all__ = ["LOGGERS", "CALLBACKS", "ALGORITHMS"]
 
@@ -64,7 +65,8 @@ for _name, _target in (
     _target = f"composer.callbacks:{_target}"
     CALLBACKS.register_import(_name, _target, options=declared(_target))
 
-CALLBACKS.register_import("estimator_monitor", "amortize.train.callbacks:EstimatorMonitorCallback")
+CALLBACKS.register_import("estimator_monitor", "amortize.train.callbacks:EstimatorMonitorCallback",
+                          options=EstimatorMonitorOptions)
 # on by default for a stateful estimator (amortize.train.builders.build_trainer); ``policy: none`` turns it off
 
 for _name, _target in (("ema", "EMA"), ("swa", "SWA"), ("sam", "SAM")):
