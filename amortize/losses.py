@@ -17,7 +17,7 @@ what to backpropagate; the other entries are detached terms for logging.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Union
+from typing import Annotated, Any, ClassVar, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from amortize.estimators import ESTIMATORS
 from amortize.estimators.base import PartitionEstimator, declared_inputs
 from amortize.estimators.in_batch import InBatchEstimator
 from amortize.objectives import OBJECTIVES, Objective, Pairs, Partition, partition
-from amortize.objectives.base import TEMPERATURE_FORMS, mean_log_ratio, rescale_temperature
+from amortize.objectives.base import TEMPERATURE_FORMS, Temperature, mean_log_ratio, rescale_temperature
 from amortize.options import Range, keyed
 from amortize.registry import Section
 from amortize.schedules import Schedule, build_schedule
@@ -88,7 +88,7 @@ class ContrastiveLoss(nn.Module):
         *,
         layout: Union[str, Layout] = DEFAULT_LAYOUT,
         rho: Union[None, float, dict, Schedule] = None,
-        temperature: Literal["rescaled", "robust"] = "rescaled",
+        temperature: Temperature = "rescaled",
         chunk_size: Optional[int] = None,
         checks: Optional[str] = None,
         **objective_options: Any,
@@ -128,7 +128,7 @@ class ContrastiveLoss(nn.Module):
         *,
         layout: str = DEFAULT_LAYOUT,
         rho: Union[None, float, dict] = None,
-        temperature: Literal["rescaled", "robust"] = "rescaled",
+        temperature: Temperature = "rescaled",
         chunk_size: Annotated[Optional[int], Range(lo=1)] = None,
         context: Optional[Mapping[str, Any]] = None,
     ) -> "ContrastiveLoss":

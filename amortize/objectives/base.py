@@ -15,8 +15,9 @@ one-process layout (``Gather(ONE_PROCESS)``). An objective has no ``forward`` of
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,7 @@ from amortize import checks as K
 from amortize import kernels
 from amortize.comm import Block, Layout
 
-__all__ = ["TEMPERATURE_FORMS", "Pairs", "Partition", "Objective", "mean_log_ratio", "partition",
+__all__ = ["TEMPERATURE_FORMS", "Temperature", "Pairs", "Partition", "Objective", "mean_log_ratio", "partition",
            "rescale_temperature"]
 
 Scalar = Union[float, Tensor]
@@ -128,7 +129,9 @@ def partition(pairs: Pairs, pos_weight: float) -> Partition:
     return Partition(stats, row_lse, log_z_x, log_z_y, float(pos_weight))
 
 
-TEMPERATURE_FORMS = ("rescaled", "robust")
+Temperature = Literal["rescaled", "robust"]
+"""The type of ``loss.temperature`` (see :data:`TEMPERATURE_FORMS`)."""
+TEMPERATURE_FORMS = typing.get_args(Temperature)
 """How ``rho`` enters the loss (:func:`rescale_temperature`): ``rescaled`` (FastCLIP's rescaling as
 AmorLIP's code uses it), ``robust`` (the robust global contrastive loss of FastCLIP-v3 and NeuCLIP,
 whose temperature gradient also holds the mean log-normaliser ratio)."""
