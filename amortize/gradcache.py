@@ -66,6 +66,11 @@ __all__ = [
 Encode = Callable[[Any], Sequence[Optional[Tensor]]]
 
 
+def _sizes(n: int, microbatch_size: int) -> list[int]:
+    full, rest = divmod(n, microbatch_size)
+    return [microbatch_size] * full + ([rest] if rest else [])
+
+
 def microbatch_sizes(n: int, microbatch_size: int) -> list[int]:
     """Sizes of the microbatches of a batch of ``n`` rows: full ones, then the remainder.
 
@@ -74,14 +79,12 @@ def microbatch_sizes(n: int, microbatch_size: int) -> list[int]:
 
     Raises:
         ValueError: if ``n < 1``, or ``microbatch_size < 1`` (an :class:`~amortize.options.RecipeError`
-            naming ``microbatch_size``: the range a recipe's ``device_train_microbatch_size`` is
-            checked against at load, :data:`~amortize.options.AT_LEAST_ONE`).
+            naming ``microbatch_size``, :data:`~amortize.options.AT_LEAST_ONE`).
     """
     if n < 1:
         raise ValueError(f"the batch must have at least one row, got {n}")
     AT_LEAST_ONE.check(microbatch_size, "microbatch_size")
-    full, rest = divmod(n, microbatch_size)
-    return [microbatch_size] * full + ([rest] if rest else [])
+    return _sizes(n, microbatch_size)
 
 
 def _rows(batch: Any) -> int:
@@ -98,19 +101,9 @@ def _rows(batch: Any) -> int:
     return sizes.pop()
 
 
-def split_batch(batch: Any, microbatch_size: int) -> list[Any]:
-    """Split a batch along its first dimension into microbatches of ``microbatch_size`` rows (the last may be smaller).
-
-    Args:
-        batch: a tensor, or a dict / tuple / list whose tensors share their first dimension (other
-            values are passed to every microbatch unchanged).
-        microbatch_size: rows per microbatch.
-
-    Returns:
-        The microbatches, of the batch's type, as views of its tensors.
-    """
+def _split(batch: Any, sizes: Sequence[int]) -> list[Any]:
     out, start = [], 0
-    for size in microbatch_sizes(_rows(batch), microbatch_size):
+    for size in sizes:
         sl = slice(start, start + size)
         if isinstance(batch, Tensor):
             out.append(batch[sl])
@@ -120,6 +113,20 @@ def split_batch(batch: Any, microbatch_size: int) -> list[Any]:
             out.append(type(batch)(v[sl] if isinstance(v, Tensor) else v for v in batch))
         start += size
     return out
+
+
+def split_batch(batch: Any, microbatch_size: int) -> list[Any]:
+    """Split a batch along its first dimension into microbatches of ``microbatch_size`` rows (the last may be smaller).
+
+    Args:
+        batch: a tensor, or a dict / tuple / list whose tensors share their first dimension (other
+            values are passed to every microbatch unchanged).
+        microbatch_size: rows per microbatch (checked: :func:`microbatch_sizes`).
+
+    Returns:
+        The microbatches, of the batch's type, as views of its tensors.
+    """
+    return _split(batch, microbatch_sizes(_rows(batch), microbatch_size))
 
 
 @dataclass
@@ -309,14 +316,19 @@ class GradientCachePasses:
     :func:`amortize.train.gradcache.build_gradient_cache`).
 
     Args:
-        microbatch_size: rows per microbatch (need not divide the batch; checked when a batch is
-            split, :func:`microbatch_sizes`).
+        microbatch_size: rows per microbatch, at least 1 (need not divide the batch). Checked here,
+            once: a recipe's ``device_train_microbatch_size`` is checked by this constructor alone,
+            and the batches it splits are not checked again.
 
     Attributes:
         microbatch_size: as the argument.
+
+    Raises:
+        RecipeError: ``microbatch_size: must be >= 1, got 0`` (a :class:`ValueError`).
     """
 
     def __init__(self, microbatch_size: int):
+        AT_LEAST_ONE.check(microbatch_size, "microbatch_size")
         self.microbatch_size = microbatch_size
         self._pending: Optional[tuple[Encode, CachedEncoding]] = None
 
@@ -330,7 +342,8 @@ class GradientCachePasses:
         Raises:
             RuntimeError: if the previous split batch's second pass never ran.
         """
-        if _rows(batch) <= self.microbatch_size:
+        rows = _rows(batch)
+        if rows <= self.microbatch_size:
             return _as_tuple(encode(batch))
         if self._pending is not None:
             raise RuntimeError(
@@ -338,7 +351,7 @@ class GradientCachePasses:
                 "backward() after the loss's backward (a ContrastiveComposerModel's backward_cached(); Composer: "
                 "add the GradientCache algorithm)"
             )
-        cache = encode_without_graph(encode, split_batch(batch, self.microbatch_size))
+        cache = encode_without_graph(encode, _split(batch, _sizes(rows, self.microbatch_size)))
         self._pending = (encode, cache)
         return cache.outputs
 

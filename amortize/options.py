@@ -18,6 +18,7 @@ This module imports neither Composer nor torch.
 from __future__ import annotations
 
 import collections.abc
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -27,7 +28,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Iterable, Literal, Optional, Union
 
-__all__ = ["RecipeError", "keyed", "Range", "TimeString", "POSITIVE", "NONNEGATIVE", "UNIT", "AT_LEAST_ONE", "conform",
+__all__ = ["RecipeError", "Options", "keyed", "Range", "TimeString", "POSITIVE", "NONNEGATIVE", "UNIT", "AT_LEAST_ONE", "conform",
            "conform_section", "type_name", "did_you_mean"]
 
 
@@ -46,6 +47,26 @@ class RecipeError(ValueError):
     def __init__(self, reason: str, key: Optional[str] = None):
         self.key, self.reason = key, reason
         super().__init__(f"{key}: {reason}" if key else reason)
+
+
+class Options(dict):
+    """A resolved section (plain ``dict``) whose keys also read as attributes: ``recipe.data.batch_size``.
+
+    A nested mapping reads as :class:`Options` too (``recipe.model.lock_image.unlocked_groups``).
+    """
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            value = self[key]
+        except KeyError:
+            raise AttributeError(f"the section has no option {key!r}; it has {', '.join(self) or 'none'}") from None
+        return Options(value) if isinstance(value, dict) else value
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+    def __deepcopy__(self, memo: dict) -> "Options":
+        return Options(copy.deepcopy(dict(self), memo))
 
 
 def keyed(key: str, error: Exception) -> RecipeError:

@@ -25,11 +25,11 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 from amortize.losses import ContrastiveLoss
 from amortize.models import TwoTowerModel
-from amortize.options import RecipeError
+from amortize.options import Options, RecipeError
 from amortize.registry import Bound
 from amortize.train.config import Recipe, recipe_to_dict
 from amortize.train.plan import decide_start, shown_folder
-from amortize.train.sections import Options, bindings
+from amortize.train.sections import bindings
 
 __all__ = ["build_two_tower", "build_loss", "build_tokenizer", "build_eval_tasks", "per_process_batch_size",
            "build_dataloader", "build_composer_model", "build_trainer", "dry_run"]

@@ -1,6 +1,6 @@
 """Loading a recipe: YAML in, the schema checked, the user's imports run, every component section bound once.
 
-A recipe is YAML read with a safe loader (:func:`~amortize.train.yaml_input.read_yaml`: no Python
+A recipe is YAML read with a safe loader (:func:`~amortize.textfiles.read_yaml`: no Python
 objects can be named, and ``2e-3`` is a float as in YAML 1.2) and checked against
 :class:`~amortize.train.schema.Recipe` at load time: an unknown key fails with its dotted name
 and the valid keys, a mistyped value with its name, the expected type and what it got.
@@ -22,10 +22,13 @@ key. Nothing is built at load: the constructors' own checks of their values run 
 top-level ``imports:`` lists Python files (relative to the recipe) or modules imported before the
 sections are bound, so that their registrations are visible.
 
-Jobs, one file each: :mod:`~amortize.train.schema` (the typed keys), :mod:`amortize.options`
-(types and ranges), :mod:`~amortize.train.sections` (the component sections and their binding),
-:mod:`~amortize.train.imports` (``imports:``), :mod:`~amortize.train.yaml_input` (YAML and
-overrides), :mod:`~amortize.train.migration` (the 0.2 key moves); this module joins them.
+The stages, in data-flow order, one file each, called once each by :func:`load_recipe_dict`:
+text in (:mod:`amortize.textfiles`: UTF-8, YAML, overrides, every number finite), the binding
+(:mod:`~amortize.train.sections`: the typed top level of :class:`~amortize.train.schema.Recipe`
+and every component section bound once, with :mod:`amortize.registry` and the types and ranges of
+:mod:`amortize.options`), the checks across top-level keys (:mod:`~amortize.train.schema`). Beside
+them: :mod:`~amortize.train.imports` (``imports:``, run before binding) and
+:mod:`~amortize.train.migration` (the 0.2 key moves, read when a key is unknown).
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ import yaml
 
 from amortize.options import Range, RecipeError, TimeString
 from amortize.train.imports import run_imports
-from amortize.train.schema import Recipe, checked_recipe
-from amortize.train.sections import bind_sections
-from amortize.train.yaml_input import apply_overrides, check_unique_overrides, read_recipe, read_yaml, recipe_data
+from amortize.train.schema import Recipe, check_across_keys
+from amortize.train.sections import bind_recipe
+from amortize.textfiles import apply_overrides, check_unique_overrides, read_recipe, read_yaml, recipe_data
 
 __all__ = [
     "RecipeError",
@@ -72,14 +75,15 @@ def load_recipe_dict(data: Optional[dict], base: Optional[Path] = None, *, bind:
     Raises:
         RecipeError: naming the offending dotted key, with the valid keys or the expected type.
     """
-    data = recipe_data(data)  # a mapping, every number finite (amortize.train.yaml_input)
+    data = recipe_data(data)  # a mapping, every number finite (amortize.textfiles)
     if bind and "imports" in data:
         if not isinstance(data["imports"], list):
             raise RecipeError(f"expected a list of files or modules, got {data['imports']!r}", key="imports")
         data["imports"] = run_imports(data["imports"], base)
-    recipe = checked_recipe(data)  # the typed top level and its checks across keys (amortize.train.schema)
-    if bind:  # every section bound once, its checks across options included; the recipe made again from them
-        recipe = bind_sections(recipe)
+    # the typed top level and every section bound once, nested parts and each section's checks across
+    # its options included; the recipe made again from them (amortize.train.sections)
+    recipe = bind_recipe(data, bind=bind)
+    check_across_keys(recipe)  # the checks across top-level keys (amortize.train.schema)
     return recipe
 
 

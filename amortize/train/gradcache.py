@@ -130,13 +130,15 @@ def build_gradient_cache(recipe: Recipe, towers: nn.Module, per_process_batch: i
     :func:`microbatch_trainer_kwargs`.
 
     Args:
-        recipe: the checked recipe (its ``device_train_microbatch_size`` was range-checked at load).
+        recipe: the checked recipe (its ``device_train_microbatch_size`` typed at load; its range is
+            checked here, by :class:`~amortize.gradcache.GradientCachePasses`).
         towers: the recipe's towers.
         per_process_batch: rows per process and batch.
 
     Raises:
         RecipeError: ``device_train_microbatch_size: model 'RN50': ... BatchNorm2d ...`` for towers
-            the gradient cache cannot make exact (BatchNorm in training mode), before the run starts.
+            the gradient cache cannot make exact (BatchNorm in training mode), or
+            ``device_train_microbatch_size: must be >= 1, got 0``, before the run starts.
     """
     rows = recipe.device_train_microbatch_size
     if rows is None:
@@ -145,7 +147,12 @@ def build_gradient_cache(recipe: Recipe, towers: nn.Module, per_process_batch: i
         check_microbatchable(towers)
     except ValueError as e:
         raise RecipeError(f"model {recipe.model.name!r}: {e}", key="device_train_microbatch_size") from None
-    return GradientCachePasses(rows) if rows < per_process_batch else None
+    if rows >= per_process_batch:
+        return None
+    try:
+        return GradientCachePasses(rows)  # the size's one check (at least 1)
+    except RecipeError as e:
+        raise RecipeError(e.reason, key="device_train_microbatch_size") from None
 
 
 def microbatch_trainer_kwargs(gradient_cache: Optional[GradientCachePasses], per_process_batch: int) -> dict[str, Any]:

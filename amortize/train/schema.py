@@ -9,7 +9,7 @@ shipped``, ``optimizer: adamw``, ``scheduler: cosine_with_warmup``; a section wi
 that one), and an option a section holds beside its constructor's is declared by a signature of its
 own (``eval.tasks``: :func:`amortize.eval.callback_options.eval_tasks`). The remaining keys are fields of :class:`Recipe`, each
 with its default and, beside it, its allowed range (``_opt(check=Range(...))``) or set of choices
-(:data:`_CHOICES`).
+(:data:`CHOICES`).
 
 Keys that Composer's ``Trainer`` names keep its names (``max_duration``, ``seed``, ``save_folder``,
 ``save_interval``, ``precision``, ``device_train_microbatch_size`` ...).
@@ -29,19 +29,16 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Optional, Union
 
-from amortize.options import AT_LEAST_ONE as _AT_LEAST_ONE
 from amortize.options import NONNEGATIVE as _NONNEG
 from amortize.options import POSITIVE as _POS
-from amortize.options import Range, RecipeError, TimeString, conform_section, did_you_mean
-from amortize.train.migration import MOVED, moved
-from amortize.train.sections import Options
+from amortize.options import Options, Range, RecipeError, TimeString
 
 __all__ = [
     "SectionSpec",
     "ScheduleSpec",
     "Recipe",
-    "build_schema",
-    "checked_recipe",
+    "CHOICES",
+    "check_across_keys",
     "MAX_SEED",
     "NAME_FIELDS",
     "check_retention",
@@ -60,12 +57,12 @@ NAME_FIELDS = ("run_name", "rank", "local_rank", "world_size", "local_world_size
                "sample", "token", "batch_in_epoch", "sample_in_epoch", "token_in_epoch")
 """The ``{fields}`` Composer fills in ``save_filename`` and ``save_latest_filename``."""
 
-# Values whose allowed set is known here; the registries check the others when building.
-_CHOICES: dict[str, tuple[str, ...]] = {
+CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "amp_fp16", "amp_bf16"),
     "device": ("cpu", "gpu", "mps"),
     "load_mode": ("full", "weights"),
 }
+"""The allowed values of the top-level keys whose set is known here (the registries check a section's name)."""
 
 
 def _opt(default: Any = dataclasses.MISSING, *, check: Any = None, factory: Any = dataclasses.MISSING) -> Any:
@@ -121,9 +118,9 @@ class Recipe:
         device_train_microbatch_size: rows per microbatch of the exact gradient cache (None: the
             whole per-process batch at once). Smaller than the per-process batch, the encoders run
             on microbatches of this size (peak memory of their activations falls with it) while the
-            loss still sees every negative; see :mod:`amortize.train.gradcache`. Its one default and
-            its range, which is the one the functional face checks its argument against
-            (:func:`amortize.gradcache.microbatch_sizes`).
+            loss still sees every negative; see :mod:`amortize.train.gradcache`. Its one default; its
+            range (at least 1) is checked once, by the object that holds it when the run (or
+            ``--dry-run``) is built (:class:`amortize.gradcache.GradientCachePasses`), under this key.
         grad_clip_norm: encoder gradient-norm clip (None: none).
         imports: Python files (relative to the recipe file) or module names imported before the
             recipe is checked, so that the components they register can be named (stored resolved).
@@ -166,7 +163,7 @@ class Recipe:
     seed: int = _opt(0, check=_NONNEG)
     precision: Optional[str] = None
     device: Optional[str] = None
-    device_train_microbatch_size: Optional[int] = _opt(None, check=_AT_LEAST_ONE)
+    device_train_microbatch_size: Optional[int] = None
     grad_clip_norm: Optional[float] = _opt(1.0, check=_POS)
     max_scale: float = _opt(100.0, check=_POS)
     save_folder: Optional[str] = None
@@ -188,63 +185,16 @@ class Recipe:
         return self.save_folder if self.save_folder is not None else f"runs/{self.run_name}"
 
 
-def build_schema(cls: type, data: dict, prefix: str = "") -> Any:
-    """Check a mapping against a schema dataclass (keys, types, ranges, choices) and build it.
-
-    Raises:
-        RecipeError: naming the dotted key of an unknown key (valid ones listed), a pre-0.2 key
-            (where it went), a mistyped value or one outside its range.
-    """
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    names = list(fields)
-    kwargs: dict[str, Any] = {}
-    typed: list[tuple[Any, Any, str]] = []  # the plain values, conformed together below
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if key in MOVED:
-            raise RecipeError(moved(key))
-        if k not in hints or k not in names:
-            raise RecipeError(f"unknown key {key!r}{did_you_mean(k, names)}; valid keys{' of ' + prefix if prefix else ''}: "
-                              f"{', '.join(names)}")
-        tp = hints[k]
-        named = fields[k].default
-        if isinstance(v, dict) and isinstance(named, str) and "name" not in v:  # {lr: ...}: the default's options
-            v = {"name": named, **v}
-        if isinstance(v, dict) and typing.get_origin(tp) is Union:  # Optional[section]: its own keys' errors
-            tp = next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), tp)
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(v, dict):
-                raise RecipeError(f"expected a mapping, got {type(v).__name__} {v!r}", key=key)
-            kwargs[k] = build_schema(tp, v, key)
-            continue
-        old = next((f"{key}.{sub}" for sub in (v if isinstance(v, dict) else ()) if f"{key}.{sub}" in MOVED), None)
-        if old is not None:  # a section's key of recipes before 0.2
-            raise RecipeError(moved(old))
-        typed.append((v, tp, key))
-        kwargs[k] = v
-    for (_, _, key), value in zip(typed, conform_section(typed, convert=True)):
-        k = key.rpartition(".")[2]
-        if key in _CHOICES and value is not None and value not in _CHOICES[key]:
-            raise RecipeError(f"{value!r} is not one of {', '.join(_CHOICES[key])}", key=key)
-        kwargs[k] = Options(value) if isinstance(value, dict) else value  # a section: its keys read as attributes too
-    obj = cls(**kwargs)
-    # defaults included: a range declared next to an option holds for every value
-    conform_section((), [(f.metadata["check"], getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
-                         for f in fields.values() if f.metadata.get("check") is not None])
-    return obj
-
-
-def checked_recipe(data: dict) -> "Recipe":
-    """The checked recipe: the typed top level (:func:`build_schema`: keys, types, ranges, choices)
-    and the checks across top-level keys: ``seed`` in ``[0, MAX_SEED]``, the file-name templates'
-    fields (:data:`NAME_FIELDS`), the retention with ``autoresume`` (:func:`check_retention`).
-    The sections' options are checked when they are bound (:mod:`amortize.train.sections`).
+def check_across_keys(recipe: "Recipe") -> None:
+    """The checks across the typed top level's keys: ``seed`` in ``[0, MAX_SEED]``, the file-name
+    templates' fields (:data:`NAME_FIELDS`), the retention with ``autoresume``
+    (:func:`check_retention`). A key's own type, range and choices are checked when the top level
+    is bound (:func:`amortize.train.sections.build_schema`), a section's checks across its options
+    by its declaration (:mod:`amortize.train.sections`).
 
     Raises:
         RecipeError: naming the key.
     """
-    recipe = build_schema(Recipe, data)
     if not 0 <= int(recipe.seed) <= MAX_SEED:
         raise RecipeError(f"seed: must be in [0, {MAX_SEED}] (NumPy's seeds are 32-bit), got {recipe.seed}")
     check_retention(recipe)
@@ -253,7 +203,6 @@ def checked_recipe(data: dict) -> "Recipe":
         if unknown:
             raise RecipeError(f"{key}: unknown field {{{unknown[0]}}} in {getattr(recipe, key)!r}; "
                               f"valid: {', '.join('{' + f + '}' for f in NAME_FIELDS)}")
-    return recipe
 
 
 def _template_fields(template: str) -> list[str]:

@@ -28,37 +28,21 @@ This module imports neither Composer nor torch (the registries are imported when
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib
 import inspect
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-from amortize.options import RecipeError
+from amortize.options import Options, RecipeError, conform_section, did_you_mean
 from amortize.registry import Bound, Deferred, bind
+from amortize.train.migration import MOVED, moved
+from amortize.train.schema import CHOICES, Recipe
 
 __all__ = ["Declared", "SECTIONS", "Options", "Bindings", "bind_sections", "bind_section", "bindings"]
-
-
-class Options(dict):
-    """A resolved section (plain ``dict``) whose keys also read as attributes: ``recipe.data.batch_size``.
-
-    A nested mapping reads as :class:`Options` too (``recipe.model.lock_image.unlocked_groups``).
-    """
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            value = self[key]
-        except KeyError:
-            raise AttributeError(f"the section has no option {key!r}; it has {', '.join(self) or 'none'}") from None
-        return Options(value) if isinstance(value, dict) else value
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        self[key] = value
-
-    def __deepcopy__(self, memo: dict) -> "Options":
-        return Options(copy.deepcopy(dict(self), memo))
 
 
 def _load(target: str) -> Any:
@@ -309,3 +293,69 @@ def bind_sections(recipe: Any) -> Any:
         bound[key] = replace(bound[key], source=copy.deepcopy(dict(held[key])))
     object.__setattr__(out, "_bindings", Bindings(out, bound))
     return out
+
+
+def build_schema(cls: type, data: dict, prefix: str = "") -> Any:
+    """Check a mapping against a schema dataclass (keys, types, ranges, choices) and build it: the
+    recipe's top level (:class:`~amortize.train.schema.Recipe`), bound as a section is against its
+    constructor, its values conformed by :func:`~amortize.options.conform_section` in one call.
+
+    Raises:
+        RecipeError: naming the dotted key of an unknown key (valid ones listed), a pre-0.2 key
+            (where it went), a mistyped value or one outside its range.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
+    kwargs: dict[str, Any] = {}
+    typed: list[tuple[Any, Any, str]] = []  # the plain values, conformed together below
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if key in MOVED:
+            raise RecipeError(moved(key))
+        if k not in hints or k not in names:
+            raise RecipeError(f"unknown key {key!r}{did_you_mean(k, names)}; valid keys{' of ' + prefix if prefix else ''}: "
+                              f"{', '.join(names)}")
+        tp = hints[k]
+        named = fields[k].default
+        if isinstance(v, dict) and isinstance(named, str) and "name" not in v:  # {lr: ...}: the default's options
+            v = {"name": named, **v}
+        if isinstance(v, dict) and typing.get_origin(tp) is Union:  # Optional[section]: its own keys' errors
+            tp = next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), tp)
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise RecipeError(f"expected a mapping, got {type(v).__name__} {v!r}", key=key)
+            kwargs[k] = build_schema(tp, v, key)
+            continue
+        old = next((f"{key}.{sub}" for sub in (v if isinstance(v, dict) else ()) if f"{key}.{sub}" in MOVED), None)
+        if old is not None:  # a section's key of recipes before 0.2
+            raise RecipeError(moved(old))
+        typed.append((v, tp, key))
+        kwargs[k] = v
+    for (_, _, key), value in zip(typed, conform_section(typed, convert=True)):
+        k = key.rpartition(".")[2]
+        if key in CHOICES and value is not None and value not in CHOICES[key]:
+            raise RecipeError(f"{value!r} is not one of {', '.join(CHOICES[key])}", key=key)
+        kwargs[k] = Options(value) if isinstance(value, dict) else value  # a section: its keys read as attributes too
+    obj = cls(**kwargs)
+    # defaults included: a range declared next to an option holds for every value
+    conform_section((), [(f.metadata["check"], getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+                         for f in fields.values() if f.metadata.get("check") is not None])
+    return obj
+
+
+def bind_recipe(data: dict, *, bind: bool = True) -> Any:
+    """The binding stage whole: the typed top level (:func:`build_schema` against
+    :class:`~amortize.train.schema.Recipe`), then, with ``bind``, every component section
+    (:func:`bind_sections`).
+
+    Args:
+        data: the recipe's plain data (text in: :func:`amortize.textfiles.recipe_data`).
+        bind: False types the top level only (``amortize eval`` rebuilding the towers of a stored,
+            already resolved recipe).
+
+    Raises:
+        RecipeError: naming the dotted key.
+    """
+    recipe = build_schema(Recipe, data)
+    return bind_sections(recipe) if bind else recipe

@@ -141,7 +141,6 @@ def test_repeated_override_key_is_refused_with_the_shell_hint(capsys):
         ("divergence.policy=ignore", r"^divergence.policy: 'ignore' is not one of skip, stop, none$"),
         ("model.lock_image={unlocked_groups: -1}", r"^model.lock_image.unlocked_groups: must be >= 0"),
         ("loss.chunk_size=0", r"loss.chunk_size: must be >= 1, got 0"),
-        ("device_train_microbatch_size=0", r"device_train_microbatch_size: must be >= 1, got 0"),
     ],
 )
 def test_names_types_and_choices_of_sections_are_checked_at_load(override, message):

@@ -9,8 +9,8 @@ import pytest
 
 from amortize.options import RecipeError
 from amortize.train.config import load_recipe_dict
-from amortize.train.schema import Recipe, build_schema
-from amortize.train.sections import bind_sections, bindings
+from amortize.train.schema import Recipe
+from amortize.train.sections import bind_sections, bindings, build_schema
 
 CLIP = math.log(1 / 0.07)
 
@@ -85,19 +85,33 @@ def test_the_microbatch_size_is_passed_down_not_read_back():
     assert microbatch_trainer_kwargs(None, 16) == {"algorithms": [], "device_train_microbatch_size": 16}
 
 
-def test_the_microbatch_size_has_one_range():
-    # the recipe's check and the functional face's are one Range (options.AT_LEAST_ONE), not two spellings
-    import dataclasses
+def test_the_microbatch_size_is_checked_once_on_its_way(monkeypatch):
+    # a recipe's device_train_microbatch_size: typed at load, range-checked once, by the object that
+    # holds it, when the run is built, under the recipe's key; the batches it splits are not checked
+    # again. The functional face checks its own argument (a caller without a recipe).
+    import torch
+    from torch import nn
 
-    from amortize.gradcache import microbatch_sizes
-    from amortize.options import AT_LEAST_ONE
+    from amortize.gradcache import microbatch_sizes, split_batch
+    from amortize.options import Range
+    from amortize.train.gradcache import build_gradient_cache
 
-    field = {f.name: f for f in dataclasses.fields(Recipe)}["device_train_microbatch_size"]
-    assert field.default is None and field.metadata["check"] is AT_LEAST_ONE
+    seen = []
+    check = Range.check
+    monkeypatch.setattr(Range, "check", lambda self, value, key: (seen.append(key), check(self, value, key))[1])
+    recipe = load_recipe_dict({"device_train_microbatch_size": 4})
+    passes = build_gradient_cache(recipe, nn.Linear(3, 2), 16)
+    for _ in range(3):
+        passes.encode(lambda b: (b * 2,), torch.randn(10, 3))
+        passes._pending = None
+    assert [k for k in seen if "microbatch" in k] == ["microbatch_size"]
     with pytest.raises(RecipeError, match=r"^device_train_microbatch_size: must be >= 1, got 0$"):
-        load_recipe_dict({"device_train_microbatch_size": 0})
+        build_gradient_cache(load_recipe_dict({"device_train_microbatch_size": 0}), nn.Linear(3, 2), 16)
+    assert build_gradient_cache(load_recipe_dict({"device_train_microbatch_size": 16}), nn.Linear(3, 2), 16) is None
     with pytest.raises(ValueError, match=r"^microbatch_size: must be >= 1, got 0$"):
         microbatch_sizes(4, 0)
+    with pytest.raises(ValueError, match=r"^microbatch_size: must be >= 1, got -1$"):
+        split_batch(torch.zeros(4, 1), -1)
 
 
 def test_the_stage1_penalty_is_looked_up_once_per_fit(monkeypatch):
