@@ -35,12 +35,23 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def make_optimizer(model: nn.Module, lr: float, beta2: float = 0.98) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9 / ``beta2``, eps 1e-6), weight decay 0.1 on matrices except the token embeddings."""
-    decay = [p for name, p in model.named_parameters() if p.dim() >= 2 and "embed" not in name]
-    no_decay = [p for name, p in model.named_parameters() if p.dim() < 2 or "embed" in name]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, beta2), eps=1e-6, foreach=True)
+def make_optimizer(model: nn.Module, lr: float, beta2: float = 0.98,
+                   scale_lr: Optional[float] = None) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9 / ``beta2``, eps 1e-6), weight decay 0.1 on matrices except the token embeddings.
+
+    ``scale_lr`` gives the logit scale a group of its own at that peak learning rate (the FastCLIP
+    family's separate temperature lr; None: the logit scale is a gain like the others, at ``lr``).
+    Each group's ``lr_mult`` is its peak over ``lr``; :func:`train_loop` schedules ``lr * lr_mult``.
+    """
+    named = [(name, p) for name, p in model.named_parameters()
+             if not (scale_lr is not None and name == "logit_scale")]
+    decay = [p for name, p in named if p.dim() >= 2 and "embed" not in name]
+    no_decay = [p for name, p in named if p.dim() < 2 or "embed" in name]
+    groups = [{"params": decay, "weight_decay": 0.1, "lr_mult": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
+    if scale_lr is not None:
+        groups.append({"params": [model.logit_scale], "weight_decay": 0.0, "lr_mult": scale_lr / lr})
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=1e-6, foreach=True)
 
 
 def encoder_step(model: nn.Module, opt: torch.optim.Optimizer, loss: Tensor) -> None:
@@ -71,7 +82,7 @@ class Trained:
 
 
 def train_loop(model: nn.Module, loss_fn, split, *, batch: int, epochs: int, lr: float, seed: int,
-               beta2: float = 0.98, max_steps: Optional[int] = None,
+               beta2: float = 0.98, scale_lr: Optional[float] = None, max_steps: Optional[int] = None,
                before_loss: Optional[Callable[[], None]] = None,
                on_step: Optional[Callable[[int, dict], None]] = None,
                on_epoch_start: Optional[Callable[[int], None]] = None,
@@ -87,6 +98,7 @@ def train_loop(model: nn.Module, loss_fn, split, *, batch: int, epochs: int, lr:
         lr: the peak learning rate.
         seed: seeds the generator of the epochs' permutations.
         beta2: AdamW's beta2.
+        scale_lr: the logit scale's peak learning rate (None: ``lr``; see :func:`make_optimizer`).
         max_steps: stop after this many steps (tests, smoke runs); the epoch it ends in is closed.
         before_loss: called before each loss call (a study's estimator that reads the current scale).
         on_step: ``(step, out)`` after each optimiser step (``step`` counted from 1).
@@ -97,7 +109,7 @@ def train_loop(model: nn.Module, loss_fn, split, *, batch: int, epochs: int, lr:
     Returns:
         A :class:`Trained`; the model is left in training mode.
     """
-    opt = make_optimizer(model, lr, beta2)
+    opt = make_optimizer(model, lr, beta2, scale_lr)
     n = len(split)
     steps_per_epoch = n // batch
     total = steps_per_epoch * epochs
@@ -115,7 +127,7 @@ def train_loop(model: nn.Module, loss_fn, split, *, batch: int, epochs: int, lr:
         for b in range(steps_per_epoch):
             idx = perm[b * batch : (b + 1) * batch]
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, warmup, lr)
+                g["lr"] = lr_at(step, total, warmup, lr) * g["lr_mult"]
             x = model.encode_image(split.tiles[idx])
             y = model.encode_text(split.tokens[idx])
             ta = time.perf_counter()

@@ -163,7 +163,7 @@ def recipe_loss_section(path: Path = SMALL_BATCH_RECIPE) -> dict:
 @functools.lru_cache(maxsize=None)
 def _recipe_loss(path: str, mtime_ns: int) -> dict:
     from amortize.train.config import load_recipe
-    from amortize.train.yaml_input import read_recipe_text, read_yaml
+    from amortize.textfiles import read_recipe_text, read_yaml
 
     load_recipe(path)  # the recipe checked and every section bound (nothing built)
     return read_yaml(read_recipe_text(Path(path)))["loss"]
@@ -205,7 +205,8 @@ def method_section(method: str, batch: int, epochs: int, steps_per_epoch: int,
     """``(loss section, initial log s, initial bias)`` of a method for one run.
 
     ``overrides`` (a variant) is merged into the section (``{"estimator": {"lr": 0.02}}``; a
-    nested dict with a ``name`` replaces the whole sub-section).
+    nested dict with a ``name`` replaces the whole sub-section); its ``logit_scale_lr``, if any, is
+    the optimiser's and is left to :func:`train`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -220,6 +221,7 @@ def method_section(method: str, batch: int, epochs: int, steps_per_epoch: int,
     if overrides:
         overrides = dict(overrides)
         wrap = overrides.pop("wrap", None)
+        overrides.pop("logit_scale_lr", None)  # the optimiser's, not the loss section's (see train)
         sec = _merge(sec, overrides)
         if wrap is not None:  # the recipe's estimator becomes the inner estimator of a wrapper
             sec["estimator"] = {"name": wrap, "inner": sec["estimator"]}
@@ -278,7 +280,14 @@ VARIANTS: dict[str, dict] = {
     # NeuCLIP's temperature (--variant-method neuclip): the robust global contrastive loss's gradient
     # (loss.temperature: robust), which holds the mean log-normaliser ratio our rescaling leaves out
     # (its equilibrium: rho = the two sides' sum of log N - H(p), at most 2 log 15 = 5.4 at B = 16)
-    **{f"robust_rho_{r:g}": {"rho": r, "temperature": "robust"} for r in (0.0, 2.0, 4.0, 6.5)},
+    **{f"robust_rho_{r:g}": {"rho": r, "temperature": "robust"} for r in (0.0, 1.0, 2.0, 4.0, 6.5)},
+    # ... with the FastCLIP family's own temperature lr (the recipes' optimizer.logit_scale_lr, 1e-4;
+    # the suite otherwise steps the logit scale at the encoders' lr, for every method alike)
+    **{f"robust_rho_{r:g}_scale_lr_{lr:g}": {"rho": r, "temperature": "robust", "logit_scale_lr": lr}
+       for r in (1.0, 2.0) for lr in (1e-4, 3e-4)},
+    # ... with the restarted prototypes' AdaGrad sums reset (the recipe keeps every sum: reset_optimizer none)
+    "robust_rho_2_reset_restarted": {"rho": 2.0, "temperature": "robust",
+                                     "estimator": {"restart": {"reset_optimizer": "restarted"}}},
     # NeuCLIP's capacity: four times the prototypes (the small-batch recipe has 256)
     "prototypes_1024": {"estimator": {"num_prototypes": 1024}},
 }
@@ -454,7 +463,8 @@ def train(run: Run, data=None) -> dict:
         per_epoch.append(e)
 
     done = train_loop(model, loss_fn, tr, batch=run.batch, epochs=run.epochs, lr=lr, seed=run.seed,
-                      beta2=run.beta2 or BETA2, max_steps=run.max_steps, on_epoch_start=start,
+                      beta2=run.beta2 or BETA2, scale_lr=run.overrides.get("logit_scale_lr"),
+                      max_steps=run.max_steps, on_epoch_start=start,
                       on_epoch_end=diagnose)
     step, wall = done.steps, done.wall_s
     model.eval()
@@ -579,8 +589,9 @@ def chosen_lr(rows: Sequence[dict], dataset: str, method: str, batch: int,
 
 
 def reuse_lr_runs(lr_rows: Sequence[dict], runs: Sequence[Run], jsonl: Path) -> int:
-    """Write the test rows that an lr-search run already measured (same model: dataset, method,
-    batch, seed, lr and epochs; it evaluated the test split too) into ``jsonl``; returns how many."""
+    """Write the test rows that an lr-search or variant run already measured (same model: dataset,
+    method, batch, seed, lr and epochs, a variant's key whole but its split; it evaluated the test
+    split too) into ``jsonl``; returns how many."""
     have = load_rows(jsonl)
     by = {(r["dataset"], r["method"], r["batch"], r["seed"], r["lr"], _beta2(r), r["epochs"], r.get("variant", "")): r
           for r in lr_rows if "quality_test" in r}
@@ -590,6 +601,8 @@ def reuse_lr_runs(lr_rows: Sequence[dict], runs: Sequence[Run], jsonl: Path) -> 
                       run.variant))
         if src is None or run.key() in have or (run.method == "amorlip" and src["section"] != method_section(
                 run.method, run.batch, run.epochs, src["steps"] // max(1, run.epochs), run.overrides)[0]):
+            continue
+        if run.variant and {**json.loads(src["key"]), "split": "test"} != json.loads(run.key()):
             continue
         row = {**src, "split": "test", "quality": src["quality_test"], "quality_val": src["quality"],
                "key": run.key(), "reused_from": src["key"]}
@@ -853,7 +866,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                      lr=(chosen_setting(lr_rows, d, vm, b0, epochs[d]) or (base_lr(b0), None))[0],
                      beta2=(chosen_setting(lr_rows, d, vm, b0, epochs[d]) or (base_lr(b0), None))[1])
                  for s in a.seeds for d in a.datasets for v in a.test_variants]
-        reuse_lr_runs(lr_rows, runs, test_path)
+        reuse_lr_runs(lr_rows + list(load_rows(var_path).values()), runs, test_path)
         run_all(sorted(runs, key=test_priority), test_path, a.jobs)
     if a.stage in ("variants", "all"):
         run_all(variant_runs(lr_rows, a.datasets, a.variants, min(a.batches), a.variant_seeds, epochs,

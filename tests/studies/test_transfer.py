@@ -132,6 +132,28 @@ def test_an_lr_search_run_is_reused_as_the_test_run_of_its_seed(fashion, tmp_pat
     assert tf.reuse_lr_runs([row], [test, other], jsonl) == 0  # already there
 
 
+def test_a_variant_run_is_reused_as_the_test_run_of_its_seed(fashion, tmp_path):
+    v = "robust_rho_1"
+    run = tf.Run("fashion", "neuclip", 16, 0, "val", lr=1e-3, epochs=1, variant=v, overrides=tf.VARIANTS[v], max_steps=2)
+    row = tf.train(run, fashion)
+    jsonl = tmp_path / "test.runs.jsonl"
+    same = tf.Run("fashion", "neuclip", 16, 0, "test", lr=1e-3, epochs=1, variant=v, overrides=tf.VARIANTS[v])
+    other = tf.Run("fashion", "neuclip", 16, 0, "test", lr=1e-3, epochs=1, variant="robust_rho_2",
+                   overrides=tf.VARIANTS["robust_rho_2"])
+    assert tf.reuse_lr_runs([row], [same, other], jsonl) == 1
+    assert set(tf.load_rows(jsonl)) == {same.key()}
+
+
+def test_a_variant_may_give_the_logit_scale_its_own_lr(fashion):
+    # the FastCLIP family's temperature lr: a group of its own, scheduled as the others
+    base = tf.Run("fashion", "clip", 16, 0, "val", lr=1e-3, epochs=1, max_steps=2)
+    frozen = tf.Run("fashion", "clip", 16, 0, "val", lr=1e-3, epochs=1, max_steps=2, overrides={"logit_scale_lr": 0.0})
+    assert tf.method_section("clip", 16, 1, 1, frozen.overrides)[0] == tf.method_section("clip", 16, 1, 1)[0]
+    assert tf.train(frozen, fashion)["scale"] == pytest.approx(1 / 0.07, rel=1e-6)
+    assert tf.train(base, fashion)["scale"] != pytest.approx(1 / 0.07, rel=1e-6)
+    assert frozen.key() != base.key()
+
+
 def test_epochs_per_dataset_reach_every_run_and_the_lr_choice():
     assert tf.parse_epochs(["converged"], tf.DATASET_NAMES) == tf.CONVERGED_EPOCHS
     assert tf.parse_epochs(["12", "emoji=96"], ("emoji", "fashion")) == {"emoji": 96, "fashion": 12}
