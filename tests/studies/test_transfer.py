@@ -269,3 +269,11 @@ def test_the_keys_of_the_recorded_runs_are_derived_again():
             assert tf.Run(**fields).key() == key, path.name
             n += 1
     assert n > 500
+
+
+def test_the_scale_probe_is_the_beginning_of_the_whole_run(fashion):
+    from studies.scale_probe import probe
+
+    whole = tf.train(tf.Run("fashion", "clip", 16, 0, "val", lr=1e-3, epochs=2), fashion)
+    first = probe(("fashion", 0, "clip", 16, 1e-3, None, "", 1, 2))
+    assert first["scale"] == [round(whole["epochs_log"][0]["scale"], 2)] and first["probe_epochs"] == 1
