@@ -271,6 +271,7 @@ def test_the_keys_of_the_recorded_runs_are_derived_again():
     assert n > 500
 
 
+@pytest.mark.slow
 def test_the_scale_probe_is_the_beginning_of_the_whole_run(fashion):
     from studies.scale_probe import probe
 
