@@ -43,7 +43,7 @@ from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Optional
 from amortize.options import RecipeError, conform_section, did_you_mean, keyed
 
 __all__ = ["Registry", "RecipeError", "SectionError", "Section", "Bound", "Part", "OneOf", "Deferred", "bind",
-           "section_name", "part_of"]
+           "section_name", "part_of", "one_spelling"]
 
 T = TypeVar("T")
 
@@ -112,7 +112,9 @@ class Bound(Generic[T]):
             the rest; not passed to the constructor (the caller uses them).
         resolved: every option the section may set, as the recipe wrote it or else the default
             of the signature that declares it (plain data: lists, mappings, scalars), ``name``
-            first for a registry's section; what a resolved recipe stores.
+            first for a registry's section; a part's value is the part's own :attr:`stored`
+            (recursively); a constructor's ``resolve_options`` hook has put them in its one
+            spelling (see :func:`bind`); what a resolved recipe stores.
         parts: the options annotated as a :class:`Part` (a nested section: an estimator's
             ``network``, its ``fit`` and the fit's ``optimizer``), each bound with this section
             under its own dotted key (``loss.estimator.fit.optimizer``), the default included;
@@ -132,6 +134,15 @@ class Bound(Generic[T]):
     shared: Mapping[str, Any] = field(default_factory=dict)
     resolved: Mapping[str, Any] = field(default_factory=dict, compare=False)
     parts: Mapping[str, "Bound"] = field(default_factory=dict, compare=False)
+
+    @property
+    def stored(self) -> Any:
+        """What a resolved recipe stores for this section: a copy of :attr:`resolved`, or the
+        section's name alone where it has no other option (``normalizer: online``), the spelling
+        every owner of a section accepts."""
+        if set(self.resolved) == {"name"}:
+            return self.resolved["name"]
+        return copy.deepcopy(dict(self.resolved))
 
     def takes(self, param: str) -> bool:
         """Whether the constructor names the caller-known value ``param`` (``num_samples``)."""
@@ -357,6 +368,60 @@ def _plain(value: Any) -> Any:
     return _NOT_PLAIN
 
 
+def _set_path(options: Any, path: list[str], value: Any) -> dict[str, Any]:
+    """A copy of the mapping ``options`` with ``value`` at ``path`` (through nested mappings).
+
+    Raises:
+        KeyError: naming the step of ``path`` that is not an option there.
+    """
+    head, *rest = path
+    if not isinstance(options, Mapping) or head not in options:
+        raise KeyError(head)
+    out = dict(options)
+    out[head] = _set_path(options[head], rest, value) if rest else value
+    return out
+
+
+def one_spelling(resolved: Mapping[str, Any], aliases: Mapping[str, str], given: Iterable[str],
+                 key: str) -> dict[str, Any]:
+    """Resolved options whose aliases stand for other options, written in one spelling.
+
+    An alias whose path starts at an option ``resolved`` holds (``neuclip``'s ``num_prototypes``,
+    ``network.num_prototypes``) is stored at that path only: its value goes there where the
+    section set it (an alias set wins over its path, as the constructor applies them), and it is
+    dropped where not (the path holds the value built). An alias whose path starts at an option
+    the signature hides (``amortized``'s ``lr``: its ``fit`` is not offered) is that value's one
+    spelling, kept. Binding the result builds what binding the section builds.
+
+    Args:
+        resolved: the section's resolved options, each part's resolved options as its value.
+        aliases: flat option -> the dotted path of the option it stands for.
+        given: the options the section set.
+        key: the section's dotted key, for messages.
+
+    Returns:
+        A new mapping (``resolved`` is not written to).
+
+    Raises:
+        RecipeError: naming ``key.alias`` set where its path is no option of the section's part
+            (``restart_every`` with ``restart: none``).
+    """
+    given = set(given)
+    out = copy.deepcopy(dict(resolved))
+    for alias, path in aliases.items():
+        head = path.split(".")[0]
+        if head not in out or alias not in out:  # the path hidden: the alias is the one spelling
+            continue
+        value = out.pop(alias)
+        if alias in given:
+            try:
+                out = _set_path(out, path.split("."), value)
+            except KeyError:
+                raise RecipeError(f"stands for {path}, an option {key}.{head} does not have "
+                                  f"({key}.{head}: {out[head]!r})", key=f"{key}.{alias}") from None
+    return out
+
+
 def _named(sig: Optional[inspect.Signature]) -> dict[str, inspect.Parameter]:
     return {} if sig is None else {n: p for n, p in sig.parameters.items() if p.kind in _NAMED}
 
@@ -382,6 +447,12 @@ def bind(ctor: Callable[..., T], options: Mapping[str, Any], key: str, *, name: 
             checked against it, with its defaults, and kept in :attr:`Bound.shared`.
         annotations: types and ranges by option name that replace the constructor's own
             annotations (a registry of third-party classes declares its ranges here, in one place).
+
+    The result's :attr:`Bound.resolved` holds each part's :attr:`Bound.stored` as the part's
+    value. A constructor whose options have two spellings (a preset's flat alias beside the path
+    it stands for: ``neuclip``'s ``lr`` is ``fit.optimizer.lr``) declares them as
+    ``ctor.option_aliases`` (``{alias: "dotted.path"}``): its resolved options are written in one
+    spelling by :func:`one_spelling`.
 
     Raises:
         RecipeError: naming ``key.option`` of an unknown option (with a did-you-mean hint), a
@@ -435,6 +506,12 @@ def bind(ctor: Callable[..., T], options: Mapping[str, Any], key: str, *, name: 
         value = mine[n] if n in mine else p.default
         if part is not None and n not in passed and (n in mine or p.default is not p.empty) and part.is_section(value):
             parts[n] = part.bind(value, f"{key}.{n}")
+    for n, b in parts.items():  # a part stored as its own resolved options, nested parts included
+        if n in resolved:
+            resolved[n] = b.stored
+    aliases = getattr(ctor, "option_aliases", None)
+    if isinstance(aliases, Mapping):
+        resolved = one_spelling(resolved, aliases, tuple(mine), key)
     mine = {k: v for k, v in mine.items() if k not in parts}
     return Bound(key, name, what, ctor, mine, passed, takes, tuple(needs), source=source,
                  shared={n: options.get(n, p.default) for n, p in common.items()}, resolved=resolved, parts=parts)

@@ -14,7 +14,7 @@ from typing import Any
 from amortize.estimators.normalizer.estimator import NormalizerNetworkEstimator, blend_log_targets
 from amortize.estimators.normalizer.fit import LR_SCALINGS
 from amortize.estimators.normalizer.parts import CADENCES, EPOCH0_PREVIOUS, NORMALIZERS, REINIT_POLICIES
-from amortize.estimators.normalizer.presets import preset_options, preset_signature
+from amortize.estimators.normalizer.presets import PRESET_TABLE, preset_options, preset_signature
 from amortize.registry import Bound
 
 __all__ = [
@@ -62,6 +62,9 @@ class AmortizedEstimator(NormalizerNetworkEstimator):
         super().__init__(dim, **options)
 
     __init__.__signature__ = _SIGNATURE  # type: ignore[attr-defined]
+
+    # read by the binding step (amortize.registry.bind): every path is hidden, each alias is its one spelling
+    option_aliases = dict(PRESET_TABLE["amortized"].aliases)
 
     # the flat names read back as views of the parts (nothing copied)
     amortizer = property(lambda self: self.network, doc="The network's section (``network``).")

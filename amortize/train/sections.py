@@ -128,7 +128,7 @@ SECTIONS: tuple[Declared, ...] = (
     Declared("loss", ctor="amortize.losses:ContrastiveLoss.from_sections", passed=("context",), resolved=True),
     Declared("loss.objective", "amortize.objectives:OBJECTIVES"),
     Declared("loss.estimator", "amortize.estimators:ESTIMATORS", known=("dim", "num_samples")),
-    Declared("loss.layout", "amortize.comm:LAYOUTS"),
+    Declared("loss.layout", "amortize.comm:LAYOUTS", passed=("topology",)),  # a process group's, not a recipe's
     Declared("loss.rho", "amortize.schedules:SCHEDULES"),
     Declared("data", "amortize.data:DATASETS", passed=("tokenizer", "image_size"),
              known=("batch_size", "world_size", "seed", "num_workers", "drop_last"), resolved=True, name_key="data.name",
@@ -258,6 +258,38 @@ def _with_preferred(d: Declared, section: Any, bound: Mapping[str, Bound]) -> An
     return section
 
 
+def _with_value(node: Any, path: list[str], value: Any) -> Any:
+    """A copy of ``node`` (mappings and lists, as a resolved section holds them) with ``value`` at
+    ``path`` (``["estimator"]``, ``["tasks", "0"]``); ``node`` is not written to."""
+    if not path:
+        return value
+    head, *rest = path
+    if isinstance(node, list):
+        out = list(node)
+        out[int(head)] = _with_value(out[int(head)], rest, value)
+        return out
+    out = dict(node)
+    out[head] = _with_value(out[head], rest, value)
+    return Options(out) if isinstance(node, Options) else out
+
+
+def _path(key: str) -> list[str]:
+    """``loss.estimator`` -> ``["loss", "estimator"]``; ``eval.tasks[0]`` -> ``["eval", "tasks", "0"]``."""
+    return key.replace("[", ".").replace("]", "").split(".")
+
+
+def _nested_resolved(held: Mapping[str, Options], bound: Mapping[str, Bound]) -> dict[str, Options]:
+    """The resolved top-level sections with every section bound inside one (``loss.estimator``,
+    ``eval.tasks[0]``) replaced by its own :attr:`~amortize.registry.Bound.stored` (its resolved
+    options, its parts' included): new mappings, ``held`` not written to."""
+    out = dict(held)
+    for key, b in bound.items():  # in binding order: a section before those inside it
+        top, *rest = _path(key)
+        if rest and top in out:
+            out[top] = _with_value(out[top], rest, b.stored)
+    return out
+
+
 def bind_sections(recipe: Any) -> Any:
     """The binding step for every component section of a recipe: each checked once, in binding
     order, nothing built, the recipe not written to.
@@ -272,7 +304,9 @@ def bind_sections(recipe: Any) -> Any:
     Returns:
         The recipe with the sections :data:`SECTIONS` marks ``resolved`` replaced by their
         resolved options (a new object: every option the run uses, what a checkpoint stores),
-        made once from the bound sections, which travel with it (:func:`bindings`).
+        each section bound inside one (``loss.estimator``) as its own resolved options, its parts
+        (``fit.optimizer``) included, made once from the bound sections, which travel with it
+        (:func:`bindings`).
 
     Raises:
         RecipeError: naming the dotted key of an unknown component, an unknown option (with the
@@ -288,9 +322,11 @@ def bind_sections(recipe: Any) -> Any:
                 _load(d.check)(dict(bound[key].resolved))
         if d.resolved and d.key in bound:
             held[d.key] = Options(copy.deepcopy(dict(bound[d.key].resolved)))
+    held = _nested_resolved(held, bound)
     out = replace(recipe, **held)
-    for key in held:  # what the resolved recipe holds is what they were bound from
-        bound[key] = replace(bound[key], source=copy.deepcopy(dict(held[key])))
+    for key in bound:  # what the resolved recipe holds is what they were bound from
+        if _path(key)[0] in held:
+            bound[key] = replace(bound[key], source=_source(out, key))
     object.__setattr__(out, "_bindings", Bindings(out, bound))
     return out
 

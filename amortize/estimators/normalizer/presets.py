@@ -9,7 +9,9 @@ default is the preset's section (a section given merges into it), an alias has t
 default of the option it stands for. A recipe's estimator section is bound against that
 signature, so a typo in ``loss.estimator.fit.inner_stepz`` or ``loss.estimator.amortizer.widht``
 fails at load under its key, and :func:`preset_options` turns what was bound (or what a Python
-caller gave) into the one constructor's options.
+caller gave) into the one constructor's options. A preset's constructor carries its aliases as
+``option_aliases``, so that the binding step writes its resolved options (what a stored recipe
+holds) in one spelling (:func:`amortize.registry.bind`).
 
 To add a preset: one entry in :data:`PRESET_TABLE`, and one line registering it
 (:data:`amortize.estimators.ESTIMATORS`).
@@ -210,6 +212,7 @@ def preset_constructor(name: str):
 
     build.__name__ = build.__qualname__ = name
     build.__signature__ = signature
+    build.option_aliases = dict(PRESET_TABLE[name].aliases)  # its resolved options in one spelling (registry.bind)
     build.__doc__ = (f"The ``{name}`` preset of :class:`NormalizerNetworkEstimator` (see "
                      f":data:`amortize.estimators.normalizer.presets.PRESET_TABLE`); its options: "
                      f"{', '.join(list(signature.parameters)[1:])}.")
