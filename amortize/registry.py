@@ -162,13 +162,24 @@ class Bound(Generic[T]):
 
         For a preset's flat alias (``lr`` of ``amortized`` is ``fit.optimizer.lr``): the value was
         checked against the alias's annotation (the target's) when the alias was bound.
+        :attr:`resolved` says the new value too.
         """
         head, _, rest = path.partition(".")
         if rest:
-            return replace(self, parts={**self.parts, head: self.parts[head].with_option(rest, value)})
+            part = self.parts[head].with_option(rest, value)
+            return replace(self, parts={**self.parts, head: part}, resolved=self._resolved_with(head, part.stored))
         if head in self.parts:  # a whole nested section: the value is its Bound
-            return replace(self, parts={**self.parts, head: value})
-        return replace(self, options={**self.options, head: value})
+            return replace(self, parts={**self.parts, head: value}, resolved=self._resolved_with(head, value.stored))
+        return replace(self, options={**self.options, head: value}, resolved=self._resolved_with(head, _plain(value)))
+
+    def _resolved_with(self, name: str, value: Any) -> dict[str, Any]:
+        """A copy of :attr:`resolved` with option ``name`` set to ``value`` (left out: not plain data)."""
+        out = dict(self.resolved)
+        if value is _NOT_PLAIN:
+            out.pop(name, None)
+        else:
+            out[name] = value
+        return out
 
     def without(self, *names: str) -> "Bound[T]":
         """This section without the options ``names``, which the caller then passes itself at

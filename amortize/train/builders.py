@@ -471,7 +471,8 @@ def dry_run(recipe: Recipe) -> list[str]:
     return [
         *([f"warning: {warm}"] if warm else []),
         *([f"warning: {untrained}"] if untrained else []),
-        f"model: {recipe.model.name}, {n_params:,} encoder parameters; loss: {recipe.loss.objective}, estimator {est}",
+        f"model: {recipe.model.name}, {n_params:,} encoder parameters; loss: {bindings(recipe).get('loss.objective').name}, "
+        f"estimator {est}",
         f"data: {recipe.data.name}, {batches if batches is not None else 'unknown'} batches of {per} per process "
         f"and epoch",
         f"optimizer: {describe_optimizer(optimizer, recipe.data.batch_size)}; scheduler: {type(scheduler).__name__ if scheduler else 'none'}; "

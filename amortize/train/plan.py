@@ -15,16 +15,18 @@ This module does not import Composer: ``amortize train --dry-run`` shows the sam
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from amortize.train.config import Recipe, RecipeError, recipe_to_dict
+from amortize.train.config import Recipe, RecipeError, load_recipe_dict, recipe_to_dict
 from amortize.train.sections import SECTIONS
 
-__all__ = ["shown_folder", "untrained_data_note", "IDENTITY_KEYS", "NOT_COMPARED", "RESOLVED", "RESTORED_KEYS", "StartPlan", "resume_changes", "check_writable", "decide_start", "recipe_differences", "run_files"]
+__all__ = ["shown_folder", "untrained_data_note", "IDENTITY_KEYS", "NOT_COMPARED", "RESOLVED", "RESTORED_KEYS", "StartPlan", "resume_changes", "check_writable", "decide_start", "recipe_differences", "run_files",
+           "stored_recipe"]
 
 IDENTITY_KEYS = ("method", "model", "loss", "optimizer.name")
 """Recipe keys (and sections) a checkpoint must share with the recipe that resumes it."""
@@ -52,8 +54,38 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def recipe_differences(old: dict, new: dict, keys: tuple[str, ...] = IDENTITY_KEYS) -> list[str]:
+def stored_recipe(old: dict) -> tuple[dict, bool]:
+    """A checkpoint's stored recipe as today's binding step resolves it, to compare with a new one.
+
+    A recipe stored before every nested section was resolved (``loss.estimator`` as written, its
+    defaults left out) is bound again, so that it holds every option a recipe stored now holds.
+
+    Args:
+        old: the stored recipe (plain data; not written to).
+
+    Returns:
+        ``(recipe, True)``: the recipe resolved; ``(old, False)``: it no longer loads (a component
+        or an option today's code lacks), compared as it was written.
+    """
+    if not old:  # a checkpoint without a recipe: nothing to resolve, every key differs
+        return old, True
+    try:
+        return recipe_to_dict(load_recipe_dict(copy.deepcopy(old))), True
+    except Exception:  # noqa: BLE001 -- any failure to load an old recipe: compare it as written
+        return old, False
+
+
+def recipe_differences(old: dict, new: dict, keys: tuple[str, ...] = IDENTITY_KEYS, *,
+                       resolved: bool = True) -> list[str]:
     """The dotted keys under ``keys`` whose values differ, as ``key: old -> new`` lines.
+
+    Args:
+        old: the stored recipe (:func:`stored_recipe` resolves one written before).
+        new: the new recipe, resolved (:func:`~amortize.train.config.recipe_to_dict`).
+        keys: the keys (and sections) compared.
+        resolved: False: ``old`` could not be resolved today; a key present on one side only at
+            any depth under a :data:`RESOLVED` section (a nested section stored as written) is
+            not compared. True: only its direct options are skipped so.
 
     >>> recipe_differences({"loss": {"estimator": "moving_average"}}, {"loss": {"estimator": "amortized"}})
     ["loss.estimator: 'moving_average' -> 'amortized'"]
@@ -61,7 +93,7 @@ def recipe_differences(old: dict, new: dict, keys: tuple[str, ...] = IDENTITY_KE
     a, b = _flat(old), _flat(new)
     out = []
     for k in sorted(set(a) | set(b)):
-        if (k in a) != (k in b) and k.count(".") == 1 and k.split(".")[0] in RESOLVED:
+        if (k in a) != (k in b) and (k.count(".") == 1 or not resolved) and k.split(".")[0] in RESOLVED:
             continue  # an option one version's constructor has and the other's lacks: nothing the recipe changed
         if any(k == p or k.startswith(p + ".") for p in keys) and a.get(k) != b.get(k):
             out.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
@@ -176,7 +208,7 @@ def _latest(recipe: Recipe) -> Optional[str]:
     return str(max(found, key=lambda p: (int((re.search(r"ba(\d+)", p.name) or [0, -1])[1]), p.stat().st_mtime)))
 
 
-def resume_changes(old: dict, new: dict, source: str) -> list[str]:
+def resume_changes(old: dict, new: dict, source: str, *, resolved: bool = True) -> list[str]:
     """Sort the keys a resumed run changes into applied ones (returned) and refused ones.
 
     The identity keys (:data:`IDENTITY_KEYS`) were compared before. A key of
@@ -185,13 +217,17 @@ def resume_changes(old: dict, new: dict, source: str) -> list[str]:
     saving options ...) is read from the new recipe when the trainer is built, so its change is
     applied and returned for the start line.
 
+    Args:
+        resolved: whether ``old`` was resolved today (:func:`stored_recipe`; see :func:`recipe_differences`).
+
     Returns:
         ``key: old -> new`` lines of the applied changes.
 
     Raises:
         RecipeError: naming each refused key with its saved and its new value.
     """
-    changed = [d for d in recipe_differences(old, new, keys=tuple(new)) if not d.startswith(NOT_COMPARED)]
+    changed = [d for d in recipe_differences(old, new, keys=tuple(new), resolved=resolved)
+               if not d.startswith(NOT_COMPARED)]
     refused = [d for d in changed if d.split(":")[0] == "seed" or d.startswith(tuple(k for k in RESTORED_KEYS))]
     if refused:
         raise RecipeError(
@@ -278,12 +314,13 @@ def decide_start(recipe: Recipe) -> StartPlan:
         latest = _latest(recipe)
         if latest is not None:
             old, ts = _read(latest)
-            diff = recipe_differences(old, new)
+            old, resolved = stored_recipe(old)
+            diff = recipe_differences(old, new, resolved=resolved)
             if diff:
                 raise RecipeError(
                     f"autoresume: {folder} holds a checkpoint of another recipe ({'; '.join(diff)}); {outs} "
                     "autoresume=false")
-            applied = resume_changes(old, new, f"autoresume: the checkpoint in {folder}")
+            applied = resume_changes(old, new, f"autoresume: the checkpoint in {folder}", resolved=resolved)
             if _finished(recipe, ts):
                 raise RecipeError(
                     f"autoresume: the run in {folder} already finished (epoch {ts.get('epoch', 0)}, batch "
@@ -304,8 +341,8 @@ def decide_start(recipe: Recipe) -> StartPlan:
         latest = _latest(recipe) or (str(export) if export.is_file() else None)
         if latest is not None:
             try:
-                old, _ = _read_any(latest)
-                diff = recipe_differences(old, new, keys=tuple(new))
+                old, resolved = stored_recipe(_read_any(latest)[0])
+                diff = recipe_differences(old, new, keys=tuple(new), resolved=resolved)
                 diff = [d for d in diff if not d.startswith(("save_", "load_", "autoresume"))]
                 differs = f"; its recipe differs in {'; '.join(diff[:6])}" if diff else "; same recipe"
             except Exception:  # unreadable files still belong to the earlier run
@@ -322,19 +359,20 @@ def decide_start(recipe: Recipe) -> StartPlan:
         if not os.path.isfile(recipe.load_path):
             raise RecipeError(f"load_path: {recipe.load_path} does not exist")
         old, ts = _read(recipe.load_path)
+        old, resolved = stored_recipe(old)
         if recipe.load_mode == "weights":
-            diff = recipe_differences(old, new, keys=("model",))
+            diff = recipe_differences(old, new, keys=("model",), resolved=resolved)
             if diff:
                 raise RecipeError(f"load_path: {recipe.load_path} holds another model ({'; '.join(diff)}); "
                                   "its weights cannot be loaded into this recipe's model")
             return StartPlan("weights", recipe.load_path, ts.get("epoch", 0), ts.get("batch", 0), replaced)
-        diff = recipe_differences(old, new)
+        diff = recipe_differences(old, new, resolved=resolved)
         if diff:
             raise RecipeError(
                 f"load_path: {recipe.load_path} was written by another recipe ({'; '.join(diff)}); resuming it "
                 "would take over its step count and optimizer and mismatch the estimator. To start from its "
                 "encoder weights only, add load_mode=weights")
-        applied = resume_changes(old, new, f"load_path: {recipe.load_path}")
+        applied = resume_changes(old, new, f"load_path: {recipe.load_path}", resolved=resolved)
         if _finished(recipe, ts):
             raise RecipeError(f"load_path: {recipe.load_path} already reached max_duration={recipe.max_duration} "
                               f"(epoch {ts.get('epoch', 0)}, batch {ts.get('batch', 0)}); raise max_duration, "

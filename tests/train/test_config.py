@@ -21,7 +21,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"
 
 def test_defaults_and_round_trip():
     r = load_recipe_dict(None)
-    assert isinstance(r, Recipe) and r.loss.objective == "linearized"
+    assert isinstance(r, Recipe) and r.loss.objective == {"name": "linearized", "pos_weight": 1.0}  # stored resolved
     import yaml
 
     assert load_recipe_dict(yaml.safe_load(recipe_to_yaml(r))) == r
