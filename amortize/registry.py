@@ -113,8 +113,8 @@ class Bound(Generic[T]):
         resolved: every option the section may set, as the recipe wrote it or else the default
             of the signature that declares it (plain data: lists, mappings, scalars), ``name``
             first for a registry's section; a part's value is the part's own :attr:`stored`
-            (recursively); a constructor's ``resolve_options`` hook has put them in its one
-            spelling (see :func:`bind`); what a resolved recipe stores.
+            (recursively), written in one spelling where the constructor declares aliases
+            (``option_aliases``, see :func:`bind`); what a resolved recipe stores.
         parts: the options annotated as a :class:`Part` (a nested section: an estimator's
             ``network``, its ``fit`` and the fit's ``optimizer``), each bound with this section
             under its own dotted key (``loss.estimator.fit.optimizer``), the default included;
