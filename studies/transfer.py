@@ -280,7 +280,7 @@ VARIANTS: dict[str, dict] = {
     # NeuCLIP's temperature (--variant-method neuclip): the robust global contrastive loss's gradient
     # (loss.temperature: robust), which holds the mean log-normaliser ratio our rescaling leaves out
     # (its equilibrium: rho = the two sides' sum of log N - H(p), at most 2 log 15 = 5.4 at B = 16)
-    **{f"robust_rho_{r:g}": {"rho": r, "temperature": "robust"} for r in (0.0, 1.0, 2.0, 4.0, 6.5)},
+    **{f"robust_rho_{r:g}": {"rho": r, "temperature": "robust"} for r in (0.0, 1.0, 1.5, 2.0, 4.0, 6.5)},
     # ... with the FastCLIP family's own temperature lr (the recipes' optimizer.logit_scale_lr, 1e-4;
     # the suite otherwise steps the logit scale at the encoders' lr, for every method alike)
     **{f"robust_rho_{r:g}_scale_lr_{lr:g}": {"rho": r, "temperature": "robust", "logit_scale_lr": lr}
