@@ -42,7 +42,7 @@ from amortize.registry import Bound, Deferred, bind
 from amortize.train.migration import MOVED, moved
 from amortize.train.schema import CHOICES, Recipe
 
-__all__ = ["Declared", "SECTIONS", "Options", "Bindings", "bind_sections", "bind_section", "bindings"]
+__all__ = ["Declared", "SECTIONS", "Bindings", "build_schema", "bind_recipe", "bind_sections", "bind_section", "bindings"]
 
 
 def _load(target: str) -> Any:
