@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import string
-import typing
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Optional, Union
+from typing import Any, Optional, Union
 
 from amortize.options import NONNEGATIVE as _NONNEG
 from amortize.options import POSITIVE as _POS
