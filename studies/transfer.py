@@ -588,21 +588,22 @@ def chosen_lr(rows: Sequence[dict], dataset: str, method: str, batch: int,
     return None if got is None else got[0]
 
 
+def _as_test(key: str) -> str:
+    """A validation run's key as its test run's (the same model: the key whole but its split)."""
+    return json.dumps({**json.loads(key), "split": "test"}, sort_keys=True)
+
+
 def reuse_lr_runs(lr_rows: Sequence[dict], runs: Sequence[Run], jsonl: Path) -> int:
-    """Write the test rows that an lr-search or variant run already measured (same model: dataset,
-    method, batch, seed, lr and epochs, a variant's key whole but its split; it evaluated the test
-    split too) into ``jsonl``; returns how many."""
+    """Write the test rows that an lr-search or variant run already measured (the same model: its
+    key whole but its split, :func:`_as_test`; it evaluated the test split too) into ``jsonl``;
+    returns how many."""
     have = load_rows(jsonl)
-    by = {(r["dataset"], r["method"], r["batch"], r["seed"], r["lr"], _beta2(r), r["epochs"], r.get("variant", "")): r
-          for r in lr_rows if "quality_test" in r}
+    by = {_as_test(r["key"]): r for r in lr_rows if "quality_test" in r}
     n = 0
     for run in runs:
-        src = by.get((run.dataset, run.method, run.batch, run.seed, run.lr, run.beta2 or BETA2, run.epochs,
-                      run.variant))
+        src = by.get(run.key())
         if src is None or run.key() in have or (run.method == "amorlip" and src["section"] != method_section(
                 run.method, run.batch, run.epochs, src["steps"] // max(1, run.epochs), run.overrides)[0]):
-            continue
-        if run.variant and {**json.loads(src["key"]), "split": "test"} != json.loads(run.key()):
             continue
         row = {**src, "split": "test", "quality": src["quality_test"], "quality_val": src["quality"],
                "key": run.key(), "reused_from": src["key"]}
