@@ -10,7 +10,7 @@ per epoch in ``results/studies/scale_probe.runs.jsonl``::
     python -m studies.scale_probe --method neuclip --cells emoji:2 glyphs:1 --epochs 12 \\
         --variants robust_rho_2 robust_rho_1
 
-Each cell runs at the (lr, beta2) the suite's lr stage chose for the method at that batch.
+Each cell runs at the (lr, beta2, temperature lr) the suite's lr stage chose for the method at that batch.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from studies.transfer import CONVERGED_EPOCHS, OUT, VARIANTS, Run, base_lr, chosen_setting, load_rows, train
+from studies.transfer import CONVERGED_EPOCHS, OUT, VARIANTS, Run, load_rows, train, variant_run
 
 __all__ = ["probe"]
 
@@ -30,18 +30,20 @@ PATH = OUT / "scale_probe.runs.jsonl"
 
 
 def probe(args: tuple) -> dict:
-    """One probe: ``(dataset, seed, method, batch, lr, beta2, variant, epochs, suite_epochs)`` -> its row."""
-    dataset, seed, method, batch, lr, beta2, variant, epochs, suite_epochs = args
+    """One probe: ``(dataset, seed, method, batch, lr, beta2, logit_scale_lr, variant, epochs, suite_epochs)`` -> its row."""
+    dataset, seed, method, batch, lr, beta2, scale_lr, variant, epochs, suite_epochs = args
     from studies.suite_data import build
 
     data = build(dataset)
     spe = len(data.splits["train"]) // batch
     run = Run(dataset, method, batch, seed, "val", lr=lr, epochs=suite_epochs, variant=variant,
-              overrides=VARIANTS[variant] if variant else {}, max_steps=epochs * spe, beta2=beta2)
+              overrides=VARIANTS[variant] if variant else {}, max_steps=epochs * spe, beta2=beta2,
+              logit_scale_lr=scale_lr)
     row = train(run, data)
     log = row["epochs_log"]
     return {"key": run.key(), "probe_epochs": epochs, "dataset": dataset, "seed": seed, "method": method,
             "batch": batch, "variant": variant, "lr": row["lr"], "beta2": row["beta2"],
+            "logit_scale_lr": run.scale_lr(),
             "scale": [round(e["scale"], 2) for e in log],
             "norm_err": {e["epoch"]: round(e["norm_err"], 3) for e in log if "norm_err" in e},
             "warnings": len(row["warnings"]), "quality": row["quality"], "wall_s": row["wall_s"]}
@@ -59,7 +61,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--epochs", type=int, default=12, help="epochs probed (of the suite's converged run)")
     p.add_argument("--variants", nargs="+", default=["robust_rho_2", "robust_rho_1"])
-    p.add_argument("--lr-from", default="converged", help="the suite run whose lr stage chose (lr, beta2)")
+    p.add_argument("--lr-from", default="converged",
+                   help="the suite run whose lr stage chose (lr, beta2, logit_scale_lr)")
     p.add_argument("--jobs", type=int, default=2)
     a = p.parse_args()
     lr_rows = list(load_rows(OUT / f"{a.lr_from}_lr.runs.jsonl").values())
@@ -68,8 +71,9 @@ def main() -> None:
         for cell in a.cells:
             dataset, seed = cell.split(":")
             suite_epochs = CONVERGED_EPOCHS[dataset]
-            lr, beta2 = chosen_setting(lr_rows, dataset, a.method, a.batch, suite_epochs) or (base_lr(a.batch), None)
-            jobs.append((dataset, int(seed), a.method, a.batch, lr, beta2, v, a.epochs, suite_epochs))
+            run = variant_run(lr_rows, dataset, a.method, a.batch, int(seed), "val", suite_epochs, v)
+            jobs.append((dataset, run.seed, a.method, a.batch, run.lr, run.beta2, run.logit_scale_lr, v, a.epochs,
+                         suite_epochs))
     with ProcessPoolExecutor(a.jobs, initializer=_worker_init) as ex:
         for row in ex.map(probe, jobs):
             print(f"{row['dataset']:7s} seed {row['seed']} {row['variant']:32s} scale {row['scale'][0]:.1f} -> "

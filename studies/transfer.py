@@ -52,7 +52,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
@@ -79,6 +79,10 @@ BETA2_REFERENCE_BATCH = 256
 ``BETA2 ** (B / BETA2_REFERENCE_BATCH)`` (:func:`amortize.train.optim.beta2_at_batch`)."""
 BETA2_SEARCH_BATCHES = (16, 64)
 """Batches whose lr search also tries the rule's beta2 (every method alike); at 256 the two are one."""
+SCALE_LRS = (1e-4,)
+"""The temperature's own peak lrs that every cell's search tries at the grid's best (lr, beta2): the
+FastCLIP family's separate temperature lr (the recipes' ``optimizer.logit_scale_lr``). Without one
+the logit scale is a gain like the others, stepped at the encoders' lr."""
 CONVERGED_EPOCHS = {"emoji": 96, "fashion": 12, "glyphs": 96}
 """Epochs per dataset at which CLIP at B = 256 has converged on validation (``--epochs converged``).
 
@@ -311,17 +315,23 @@ class Run:
     overrides: dict = field(default_factory=dict)
     max_steps: Optional[int] = None
     beta2: Optional[float] = None  # None: BETA2
+    logit_scale_lr: Optional[float] = None  # None: the encoders' lr (or a variant's ``logit_scale_lr``)
 
     def key(self) -> str:
-        """A key that identifies the run in a jsonl file (runs at the default beta2 keep the keys they had)."""
+        """A key that identifies the run in a jsonl file (runs at the default beta2 and scale lr keep the keys they had)."""
         d = asdict(self)
         d.pop("max_steps")
-        if d["beta2"] is None:
-            d.pop("beta2")
+        for k in ("beta2", "logit_scale_lr"):
+            if d[k] is None:
+                d.pop(k)
         spec = METHODS[self.method]
         if spec["loss"] == "recipe":  # a changed recipe is a different run
             d["recipe"] = recipe_loss_section(RECIPES / spec["recipe"])
         return json.dumps(d, sort_keys=True)
+
+    def scale_lr(self) -> Optional[float]:
+        """The logit scale's own peak lr: the run's, else its variant's, else None (the encoders' lr)."""
+        return self.logit_scale_lr if self.logit_scale_lr is not None else self.overrides.get("logit_scale_lr")
 
     def tag(self) -> str:
         """The method, with the variant in brackets."""
@@ -463,7 +473,7 @@ def train(run: Run, data=None) -> dict:
         per_epoch.append(e)
 
     done = train_loop(model, loss_fn, tr, batch=run.batch, epochs=run.epochs, lr=lr, seed=run.seed,
-                      beta2=run.beta2 or BETA2, scale_lr=run.overrides.get("logit_scale_lr"),
+                      beta2=run.beta2 or BETA2, scale_lr=run.scale_lr(),
                       max_steps=run.max_steps, on_epoch_start=start,
                       on_epoch_end=diagnose)
     step, wall = done.steps, done.wall_s
@@ -500,15 +510,85 @@ def is_current(row: dict) -> bool:
     return json.loads(row["key"]).get("recipe") == recipe_loss_section(RECIPES / spec["recipe"])
 
 
+def read_rows(path: Path) -> list[dict]:
+    """Every row of a jsonl file as written (none if it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def load_rows(path: Path) -> dict[str, dict]:
     """The rows of a jsonl file by key (later lines win), less those of a recipe since changed (:func:`is_current`)."""
-    rows: dict[str, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                rows[r["key"]] = r
+    rows = {r["key"]: r for r in read_rows(path)}
     return {k: r for k, r in rows.items() if is_current(r)}
+
+
+SPLIT_METRICS = ("mean_R@1", "mean_R@10", "zeroshot_top1")
+"""What :func:`evaluate` measures on one split besides ``quality`` (a row holds them for its own split only)."""
+
+
+def _trained(method, dataset, batch, seed, lr, epochs, beta2, scale_lr, max_steps, section) -> str:
+    return json.dumps([method, dataset, batch, seed, lr, epochs, beta2, scale_lr, max_steps, section],
+                      sort_keys=True, default=str)
+
+
+def trained_as(run: Run) -> str:
+    """What ``run`` trains: equal for two runs that train the same model (method, data, batch, seed,
+    budget, optimiser, and the loss section after adaptation and overrides). The split (every run
+    evaluates both), the variant's name and the recipe's other text are not part of it."""
+    section = method_section(run.method, run.batch, run.epochs, 0, run.overrides)[0]
+    return _trained(run.method, run.dataset, run.batch, run.seed, run.lr or base_lr(run.batch), run.epochs,
+                    run.beta2 or BETA2, run.scale_lr(), run.max_steps, section)
+
+
+def row_trained_as(row: dict) -> Optional[str]:
+    """:func:`trained_as` of the run a row recorded (None for a row without its section)."""
+    if "section" not in row:
+        return None
+    scale_lr = row.get("logit_scale_lr")
+    if scale_lr is None:
+        scale_lr = (row.get("overrides") or {}).get("logit_scale_lr")
+    return _trained(row["method"], row["dataset"], row["batch"], row["seed"], row["lr"], row["epochs"],
+                    row.get("beta2") or BETA2, scale_lr, row.get("max_steps"), row["section"])
+
+
+def reuse_trained(recorded: Iterable[dict], runs: Sequence[Run], jsonl: Path) -> int:
+    """Write into ``jsonl`` the rows of ``runs`` that the study has already trained, and return how many.
+
+    A recorded row that trained the same model (:func:`trained_as`) is copied under the run's key,
+    with the run's fields, its quality read on the run's split, and ``reused_from`` naming the row:
+    a validation run is the test run of its seed, and a variant is the run of the method whose recipe
+    took it on. Across splits only ``quality`` carries over (:data:`SPLIT_METRICS` are dropped).
+    """
+    have = load_rows(jsonl)
+    todo = [r for r in runs if r.key() not in have]
+    if not todo:
+        return 0
+    by: dict[str, dict] = {}
+    for r in recorded:
+        sig = row_trained_as(r)
+        if sig is not None:
+            by.setdefault(sig, r)
+    n = 0
+    for run in todo:
+        src = by.get(trained_as(run))
+        if src is None:
+            continue
+        same_split = src["split"] == run.split
+        quality = src["quality"] if same_split else src.get(f"quality_{run.split}")
+        if quality is None:
+            continue
+        row = {**src, **asdict(run), "lr": src["lr"], "beta2": src.get("beta2") or BETA2, "tag": run.tag(),
+               "key": run.key(), "quality": quality, "reused_from": src["key"]}
+        if not same_split:
+            for m in (*SPLIT_METRICS, f"quality_{run.split}"):
+                row.pop(m, None)
+            row[f"quality_{src['split']}"] = src["quality"]
+        with jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        have[row["key"]] = row
+        n += 1
+    return n
 
 
 def check_sections(runs: Sequence[Run]) -> None:
@@ -523,10 +603,16 @@ def check_sections(runs: Sequence[Run]) -> None:
             bind_loss(section)
 
 
-def run_all(runs: Sequence[Run], jsonl: Path, jobs: int = 2, log=print) -> list[dict]:
-    """Run what ``jsonl`` does not hold yet (``jobs`` processes, one thread each, niced); append rows as they finish."""
-    done = load_rows(jsonl)
+def run_all(runs: Sequence[Run], jsonl: Path, jobs: int = 2, log=print, reuse_from: Sequence[Path] = ()) -> list[dict]:
+    """Run what ``jsonl`` does not hold yet (``jobs`` processes, one thread each, niced); append rows as
+    they finish. A run that a row of the files ``reuse_from`` already trained is not trained again
+    (:func:`reuse_trained`)."""
     jsonl.parent.mkdir(parents=True, exist_ok=True)
+    if reuse_from:
+        n = reuse_trained([r for p in reuse_from for r in read_rows(p)], runs, jsonl)
+        if n:
+            log(f"{n} runs already trained elsewhere in the study: their rows reused in {jsonl.name}")
+    done = load_rows(jsonl)
     todo = [r for r in runs if r.key() not in done]
     check_sections(todo)
     log(f"{len(runs) - len(todo)} of {len(runs)} runs already in {jsonl.name}; {len(todo)} to go")
@@ -563,22 +649,39 @@ def lr_runs(datasets, methods, batches, epochs, mults=LR_MULTS, beta2_batches=BE
             for d in datasets for m in methods for k in mults]
 
 
+def scale_lr_runs(grid_rows: Sequence[dict], scale_lrs: Sequence[float] = SCALE_LRS) -> list[Run]:
+    """The temperature-lr arm of the search: each cell of ``grid_rows`` (an lr stage's grid, seed 0 on
+    validation) at its best ``(lr, beta2)`` once more with each of ``scale_lrs`` as the logit scale's
+    own lr; :func:`chosen_setting` then chooses among all of them."""
+    cellset = sorted({(r["dataset"], r["method"], r["batch"], r["epochs"]) for r in grid_rows
+                      if r["split"] == "val" and not r["variant"] and r["seed"] == 0
+                      and r.get("logit_scale_lr") is None},
+                     key=lambda c: (-c[2], DATASET_NAMES.index(c[0]) if c[0] in DATASET_NAMES else 99, c[1]))
+    out = []
+    for d, m, b, e in cellset:
+        lr, b2, _ = chosen_setting([r for r in grid_rows if r.get("logit_scale_lr") is None], d, m, b, e)
+        out += [Run(d, m, b, 0, "val", lr=lr, epochs=e, beta2=b2, logit_scale_lr=sl) for sl in scale_lrs]
+    return out
+
+
 def _beta2(row: dict) -> float:
     return row.get("beta2") or BETA2
 
 
 def chosen_setting(rows: Sequence[dict], dataset: str, method: str, batch: int,
-                   epochs: Optional[int] = None) -> Optional[tuple[float, Optional[float]]]:
-    """The best validation ``(lr, beta2)`` of a (dataset, method, batch) cell, or None; ties: the
-    smaller lr, then the default beta2; ``beta2`` is None for the default (:data:`BETA2`);
+                   epochs: Optional[int] = None) -> Optional[tuple[float, Optional[float], Optional[float]]]:
+    """The best validation ``(lr, beta2, logit_scale_lr)`` of a (dataset, method, batch) cell, or None;
+    ties: the smaller lr, then the default beta2, then the scale at the encoders' lr; ``beta2`` is
+    None for the default (:data:`BETA2`), ``logit_scale_lr`` None for the encoders' lr;
     ``epochs``: among the runs of that many epochs only."""
     cand = [r for r in rows if r["dataset"] == dataset and r["method"] == method and r["batch"] == batch
             and r["split"] == "val" and not r["variant"] and r["seed"] == 0
             and (epochs is None or r["epochs"] == epochs)]
     if not cand:
         return None
-    best = max(cand, key=lambda r: (round(r["quality"], 6), -r["lr"], _beta2(r) == BETA2))
-    return best["lr"], (None if _beta2(best) == BETA2 else _beta2(best))
+    best = max(cand, key=lambda r: (round(r["quality"], 6), -r["lr"], _beta2(r) == BETA2,
+                                    r.get("logit_scale_lr") is None))
+    return best["lr"], (None if _beta2(best) == BETA2 else _beta2(best)), best.get("logit_scale_lr")
 
 
 def chosen_lr(rows: Sequence[dict], dataset: str, method: str, batch: int,
@@ -588,37 +691,11 @@ def chosen_lr(rows: Sequence[dict], dataset: str, method: str, batch: int,
     return None if got is None else got[0]
 
 
-def _as_test(key: str) -> str:
-    """A validation run's key as its test run's (the same model: the key whole but its split)."""
-    return json.dumps({**json.loads(key), "split": "test"}, sort_keys=True)
-
-
-def reuse_lr_runs(lr_rows: Sequence[dict], runs: Sequence[Run], jsonl: Path) -> int:
-    """Write the test rows that an lr-search or variant run already measured (the same model: its
-    key whole but its split, :func:`_as_test`; it evaluated the test split too) into ``jsonl``;
-    returns how many."""
-    have = load_rows(jsonl)
-    by = {_as_test(r["key"]): r for r in lr_rows if "quality_test" in r}
-    n = 0
-    for run in runs:
-        src = by.get(run.key())
-        if src is None or run.key() in have or (run.method == "amorlip" and src["section"] != method_section(
-                run.method, run.batch, run.epochs, src["steps"] // max(1, run.epochs), run.overrides)[0]):
-            continue
-        row = {**src, "split": "test", "quality": src["quality_test"], "quality_val": src["quality"],
-               "key": run.key(), "reused_from": src["key"]}
-        row.pop("quality_test")
-        with jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        n += 1
-    return n
-
-
 def test_runs(lr_rows, datasets, methods, batches, seeds, epochs, scale_from: Optional[int] = None) -> list[Run]:
-    """Test-split runs at the chosen setting (lr, beta2) of each cell (cells without one are skipped).
+    """Test-split runs at the chosen setting (lr, beta2, logit_scale_lr) of each cell (cells without one are skipped).
 
     ``scale_from``: for a cell without an lr search, the lr chosen at batch ``scale_from`` times
-    ``sqrt(batch / scale_from)`` (the rule of :func:`base_lr`), at the default beta2.
+    ``sqrt(batch / scale_from)`` (the rule of :func:`base_lr`), at the default beta2 and scale lr.
     """
     out = []
     for s in seeds:
@@ -629,9 +706,10 @@ def test_runs(lr_rows, datasets, methods, batches, seeds, epochs, scale_from: Op
                     got = chosen_setting(lr_rows, d, m, b, e)
                     if got is None and scale_from is not None:
                         lr0 = chosen_lr(lr_rows, d, m, scale_from, e)
-                        got = None if lr0 is None else (lr0 * math.sqrt(b / scale_from), None)
+                        got = None if lr0 is None else (lr0 * math.sqrt(b / scale_from), None, None)
                     if got is not None:
-                        out.append(Run(d, m, b, s, "test", lr=got[0], epochs=e, beta2=got[1]))
+                        out.append(Run(d, m, b, s, "test", lr=got[0], epochs=e, beta2=got[1],
+                                       logit_scale_lr=got[2]))
     return out
 
 
@@ -643,19 +721,27 @@ def test_priority(run: Run) -> tuple:
     return (rank, run.method not in ("clip", "amorlip"), -run.epochs, run.seed, run.method != "amorlip")
 
 
+def variant_run(lr_rows, dataset: str, method: str, batch: int, seed: int, split: str, epochs: int,
+                variant: str) -> Run:
+    """``method``'s ``variant`` at the method's chosen setting of the cell (a variant that gives the
+    logit scale its own lr keeps it)."""
+    lr, b2, sl = chosen_setting(lr_rows, dataset, method, batch, epochs) or (base_lr(batch), None, None)
+    over = VARIANTS[variant]
+    return Run(dataset, method, batch, seed, split, lr=lr, epochs=epochs, variant=variant, overrides=over,
+               beta2=b2, logit_scale_lr=None if "logit_scale_lr" in over else sl)
+
+
 def variant_runs(lr_rows, datasets, variants, batch, seeds, epochs, method: str = "amorlip") -> list[Run]:
     """``method``'s variants on validation at its chosen setting (CLIP's reference rows come from the lr stage)."""
     out = []
     for s in seeds:
         for d in datasets:
             e = epochs_of(epochs, d)
-            lr, b2 = chosen_setting(lr_rows, d, method, batch, e) or (base_lr(batch), None)
             for v in variants:
-                out.append(Run(d, method, batch, s, "val", lr=lr, epochs=e, variant=v, overrides=VARIANTS[v],
-                               beta2=b2))
-            lr_c, b2_c = chosen_setting(lr_rows, d, "clip", batch, e) or (base_lr(batch), None)
+                out.append(variant_run(lr_rows, d, method, batch, s, "val", e, v))
+            lr_c, b2_c, sl_c = chosen_setting(lr_rows, d, "clip", batch, e) or (base_lr(batch), None, None)
             if s != 0:  # seed 0 of CLIP at its chosen setting is in the lr stage
-                out.append(Run(d, "clip", batch, s, "val", lr=lr_c, epochs=e, beta2=b2_c))
+                out.append(Run(d, "clip", batch, s, "val", lr=lr_c, epochs=e, beta2=b2_c, logit_scale_lr=sl_c))
     return out
 
 
@@ -696,7 +782,7 @@ def cells(rows: Sequence[dict]) -> dict[tuple[str, str, int], dict]:
     for k, rs in by.items():
         m, sd = _ms([r["quality"] for r in rs])
         c = {"mean": m, "sd": sd, "n": len(rs), "by_seed": {r["seed"]: r["quality"] for r in rs},
-             "lr": rs[0]["lr"], "beta2": _beta2(rs[0])}
+             "lr": rs[0]["lr"], "beta2": _beta2(rs[0]), "logit_scale_lr": rs[0].get("logit_scale_lr")}
         for d in ("norm_err", "batch_err", "w_mean", "w_sd", "scale"):
             vals = [r[d] for r in rs if d in r]
             if vals:
@@ -746,7 +832,7 @@ def markdown_report(rows: Sequence[dict], title: str = "") -> str:
     parts = [title] if title else []
     for d in datasets:
         metric = "zero-shot top-1" if d == "fashion" else "mean R@1"
-        head = ["method"] + [f"B={b}" for b in batches] + [f"vs CLIP B={b}" for b in batches] + ["lr (B=16/64/256)", "beta2 (B=16/64/256)", "normaliser err B=16", "in-batch err B=16", "scale B=16"]
+        head = ["method"] + [f"B={b}" for b in batches] + [f"vs CLIP B={b}" for b in batches] + ["lr (B=16/64/256)", "beta2 (B=16/64/256)", "scale lr (B=16/64/256)", "normaliser err B=16", "in-batch err B=16", "scale B=16"]
         body = []
         for t in tags:
             row = [t]
@@ -761,6 +847,8 @@ def markdown_report(rows: Sequence[dict], title: str = "") -> str:
                 row.append("-" if v is None or t == "clip" else pm(v[0], v[1], n, "+"))
             row.append(" / ".join(f"{cs[(d, t, b)]['lr']:.2g}" if (d, t, b) in cs else "-" for b in batches))
             row.append(" / ".join(f"{cs[(d, t, b)]['beta2']:.4g}" if (d, t, b) in cs else "-" for b in batches))
+            row.append(" / ".join("-" if (d, t, b) not in cs else "enc" if cs[(d, t, b)]["logit_scale_lr"] is None
+                                  else f"{cs[(d, t, b)]['logit_scale_lr']:.0e}" for b in batches))
             c16 = cs.get((d, t, batches[0]), {})
             row += [f"{c16[k]:.2f}" if k in c16 else "-" for k in ("norm_err", "batch_err")]
             row.append(f"{c16['scale']:.0f}" if "scale" in c16 else "-")
@@ -829,6 +917,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="the lr grid, as multiples of base_lr(batch)")
     p.add_argument("--beta2-batches", type=int, nargs="*", default=list(BETA2_SEARCH_BATCHES),
                    help="batches whose lr search also tries the rule's beta2 (none: the default beta2 only)")
+    p.add_argument("--scale-lrs", type=float, nargs="*", default=list(SCALE_LRS),
+                   help="the logit scale's own lrs tried at each cell's best (lr, beta2) after the grid "
+                        "(none: the scale at the encoders' lr only)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
     p.add_argument("--variant-method", default="amorlip", help="the method the variants override")
     p.add_argument("--variant-seeds", type=int, nargs="*", default=[0, 1])
@@ -856,22 +947,22 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(markdown_report(rows, "quick (2 epochs, seed 0, base lr)"))
         return
     lr_path, test_path, var_path = (OUT / f"{a.out}_{s}.runs.jsonl" for s in ("lr", "test", "variants"))
+    study = (lr_path, test_path, var_path)  # a run one of them already trained is reused (reuse_trained)
     if a.stage in ("lr", "all"):
-        run_all(lr_runs(a.datasets, methods, a.batches, epochs, a.lr_mults, a.beta2_batches), lr_path, a.jobs)
+        grid = run_all(lr_runs(a.datasets, methods, a.batches, epochs, a.lr_mults, a.beta2_batches), lr_path,
+                       a.jobs, reuse_from=study)
+        run_all(scale_lr_runs(grid, a.scale_lrs), lr_path, a.jobs, reuse_from=study)
     lr_rows = list(load_rows(lr_path).values())
     if a.stage in ("test", "all"):
         runs = test_runs(lr_rows, a.datasets, methods, a.batches, a.seeds, epochs, a.scale_lr_from)
         b0 = min(a.batches)
         vm = a.variant_method
-        runs += [Run(d, vm, b0, s, "test", epochs=epochs[d], variant=v, overrides=VARIANTS[v],
-                     lr=(chosen_setting(lr_rows, d, vm, b0, epochs[d]) or (base_lr(b0), None))[0],
-                     beta2=(chosen_setting(lr_rows, d, vm, b0, epochs[d]) or (base_lr(b0), None))[1])
+        runs += [variant_run(lr_rows, d, vm, b0, s, "test", epochs[d], v)
                  for s in a.seeds for d in a.datasets for v in a.test_variants]
-        reuse_lr_runs(lr_rows + list(load_rows(var_path).values()), runs, test_path)
-        run_all(sorted(runs, key=test_priority), test_path, a.jobs)
+        run_all(sorted(runs, key=test_priority), test_path, a.jobs, reuse_from=study)
     if a.stage in ("variants", "all"):
         run_all(variant_runs(lr_rows, a.datasets, a.variants, min(a.batches), a.variant_seeds, epochs,
-                             a.variant_method), var_path, a.jobs)
+                             a.variant_method), var_path, a.jobs, reuse_from=study)
     if a.stage == "convergence":  # not part of "all": a check of the epoch budget
         run_all(convergence_runs(lr_rows, a.datasets, epochs=a.convergence_epochs, suite_epochs=epochs),
                 OUT / f"{a.out}_convergence.runs.jsonl", a.jobs)
@@ -882,12 +973,13 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def at_chosen_lr(rows, lr_rows: Sequence[dict]) -> list[dict]:
-    """``rows`` less those of a method (no variant) at another lr than its cell's chosen one: a
-    grid extended after a test stage moves the choice, and the runs at the old lr drop out."""
+    """``rows`` less those of a method (no variant) at another setting than its cell's chosen one: a
+    search extended after a test stage moves the choice, and the runs at the old setting drop out."""
     keep = []
     for r in rows:
         got = None if r["variant"] else chosen_setting(lr_rows, r["dataset"], r["method"], r["batch"], r["epochs"])
-        if got is None or (got[0] == r["lr"] and (got[1] or BETA2) == _beta2(r)):
+        if got is None or (got[0] == r["lr"] and (got[1] or BETA2) == _beta2(r)
+                           and got[2] == r.get("logit_scale_lr")):
             keep.append(r)
     return keep
 

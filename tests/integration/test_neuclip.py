@@ -36,7 +36,8 @@ def test_the_small_batch_recipe_trains_on_the_shipped_data(tmp_path):
     est = model.loss_fn.estimator
     assert int(est.step) == 4 and est.normalizer == "online"
     assert {"amortizer_fit", "online_rmse", "normalizer_vs_batch"} <= set(model.last_terms)
-    assert est._restart.reset_optimizer == "none" and model.loss_fn.rho is None  # the recipe's choices
+    assert est._restart.reset_optimizer == "none" and model.loss_fn.temperature == "robust"  # the recipe's choices
+    assert float(model.loss_fn.rho_schedule(0, 1)) == 2.0
     ignored = set(model._ddp_params_and_buffers_to_ignore)
     assert "loss_fn.estimator.online.image.prototypes" in ignored
     assert not any(p.requires_grad for p in est.parameters())

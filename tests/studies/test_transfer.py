@@ -122,36 +122,82 @@ def test_lr_choice_and_the_report():
 def test_an_lr_search_run_is_reused_as_the_test_run_of_its_seed(fashion, tmp_path):
     run = tf.Run("fashion", "clip", 16, 0, "val", lr=1e-3, epochs=1, max_steps=2)
     row = tf.train(run, fashion)
-    assert 0.0 <= row["quality_test"] <= 1.0 and "quality_val" not in row
+    assert 0.0 <= row["quality_test"] <= 1.0 and "quality_val" not in row and "zeroshot_top1" in row
     jsonl = tmp_path / "test.runs.jsonl"
-    test = tf.Run("fashion", "clip", 16, 0, "test", lr=1e-3, epochs=1)
-    other = tf.Run("fashion", "clip", 16, 1, "test", lr=1e-3, epochs=1)
-    assert tf.reuse_lr_runs([row], [test, other], jsonl) == 1
+    test = tf.Run("fashion", "clip", 16, 0, "test", lr=1e-3, epochs=1, max_steps=2)
+    other = tf.Run("fashion", "clip", 16, 1, "test", lr=1e-3, epochs=1, max_steps=2)
+    assert tf.reuse_trained([row], [test, other], jsonl) == 1
     got = tf.load_rows(jsonl)[test.key()]
     assert got["quality"] == row["quality_test"] and got["quality_val"] == row["quality"] and got["split"] == "test"
-    assert tf.reuse_lr_runs([row], [test, other], jsonl) == 0  # already there
+    assert got["reused_from"] == run.key() and "zeroshot_top1" not in got  # the val split's metric stays behind
+    assert tf.reuse_trained([row], [test, other], jsonl) == 0  # already there
+    assert tf.row_trained_as(got) == tf.trained_as(test) == tf.row_trained_as(row)
 
 
-def test_a_variant_run_is_reused_as_the_test_run_of_its_seed(fashion, tmp_path):
+def test_a_variant_run_is_reused_where_the_same_training_is_planned_again(fashion, tmp_path):
     v = "robust_rho_1"
     run = tf.Run("fashion", "neuclip", 16, 0, "val", lr=1e-3, epochs=1, variant=v, overrides=tf.VARIANTS[v], max_steps=2)
     row = tf.train(run, fashion)
     jsonl = tmp_path / "test.runs.jsonl"
-    same = tf.Run("fashion", "neuclip", 16, 0, "test", lr=1e-3, epochs=1, variant=v, overrides=tf.VARIANTS[v])
+    same = tf.Run("fashion", "neuclip", 16, 0, "test", lr=1e-3, epochs=1, variant=v, overrides=tf.VARIANTS[v],
+                  max_steps=2)
     other = tf.Run("fashion", "neuclip", 16, 0, "test", lr=1e-3, epochs=1, variant="robust_rho_2",
-                   overrides=tf.VARIANTS["robust_rho_2"])
-    assert tf.reuse_lr_runs([row], [same, other], jsonl) == 1
+                   overrides=tf.VARIANTS["robust_rho_2"], max_steps=2)
+    longer = tf.Run("fashion", "neuclip", 16, 0, "test", lr=1e-3, epochs=1, variant=v, overrides=tf.VARIANTS[v])
+    assert tf.reuse_trained([row], [same, other, longer], jsonl) == 1
     assert set(tf.load_rows(jsonl)) == {same.key()}
+
+
+def test_a_variants_scale_lr_is_the_runs_own_and_its_row_serves_the_search(fashion, tmp_path):
+    # a variant that gives the scale its own lr trains what the search's temperature-lr arm trains:
+    # one is reused for the other, and the copied row carries the run's fields (no variant)
+    var = tf.Run("fashion", "clip", 16, 0, "val", lr=1e-3, epochs=1, max_steps=2, variant="own",
+                 overrides={"logit_scale_lr": 0.0})
+    arm = tf.Run("fashion", "clip", 16, 0, "val", lr=1e-3, epochs=1, max_steps=2, logit_scale_lr=0.0)
+    assert var.scale_lr() == arm.scale_lr() == 0.0 and var.key() != arm.key()
+    row = tf.train(var, fashion)
+    assert row["scale"] == pytest.approx(1 / 0.07, rel=1e-6)  # a frozen scale: the lr reached its own group
+    jsonl = tmp_path / "lr.runs.jsonl"
+    assert tf.reuse_trained([row], [arm], jsonl) == 1
+    got = tf.load_rows(jsonl)[arm.key()]
+    assert got["variant"] == "" and got["logit_scale_lr"] == 0.0 and got["overrides"] == {} and got["tag"] == "clip"
+    assert tf.chosen_setting([got], "fashion", "clip", 16) == (1e-3, None, 0.0)
 
 
 def test_a_variant_may_give_the_logit_scale_its_own_lr(fashion):
     # the FastCLIP family's temperature lr: a group of its own, scheduled as the others
     base = tf.Run("fashion", "clip", 16, 0, "val", lr=1e-3, epochs=1, max_steps=2)
-    frozen = tf.Run("fashion", "clip", 16, 0, "val", lr=1e-3, epochs=1, max_steps=2, overrides={"logit_scale_lr": 0.0})
-    assert tf.method_section("clip", 16, 1, 1, frozen.overrides)[0] == tf.method_section("clip", 16, 1, 1)[0]
+    frozen = tf.Run("fashion", "clip", 16, 0, "val", lr=1e-3, epochs=1, max_steps=2, logit_scale_lr=0.0)
+    assert tf.method_section("clip", 16, 1, 1, {"logit_scale_lr": 0.0})[0] == tf.method_section("clip", 16, 1, 1)[0]
     assert tf.train(frozen, fashion)["scale"] == pytest.approx(1 / 0.07, rel=1e-6)
     assert tf.train(base, fashion)["scale"] != pytest.approx(1 / 0.07, rel=1e-6)
-    assert frozen.key() != base.key()
+    assert frozen.key() != base.key() and '"logit_scale_lr"' not in base.key()
+
+
+def test_every_cell_searches_the_temperature_lr_at_its_best_grid_point():
+    """After the (lr, beta2) grid, each cell tries the logit scale's own lr at its best grid point; the
+    choice is over all of them, and the test runs, the variants and the report follow it."""
+    b2 = tf.rule_beta2(16)
+    grid = [{**_row("emoji", m, 16, 0, q, "val", lr), "epochs": 96, "beta2": b}
+            for m in ("clip", "dcl") for lr, b, q in ((1e-3, 0.98, 0.30), (2e-3, 0.98, 0.32), (1e-3, b2, 0.35))]
+    arm = tf.scale_lr_runs(grid)
+    assert [(r.method, r.lr, r.beta2, r.logit_scale_lr, r.split, r.seed) for r in arm] == [
+        ("clip", 1e-3, b2, 1e-4, "val", 0), ("dcl", 1e-3, b2, 1e-4, "val", 0)]
+    assert tf.scale_lr_runs(grid, ()) == []
+    rows = grid + [{**_row("emoji", "clip", 16, 0, 0.40, "val", 1e-3), "epochs": 96, "beta2": b2, "logit_scale_lr": 1e-4},
+                   {**_row("emoji", "dcl", 16, 0, 0.30, "val", 1e-3), "epochs": 96, "beta2": b2, "logit_scale_lr": 1e-4}]
+    assert tf.chosen_setting(rows, "emoji", "clip", 16, 96) == (1e-3, b2, 1e-4)
+    assert tf.chosen_setting(rows, "emoji", "dcl", 16, 96) == (1e-3, b2, None)
+    assert tf.scale_lr_runs(rows) == arm  # the arm's point is the grid's best, whatever the arm found
+    test = tf.test_runs(rows, ("emoji",), ("clip", "dcl"), (16,), (1,), {"emoji": 96})
+    assert [(r.method, r.logit_scale_lr) for r in test] == [("clip", 1e-4), ("dcl", None)]
+    assert tf.variant_run(rows, "emoji", "clip", 16, 1, "val", 96, "recipe").logit_scale_lr == 1e-4
+    assert tf.variant_run(rows, "emoji", "clip", 16, 1, "val", 96, "robust_rho_2_scale_lr_0.0003").scale_lr() == 3e-4
+    tested = [{**r, "split": "test", "seed": 1} for r in rows if r["method"] == "clip"]
+    kept = tf.at_chosen_lr(tested, rows)
+    assert [r.get("logit_scale_lr") for r in kept] == [1e-4]  # the same (lr, beta2) at the encoders' lr drops out
+    md = tf.markdown_report([{**r, "split": "test"} for r in (rows[5], rows[-2])])
+    assert "scale lr (B=16/64/256)" in md and "| 1e-04 |" in md and "| enc |" in md
 
 
 def test_epochs_per_dataset_reach_every_run_and_the_lr_choice():
@@ -206,7 +252,7 @@ def test_beta2_joins_the_search_at_small_batches_and_keeps_the_old_keys():
     b2 = tf.rule_beta2(16)
     rows = [{**_row("emoji", "clip", 16, 0, q, "val", lr), "epochs": 96, "beta2": b}
             for lr, b, q in ((1e-3, 0.98, 0.30), (2e-3, 0.98, 0.32), (1e-3, b2, 0.35), (2e-3, b2, 0.31))]
-    assert tf.chosen_setting(rows, "emoji", "clip", 16, 96) == (1e-3, b2)
+    assert tf.chosen_setting(rows, "emoji", "clip", 16, 96) == (1e-3, b2, None)
     test = tf.test_runs(rows, ("emoji",), ("clip",), (16,), (1,), ep)
     assert [(r.lr, r.beta2) for r in test] == [(1e-3, b2)]
     kept = tf.at_chosen_lr([{**rows[0], "split": "test", "seed": 1}, {**rows[2], "split": "test", "seed": 1}], rows)
@@ -276,5 +322,5 @@ def test_the_scale_probe_is_the_beginning_of_the_whole_run(fashion):
     from studies.scale_probe import probe
 
     whole = tf.train(tf.Run("fashion", "clip", 16, 0, "val", lr=1e-3, epochs=2), fashion)
-    first = probe(("fashion", 0, "clip", 16, 1e-3, None, "", 1, 2))
+    first = probe(("fashion", 0, "clip", 16, 1e-3, None, None, "", 1, 2))
     assert first["scale"] == [round(whole["epochs_log"][0]["scale"], 2)] and first["probe_epochs"] == 1
