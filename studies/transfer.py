@@ -656,7 +656,8 @@ def scale_lr_runs(grid_rows: Sequence[dict], scale_lrs: Sequence[float] = SCALE_
     cellset = sorted({(r["dataset"], r["method"], r["batch"], r["epochs"]) for r in grid_rows
                       if r["split"] == "val" and not r["variant"] and r["seed"] == 0
                       and r.get("logit_scale_lr") is None},
-                     key=lambda c: (-c[2], DATASET_NAMES.index(c[0]) if c[0] in DATASET_NAMES else 99, c[1]))
+                     key=lambda c: (-c[2], list(METHODS).index(c[1]) if c[1] in METHODS else 99,
+                                    DATASET_NAMES.index(c[0]) if c[0] in DATASET_NAMES else 99))
     out = []
     for d, m, b, e in cellset:
         lr, b2, _ = chosen_setting([r for r in grid_rows if r.get("logit_scale_lr") is None], d, m, b, e)
