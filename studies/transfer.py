@@ -331,11 +331,16 @@ class Run:
 
     def scale_lr(self) -> Optional[float]:
         """The logit scale's own peak lr: the run's, else its variant's, else None (the encoders' lr)."""
-        return self.logit_scale_lr if self.logit_scale_lr is not None else self.overrides.get("logit_scale_lr")
+        return _scale_lr(self.logit_scale_lr, self.overrides)
 
     def tag(self) -> str:
         """The method, with the variant in brackets."""
         return f"{self.method}[{self.variant}]" if self.variant else self.method
+
+
+def _scale_lr(own: Optional[float], overrides: Optional[dict]) -> Optional[float]:
+    """:meth:`Run.scale_lr` of a run's ``logit_scale_lr`` and ``overrides`` (a run's or a row's)."""
+    return own if own is not None else (overrides or {}).get("logit_scale_lr")
 
 
 def base_lr(batch: int) -> float:
@@ -545,11 +550,9 @@ def row_trained_as(row: dict) -> Optional[str]:
     """:func:`trained_as` of the run a row recorded (None for a row without its section)."""
     if "section" not in row:
         return None
-    scale_lr = row.get("logit_scale_lr")
-    if scale_lr is None:
-        scale_lr = (row.get("overrides") or {}).get("logit_scale_lr")
     return _trained(row["method"], row["dataset"], row["batch"], row["seed"], row["lr"], row["epochs"],
-                    row.get("beta2") or BETA2, scale_lr, row.get("max_steps"), row["section"])
+                    _beta2(row), _scale_lr(row.get("logit_scale_lr"), row.get("overrides")), row.get("max_steps"),
+                    row["section"])
 
 
 def reuse_trained(recorded: Iterable[dict], runs: Sequence[Run], jsonl: Path) -> int:
@@ -578,7 +581,7 @@ def reuse_trained(recorded: Iterable[dict], runs: Sequence[Run], jsonl: Path) ->
         quality = src["quality"] if same_split else src.get(f"quality_{run.split}")
         if quality is None:
             continue
-        row = {**src, **asdict(run), "lr": src["lr"], "beta2": src.get("beta2") or BETA2, "tag": run.tag(),
+        row = {**src, **asdict(run), "lr": src["lr"], "beta2": _beta2(src), "tag": run.tag(),
                "key": run.key(), "quality": quality, "reused_from": src["key"]}
         if not same_split:
             for m in (*SPLIT_METRICS, f"quality_{run.split}"):
@@ -653,14 +656,14 @@ def scale_lr_runs(grid_rows: Sequence[dict], scale_lrs: Sequence[float] = SCALE_
     """The temperature-lr arm of the search: each cell of ``grid_rows`` (an lr stage's grid, seed 0 on
     validation) at its best ``(lr, beta2)`` once more with each of ``scale_lrs`` as the logit scale's
     own lr; :func:`chosen_setting` then chooses among all of them."""
-    cellset = sorted({(r["dataset"], r["method"], r["batch"], r["epochs"]) for r in grid_rows
-                      if r["split"] == "val" and not r["variant"] and r["seed"] == 0
-                      and r.get("logit_scale_lr") is None},
+    grid = [r for r in grid_rows if r.get("logit_scale_lr") is None]
+    cellset = sorted({(r["dataset"], r["method"], r["batch"], r["epochs"]) for r in grid
+                      if r["split"] == "val" and not r["variant"] and r["seed"] == 0},
                      key=lambda c: (-c[2], list(METHODS).index(c[1]) if c[1] in METHODS else 99,
                                     DATASET_NAMES.index(c[0]) if c[0] in DATASET_NAMES else 99))
     out = []
     for d, m, b, e in cellset:
-        lr, b2, _ = chosen_setting([r for r in grid_rows if r.get("logit_scale_lr") is None], d, m, b, e)
+        lr, b2, _ = chosen_setting(grid, d, m, b, e)
         out += [Run(d, m, b, 0, "val", lr=lr, epochs=e, beta2=b2, logit_scale_lr=sl) for sl in scale_lrs]
     return out
 
