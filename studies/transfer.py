@@ -24,8 +24,12 @@ sections are read by the recipe loader from ``recipes/amorlip-small-batch.yaml``
 ``recipes/neuclip-small-batch.yaml`` and adapted to the run by :func:`adapt_small_batch` (what a
 recipe knows: batch, epochs, steps per epoch).
 
-**Learning rate**: per (dataset, method, batch) the best of ``LR_MULTS`` times
-``2e-3 * sqrt(B / 16)`` on the validation split at seed 0 (``--stage lr``); the test stage uses it.
+**Optimiser search** (``--stage lr``, validation split, seed 0, every method alike): per (dataset,
+method, batch) the grid of ``LR_MULTS`` times ``2e-3 * sqrt(B / 16)``, at ``BETA2_SEARCH_BATCHES``
+each also with the rule's beta2 (:func:`rule_beta2`); then the grid's best point once more with
+the logit scale at each of :data:`SCALE_LRS` (:func:`scale_lr_runs`). :func:`chosen_setting` picks
+the best ``(lr, beta2, logit_scale_lr)``; the test stage uses it. A run that a recorded row already
+trained is reused, not trained again (:func:`reuse_trained`).
 
 **Diagnostics per run** (every epoch, in the jsonl): ``norm_err``: RMSE in log space of the
 encoder normaliser (queried in eval mode on random training batches) against the exact
