@@ -689,7 +689,19 @@ def chosen_setting(rows: Sequence[dict], dataset: str, method: str, batch: int,
         return None
     best = max(cand, key=lambda r: (round(r["quality"], 6), -r["lr"], _beta2(r) == BETA2,
                                     r.get("logit_scale_lr") is None))
-    return best["lr"], (None if _beta2(best) == BETA2 else _beta2(best)), best.get("logit_scale_lr")
+    return setting_of(best)
+
+
+def setting_of(row: dict) -> tuple[float, Optional[float], Optional[float]]:
+    """A row's ``(lr, beta2, logit_scale_lr)`` as :func:`chosen_setting` gives it (None for a default)."""
+    return row["lr"], (None if _beta2(row) == BETA2 else _beta2(row)), row.get("logit_scale_lr")
+
+
+def at_setting(lr_rows, dataset: str, method: str, batch: int, epochs: int) -> dict:
+    """The :class:`Run` fields ``lr``, ``beta2``, ``logit_scale_lr`` of the cell's chosen setting at
+    ``epochs`` (:func:`chosen_setting`); a cell without a search: :func:`base_lr` and the defaults."""
+    lr, b2, sl = chosen_setting(lr_rows, dataset, method, batch, epochs) or (base_lr(batch), None, None)
+    return {"lr": lr, "beta2": b2, "logit_scale_lr": sl}
 
 
 def chosen_lr(rows: Sequence[dict], dataset: str, method: str, batch: int,
@@ -733,10 +745,11 @@ def variant_run(lr_rows, dataset: str, method: str, batch: int, seed: int, split
                 variant: str) -> Run:
     """``method``'s ``variant`` at the method's chosen setting of the cell (a variant that gives the
     logit scale its own lr keeps it)."""
-    lr, b2, sl = chosen_setting(lr_rows, dataset, method, batch, epochs) or (base_lr(batch), None, None)
     over = VARIANTS[variant]
-    return Run(dataset, method, batch, seed, split, lr=lr, epochs=epochs, variant=variant, overrides=over,
-               beta2=b2, logit_scale_lr=None if "logit_scale_lr" in over else sl)
+    at = at_setting(lr_rows, dataset, method, batch, epochs)
+    if "logit_scale_lr" in over:
+        at["logit_scale_lr"] = None
+    return Run(dataset, method, batch, seed, split, epochs=epochs, variant=variant, overrides=over, **at)
 
 
 def variant_runs(lr_rows, datasets, variants, batch, seeds, epochs, method: str = "amorlip") -> list[Run]:
@@ -747,9 +760,8 @@ def variant_runs(lr_rows, datasets, variants, batch, seeds, epochs, method: str 
             e = epochs_of(epochs, d)
             for v in variants:
                 out.append(variant_run(lr_rows, d, method, batch, s, "val", e, v))
-            lr_c, b2_c, sl_c = chosen_setting(lr_rows, d, "clip", batch, e) or (base_lr(batch), None, None)
             if s != 0:  # seed 0 of CLIP at its chosen setting is in the lr stage
-                out.append(Run(d, "clip", batch, s, "val", lr=lr_c, epochs=e, beta2=b2_c, logit_scale_lr=sl_c))
+                out.append(Run(d, "clip", batch, s, "val", epochs=e, **at_setting(lr_rows, d, "clip", batch, e)))
     return out
 
 
@@ -757,10 +769,10 @@ def convergence_runs(lr_rows, datasets, methods=("clip", "amorlip"), batches=(25
                      epochs=(24, 48), max_small_epochs=24, suite_epochs=EPOCHS) -> list[Run]:
     """Is the epoch budget enough? ``methods`` on validation at seed 0, each at its lr chosen at the
     suite's epochs (``suite_epochs``), trained ``epochs`` (at most ``max_small_epochs`` at the
-    smallest batch, whose runs cost the most); the suite's own epochs are its lr-stage rows."""
+    smallest batch, whose runs cost the most); the suite's own epochs are its lr-stage rows. Each run
+    takes the whole chosen setting (:func:`at_setting`: lr, beta2, the temperature's lr)."""
     small = min(batches)
-    return [Run(d, m, b, 0, "val", lr=chosen_lr(lr_rows, d, m, b, epochs_of(suite_epochs, d)) or base_lr(b),
-                epochs=e)
+    return [Run(d, m, b, 0, "val", epochs=e, **at_setting(lr_rows, d, m, b, epochs_of(suite_epochs, d)))
             for e in epochs for b in batches for d in datasets for m in methods
             if not (b == small and e > max_small_epochs)]
 
@@ -768,9 +780,8 @@ def convergence_runs(lr_rows, datasets, methods=("clip", "amorlip"), batches=(25
 def long_runs(lr_rows, datasets, seeds, batch=16, epochs=24, methods=("clip", "amorlip"),
               suite_epochs=EPOCHS) -> list[Run]:
     """The headline comparison trained longer: ``methods`` at ``batch`` on the test split, each at its
-    lr chosen at the suite's epochs (``suite_epochs``)."""
-    return [Run(d, m, batch, s, "test",
-                lr=chosen_lr(lr_rows, d, m, batch, epochs_of(suite_epochs, d)) or base_lr(batch), epochs=epochs)
+    setting chosen at the suite's epochs (``suite_epochs``, :func:`at_setting`)."""
+    return [Run(d, m, batch, s, "test", epochs=epochs, **at_setting(lr_rows, d, m, batch, epochs_of(suite_epochs, d)))
             for s in seeds for d in datasets for m in methods]
 
 
@@ -810,23 +821,24 @@ def vs_clip(cs: dict, dataset: str, tag: str, batch: int) -> Optional[tuple[floa
 
 
 def convergence_table(lr_rows: Sequence[dict], conv_rows: Sequence[dict]) -> str:
-    """Validation quality against epochs (seed 0, each cell at its chosen lr): the lr stage's rows
-    give the suite's own epochs, the convergence stage's the longer runs."""
+    """Validation quality against epochs (seed 0, each cell at its chosen setting: lr, beta2, scale
+    lr): the lr stage's rows give the suite's own epochs, the convergence stage's the longer runs."""
     from benchmarks.common import markdown_table
 
-    quality = {(r["dataset"], r["method"], r["batch"], r["lr"], r["epochs"]): r["quality"]
+    quality = {(r["dataset"], r["method"], r["batch"], setting_of(r), r["epochs"]): r["quality"]
                for r in (*lr_rows, *conv_rows) if r["split"] == "val" and not r["variant"] and r["seed"] == 0}
     epochs = sorted({k[4] for k in quality})
     body = []
     for d in DATASET_NAMES:
         for m in sorted({r["method"] for r in conv_rows}, key=list(METHODS).index):
             for b in sorted({r["batch"] for r in conv_rows}):
-                lr = chosen_lr(lr_rows, d, m, b)
-                if lr is not None:
-                    q = [quality.get((d, m, b, lr, e)) for e in epochs]
-                    body.append([d, m, str(b), f"{lr:.2g}"] + ["-" if v is None else f"{v:.3f}" for v in q])
-    return ("## Convergence (validation split, seed 0, lr chosen at the suite's epochs)\n\n"
-            + markdown_table(["dataset", "method", "B", "lr"] + [f"{e} epochs" for e in epochs], body))
+                got = chosen_setting(lr_rows, d, m, b)
+                if got is not None:
+                    q = [quality.get((d, m, b, got, e)) for e in epochs]
+                    body.append([d, m, str(b), f"{got[0]:.2g}", "enc" if got[2] is None else f"{got[2]:.0e}"]
+                                + ["-" if v is None else f"{v:.3f}" for v in q])
+    return ("## Convergence (validation split, seed 0, setting chosen at the suite's epochs)\n\n"
+            + markdown_table(["dataset", "method", "B", "lr", "scale lr"] + [f"{e} epochs" for e in epochs], body))
 
 
 def markdown_report(rows: Sequence[dict], title: str = "") -> str:
@@ -986,8 +998,7 @@ def at_chosen_lr(rows, lr_rows: Sequence[dict]) -> list[dict]:
     keep = []
     for r in rows:
         got = None if r["variant"] else chosen_setting(lr_rows, r["dataset"], r["method"], r["batch"], r["epochs"])
-        if got is None or (got[0] == r["lr"] and (got[1] or BETA2) == _beta2(r)
-                           and got[2] == r.get("logit_scale_lr")):
+        if got is None or got == setting_of(r):
             keep.append(r)
     return keep
 

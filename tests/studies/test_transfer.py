@@ -200,6 +200,24 @@ def test_every_cell_searches_the_temperature_lr_at_its_best_grid_point():
     assert "scale lr (B=16/64/256)" in md and "| 1e-04 |" in md and "| enc |" in md
 
 
+
+def test_the_convergence_and_long_stages_train_the_whole_chosen_setting():
+    """A convergence or long run trains the cell's chosen (lr, beta2, temperature lr), not its lr alone,
+    and the convergence table reads the longer runs at that setting."""
+    b2 = tf.rule_beta2(256)
+    rows = [{**_row("emoji", "clip", 256, 0, q, "val", 4e-3), "epochs": 96, "beta2": 0.98, **sl}
+            for q, sl in ((0.28, {}), (0.33, {"logit_scale_lr": 1e-4}))]
+    conv = tf.convergence_runs(rows, ("emoji",), methods=("clip",), batches=(256, 16), epochs=(192,),
+                               suite_epochs={"emoji": 96})
+    assert [(r.lr, r.beta2, r.logit_scale_lr, r.epochs) for r in conv] == [(4e-3, None, 1e-4, 192)]
+    assert b2 == pytest.approx(0.98)  # at 256 the rule's beta2 is the default: one arm
+    long = tf.long_runs(rows, ("emoji",), (1,), batch=256, epochs=192, methods=("clip",), suite_epochs={"emoji": 96})
+    assert [(r.lr, r.logit_scale_lr, r.split) for r in long] == [(4e-3, 1e-4, "test")]
+    longer = [{**_row("emoji", "clip", 256, 0, q, "val", 4e-3), "epochs": 192, **sl}
+              for q, sl in ((0.29, {}), (0.35, {"logit_scale_lr": 1e-4}))]
+    table = tf.convergence_table(rows, longer)
+    assert "| emoji | clip | 256 | 0.004 | 1e-04 | 0.330 | 0.350 |" in table
+
 def test_epochs_per_dataset_reach_every_run_and_the_lr_choice():
     assert tf.parse_epochs(["converged"], tf.DATASET_NAMES) == tf.CONVERGED_EPOCHS
     assert tf.parse_epochs(["12", "emoji=96"], ("emoji", "fashion")) == {"emoji": 96, "fashion": 12}
