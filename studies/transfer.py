@@ -701,8 +701,12 @@ def setting_of(row: dict) -> tuple[float, Optional[float], Optional[float]]:
 def at_setting(lr_rows, dataset: str, method: str, batch: int, epochs: int) -> dict:
     """The :class:`Run` fields ``lr``, ``beta2``, ``logit_scale_lr`` of the cell's chosen setting at
     ``epochs`` (:func:`chosen_setting`); a cell without a search: :func:`base_lr` and the defaults."""
-    lr, b2, sl = chosen_setting(lr_rows, dataset, method, batch, epochs) or (base_lr(batch), None, None)
-    return {"lr": lr, "beta2": b2, "logit_scale_lr": sl}
+    return run_fields(chosen_setting(lr_rows, dataset, method, batch, epochs) or (base_lr(batch), None, None))
+
+
+def run_fields(setting: tuple[float, Optional[float], Optional[float]]) -> dict:
+    """A ``(lr, beta2, logit_scale_lr)`` setting as the :class:`Run` fields of those names."""
+    return dict(zip(("lr", "beta2", "logit_scale_lr"), setting))
 
 
 def chosen_lr(rows: Sequence[dict], dataset: str, method: str, batch: int,
@@ -729,8 +733,7 @@ def test_runs(lr_rows, datasets, methods, batches, seeds, epochs, scale_from: Op
                         lr0 = chosen_lr(lr_rows, d, m, scale_from, e)
                         got = None if lr0 is None else (lr0 * math.sqrt(b / scale_from), None, None)
                     if got is not None:
-                        out.append(Run(d, m, b, s, "test", lr=got[0], epochs=e, beta2=got[1],
-                                       logit_scale_lr=got[2]))
+                        out.append(Run(d, m, b, s, "test", epochs=e, **run_fields(got)))
     return out
 
 

@@ -200,7 +200,6 @@ def test_every_cell_searches_the_temperature_lr_at_its_best_grid_point():
     assert "scale lr (B=16/64/256)" in md and "| 1e-04 |" in md and "| enc |" in md
 
 
-
 def test_the_convergence_and_long_stages_train_the_whole_chosen_setting():
     """A convergence or long run trains the cell's chosen (lr, beta2, temperature lr), not its lr alone,
     and the convergence table reads the longer runs at that setting."""
@@ -217,6 +216,7 @@ def test_the_convergence_and_long_stages_train_the_whole_chosen_setting():
               for q, sl in ((0.29, {}), (0.35, {"logit_scale_lr": 1e-4}))]
     table = tf.convergence_table(rows, longer)
     assert "| emoji | clip | 256 | 0.004 | 1e-04 | 0.330 | 0.350 |" in table
+
 
 def test_epochs_per_dataset_reach_every_run_and_the_lr_choice():
     assert tf.parse_epochs(["converged"], tf.DATASET_NAMES) == tf.CONVERGED_EPOCHS
